@@ -1,0 +1,69 @@
+"""The project's exception tree.
+
+    PrfaasError
+     ├── ConfigError          bad configuration (file, flags, dataclass validation)
+     ├── InvalidRequestError  bad input from a client: empty prompt, too long, bad token ids
+     ├── AdmissionRejected    the system cannot take the request now (pool exhausted, no slot)
+     ├── EngineError          an engine failed while running a request
+     ├── ConnectorError       a KV cache connector broke its contract or failed a transfer
+     ├── TransportError       the KV relay failed (peer gone, corrupt chunk, deadline)
+     │    └── TransferTimeout a transfer missed its deadline
+     └── DependencyMissing    an optional dependency is not installed (says what to install)
+
+Low-level errors (zmq, torch, OS) are translated at one boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdmissionRejected",
+    "ConfigError",
+    "ConnectorError",
+    "DependencyMissing",
+    "EngineError",
+    "InvalidRequestError",
+    "PrfaasError",
+    "TransferTimeout",
+    "TransportError",
+]
+
+
+class PrfaasError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(PrfaasError):
+    """A configuration value is missing, ill-typed or out of range."""
+
+
+class InvalidRequestError(PrfaasError):
+    """A request is malformed; the message names what was wrong."""
+
+
+class AdmissionRejected(PrfaasError):
+    """The request is valid but cannot be admitted now (no blocks, no slot)."""
+
+
+class EngineError(PrfaasError):
+    """An engine failed while running a request."""
+
+
+class ConnectorError(PrfaasError):
+    """A KV cache connector failed or broke its contract."""
+
+
+class TransportError(PrfaasError):
+    """The KV relay failed: peer unreachable, corrupt chunk, cancelled transfer."""
+
+
+class TransferTimeout(TransportError):
+    """A transfer did not finish before its deadline."""
+
+
+class DependencyMissing(PrfaasError):
+    """An optional dependency is absent; the message says which ``pip install`` to run."""
+
+    def __init__(self, module: str, pip_hint: str) -> None:
+        super().__init__(f"optional dependency {module!r} is not installed; run: pip install {pip_hint}")
+        self.module = module
+        self.pip_hint = pip_hint
