@@ -1,0 +1,96 @@
+"""Byte views of payloads (no copies) and receiver-side destination buffers.
+
+``as_byte_view`` turns ``bytes``/``bytearray``/``memoryview``/numpy arrays/CPU torch tensors
+into a flat, read-only-safe ``memoryview`` of unsigned bytes without copying; it raises
+TransportError for non-contiguous or non-CPU payloads instead of copying them silently.
+
+``BufferAllocator`` is the hook through which a block pool can hand the receiver destination
+buffers; ``HeapAllocator`` is the default (one ``bytearray`` per item).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.transport.wire import Kind
+
+__all__ = ["BufferAllocator", "HeapAllocator", "ItemKey", "Payload", "as_byte_view"]
+
+Payload = Any  # memoryview | bytes | bytearray | numpy.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ItemKey:
+    """Identifies one received item: a transfer's ``item_index``-th item of ``layer``."""
+
+    transfer_id: str
+    layer: int
+    item_index: int
+    kind: Kind
+    block_start: int
+    block_end: int
+
+
+class BufferAllocator(Protocol):
+    """Supplies destination buffers to a ``RelayReceiver``.
+
+    Called on the receiver's I/O thread: ``allocate`` when the first chunk of an item arrives
+    (must not block; raise to fail the transfer), ``free`` once the consumer released the item
+    or its transfer failed/was cancelled. The buffer must stay valid until ``free``.
+    """
+
+    def allocate(self, key: ItemKey, nbytes: int) -> memoryview: ...
+
+    def free(self, key: ItemKey, buffer: memoryview) -> None: ...
+
+
+class HeapAllocator:
+    """Default allocator: a fresh zeroed ``bytearray`` per item, freed by the GC."""
+
+    def allocate(self, key: ItemKey, nbytes: int) -> memoryview:
+        """A writable view of ``nbytes`` new bytes."""
+        return memoryview(bytearray(nbytes))
+
+    def free(self, key: ItemKey, buffer: memoryview) -> None:
+        """Drop the view; the bytearray goes with its last reference."""
+        buffer.release()
+
+
+def as_byte_view(payload: Payload) -> memoryview:
+    """A flat ``memoryview`` of format ``B`` over ``payload``, sharing its memory.
+
+    The caller keeps ``payload`` unchanged until the transfer that sends it completes.
+    """
+    if isinstance(payload, bytes | bytearray):
+        return memoryview(payload)
+    if isinstance(payload, memoryview):
+        return _flat(payload)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(payload, torch.Tensor):
+        return _tensor_view(payload)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(payload, numpy.ndarray):
+        if not payload.flags.c_contiguous:
+            raise TransportError("payload: numpy array must be C-contiguous (no hidden copies)")
+        return memoryview(payload.reshape(-1).view(numpy.uint8))
+    raise TransportError(f"payload: unsupported type {type(payload).__name__}")
+
+
+def _flat(view: memoryview) -> memoryview:
+    if not view.c_contiguous:
+        raise TransportError("payload: memoryview must be C-contiguous")
+    return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
+
+
+def _tensor_view(tensor: Any) -> memoryview:
+    if tensor.device.type != "cpu":
+        raise TransportError(f"payload: tensor must be on the CPU, got {tensor.device}")
+    if not tensor.is_contiguous():
+        raise TransportError("payload: tensor must be contiguous (no hidden copies)")
+    import torch  # already imported: the payload is a tensor
+
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())

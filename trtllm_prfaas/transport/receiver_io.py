@@ -1,0 +1,260 @@
+"""The ``RelayReceiver`` I/O thread: one ROUTER socket, chunk intake, credits, acks, expiry.
+
+State lives in the owning ``RelayReceiver`` and is touched only with its ``cond`` held; replies
+are queued in an outbox and sent by this thread alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import zmq
+
+from trtllm_prfaas.errors import TransferTimeout, TransportError
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport.reassembly import Inbound, InboundStatus
+from trtllm_prfaas.transport.security import secure_server
+from trtllm_prfaas.transport.wire import (
+    Control,
+    Header,
+    Kind,
+    control_header,
+    decode_header,
+    encode_header,
+)
+
+if TYPE_CHECKING:
+    from trtllm_prfaas.transport.receiver import RelayReceiver
+
+__all__ = ["ReceiverIO"]
+
+_log = get_logger(__name__)
+_ids = itertools.count()
+_MAX_BATCH = 256  # messages taken per loop turn before commands/credits/expiry run
+
+
+class ReceiverIO:
+    """Owns the ROUTER socket and the thread that serves it."""
+
+    def __init__(
+        self, owner: RelayReceiver, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str
+    ) -> None:
+        self._owner = owner
+        self._config = owner.config
+        self._outbox: deque[tuple[bytes, Header]] = deque()
+        self._grant_needed = False
+        self._stop = threading.Event()
+        self.closed = False
+        self._wake_lock = threading.Lock()
+        addr = f"inproc://relay-receiver-wake-{next(_ids)}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._router = ctx.socket(zmq.ROUTER)
+        for sock in (self._wake_rx, self._wake_tx, self._router):
+            sock.linger = 0
+        self._wake_rx.bind(addr)
+        self._wake_tx.connect(addr)
+        self._router.router_mandatory = 1
+        self._router.rcvhwm = self._config.rcvhwm_msgs
+        secure_server(self._router, self._config.security)
+        self._monitor = owner.tracker.watch(self._router)
+        try:
+            self._router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise TransportError(f"relay receiver cannot bind {endpoint}: {exc}") from exc
+        self.endpoint = str(self._router.get_string(zmq.LAST_ENDPOINT))
+        self._thread = threading.Thread(target=self._run, name="relay-receiver-io", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Wake the I/O thread (from any thread)."""
+        with self._wake_lock:
+            if not self._wake_tx.closed:
+                with contextlib.suppress(zmq.Again):  # wake-ups already pending
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        """Stop and join the thread, then close the sockets. Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self.poke()
+            self._thread.join(self._config.connect_timeout_s + 5.0)
+        if self._thread.is_alive():
+            raise TransportError("relay receiver I/O thread did not stop")
+        with self._wake_lock:
+            self._close_sockets()
+        self.closed = True
+
+    def _close_sockets(self) -> None:
+        self._owner.tracker.close()
+        for sock in (self._router, self._wake_rx, self._wake_tx):
+            sock.close(linger=0)
+
+    # ---- loop ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._router, self._wake_rx, self._monitor):
+            poller.register(sock, zmq.POLLIN)
+        timeout_ms = int(self._config.poll_interval_s * 1000)
+        try:
+            while not self._stop.is_set():
+                poller.register(self._router, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
+                poller.poll(timeout_ms)
+                self._turn()
+        except Exception:
+            _log.exception("relay_receiver_crashed", endpoint=self.endpoint)
+            with self._owner.cond:
+                for inbound in list(self._owner.transfers.values()):
+                    self._fail(inbound, TransportError("relay receiver I/O thread crashed"))
+
+    def _turn(self) -> None:
+        while self._wake_rx.poll(0):
+            self._wake_rx.recv(zmq.NOBLOCK)
+        while self._monitor.poll(0):
+            self._owner.tracker.handle(self._monitor, 0)
+        for _ in range(_MAX_BATCH):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._on_message(frames)
+        with self._owner.cond:
+            self._run_commands()
+            self._expire(time.monotonic())
+            if self._grant_needed:
+                self._grant()
+        self._flush()
+
+    def _run_commands(self) -> None:
+        while self._owner.commands:
+            self._owner.commands.popleft()
+            self._grant_needed = True
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            header = decode_header(frames[1].buffer)
+        except (TransportError, IndexError) as exc:
+            _log.warning("relay_bad_message", error=str(exc))
+            return
+        with self._owner.cond:
+            if header.kind is Kind.CONTROL:
+                self._on_control(identity, header)
+            elif len(frames) != 2 + 1:
+                self._reply_error(identity, header.transfer_id, "data message without payload")
+            else:
+                self._on_chunk(identity, header, frames[2].buffer)
+
+    # ---- messages (cond held) -----------------------------------------------------------------
+
+    def _on_control(self, identity: bytes, h: Header) -> None:
+        owner, tid = self._owner, h.transfer_id
+        if h.control is Control.ANNOUNCE:
+            if tid in owner.transfers or tid in owner.finished:
+                self._reply_error(identity, tid, "duplicate transfer id")
+                return
+            deadline_at = time.monotonic() + h.deadline_s + self._config.expired_grace_s
+            owner.transfers[tid] = Inbound(tid, h.request_id, deadline_at, identity)
+            return
+        inbound = owner.transfers.get(tid)
+        if inbound is None:
+            self._unknown(identity, tid)
+            return
+        inbound.reply_to = identity
+        if h.control is Control.CREDIT:
+            inbound.demand = max(inbound.demand, h.value)
+            self._grant_needed = True
+        elif h.control is Control.COMPLETE:
+            inbound.total_bytes = h.value
+            self._maybe_complete(inbound)
+        elif h.control is Control.CANCEL:
+            self._fail(inbound, TransportError(f"transfer {tid} was cancelled by the sender"))
+
+    def _on_chunk(self, identity: bytes, h: Header, payload: memoryview) -> None:
+        owner = self._owner
+        inbound = owner.transfers.get(h.transfer_id)
+        if inbound is None:
+            self._unknown(identity, h.transfer_id)
+            return
+        if inbound.status is not InboundStatus.RECEIVING:
+            return
+        try:
+            layer_done = inbound.add_chunk(h, payload, owner.allocator)
+        except TransportError as exc:
+            owner.counts["corrupt"] += "corrupt" in str(exc)
+            self._fail(inbound, exc, tell_sender=True)
+            return
+        owner.counts["bytes"] += h.length
+        owner.held_bytes += h.length
+        owner.max_held_bytes = max(owner.max_held_bytes, owner.held_bytes)
+        if layer_done:
+            owner.cond.notify_all()
+        self._maybe_complete(inbound)
+
+    def _maybe_complete(self, inbound: Inbound) -> None:
+        if inbound.status is InboundStatus.RECEIVING and inbound.is_complete:
+            inbound.status = InboundStatus.COMPLETE
+            self._owner.counts["completed"] += 1
+            self._owner.cond.notify_all()
+            self._outbox.append(
+                (inbound.reply_to, control_header(Control.ACK, inbound.transfer_id))
+            )
+
+    def _fail(self, inbound: Inbound, error: TransportError, *, tell_sender: bool = False) -> None:
+        owner, tid = self._owner, inbound.transfer_id
+        inbound.status = InboundStatus.FAILED
+        inbound.error = error
+        owner.held_bytes -= inbound.release_all(owner.allocator)
+        owner.transfers.pop(tid, None)
+        owner.remember(tid, error)
+        owner.counts["failed"] += 1
+        owner.cond.notify_all()
+        self._grant_needed = True
+        if tell_sender:
+            self._reply_error(inbound.reply_to, tid, str(error))
+        _log.warning("relay_inbound_failed", transfer_id=tid, error=str(error))
+
+    def _unknown(self, identity: bytes, transfer_id: str) -> None:
+        if transfer_id in self._owner.finished:
+            return  # late message of a finished transfer
+        why = f"unknown transfer {transfer_id}: the receiver restarted or never saw its ANNOUNCE"
+        self._owner.remember(transfer_id, TransportError(why))
+        self._reply_error(identity, transfer_id, why)
+
+    def _reply_error(self, identity: bytes, transfer_id: str, message: str) -> None:
+        self._outbox.append((identity, control_header(Control.ERROR, transfer_id, message=message)))
+
+    def _grant(self) -> None:
+        self._grant_needed = False
+        for inbound in self._owner.ledger.grant(self._owner.transfers.values()):
+            header = control_header(Control.CREDIT, inbound.transfer_id, value=inbound.granted)
+            self._outbox.append((inbound.reply_to, header))
+
+    def _expire(self, now: float) -> None:
+        for inbound in list(self._owner.transfers.values()):
+            if inbound.status is InboundStatus.RECEIVING and now > inbound.deadline_at:
+                error = TransferTimeout(
+                    f"transfer {inbound.transfer_id} expired on the receiver: "
+                    f"{inbound.received} bytes arrived before its deadline"
+                )
+                self._fail(inbound, error, tell_sender=True)
+
+    def _flush(self) -> None:
+        while self._outbox:
+            identity, header = self._outbox[0]
+            try:
+                self._router.send_multipart([identity, encode_header(header)], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                # the peer is gone; nothing to tell
+            self._outbox.popleft()

@@ -1,0 +1,258 @@
+"""Per-link relay statistics, including the kernel's TCP counters for the relay's own sockets.
+
+How TCP counters are read: libzmq does not expose the fds of its TCP connections (``ZMQ_FD`` is
+only the signalling fd), but its *socket monitor* reports every connection's fd in the
+``EVENT_CONNECTED``/``EVENT_ACCEPTED`` message. ``ConnectionTracker`` consumes those events and
+keeps the live fds; ``read_tcp_info`` then calls ``getsockopt(IPPROTO_TCP, TCP_INFO)`` on each
+(through ``socket.socket(fileno=fd)`` + ``detach()``, so the fd stays libzmq's) and decodes
+``struct tcp_info`` (Linux only; other OSes give ``None``). ``tcpi_total_retrans`` is the
+connection's retransmitted-segment count; on loopback it reads 0.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+__all__ = [
+    "ConnectionTracker",
+    "LinkStats",
+    "ReceiverStats",
+    "SendCounters",
+    "StreamStats",
+    "TcpInfo",
+    "read_tcp_info",
+]
+
+_TCP_INFO_LEN = 232
+# struct tcp_info offsets (linux/tcp.h): u8 state @0; u32 retrans @36, rtt @68 (us),
+# snd_cwnd @80, total_retrans @100; u64 bytes_acked @120, bytes_received @128.
+_MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    """Kernel view of one TCP connection (``TCP_INFO``)."""
+
+    local_port: int
+    remote_port: int
+    state: int
+    rtt_us: int
+    snd_cwnd: int
+    retrans: int  # segments retransmitted and not yet acknowledged
+    total_retrans: int  # all retransmissions over the connection's life
+    bytes_acked: int
+    bytes_received: int
+
+
+def read_tcp_info(fd: int) -> TcpInfo | None:
+    """``TCP_INFO`` of the TCP socket ``fd`` or ``None`` (not Linux, not a TCP socket, closed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        local, peer = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if len(raw) < 136:
+        return None
+    retrans, rtt, cwnd, total = (struct.unpack_from("=I", raw, off)[0] for off in (36, 68, 80, 100))
+    acked, received = struct.unpack_from("=QQ", raw, 120)
+    return TcpInfo(local[1], peer[1], raw[0], rtt, cwnd, retrans, total, acked, received)
+
+
+class ConnectionTracker:
+    """Follows the TCP connections of monitored zmq sockets (fds, auth failures).
+
+    ``watch`` is called by the owner of the socket; ``handle`` by its I/O thread when the
+    returned monitor socket is readable; ``tcp_infos`` from any thread. ``close`` disables and
+    closes every monitor socket (call it from the thread that owns the sockets).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}  # fd -> index of the watched socket
+        self._monitors: list[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]] = []
+        self.auth_failures = 0
+        self.disconnects = 0
+
+    def watch(self, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
+        """Start monitoring ``sock``; returns the monitor socket to poll."""
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        monitor.linger = 0
+        self._monitors.append((sock, monitor))
+        return monitor
+
+    def handle(self, monitor: zmq.Socket[bytes], index: int) -> int:
+        """Consume one event from ``monitor``; returns the event id."""
+        msg = recv_monitor_message(monitor, zmq.NOBLOCK)
+        event, value = int(msg["event"]), int(msg["value"])
+        with self._lock:
+            if event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+                self._fds[value] = index
+            elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self._fds.pop(value, None)
+                self.disconnects += 1
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.auth_failures += 1
+        return event
+
+    def tcp_infos(self) -> dict[int, tuple[TcpInfo, ...]]:
+        """Live connections' ``TcpInfo`` grouped by watched-socket index."""
+        with self._lock:
+            fds = dict(self._fds)
+        out: dict[int, list[TcpInfo]] = {}
+        for fd, index in sorted(fds.items()):
+            info = read_tcp_info(fd)
+            if info is not None:
+                out.setdefault(index, []).append(info)
+        return {index: tuple(infos) for index, infos in out.items()}
+
+    def close(self) -> None:
+        """Disable monitoring and close the monitor sockets. Idempotent."""
+        for sock, monitor in self._monitors:
+            if not sock.closed:
+                sock.disable_monitor()
+            monitor.close(linger=0)
+        self._monitors.clear()
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """One sender stream (one zmq socket, normally one TCP connection)."""
+
+    index: int
+    bytes_sent: int
+    chunks_sent: int
+    throughput_gbps: float
+    tcp: tuple[TcpInfo, ...]
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Sender-side view of one relay link.
+
+    ``goodput_gbps`` counts payload bytes of transfers the receiver acknowledged, over the time
+    from the first chunk sent to the last acknowledgement. ``bytes_in_flight`` is payload sent
+    for transfers not yet acknowledged (at most the credit granted). Send-queue delay is the
+    time from ``handle.send`` to the chunk being handed to zmq. ``tcp_total_retrans`` is
+    ``None`` where the OS does not expose ``TCP_INFO``.
+    """
+
+    endpoint: str
+    bytes_sent: int
+    bytes_acked: int
+    elapsed_s: float
+    goodput_gbps: float
+    bytes_in_flight: int
+    send_queue_delay_avg_s: float
+    send_queue_delay_max_s: float
+    streams: tuple[StreamStats, ...]
+    tcp_total_retrans: int | None
+    auth_failures: int
+
+
+@dataclass(frozen=True)
+class ReceiverStats:
+    """Receiver-side view: bytes, buffer occupancy against the credit budget, failures."""
+
+    endpoint: str
+    bytes_received: int
+    buffered_bytes: int  # received + granted-not-yet-received, not released by the consumer
+    max_buffered_bytes: int
+    corrupt_chunks: int
+    transfers_completed: int
+    transfers_failed: int
+    num_connections: int
+    tcp_total_retrans: int | None
+
+
+@dataclass
+class SendCounters:
+    """Mutable sender counters, written by the I/O thread under ``lock``."""
+
+    num_streams: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    first_send_s: float | None = None
+    last_ack_s: float | None = None
+    bytes_sent: int = 0
+    bytes_acked: int = 0
+    bytes_in_flight: int = 0
+    delay_sum_s: float = 0.0
+    delay_max_s: float = 0.0
+    chunks: int = 0
+    stream_bytes: list[int] = field(default_factory=list)
+    stream_chunks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stream_bytes = [0] * self.num_streams
+        self.stream_chunks = [0] * self.num_streams
+
+    def on_chunk(self, stream: int, nbytes: int, queued_s: float, now_s: float) -> None:
+        """A chunk was handed to zmq on ``stream`` after waiting ``now_s - queued_s``."""
+        with self.lock:
+            if self.first_send_s is None:
+                self.first_send_s = now_s
+            delay = now_s - queued_s
+            self.delay_sum_s += delay
+            self.delay_max_s = max(self.delay_max_s, delay)
+            self.chunks += 1
+            self.bytes_sent += nbytes
+            self.bytes_in_flight += nbytes
+            self.stream_bytes[stream] += nbytes
+            self.stream_chunks[stream] += 1
+
+    def on_settled(self, sent_bytes: int, acked: bool, now_s: float) -> None:
+        """A transfer that had sent ``sent_bytes`` ended (acknowledged or not)."""
+        with self.lock:
+            self.bytes_in_flight -= sent_bytes
+            if acked:
+                self.bytes_acked += sent_bytes
+                self.last_ack_s = now_s
+
+    def snapshot(
+        self, endpoint: str, tcp: dict[int, tuple[TcpInfo, ...]], auth_failures: int, now_s: float
+    ) -> LinkStats:
+        """A frozen ``LinkStats`` at ``now_s``."""
+        with self.lock:
+            start = self.first_send_s if self.first_send_s is not None else now_s
+            elapsed = max(now_s - start, 1e-9)
+            ack_span = max((self.last_ack_s or start) - start, 1e-9)
+            streams = tuple(
+                StreamStats(i, b, c, b * 8 / elapsed / 1e9, tcp.get(i, ()))
+                for i, (b, c) in enumerate(zip(self.stream_bytes, self.stream_chunks, strict=True))
+            )
+            infos = [info for infos in tcp.values() for info in infos]
+            return LinkStats(
+                endpoint=endpoint,
+                bytes_sent=self.bytes_sent,
+                bytes_acked=self.bytes_acked,
+                elapsed_s=elapsed,
+                goodput_gbps=self.bytes_acked * 8 / ack_span / 1e9,
+                bytes_in_flight=self.bytes_in_flight,
+                send_queue_delay_avg_s=self.delay_sum_s / max(self.chunks, 1),
+                send_queue_delay_max_s=self.delay_max_s,
+                streams=streams,
+                tcp_total_retrans=sum(i.total_retrans for i in infos) if infos else None,
+                auth_failures=auth_failures,
+            )
