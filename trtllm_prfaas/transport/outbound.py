@@ -202,14 +202,15 @@ class StreamSet:
         return None
 
     def _flush_control(self) -> bool:
-        """Send queued control messages; False if a stream refused one (try again later)."""
+        """Send queued control messages on stream 0; False if it cannot take one now.
+
+        One stream keeps control messages in order (ANNOUNCE before CREDIT before COMPLETE);
+        data needs no order, as each chunk says where it goes and is sent only after credit.
+        """
+        control = self.socks[0]
         while self._control:
-            sock = self._writable()
-            if sock is None:
-                self._blocked = True
-                return False
             try:
-                sock.send(self._control[0], zmq.NOBLOCK)
+                control.send(self._control[0], zmq.NOBLOCK)
             except zmq.Again:
                 self._blocked = True
                 return False

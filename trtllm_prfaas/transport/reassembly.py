@@ -48,7 +48,8 @@ class LayerState:
 
     @property
     def is_complete(self) -> bool:
-        return (
+        """All items arrived (a released layer counts: only complete layers get released)."""
+        return self.released or (
             self.num_items > 0
             and len(self.items) == self.num_items
             and all(item.is_done for item in self.items.values())

@@ -120,6 +120,18 @@ class RelaySender:
         """Live TCP connections of this sender (from the socket monitor)."""
         return sum(len(infos) for infos in self._tracker.tcp_infos().values())
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until every stream completed its (Curve) handshake; False on timeout.
+
+        Optional: transfers may start at once and use whichever streams are ready.
+        """
+        deadline = time.monotonic() + timeout_s
+        while len(self._tracker.ready_indices()) < self.config.num_streams:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def close(self) -> None:
         """Fail open transfers, stop and join the I/O thread, close every socket. Idempotent."""
         self._stop.set()

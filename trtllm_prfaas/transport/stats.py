@@ -38,6 +38,7 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_ACCEPTED
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_CLOSED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -93,6 +94,7 @@ class ConnectionTracker:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}  # fd -> index of the watched socket
         self._monitors: list[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]] = []
+        self._handshaken: dict[int, int] = {}  # fd -> index, ZMTP/Curve handshake done
         self.auth_failures = 0
         self.disconnects = 0
 
@@ -110,12 +112,20 @@ class ConnectionTracker:
         with self._lock:
             if event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
                 self._fds[value] = index
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken.update((fd, i) for fd, i in self._fds.items() if i == index)
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self._fds.pop(value, None)
+                self._handshaken.pop(value, None)
                 self.disconnects += 1
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.auth_failures += 1
         return event
+
+    def ready_indices(self) -> frozenset[int]:
+        """Indices of watched sockets with at least one connection past its handshake."""
+        with self._lock:
+            return frozenset(self._handshaken.values())
 
     def tcp_infos(self) -> dict[int, tuple[TcpInfo, ...]]:
         """Live connections' ``TcpInfo`` grouped by watched-socket index."""
