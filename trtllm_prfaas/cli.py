@@ -20,13 +20,18 @@ __all__ = ["console", "main"]
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("trtllm_prfaas.engines.commands", "run a short generation with the reference engine"),
-    "generate": ("trtllm_prfaas.engines.commands", "generate text from a prompt with the reference engine"),
+    "generate": (
+        "trtllm_prfaas.engines.commands",
+        "generate text from a prompt with the reference engine",
+    ),
     "simulate": ("trtllm_prfaas.sim.command", "throughput model and discrete-event simulations"),
 }
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prfaas", description="Prefill-as-a-Service for TensorRT-LLM")
+    parser = argparse.ArgumentParser(
+        prog="prfaas", description="Prefill-as-a-Service for TensorRT-LLM"
+    )
     parser.add_argument("--log-level", default="WARNING", help="structlog level (default WARNING)")
     parser.add_argument("--log-json", action="store_true", help="emit logs as JSON lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -45,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(top.log_level, json=top.log_json)
     module = importlib.import_module(COMMANDS[top.command][0])
-    sub = argparse.ArgumentParser(prog=f"prfaas {top.command}", description=COMMANDS[top.command][1])
+    sub = argparse.ArgumentParser(
+        prog=f"prfaas {top.command}", description=COMMANDS[top.command][1]
+    )
     module.add_arguments(top.command, sub)
     args = sub.parse_args(rest)
     try:

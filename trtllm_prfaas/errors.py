@@ -64,6 +64,8 @@ class DependencyMissing(PrfaasError):
     """An optional dependency is absent; the message says which ``pip install`` to run."""
 
     def __init__(self, module: str, pip_hint: str) -> None:
-        super().__init__(f"optional dependency {module!r} is not installed; run: pip install {pip_hint}")
+        super().__init__(
+            f"optional dependency {module!r} is not installed; run: pip install {pip_hint}"
+        )
         self.module = module
         self.pip_hint = pip_hint

@@ -1,0 +1,281 @@
+"""A host-memory KV cache connector: saves blocks and recurrent states, loads them back.
+
+Like TensorRT-LLM's persistent example connector, but over the project's hybrid prefix-cache pool
+(:class:`~trtllm_prfaas.kv.pool.HybridPrefixCachePool`) in host memory, and hybrid-aware:
+
+- full prompt blocks are saved layer by layer from ``save_kv_layer`` as prefix-cache blocks
+  named by their chained hash, committed in ``wait_for_save``;
+- the recurrent state is saved at every chunk end that is block aligned, and at exactly L-1
+  tokens (with the partial tail block), each entry reusable only on an exact-length match;
+- ``get_num_new_matched_tokens`` (no I/O: a dictionary look-up in this process) claims the
+  longest prefix that has both its full blocks and a state snapshot of exactly that length,
+  pins them, and returns ``(n, False)``: ``start_load_kv`` copies them in synchronously.
+
+So a second run of the same prompt computes only its last token and yields identical tokens.
+Both halves share one :class:`HostKVStore` passed in ``llm_args.connector_options["store"]``
+(one process, tensor parallelism 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trtllm_prfaas.connector.base import (
+    KvCacheConnectorScheduler,
+    KvCacheConnectorWorker,
+    RecurrentStates,
+    SchedulerOutput,
+)
+from trtllm_prfaas.errors import AdmissionRejected, ConfigError
+from trtllm_prfaas.kv.hashing import CacheKey, block_hashes, prefix_hash
+from trtllm_prfaas.kv.pool import HybridPrefixCachePool
+from trtllm_prfaas.kv.spec import KVSpec
+from trtllm_prfaas.telemetry.logging import get_logger
+
+__all__ = [
+    "HostKVStore",
+    "HostMemoryConnectorScheduler",
+    "HostMemoryConnectorWorker",
+    "HostMemoryMeta",
+]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class HostKVStore:
+    """The host pool both halves share. A state entry holds the states, then one tail block."""
+
+    spec: KVSpec
+    key: CacheKey
+    pool: HybridPrefixCachePool
+
+    @classmethod
+    def create(cls, spec: KVSpec, key: CacheKey, num_blocks: int, num_states: int) -> HostKVStore:
+        pool = HybridPrefixCachePool(
+            num_blocks=num_blocks,
+            block_bytes=spec.block_bytes,
+            num_state_slots=num_states,
+            state_bytes=spec.state_bytes + spec.block_bytes,
+        )
+        return cls(spec, key, pool)
+
+
+@dataclass
+class _Load:
+    request_id: int
+    host_blocks: list[int]
+    state_slot: int
+    num_tokens: int
+    device_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Save:
+    request_id: int
+    device_blocks: list[int]  # full blocks completed by this chunk
+    host_blocks: list[int]
+    state_slot: int | None  # host state entry to fill, when the chunk ends at a snapshot point
+    tail_device_block: int | None  # partial last block saved with the state at L-1 tokens
+
+
+@dataclass
+class HostMemoryMeta:
+    loads: list[_Load]
+    saves: list[_Save]
+
+
+@dataclass
+class _Tracked:
+    prompt_len: int
+    matched: int
+    tokens: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_saved_blocks: int = 0
+
+
+def _store_of(llm_args: Any) -> HostKVStore:
+    store = getattr(llm_args, "connector_options", {}).get("store")
+    if not isinstance(store, HostKVStore):
+        raise ConfigError("host-memory connector needs llm_args.connector_options['store']")
+    return store
+
+
+class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self.store = _store_of(llm_args)
+        self._tracked: dict[int, _Tracked] = {}
+        self._pending_loads: dict[int, _Load] = {}
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        tokens = list(request.get_tokens(0))
+        load = self._match(request.request_id, tokens) if num_computed_tokens == 0 else None
+        matched = load.num_tokens if load else 0
+        self._tracked[request.request_id] = _Tracked(len(tokens), matched)
+        if load is not None:
+            self._pending_loads[request.request_id] = load
+        return matched, False
+
+    def _match(self, request_id: int, tokens: list[int]) -> _Load | None:
+        """Longest prefix with all its full blocks and an exact-length state entry; pinned."""
+        pool, key, tpb = self.store.pool, self.store.key, self.store.spec.tokens_per_block
+        last = len(tokens) - 1
+        hashes = block_hashes(tokens[:last], tpb, key)
+        num_cached = pool.num_cached_prefix_blocks(hashes)
+        candidates = [last] if num_cached == len(hashes) and last > 0 else []
+        candidates += [j * tpb for j in range(num_cached, 0, -1) if j * tpb < last]
+        for num_tokens in candidates:
+            slot = pool.match_state(prefix_hash(tokens[:num_tokens], key), num_tokens)
+            if slot is not None:
+                host_blocks = pool.match_prefix(hashes[: num_tokens // tpb])
+                return _Load(request_id, host_blocks, slot, num_tokens)
+        return None
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        load = self._pending_loads.get(request.request_id)
+        if load is not None:
+            load.device_blocks = list(block_ids)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> HostMemoryMeta:
+        loads = list(self._pending_loads.values())
+        self._pending_loads.clear()
+        saves = []
+        for data in scheduler_output.new_requests + scheduler_output.cached_requests:
+            tracked = self._tracked.get(data.request_id)
+            if tracked is None:
+                continue
+            tracked.tokens += data.new_tokens
+            tracked.blocks += data.new_block_ids
+            is_new = any(data is new for new in scheduler_output.new_requests)
+            start = data.computed_position + (tracked.matched if is_new else 0)
+            save = self._plan_save(data.request_id, tracked, start + data.num_scheduled_tokens)
+            if save is not None:
+                saves.append(save)
+        return HostMemoryMeta(loads, saves)
+
+    def _plan_save(self, request_id: int, tracked: _Tracked, end: int) -> _Save | None:
+        """What a chunk ending at ``end`` adds to the store: its new full blocks, and the state
+        if ``end`` is a snapshot point. Host-pool exhaustion skips the save (logged)."""
+        spec, pool, key = self.store.spec, self.store.pool, self.store.key
+        last, tpb = tracked.prompt_len - 1, spec.tokens_per_block
+        if end > last or end <= tracked.matched:
+            return None  # the last-token step and decode steps add nothing to the store
+        hashes = block_hashes(tracked.tokens[:end], tpb, key)
+        first = max(tracked.num_saved_blocks, tracked.matched // tpb)
+        state_point = end % tpb == 0 or end == last
+        try:
+            host_blocks = pool.allocate_prefix_blocks(hashes[first:])
+            slot = (
+                pool.put_state(prefix_hash(tracked.tokens[:end], key), end) if state_point else None
+            )
+        except AdmissionRejected as exc:
+            log.warning("host_store_full", request_id=request_id, error=str(exc))
+            return None
+        tracked.num_saved_blocks = len(hashes)
+        tail = tracked.blocks[end // tpb] if end % tpb and slot is not None else None
+        return _Save(request_id, tracked.blocks[first : len(hashes)], host_blocks, slot, tail)
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        self._tracked.pop(request.request_id, None)
+        load = self._pending_loads.pop(request.request_id, None)
+        if load is not None:  # matched but never loaded (aborted): unpin
+            self.store.pool.release(load.host_blocks)
+            self.store.pool.release_state(load.state_slot)
+        return False  # saves complete inside the forward pass (wait_for_save)
+
+
+class HostMemoryConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self.store = _store_of(llm_args)
+        self.kv_pool: torch.Tensor | None = None
+        self.states: RecurrentStates | None = None
+
+    def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
+        self.kv_pool = kv_cache_tensor
+
+    def register_recurrent_states(self, states: RecurrentStates) -> None:
+        if states.state_bytes != self.store.spec.state_bytes:
+            raise ConfigError(f"state bytes {states.state_bytes} != {self.store.spec.state_bytes}")
+        self.states = states
+
+    def _device_block(self, block_id: int) -> torch.Tensor:
+        assert self.kv_pool is not None
+        return self.kv_pool[block_id].reshape(-1).view(torch.uint8)
+
+    def _device_state(self, request_id: int) -> torch.Tensor:
+        assert self.states is not None
+        return self.states.tensor[self.states.slot_of(request_id)].reshape(-1).view(torch.uint8)
+
+    def start_load_kv(self, stream: Any) -> None:
+        meta: HostMemoryMeta = self._metadata
+        pool, state_bytes = self.store.pool, self.store.spec.state_bytes
+        tpb = self.store.spec.tokens_per_block
+        for load in meta.loads:
+            for device, host in zip(load.device_blocks, load.host_blocks, strict=False):
+                self._device_block(device).copy_(pool.block_view(host))
+            entry = pool.state_view(load.state_slot)
+            self._device_state(load.request_id).copy_(entry[:state_bytes])
+            if load.num_tokens % tpb:
+                self._device_block(load.device_blocks[load.num_tokens // tpb]).copy_(
+                    entry[state_bytes:]
+                )
+            pool.release(load.host_blocks)
+            pool.release_state(load.state_slot)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+        return None  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+        meta: HostMemoryMeta = self._metadata
+        assert self.states is not None and self.kv_pool is not None
+        pool_layer = self.states.pool_layer_of.get(layer_idx)
+        for save in meta.saves:
+            if pool_layer is not None:
+                self._save_blocks_layer(save, pool_layer)
+            elif save.state_slot is not None:
+                self._save_state_layer(save, self.states.state_layer_of[layer_idx])
+
+    def _save_blocks_layer(self, save: _Save, pool_layer: int) -> None:
+        """One full-attention layer of the chunk's new blocks (and the tail) to the store."""
+        assert self.kv_pool is not None
+        store, layer_shape = self.store, self.kv_pool.shape[1:]
+        pairs = [
+            (d, store.pool.block_view(h))
+            for d, h in zip(save.device_blocks, save.host_blocks, strict=True)
+        ]
+        if save.tail_device_block is not None and save.state_slot is not None:
+            tail = store.pool.state_view(save.state_slot)[store.spec.state_bytes :]
+            pairs.append((save.tail_device_block, tail))
+        for device, host in pairs:
+            host_rows = host.view(self.kv_pool.dtype).view(layer_shape)
+            host_rows[pool_layer].copy_(self.kv_pool[device, pool_layer])
+
+    def _save_state_layer(self, save: _Save, state_layer: int) -> None:
+        assert self.states is not None and save.state_slot is not None
+        device = self.states.tensor[self.states.slot_of(save.request_id), state_layer]
+        entry = self.store.pool.state_view(save.state_slot)[: self.store.spec.state_bytes]
+        entry.view(torch.float32).view(self.states.tensor.shape[1:])[state_layer].copy_(device)
+
+    def wait_for_save(self, stream: Any) -> None:
+        """Every layer of this iteration's saves is written: make them matchable, unpin."""
+        meta: HostMemoryMeta = self._metadata
+        pool = self.store.pool
+        for save in meta.saves:
+            for host in save.host_blocks:
+                pool.commit_prefix_block(host)
+            pool.release(save.host_blocks)
+            if save.state_slot is not None:
+                pool.commit_state(save.state_slot)
+                pool.release_state(save.state_slot)
+
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        return [], []  # nothing is asynchronous here

@@ -1,0 +1,424 @@
+"""The reference engine: continuous batching over the hybrid model, hosting a KV cache connector.
+
+One ``step()`` is one TensorRT-LLM executor iteration, in TensorRT-LLM's order::
+
+    admit:    match (get_num_new_matched_tokens) -> allocate -> update_state_after_alloc
+              -> async-loading requests are parked (leave the batch)
+    schedule: decode tokens of running requests + prefill chunks within the token budget
+    connector: build_connector_meta -> bind_connector_meta -> start_load_kv
+    forward:  per layer wait_for_layer_load / layer / save_kv_layer; then wait_for_save
+    finish:   sample; finished requests -> request_finished (True pins blocks)
+    poll:     get_finished -> parked loads rejoin, pinned saves release their blocks
+
+Prefill chunk rule (what makes every route bit-identical): prompt tokens [0, L-1) are computed in
+chunks that start on block boundaries, and the last prompt token is always computed alone, so the
+linear-attention state after exactly L-1 tokens exists on every route. A connector may therefore
+claim a block-aligned prefix, or exactly L-1 tokens; any other count is refused.
+
+Every wait has a deadline: a request not admitted within ``admission_timeout_s`` fails with
+AdmissionRejected; a connector load or save not reported within ``connector_timeout_s`` fails
+the request (loads) or force-releases its blocks (saves), logged as errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trtllm_prfaas.connector.base import RecurrentStates
+from trtllm_prfaas.connector.host import ConnectorHost
+from trtllm_prfaas.engines.batch import SequenceChunk
+from trtllm_prfaas.engines.blocks import BlockManager, SlotAllocator
+from trtllm_prfaas.engines.reference import HybridModel, LayerKind, ModelConfig
+from trtllm_prfaas.engines.request import (
+    LlmRequest,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+)
+from trtllm_prfaas.engines.sampling import sample_next
+from trtllm_prfaas.engines.tokenizer import EOS_ID, ByteTokenizer
+from trtllm_prfaas.errors import (
+    AdmissionRejected,
+    ConfigError,
+    ConnectorError,
+    EngineError,
+    InvalidRequestError,
+    PrfaasError,
+)
+from trtllm_prfaas.telemetry.logging import get_logger
+
+__all__ = ["ConnectorPair", "EngineConfig", "ReferenceEngine"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    num_blocks: int = 2048  # device pool blocks (2048 x 32 tokens = 64K tokens)
+    max_num_seqs: int = 16  # concurrent requests (recurrent-state slots)
+    chunk_size: int = 2048  # prefill chunk, a multiple of tokens_per_block
+    max_num_tokens: int = 4096  # tokens per iteration (decode tokens + prefill chunks)
+    max_waiting: int = 1024
+    admission_timeout_s: float = 300.0
+    connector_timeout_s: float = 60.0
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        tpb = self.model.tokens_per_block
+        if self.chunk_size <= 0 or self.chunk_size % tpb:
+            raise ConfigError(f"chunk_size {self.chunk_size} must be a positive multiple of {tpb}")
+        if self.max_num_tokens < self.chunk_size:
+            raise ConfigError(f"max_num_tokens {self.max_num_tokens} < chunk_size")
+        for name in ("num_blocks", "max_num_seqs", "max_waiting", "num_threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"EngineConfig.{name} must be > 0")
+
+
+@dataclass
+class KvCacheConfigArgs:
+    tokens_per_block: int
+
+
+@dataclass
+class ReferenceLlmArgs:
+    """The slice of TensorRT-LLM's ``TorchLlmArgs`` that connectors read, plus the model id."""
+
+    kv_cache_config: KvCacheConfigArgs
+    model: str
+    dtype: str
+    connector_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectorPair:
+    scheduler: Any  # KvCacheConnectorScheduler
+    worker: Any  # KvCacheConnectorWorker
+
+
+class ReferenceEngine(ConnectorHost):
+    """Owns the model, the KV pool, the state tensor, the queues, and an optional connector."""
+
+    def __init__(self, config: EngineConfig, connector: ConnectorPair | None = None) -> None:
+        torch.set_num_threads(config.num_threads)
+        self.config, self.cfg = config, config.model
+        self.model = HybridModel(self.cfg)
+        self.tokenizer = ByteTokenizer()
+        cfg = self.cfg
+        self.pool = torch.zeros(
+            (config.num_blocks, cfg.num_full_layers, 2, cfg.block_row_elems), dtype=cfg.torch_dtype
+        )
+        self.states = torch.zeros((config.max_num_seqs, *cfg.state_shape), dtype=torch.float32)
+        self.blocks = BlockManager(config.num_blocks)
+        self.slots = SlotAllocator(config.max_num_seqs)
+        self.waiting: deque[LlmRequest] = deque()
+        self.running: dict[int, LlmRequest] = {}  # admitted: loading, context, generation, saving
+        self.connector = connector
+        self._ids = itertools.count(1)
+        self._init_connector_host()
+        if connector is not None:
+            self._register_connector(connector)
+
+    @staticmethod
+    def llm_args_for(cfg: ModelConfig, **options: Any) -> ReferenceLlmArgs:
+        """The ``llm_args`` object both connector halves are constructed with."""
+        return ReferenceLlmArgs(
+            KvCacheConfigArgs(cfg.tokens_per_block), cfg.model_id, cfg.dtype, dict(options)
+        )
+
+    def _register_connector(self, connector: ConnectorPair) -> None:
+        connector.worker.register_kv_caches(self.pool)
+        register_states = getattr(connector.worker, "register_recurrent_states", None)
+        if register_states is not None:
+            kinds = self.cfg.layer_kinds
+            full = [i for i, k in enumerate(kinds) if k is LayerKind.FULL]
+            linear = [i for i, k in enumerate(kinds) if k is LayerKind.LINEAR]
+            register_states(
+                RecurrentStates(
+                    tensor=self.states,
+                    slot_of=lambda rid: self.running[rid].state_slot,
+                    state_layer_of={layer: j for j, layer in enumerate(linear)},
+                    pool_layer_of={layer: j for j, layer in enumerate(full)},
+                )
+            )
+
+    # ----------------------------------------------------------------- submission and queries
+    def add_request(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: int | None = None
+    ) -> int:
+        """Validate and queue a request; returns its id. Raises InvalidRequestError /
+        AdmissionRejected at once for input that can never run; the engine is unaffected."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty: at least one token is required")
+        self.tokenizer.validate(prompt_token_ids)
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > self.cfg.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt_token_ids)} tokens + max_tokens {sampling.max_tokens} "
+                f"exceeds the max sequence length {self.cfg.max_seq_len}"
+            )
+        if self._blocks_for(total) > self.config.num_blocks:
+            raise AdmissionRejected(
+                f"request needs {self._blocks_for(total)} KV blocks; the pool has "
+                f"{self.config.num_blocks}"
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise AdmissionRejected(f"waiting queue is full ({self.config.max_waiting})")
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self.running or any(r.request_id == rid for r in self.waiting):
+            raise InvalidRequestError(f"request id {rid} is already in use")
+        deadline = time.monotonic() + self.config.admission_timeout_s
+        self.waiting.append(LlmRequest(rid, list(prompt_token_ids), sampling, deadline))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.tokens_per_block)
+
+    # ------------------------------------------------------------------------- the iteration
+    def step(self) -> list[RequestOutput]:
+        outputs = self._expire_waiting()
+        outputs += self._admit()
+        chunks, scheduled = self._schedule()
+        try:
+            if self.connector is not None:
+                self._bind_meta(scheduled, chunks)
+            logits = self._forward(chunks) if chunks else None
+            outputs += self._postprocess(scheduled, chunks, logits)
+        except ConnectorError as exc:  # the iteration is lost: end its requests, keep serving
+            log.error("iteration_failed", error=str(exc))
+            outputs += [self._fail(req, exc) for req in scheduled if req.request_id in self.running]
+        if self.connector is not None:
+            outputs += self._poll_connector()
+        return outputs
+
+    def _expire_waiting(self) -> list[RequestOutput]:
+        now, outputs = time.monotonic(), []
+        while self.waiting and self.waiting[0].deadline < now:
+            req = self.waiting.popleft()
+            err = AdmissionRejected(
+                f"request {req.request_id} not admitted within {self.config.admission_timeout_s}s"
+            )
+            outputs.append(RequestOutput(req.request_id, [], True, "error", err))
+        return outputs
+
+    def _admit(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while self.waiting and self.slots.num_free:
+            req = self.waiting[0]
+            prompt_blocks = self._blocks_for(req.prompt_len)
+            if not self.blocks.can_reserve(self._blocks_for(req.num_tokens_total())):
+                break  # FIFO: wait for blocks to come back
+            self.waiting.popleft()
+            try:
+                outputs += self._admit_one(req, prompt_blocks)
+            except PrfaasError as exc:
+                outputs.append(self._fail(req, exc))
+        return outputs
+
+    def _admit_one(self, req: LlmRequest, prompt_blocks: int) -> list[RequestOutput]:
+        matched, load_async = 0, False
+        if self.connector is not None:
+            matched, load_async = self._connector_call(
+                self.connector.scheduler.get_num_new_matched_tokens, req, 0
+            )
+            self._check_match(req, matched, load_async)
+        self.blocks.reserve(self._blocks_for(req.num_tokens_total()))
+        req.num_reserved_blocks = self._blocks_for(req.num_tokens_total())
+        req.block_ids = self.blocks.take(prompt_blocks)
+        req.state_slot = self.slots.take()
+        self.states[req.state_slot].zero_()
+        req.num_computed_tokens = req.num_connector_tokens = matched
+        if not load_async:
+            self._record_sync_match(req.request_id, matched)
+        if req.sampling.temperature > 0:
+            req.generator = torch.Generator().manual_seed(req.sampling.seed)
+        self.running[req.request_id] = req
+        if self.connector is not None:
+            self._connector_call(
+                self.connector.scheduler.update_state_after_alloc, req, list(req.block_ids)
+            )
+        if load_async:
+            req.state = RequestState.LOADING
+            self._new_loading.append(req.request_id)
+            self._deadlines[req.request_id] = time.monotonic() + self.config.connector_timeout_s
+        else:
+            req.state = RequestState.CONTEXT
+        return []
+
+    def _check_match(self, req: LlmRequest, matched: int, load_async: bool) -> None:
+        tpb, last = self.cfg.tokens_per_block, req.prompt_len - 1
+        if matched == 0 and load_async:
+            raise ConnectorError("connector returned (0, True): load_async needs tokens to load")
+        if not 0 <= matched <= last or (matched % tpb and matched != last):
+            raise ConnectorError(
+                f"connector claimed {matched} tokens of a {req.prompt_len}-token prompt; it may "
+                f"claim a multiple of {tpb} up to {last}, or exactly {last}"
+            )
+
+    def _schedule(self) -> tuple[list[SequenceChunk], list[LlmRequest]]:
+        """Decode tokens first (one per running request), then prefill chunks within budget."""
+        chunks: list[SequenceChunk] = []
+        scheduled: list[LlmRequest] = []
+        budget = self.config.max_num_tokens
+        for req in self.running.values():
+            if req.state is RequestState.GENERATION:
+                pos = req.prompt_len + len(req.output_token_ids) - 1
+                self._grow_blocks(req, pos + 1)
+                chunks.append(
+                    SequenceChunk([req.output_token_ids[-1]], pos, req.block_ids, req.state_slot)
+                )
+                scheduled.append(req)
+                budget -= 1
+        for req in self.running.values():
+            if req.state is RequestState.CONTEXT and budget > 0:
+                start, last = req.num_computed_tokens, req.prompt_len - 1
+                end = last + 1 if start == last else min(start + self.config.chunk_size, last)
+                if end - start > budget and chunks:
+                    break
+                chunks.append(
+                    SequenceChunk(
+                        req.prompt_token_ids[start:end], start, req.block_ids, req.state_slot
+                    )
+                )
+                scheduled.append(req)
+                budget -= end - start
+        return chunks, scheduled
+
+    def _grow_blocks(self, req: LlmRequest, num_tokens: int) -> None:
+        missing = self._blocks_for(num_tokens) - len(req.block_ids)
+        if missing > 0:
+            req.block_ids += self.blocks.take(missing)
+
+    def _forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        if self.connector is None:
+            logits: torch.Tensor = self.model(chunks, self.pool, self.states)
+            return logits
+        worker = self.connector.worker
+        logits = self.model(
+            chunks,
+            self.pool,
+            self.states,
+            before_layer=lambda i: self._connector_call(worker.wait_for_layer_load, i, None),
+            after_layer=lambda i: self._connector_call(worker.save_kv_layer, i, None),
+        )
+        return logits
+
+    def _postprocess(
+        self, scheduled: list[LlmRequest], chunks: list[SequenceChunk], logits: Any
+    ) -> list[RequestOutput]:
+        if self.connector is not None:
+            self._connector_call(self.connector.worker.wait_for_save, None)
+        outputs: list[RequestOutput] = []
+        for row, (req, chunk) in enumerate(zip(scheduled, chunks, strict=True)):
+            req.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
+            if req.num_computed_tokens < req.prompt_len:
+                continue  # a prefill chunk that does not reach the last prompt token
+            token = sample_next(logits[row], req.sampling.temperature, req.generator)
+            req.output_token_ids.append(token)
+            req.state = RequestState.GENERATION
+            outputs.append(self._maybe_finish(req, token))
+        return outputs
+
+    def _maybe_finish(self, req: LlmRequest, token: int) -> RequestOutput:
+        reason = None
+        if token == EOS_ID and not req.sampling.ignore_eos:
+            reason = "stop"
+        elif len(req.output_token_ids) >= req.sampling.max_tokens:
+            reason = "length"
+        if reason is None:
+            return RequestOutput(req.request_id, [token])
+        self._finish(req)
+        return RequestOutput(req.request_id, [token], True, reason)
+
+    def _finish(self, req: LlmRequest) -> None:
+        """End of generation: ask the connector whether blocks stay pinned for a save."""
+        pinned = False
+        if self.connector is not None:
+            pinned = bool(
+                self._connector_call(
+                    self.connector.scheduler.request_finished, req, list(req.block_ids)
+                )
+            )
+        if pinned:
+            req.state = RequestState.SAVING
+            self._new_saving.append(req.request_id)
+            self._deadlines[req.request_id] = time.monotonic() + self.config.connector_timeout_s
+        else:
+            self._free(req, RequestState.FINISHED)
+
+    def _free(self, req: LlmRequest, state: RequestState) -> None:
+        req.state = state
+        self.running.pop(req.request_id, None)
+        self._deadlines.pop(req.request_id, None)
+        self.blocks.release(req.block_ids, req.num_reserved_blocks - len(req.block_ids))
+        self.slots.release(req.state_slot)
+        req.block_ids, req.num_reserved_blocks = [], 0
+        self._forget(req.request_id)
+
+    def _fail(self, req: LlmRequest, error: PrfaasError) -> RequestOutput:
+        log.warning("request_failed", request_id=req.request_id, error=str(error))
+        if req.request_id in self.running:
+            self._free(req, RequestState.FAILED)
+        return RequestOutput(req.request_id, [], True, "error", error)
+
+    # ------------------------------------------------------------------ control and checks
+    def abort(self, request_id: int) -> RequestOutput | None:
+        """Cancel a request wherever it is; its blocks are freed (or stay pinned while the
+        connector still saves them). Returns its final output, or None if it is unknown."""
+        for req in list(self.waiting):
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                return RequestOutput(request_id, [], True, "aborted")
+        req_or_none = self.running.get(request_id)
+        if req_or_none is None or req_or_none.state is RequestState.SAVING:
+            return None
+        if req_or_none.state is RequestState.LOADING:
+            self._cancel_load(req_or_none)
+        self._free(req_or_none, RequestState.FAILED)
+        return RequestOutput(request_id, [], True, "aborted")
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams, timeout_s: float = 300.0
+    ) -> list[list[int]]:
+        """Run prompts to completion (a convenience for tests, the demo and benchmarks)."""
+        ids = [self.add_request(p, sampling) for p in prompts]
+        tokens: dict[int, list[int]] = {rid: [] for rid in ids}
+        deadline = time.monotonic() + timeout_s
+        pending = set(ids)
+        while pending:
+            if time.monotonic() > deadline:
+                for rid in pending:
+                    self.abort(rid)
+                raise EngineError(f"generate() did not finish within {timeout_s}s")
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id] += out.new_token_ids
+                    if out.finished:
+                        pending.discard(out.request_id)
+                        if out.error is not None:
+                            raise out.error
+        while self.has_unfinished():  # let pinned saves drain so nothing is left behind
+            if time.monotonic() > deadline:
+                raise EngineError(f"connector saves did not drain within {timeout_s}s")
+            self.step()
+        return [tokens[rid] for rid in ids]
+
+    def leak_report(self) -> list[str]:
+        """Everything still held; empty when the engine is idle and nothing leaked."""
+        problems = [f"request {rid} still {r.state.value}" for rid, r in self.running.items()]
+        problems += [f"request {r.request_id} still waiting" for r in self.waiting]
+        blocks = self.blocks.leak_report()
+        if blocks:
+            problems.append(blocks)
+        if self.slots.num_free != self.slots.num_slots:
+            problems.append(f"{self.slots.num_slots - self.slots.num_free} state slots in use")
+        return problems
