@@ -58,6 +58,7 @@ import torch
 
 __all__ = [
     "TRTLLM_CONNECTOR_MODULES",
+    "ConnectorPair",
     "KvCacheConnectorScheduler",
     "KvCacheConnectorWorker",
     "LlmRequestLike",
@@ -120,6 +121,14 @@ class RecurrentStates:
     def state_bytes(self) -> int:
         """Bytes of one request's states over all linear layers."""
         return int(self.tensor[0].numel() * self.tensor.element_size())
+
+
+@dataclass
+class ConnectorPair:
+    """The two halves an engine hosts (in one process, tensor parallelism 1)."""
+
+    scheduler: Any  # KvCacheConnectorScheduler
+    worker: Any  # KvCacheConnectorWorker
 
 
 class _ProjectKvCacheConnectorWorker(ABC):

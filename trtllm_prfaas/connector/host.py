@@ -21,8 +21,9 @@ from trtllm_prfaas.errors import ConnectorError, PrfaasError, TransferTimeout
 from trtllm_prfaas.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
+    from trtllm_prfaas.connector.base import ConnectorPair
     from trtllm_prfaas.engines.batch import SequenceChunk
-    from trtllm_prfaas.engines.engine import ConnectorPair, EngineConfig
+    from trtllm_prfaas.engines.engine import EngineConfig
     from trtllm_prfaas.engines.request import LlmRequest, RequestOutput, RequestState
 
 __all__ = ["ConnectorHost"]

@@ -24,11 +24,14 @@ from typing import Any
 import torch
 
 from trtllm_prfaas.connector.base import (
+    ConnectorPair,
     KvCacheConnectorScheduler,
     KvCacheConnectorWorker,
     RecurrentStates,
     SchedulerOutput,
 )
+from trtllm_prfaas.engines.engine import ReferenceEngine
+from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.errors import AdmissionRejected, ConfigError
 from trtllm_prfaas.kv.hashing import CacheKey, block_hashes, prefix_hash
 from trtllm_prfaas.kv.pool import HybridPrefixCachePool
@@ -40,6 +43,7 @@ __all__ = [
     "HostMemoryConnectorScheduler",
     "HostMemoryConnectorWorker",
     "HostMemoryMeta",
+    "host_memory_connector",
 ]
 
 log = get_logger(__name__)
@@ -105,6 +109,8 @@ def _store_of(llm_args: Any) -> HostKVStore:
 
 
 class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
+    load_async = False  # loads are host-memory copies: done inside start_load_kv
+
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
         self.store = _store_of(llm_args)
@@ -120,7 +126,7 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
         self._tracked[request.request_id] = _Tracked(len(tokens), matched)
         if load is not None:
             self._pending_loads[request.request_id] = load
-        return matched, False
+        return matched, self.load_async and matched > 0
 
     def _match(self, request_id: int, tokens: list[int]) -> _Load | None:
         """Longest prefix with all its full blocks and an exact-length state entry; pinned."""
@@ -153,7 +159,9 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
             tracked.tokens += data.new_tokens
             tracked.blocks += data.new_block_ids
             is_new = any(data is new for new in scheduler_output.new_requests)
-            start = data.computed_position + (tracked.matched if is_new else 0)
+            # TensorRT-LLM leaves a synchronous match out of a new request's computed_position.
+            sync_match = tracked.matched if is_new and not self.load_async else 0
+            start = data.computed_position + sync_match
             save = self._plan_save(data.request_id, tracked, start + data.num_scheduled_tokens)
             if save is not None:
                 saves.append(save)
@@ -279,3 +287,18 @@ class HostMemoryConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]:
         return [], []  # nothing is asynchronous here
+
+
+def host_memory_connector(
+    model: ModelConfig,
+    *,
+    num_blocks: int = 1024,
+    num_states: int = 64,
+    scheduler_cls: type[HostMemoryConnectorScheduler] = HostMemoryConnectorScheduler,
+    worker_cls: type[HostMemoryConnectorWorker] = HostMemoryConnectorWorker,
+) -> tuple[ConnectorPair, HostKVStore]:
+    """Both halves over a fresh store sized for ``model`` (the key mixes model id and dtype)."""
+    key = CacheKey(model.model_id, "HND", model.dtype, tp_rank=0)
+    store = HostKVStore.create(model.kv_spec, key, num_blocks=num_blocks, num_states=num_states)
+    args = ReferenceEngine.llm_args_for(model, store=store)
+    return ConnectorPair(scheduler_cls(args), worker_cls(args)), store

@@ -12,15 +12,10 @@ import argparse
 import time
 from dataclasses import replace
 
-from trtllm_prfaas.connector.host_memory import (
-    HostKVStore,
-    HostMemoryConnectorScheduler,
-    HostMemoryConnectorWorker,
-)
-from trtllm_prfaas.engines.engine import ConnectorPair, EngineConfig, ReferenceEngine
+from trtllm_prfaas.connector.host_memory import host_memory_connector
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.engines.request import SamplingParams
-from trtllm_prfaas.kv.hashing import CacheKey
 
 __all__ = ["add_arguments", "run"]
 
@@ -66,14 +61,7 @@ def _generate(config: EngineConfig, prompt: str, sampling: SamplingParams) -> in
 
 def _demo(config: EngineConfig, sampling: SamplingParams) -> int:
     model = config.model
-    store = HostKVStore.create(
-        model.kv_spec,
-        CacheKey(model.model_id, "HND", model.dtype, 0),
-        num_blocks=512,
-        num_states=64,
-    )
-    args = ReferenceEngine.llm_args_for(model, store=store)
-    connector = ConnectorPair(HostMemoryConnectorScheduler(args), HostMemoryConnectorWorker(args))
+    connector, store = host_memory_connector(model, num_blocks=512, num_states=64)
     engine = ReferenceEngine(config, connector)
     prompts = [engine.tokenizer.encode(p) for p in DEMO_PROMPTS]
     print(

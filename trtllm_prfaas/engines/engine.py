@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from trtllm_prfaas.connector.base import RecurrentStates
+from trtllm_prfaas.connector.base import ConnectorPair, RecurrentStates
 from trtllm_prfaas.connector.host import ConnectorHost
 from trtllm_prfaas.engines.batch import SequenceChunk
 from trtllm_prfaas.engines.blocks import BlockManager, SlotAllocator
@@ -53,7 +53,7 @@ from trtllm_prfaas.errors import (
 )
 from trtllm_prfaas.telemetry.logging import get_logger
 
-__all__ = ["ConnectorPair", "EngineConfig", "ReferenceEngine"]
+__all__ = ["ConnectorPair", "EngineConfig", "EngineStats", "ReferenceEngine"]
 
 log = get_logger(__name__)
 
@@ -82,6 +82,17 @@ class EngineConfig:
 
 
 @dataclass
+class EngineStats:
+    """Counters a user would watch (the worker exports them as metrics)."""
+
+    num_iterations: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_connector_tokens: int = 0  # prompt tokens supplied by the connector instead
+    num_generated_tokens: int = 0
+    num_failed_requests: int = 0
+
+
+@dataclass
 class KvCacheConfigArgs:
     tokens_per_block: int
 
@@ -94,12 +105,6 @@ class ReferenceLlmArgs:
     model: str
     dtype: str
     connector_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ConnectorPair:
-    scheduler: Any  # KvCacheConnectorScheduler
-    worker: Any  # KvCacheConnectorWorker
 
 
 class ReferenceEngine(ConnectorHost):
@@ -121,6 +126,7 @@ class ReferenceEngine(ConnectorHost):
         self.running: dict[int, LlmRequest] = {}  # admitted: loading, context, generation, saving
         self.connector = connector
         self._ids = itertools.count(1)
+        self.stats = EngineStats()
         self._init_connector_host()
         if connector is not None:
             self._register_connector(connector)
@@ -237,6 +243,7 @@ class ReferenceEngine(ConnectorHost):
         req.state_slot = self.slots.take()
         self.states[req.state_slot].zero_()
         req.num_computed_tokens = req.num_connector_tokens = matched
+        self.stats.num_connector_tokens += matched
         if not load_async:
             self._record_sync_match(req.request_id, matched)
         if req.sampling.temperature > 0:
@@ -318,12 +325,16 @@ class ReferenceEngine(ConnectorHost):
         if self.connector is not None:
             self._connector_call(self.connector.worker.wait_for_save, None)
         outputs: list[RequestOutput] = []
+        self.stats.num_iterations += 1
         for row, (req, chunk) in enumerate(zip(scheduled, chunks, strict=True)):
             req.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
+            if req.state is RequestState.CONTEXT:
+                self.stats.num_prompt_tokens_computed += len(chunk.token_ids)
             if req.num_computed_tokens < req.prompt_len:
                 continue  # a prefill chunk that does not reach the last prompt token
             token = sample_next(logits[row], req.sampling.temperature, req.generator)
             req.output_token_ids.append(token)
+            self.stats.num_generated_tokens += 1
             req.state = RequestState.GENERATION
             outputs.append(self._maybe_finish(req, token))
         return outputs
@@ -366,6 +377,7 @@ class ReferenceEngine(ConnectorHost):
 
     def _fail(self, req: LlmRequest, error: PrfaasError) -> RequestOutput:
         log.warning("request_failed", request_id=req.request_id, error=str(error))
+        self.stats.num_failed_requests += 1
         if req.request_id in self.running:
             self._free(req, RequestState.FAILED)
         return RequestOutput(req.request_id, [], True, "error", error)

@@ -7,8 +7,8 @@ differently, for a matrix with few rows (on MKL with two threads, rows 2..11 eac
 bits than the same row computed inside a larger matrix). So every op here is arranged so that the
 value computed for one token row never depends on which other rows share the call:
 
-- ``linear``: pads the row count up to ``MIN_ROWS`` (16), past which MKL's GEMM returns the same
-  bits for a row whatever the row count and the row's position (checked by the engine tests).
+- ``linear``: pads the row count (and a narrow output width) up to ``MIN_ROWS`` (16), past which
+  MKL's GEMM returns the same bits for a row whatever the row count and the row's position.
 - ``paged_attention``: reads keys from the block pool in fixed tiles aligned to absolute token
   positions and merges tiles with an online softmax. A tile that is fully masked for a query is
   an exact no-op (multiply by 1, add 0), so a query's result does not depend on how many queries
@@ -43,8 +43,16 @@ NEG_INIT = -1.0e30
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` with row-invariant bits: x (N, in), weight (out, in) -> (N, out)."""
-    num_rows = x.shape[0]
+    """``x @ weight.T`` with row-invariant bits: x (N, in), weight (out, in) -> (N, out).
+
+    Both the row count and the output width are padded up to ``MIN_ROWS`` (bfloat16 GEMMs with a
+    very narrow output, such as the two-head gate projection, are not row-invariant otherwise).
+    """
+    num_rows, num_out = x.shape[0], weight.shape[0]
+    if num_out < MIN_ROWS:
+        wide = weight.new_zeros((MIN_ROWS, weight.shape[1]))
+        wide[:num_out] = weight
+        return linear(x, wide)[:, :num_out]
     if num_rows >= MIN_ROWS:
         return F.linear(x, weight)
     padded = x.new_zeros((MIN_ROWS, x.shape[1]))

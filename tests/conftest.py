@@ -1,0 +1,36 @@
+"""Builders for engine tests. Every engine built through ``make_engine`` is leak-checked at
+teardown: no queued or running request, no block in use or reserved, no state slot held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.builders import tiny_model
+from trtllm_prfaas.engines.engine import ConnectorPair, EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.reference import ModelConfig
+
+EngineFactory = Callable[..., ReferenceEngine]
+
+
+@pytest.fixture
+def make_engine() -> Iterator[EngineFactory]:
+    engines: list[ReferenceEngine] = []
+
+    def build(
+        model: ModelConfig | None = None,
+        connector: ConnectorPair | None = None,
+        **config: Any,
+    ) -> ReferenceEngine:
+        fields: dict[str, Any] = dict(num_blocks=128, max_num_seqs=8, chunk_size=32,
+                                      max_num_tokens=64)  # fmt: skip
+        fields.update(config)
+        engine = ReferenceEngine(EngineConfig(model=model or tiny_model(), **fields), connector)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        assert engine.leak_report() == [], engine.leak_report()
