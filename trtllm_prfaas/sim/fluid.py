@@ -59,21 +59,42 @@ COLUMNS = ("prfaas_pd", "homogeneous", "naive")
 
 PAPER_TABLE6: dict[str, dict[str, float | None]] = {
     "prfaas_pd": {
-        "t": 19.4 * 1000, "n_prfaas": 4, "n_p": 3, "n_d": 5,
-        "theta_prfaas": 1.61, "theta_pd_p": 1.64, "theta_pd_d": 3.91, "lambda_max": 3.24,
-        "mean_ttft_s": 2.22, "p90_ttft_s": 3.51,
+        "t": 19.4 * 1000,
+        "n_prfaas": 4,
+        "n_p": 3,
+        "n_d": 5,
+        "theta_prfaas": 1.61,
+        "theta_pd_p": 1.64,
+        "theta_pd_d": 3.91,
+        "lambda_max": 3.24,
+        "mean_ttft_s": 2.22,
+        "p90_ttft_s": 3.51,
     },
     "homogeneous": {
-        "t": None, "n_prfaas": None, "n_p": 9, "n_d": 3,
-        "theta_prfaas": None, "theta_pd_p": 2.11, "theta_pd_d": 2.35, "lambda_max": 2.11,
-        "mean_ttft_s": 4.44, "p90_ttft_s": 9.73,
+        "t": None,
+        "n_prfaas": None,
+        "n_p": 9,
+        "n_d": 3,
+        "theta_prfaas": None,
+        "theta_pd_p": 2.11,
+        "theta_pd_d": 2.35,
+        "lambda_max": 2.11,
+        "mean_ttft_s": 4.44,
+        "p90_ttft_s": 9.73,
     },
     "naive": {
-        "t": None, "n_prfaas": 4, "n_p": None, "n_d": 8,
-        "theta_prfaas": 2.45, "theta_pd_p": None, "theta_pd_d": 6.25, "lambda_max": 2.45,
-        "mean_ttft_s": 1.74, "p90_ttft_s": 3.51,
+        "t": None,
+        "n_prfaas": 4,
+        "n_p": None,
+        "n_d": 8,
+        "theta_prfaas": 2.45,
+        "theta_pd_p": None,
+        "theta_pd_d": 6.25,
+        "lambda_max": 2.45,
+        "mean_ttft_s": 1.74,
+        "p90_ttft_s": 3.51,
     },
-}  # fmt: skip
+}
 
 PAPER_HEADLINES: dict[str, float] = {
     "speedup_over_homogeneous": 1.54,
