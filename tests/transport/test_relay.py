@@ -121,7 +121,7 @@ def test_dead_peer_times_out_within_deadline_and_frees(relay: Relay) -> None:
         handle = tx.open_transfer("t-dead", "req-4", deadline_s=0.5)
         handle.send(Kind.FULL_BLOCK, 0, (0, NUM_BLOCKS), kv_layers(1)[0])
         handle.finish()
-        with pytest.raises(TransferTimeout, match="deadline.*no credit ever arrived"):
+        with pytest.raises(TransferTimeout, match=r"deadline.*no credit ever arrived"):
             handle.wait(timeout_s=5.0)
         assert 0.5 <= time.monotonic() - start < 1.0
         assert tx.stats().bytes_in_flight == 0 and not tx._transfers

@@ -87,17 +87,13 @@ class Inbound:
             and all(layer.is_complete for layer in self.layers.values())
         )
 
-    def add_chunk(self, h: Header, payload: memoryview, allocator: BufferAllocator) -> bool:
-        """Verify and place one chunk; True if it completed its layer. TransportError if bad."""
+    def place(self, h: Header, allocator: BufferAllocator) -> memoryview:
+        """The destination of data chunk ``h`` inside its item's buffer (allocated on first use).
+
+        Raises TransportError for a chunk that breaks the protocol (over credit, duplicate,
+        inconsistent sizes, released layer). The caller fills the view, then calls ``commit``.
+        """
         where = f"transfer {self.transfer_id} layer {h.layer} item {h.item_index}"
-        span = f"bytes [{h.offset}, {h.offset + h.length})"
-        if payload.nbytes != h.length:
-            raise TransportError(f"{where}: payload has {payload.nbytes} bytes, header {h.length}")
-        got = checksum(payload)
-        if got != h.checksum:
-            raise TransportError(
-                f"corrupt chunk in {where} {span}: xxhash64 {got:#018x} != {h.checksum:#018x}"
-            )
         if self.received + h.length > self.granted:
             raise TransportError(f"{where}: sender exceeded its credit of {self.granted} bytes")
         layer = self.layers.setdefault(h.layer, LayerState())
@@ -105,8 +101,23 @@ class Inbound:
             raise TransportError(f"{where}: chunk for a layer the consumer already released")
         item = layer.items.get(h.item_index) or self._new_item(layer, h, allocator)
         if item.buffer.nbytes != h.total_bytes or h.offset in item.offsets:
-            raise TransportError(f"{where} {span}: duplicate chunk or inconsistent total_bytes")
-        item.buffer[h.offset : h.offset + h.length] = payload
+            raise TransportError(f"{where} offset {h.offset}: duplicate chunk or bad total_bytes")
+        return item.buffer[h.offset : h.offset + h.length]
+
+    def commit(self, h: Header, filled: memoryview, nbytes: int) -> bool:
+        """Verify a placed chunk (``nbytes`` arrived into ``filled``); True if its layer is now
+        complete. A short/long payload or a checksum mismatch raises TransportError."""
+        where = f"transfer {self.transfer_id} layer {h.layer} item {h.item_index}"
+        span = f"bytes [{h.offset}, {h.offset + h.length})"
+        if nbytes != h.length:
+            raise TransportError(f"{where} {span}: payload has {nbytes} bytes, header {h.length}")
+        got = checksum(filled)
+        if got != h.checksum:
+            raise TransportError(
+                f"corrupt chunk in {where} {span}: xxhash64 {got:#018x} != {h.checksum:#018x}"
+            )
+        layer = self.layers[h.layer]
+        item = layer.items[h.item_index]
         item.offsets.add(h.offset)
         item.received += h.length
         self.received += h.length

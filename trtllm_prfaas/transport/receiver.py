@@ -53,7 +53,7 @@ class RelayReceiver:
         allocator: BufferAllocator | None = None,
     ) -> None:
         self.config = config
-        self.allocator: BufferAllocator = allocator or HeapAllocator()
+        self.allocator: BufferAllocator = allocator or HeapAllocator(config.credit_bytes)
         self.cond = threading.Condition()
         self.transfers: dict[str, Inbound] = {}
         self.finished: OrderedDict[str, TransportError] = OrderedDict()  # tombstones

@@ -120,11 +120,8 @@ class ReceiverIO:
         while self._monitor.poll(0):
             self._owner.tracker.handle(self._monitor, 0)
         for _ in range(_MAX_BATCH):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self._recv_one():
                 break
-            self._on_message(frames)
         with self._owner.cond:
             self._run_commands()
             self._expire(time.monotonic())
@@ -137,20 +134,37 @@ class ReceiverIO:
             self._owner.commands.popleft()
             self._grant_needed = True
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
+    def _recv_one(self) -> bool:
+        """Take one message off the ROUTER; False when none is waiting.
+
+        Multipart delivery is atomic, so once the routing id is read the rest is there. A data
+        payload is received straight into its destination (``recv_into``: one copy, GIL
+        released) with the lock held, so a consumer cannot free the buffer meanwhile.
+        """
         try:
-            header = decode_header(frames[1].buffer)
-        except (TransportError, IndexError) as exc:
+            identity = self._router.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        frame = self._router.recv(zmq.NOBLOCK) if self._router.rcvmore else b""
+        try:
+            header = decode_header(frame)
+        except TransportError as exc:
             _log.warning("relay_bad_message", error=str(exc))
-            return
+            self._discard_rest()
+            return True
         with self._owner.cond:
             if header.kind is Kind.CONTROL:
                 self._on_control(identity, header)
-            elif len(frames) != 2 + 1:
+            elif not self._router.rcvmore:
                 self._reply_error(identity, header.transfer_id, "data message without payload")
             else:
-                self._on_chunk(identity, header, frames[2].buffer)
+                self._on_chunk(identity, header)
+        self._discard_rest()
+        return True
+
+    def _discard_rest(self) -> None:
+        while self._router.rcvmore:
+            self._router.recv(zmq.NOBLOCK, copy=False)
 
     # ---- messages (cond held) -----------------------------------------------------------------
 
@@ -177,16 +191,17 @@ class ReceiverIO:
         elif h.control is Control.CANCEL:
             self._fail(inbound, TransportError(f"transfer {tid} was cancelled by the sender"))
 
-    def _on_chunk(self, identity: bytes, h: Header, payload: memoryview) -> None:
+    def _on_chunk(self, identity: bytes, h: Header) -> None:
         owner = self._owner
         inbound = owner.transfers.get(h.transfer_id)
-        if inbound is None:
-            self._unknown(identity, h.transfer_id)
-            return
-        if inbound.status is not InboundStatus.RECEIVING:
+        if inbound is None or inbound.status is not InboundStatus.RECEIVING:
+            if inbound is None:
+                self._unknown(identity, h.transfer_id)
             return
         try:
-            layer_done = inbound.add_chunk(h, payload, owner.allocator)
+            dest = inbound.place(h, owner.allocator)
+            nbytes = _recv_into(self._router, dest)
+            layer_done = inbound.commit(h, dest, nbytes)
         except TransportError as exc:
             owner.counts["corrupt"] += "corrupt" in str(exc)
             self._fail(inbound, exc, tell_sender=True)
@@ -258,3 +273,13 @@ class ReceiverIO:
                     raise
                 # the peer is gone; nothing to tell
             self._outbox.popleft()
+
+
+def _recv_into(sock: zmq.Socket[bytes], dest: memoryview) -> int:
+    """Receive the next frame into ``dest``; returns the frame's full length (may exceed it)."""
+    if hasattr(sock, "recv_into"):  # pyzmq >= 26.4: zmq_recv without the GIL, no Frame object
+        return int(sock.recv_into(dest, flags=zmq.NOBLOCK))
+    frame = sock.recv(zmq.NOBLOCK, copy=False).buffer
+    if frame.nbytes == dest.nbytes:
+        dest[:] = frame
+    return frame.nbytes

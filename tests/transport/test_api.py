@@ -1,0 +1,119 @@
+"""Relay API contracts: misuse errors, timeouts on waits, the allocator hook, TCP_INFO reading."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+
+from tests.transport.conftest import Relay, make_config
+from trtllm_prfaas.errors import TransferTimeout, TransportError
+from trtllm_prfaas.transport import HeapAllocator, ItemKey, Kind, TransferStatus
+from trtllm_prfaas.transport.stats import read_tcp_info
+
+
+class RecordingAllocator(HeapAllocator):
+    """A stand-in for a block pool: records what it hands out and gets back."""
+
+    def __init__(self) -> None:
+        super().__init__(max_cached_bytes=0)
+        self.allocated: list[tuple[ItemKey, int]] = []
+        self.freed: list[ItemKey] = []
+
+    def allocate(self, key: ItemKey, nbytes: int) -> memoryview:
+        self.allocated.append((key, nbytes))
+        return super().allocate(key, nbytes)
+
+    def free(self, key: ItemKey, buffer: memoryview) -> None:
+        self.freed.append(key)
+        super().free(key, buffer)
+
+
+def test_allocator_hook_supplies_and_gets_back_buffers(relay: Relay) -> None:
+    config = make_config()
+    pool = RecordingAllocator()
+    with relay.receiver(config, allocator=pool) as rx, relay.sender(rx.endpoint, config) as tx:
+        handle = tx.open_transfer("t-pool", "req-1", deadline_s=5.0)
+        handle.send(Kind.FULL_BLOCK, 0, (2, 5), bytes(range(256)) * 1000, last_in_layer=False)
+        handle.send(Kind.STATE, 0, (0, 0), b"s" * 100)
+        handle.finish()
+        handle.wait(timeout_s=5.0)
+        blocks, state = rx.wait_layer("t-pool", 0, timeout_s=1.0)
+        assert (
+            bytes(blocks.buffer) == bytes(range(256)) * 1000 and bytes(state.buffer) == b"s" * 100
+        )
+        assert [
+            (k.item_index, k.kind, k.block_start, k.block_end, n) for k, n in pool.allocated
+        ] == [
+            (0, Kind.FULL_BLOCK, 2, 5, 256_000),
+            (1, Kind.STATE, 0, 0, 100),
+        ]
+        rx.release_layer("t-pool", 0)
+        assert sorted(k.item_index for k in pool.freed) == [0, 1]
+        with pytest.raises(ValueError):
+            bytes(blocks.buffer)  # released views cannot be read by mistake
+        rx.release("t-pool")
+
+
+def test_misuse_raises_and_waits_time_out(relay: Relay) -> None:
+    config = make_config()
+    with relay.receiver(config) as rx, relay.sender(rx.endpoint, config) as tx:
+        handle = tx.open_transfer("t-misuse", "req-2", deadline_s=5.0)
+        with pytest.raises(TransportError, match="kind"):
+            handle.send(Kind.CONTROL, 0, (0, 1), b"x")
+        with pytest.raises(TransportError, match="empty"):
+            handle.send(Kind.FULL_BLOCK, 0, (0, 1), b"")
+        handle.send(Kind.FULL_BLOCK, 0, (0, 1), b"x")
+        with pytest.raises(TransportError, match="last_in_layer"):
+            handle.send(Kind.FULL_BLOCK, 0, (1, 2), b"y")
+        with pytest.raises(TransferTimeout, match="not done"):
+            handle.wait(
+                timeout_s=0.05
+            )  # finish() not called yet: the wait times out, not the transfer
+        handle.finish()
+        with pytest.raises(TransportError, match="after finish"):
+            handle.send(Kind.FULL_BLOCK, 1, (0, 1), b"z")
+        handle.wait(timeout_s=5.0)
+        assert handle.status is TransferStatus.DONE and not handle.failed
+        start = time.monotonic()
+        with pytest.raises(TransferTimeout, match="layer 0 of transfer nope"):
+            rx.wait_layer("nope", 0, timeout_s=0.1)
+        assert time.monotonic() - start < 0.5
+        with pytest.raises(TransportError, match="without layer 7"):
+            rx.wait_layer("t-misuse", 7, timeout_s=1.0)
+        rx.release("t-misuse")
+        with pytest.raises(TransportError, match="released"):
+            rx.wait_layer("t-misuse", 0, timeout_s=1.0)
+
+
+def test_sender_close_fails_open_transfers(relay: Relay) -> None:
+    config = make_config()
+    with relay.receiver(config) as rx:
+        tx = relay.sender(rx.endpoint, config)
+        handle = tx.open_transfer("t-open", "req-3", deadline_s=30.0)
+        tx.close()
+        with pytest.raises(TransportError, match="closed"):
+            handle.wait(timeout_s=1.0)
+        with pytest.raises(TransportError, match="closed RelaySender"):
+            tx.open_transfer("t-after", "req-4")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux-only")
+def test_tcp_info_reads_loopback_counters() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with client, conn:
+            client.sendall(b"x" * 100_000)
+            conn.recv(1)
+            info = read_tcp_info(client.fileno())
+            assert info is not None
+            assert (info.local_port, info.remote_port) == (
+                client.getsockname()[1],
+                server.getsockname()[1],
+            )
+            assert info.total_retrans == 0 and info.bytes_acked > 0
+            assert client.fileno() >= 0  # the fd stays the caller's
+    assert read_tcp_info(10_000) is None  # not an open fd
