@@ -1,0 +1,115 @@
+"""The documented ``TRTLLM_PRFAAS_*`` environment variables: the relay's configuration on GPUs.
+
+On a GPU, TensorRT-LLM imports the PrfaaS connector (``trtllm_prfaas.connector.prfaas``) inside
+every MPI worker it spawns, and only environment variables prefixed ``TRTLLM``/``TLLM`` reach those
+workers. So the relay of a Triton deployment is configured through the variables below, set on the
+``tritonserver`` process (docker-compose ``environment:`` or ``--env-file``). The connector is the
+one reader of them on the GPU path; on the CPU path the ``prfaas worker`` command takes flags.
+
+This module is the contract: ``ENV_VARS`` lists every variable with the roles that read it, and
+tests check that every ``TRTLLM_PRFAAS_*`` name in the docs and compose files is one of them.
+It reads no environment itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = [
+    "ENV_PREFIX",
+    "ENV_VARS",
+    "DeployRole",
+    "EnvVar",
+    "documented_env_names",
+    "find_env_references",
+    "undocumented_env_names",
+]
+
+ENV_PREFIX = "TRTLLM_PRFAAS_"
+_REFERENCE = re.compile(r"\bTRTLLM_PRFAAS_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+class DeployRole(Enum):
+    """Which side of the relay a Triton deployment is."""
+
+    PREFILL = "prefill"  # PrfaaS cluster: prefills with max_tokens=1, sends KV layer by layer
+    DECODE = "decode"  # local PD cluster: receives the relayed KV, claims it, decodes
+
+
+_BOTH = frozenset(DeployRole)
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One documented variable: who reads it, whether it must be set, its default (as text)."""
+
+    name: str
+    roles: frozenset[DeployRole]
+    is_required: bool
+    default: str | None
+    description: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("TRTLLM_PRFAAS_ROLE", _BOTH, True, None, "prefill | decode: which relay half to run"),
+    EnvVar(
+        "TRTLLM_PRFAAS_RELAY_BIND",
+        frozenset({DeployRole.DECODE}),
+        True,
+        None,
+        "decode: where the relay receiver binds, e.g. tcp://0.0.0.0:7100",
+    ),
+    EnvVar("TRTLLM_PRFAAS_NUM_STREAMS", _BOTH, False, "4", "parallel TCP streams per relay link"),
+    EnvVar(
+        "TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE",
+        _BOTH,
+        True,
+        None,
+        "this side's Curve secret key (Z85 text file)",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_CURVE_PUBLIC_KEY_FILE",
+        _BOTH,
+        True,
+        None,
+        "this side's Curve public key (Z85 text file)",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_CURVE_SERVER_KEY_FILE",
+        frozenset({DeployRole.PREFILL}),
+        True,
+        None,
+        "prefill: the decode relay's public key, to authenticate the server",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_LINK_GBPS",
+        frozenset({DeployRole.PREFILL}),
+        False,
+        None,
+        "prefill: optional sender pacing in Gbit/s (unset: no pacing)",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S",
+        _BOTH,
+        False,
+        "30",
+        "deadline of one request's KV transfer, seconds",
+    ),
+)
+
+
+def documented_env_names() -> frozenset[str]:
+    """Names of every documented ``TRTLLM_PRFAAS_*`` variable."""
+    return frozenset(var.name for var in ENV_VARS)
+
+
+def find_env_references(text: str) -> set[str]:
+    """Every ``TRTLLM_PRFAAS_*`` name mentioned in ``text`` (a doc, compose or env file)."""
+    return set(_REFERENCE.findall(text))
+
+
+def undocumented_env_names(text: str) -> set[str]:
+    """The ``TRTLLM_PRFAAS_*`` names in ``text`` that ``ENV_VARS`` does not document."""
+    return find_env_references(text) - documented_env_names()
