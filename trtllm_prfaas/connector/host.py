@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trtllm_prfaas.connector.base import RequestData, SchedulerOutput
-from trtllm_prfaas.errors import ConnectorError, PrfaasError, TransferTimeout
+from trtllm_prfaas.errors import ConnectorError, PrfaasError, TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
@@ -110,8 +110,31 @@ class ConnectorHost:
             req = self.running.get(rid)
             if req is not None:
                 self._free(req, _state("FINISHED"))
+        outputs += self._handle_failed_loads()
         outputs += self._expire_connector_waits()
         return outputs
+
+    def _handle_failed_loads(self) -> list[RequestOutput]:
+        """Extension ``get_failed_loads``: failures as data; ``on_load_failure`` decides."""
+        assert self.connector is not None
+        poll = getattr(self.connector.worker, "get_failed_loads", None)
+        outputs: list[RequestOutput] = []
+        for rid, reason in self._connector_call(poll) if poll is not None else []:
+            self._passed.discard(rid)
+            req = self.running.get(rid)
+            if req is None or req.state is not _state("LOADING"):
+                continue
+            if self.config.on_load_failure == "fail":
+                outputs.append(self._fail(req, TransportError(f"request {rid}: {reason}")))
+                continue
+            log.warning("connector_load_failed_recomputing", request_id=rid, reason=reason)
+            self._deadlines.pop(rid, None)
+            self._recompute(req)
+        return outputs
+
+    def _recompute(self, req: LlmRequest) -> None:
+        """Forget what the connector supplied: prefill the whole prompt here."""
+        raise NotImplementedError
 
     def _loaded(self, req: LlmRequest) -> None:
         self._deadlines.pop(req.request_id, None)

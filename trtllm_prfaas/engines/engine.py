@@ -68,6 +68,7 @@ class EngineConfig:
     max_waiting: int = 1024
     admission_timeout_s: float = 300.0
     connector_timeout_s: float = 60.0
+    on_load_failure: str = "recompute"  # a failed connector load: "recompute" locally or "fail"
     num_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -76,6 +77,10 @@ class EngineConfig:
             raise ConfigError(f"chunk_size {self.chunk_size} must be a positive multiple of {tpb}")
         if self.max_num_tokens < self.chunk_size:
             raise ConfigError(f"max_num_tokens {self.max_num_tokens} < chunk_size")
+        if self.on_load_failure not in ("recompute", "fail"):
+            raise ConfigError(
+                f"on_load_failure must be 'recompute' or 'fail', got {self.on_load_failure!r}"
+            )
         for name in ("num_blocks", "max_num_seqs", "max_waiting", "num_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be > 0")
@@ -156,7 +161,11 @@ class ReferenceEngine(ConnectorHost):
 
     # ----------------------------------------------------------------- submission and queries
     def add_request(
-        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: int | None = None
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        request_id: int | None = None,
+        connector_params: dict[str, Any] | None = None,
     ) -> int:
         """Validate and queue a request; returns its id. Raises InvalidRequestError /
         AdmissionRejected at once for input that can never run; the engine is unaffected."""
@@ -180,7 +189,9 @@ class ReferenceEngine(ConnectorHost):
         if rid in self.running or any(r.request_id == rid for r in self.waiting):
             raise InvalidRequestError(f"request id {rid} is already in use")
         deadline = time.monotonic() + self.config.admission_timeout_s
-        self.waiting.append(LlmRequest(rid, list(prompt_token_ids), sampling, deadline))
+        request = LlmRequest(rid, list(prompt_token_ids), sampling, deadline)
+        request.connector_params = connector_params
+        self.waiting.append(request)
         return rid
 
     def has_unfinished(self) -> bool:
@@ -375,6 +386,12 @@ class ReferenceEngine(ConnectorHost):
         req.block_ids, req.num_reserved_blocks = [], 0
         self._forget(req.request_id)
 
+    def _recompute(self, req: LlmRequest) -> None:
+        self.stats.num_connector_tokens -= req.num_connector_tokens
+        req.num_computed_tokens = req.num_connector_tokens = 0
+        self.states[req.state_slot].zero_()
+        req.state = RequestState.CONTEXT
+
     def _fail(self, req: LlmRequest, error: PrfaasError) -> RequestOutput:
         log.warning("request_failed", request_id=req.request_id, error=str(error))
         self.stats.num_failed_requests += 1
@@ -395,6 +412,9 @@ class ReferenceEngine(ConnectorHost):
             return None
         if req_or_none.state is RequestState.LOADING:
             self._cancel_load(req_or_none)
+        if self.connector is not None:  # let the connector forget it and stop its transfers
+            self._connector_call(self.connector.scheduler.request_finished, req_or_none, [])
+            self._cancel_hook("cancel_save", request_id)
         self._free(req_or_none, RequestState.FAILED)
         return RequestOutput(request_id, [], True, "aborted")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -70,6 +71,7 @@ class LlmRequest:
     num_connector_tokens: int = 0  # prompt tokens the connector supplied
     is_generation_only_request: bool = False
     generator: torch.Generator | None = None
+    connector_params: dict[str, Any] | None = None  # opaque to the engine, read by connectors
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property

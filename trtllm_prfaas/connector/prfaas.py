@@ -1,0 +1,309 @@
+"""The PrfaaS KV cache connector: prefill nodes export KV layer by layer, decode nodes import it.
+
+TensorRT-LLM loads it through ``kv_connector_config`` (``connector_module:
+trtllm_prfaas.connector.prfaas``, ``PrfaasConnectorScheduler`` / ``PrfaasConnectorWorker``); the
+reference engine hosts the same classes on CPUs. One role per process (``Role``).
+
+Prefill side (exports). A request carries ``{"transfer_uuid", "relay_endpoint"}`` in its
+connector params. For every prefill chunk, ``save_kv_layer`` sends that layer's newly completed
+blocks right after the layer ran (layer-wise pipelining: layer i is on the wire while layer i+1
+computes); the chunk that ends at L-1 tokens also sends the partial tail block and every
+linear-attention layer's recurrent state (the state for exactly the L-1 tokens the decode side
+will claim), closing each layer. ``request_finished`` returns True while the transfer is not
+acknowledged; ``get_finished`` reports it once acknowledged, failed, or past its deadline.
+
+Decode side (imports). A request carries ``{"transfer_uuid"}``. ``get_num_new_matched_tokens``
+looks the content-bound transfer id up in the local relay receiver's index (a dictionary: no
+network I/O); if the transfer is announced it claims L-1 tokens with ``load_async=True``.
+``start_load_kv`` starts a loader thread that waits for each layer in turn, copies its blocks into
+the pool and its state into the request's state slot, and frees the receive buffers; the
+request stays parked until ``get_finished`` reports the load. A failed or late load is reported
+through the ``get_failed_loads`` extension, and the engine's policy recomputes or fails it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trtllm_prfaas.connector.base import (
+    KvCacheConnectorScheduler,
+    KvCacheConnectorWorker,
+    RecurrentStates,
+    SchedulerOutput,
+)
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasRuntime, Role, transfer_id_for
+from trtllm_prfaas.errors import ConfigError, TransferTimeout
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport import InboundStatus, Kind, TransferHandle
+
+__all__ = ["PrfaasConnectorScheduler", "PrfaasConnectorWorker", "PrfaasMeta"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class _SendPlan:
+    request_id: int
+    transfer_id: str
+    endpoint: str
+    device_blocks: list[int]  # blocks [block_start, block_end) of the request, in order
+    block_start: int
+    is_last: bool  # this chunk ends at L-1: send states, close every layer, finish
+
+
+@dataclass
+class _LoadPlan:
+    request_id: int
+    transfer_id: str
+    device_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PrfaasMeta:
+    sends: list[_SendPlan]
+    loads: list[_LoadPlan]
+
+
+@dataclass
+class _Export:
+    transfer_id: str
+    endpoint: str
+    last: int  # L-1: the tokens the decode side will claim
+    blocks: list[int] = field(default_factory=list)
+    num_sent_blocks: int = 0
+
+
+def _runtime_of(llm_args: Any) -> PrfaasRuntime:
+    runtime = getattr(llm_args, "connector_options", {}).get("prfaas_runtime")
+    if not isinstance(runtime, PrfaasRuntime):
+        raise ConfigError("PrfaaS connector needs llm_args.connector_options['prfaas_runtime']")
+    return runtime
+
+
+def _params_of(request: Any) -> dict[str, Any]:
+    params = getattr(request, "connector_params", None)
+    return dict(params) if params else {}
+
+
+class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self.runtime = _runtime_of(llm_args)
+        self.tokens_per_block = int(llm_args.kv_cache_config.tokens_per_block)
+        self._exports: dict[int, _Export] = {}
+        self._pending_loads: dict[int, _LoadPlan] = {}
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params, prompt = _params_of(request), list(request.get_tokens(0))
+        uuid = params.get("transfer_uuid")
+        if uuid is None or len(prompt) < 2:
+            return 0, False
+        transfer_id = transfer_id_for(uuid, prompt, self.runtime.key)
+        if self.runtime.config.role is Role.PREFILL:
+            endpoint = params["relay_endpoint"]
+            self._exports[request.request_id] = _Export(transfer_id, endpoint, len(prompt) - 1)
+            return 0, False
+        receiver = self.runtime.receiver
+        assert receiver is not None
+        status = receiver.status(transfer_id)  # an in-process look-up, never network I/O
+        if status not in (InboundStatus.RECEIVING, InboundStatus.COMPLETE):
+            return 0, False
+        self._pending_loads[request.request_id] = _LoadPlan(request.request_id, transfer_id)
+        return len(prompt) - 1, True
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        load = self._pending_loads.get(request.request_id)
+        if load is not None:
+            load.device_blocks = list(block_ids)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PrfaasMeta:
+        loads = list(self._pending_loads.values())
+        self._pending_loads.clear()
+        sends = []
+        for data in scheduler_output.new_requests + scheduler_output.cached_requests:
+            export = self._exports.get(data.request_id)
+            if export is None:
+                continue
+            export.blocks += data.new_block_ids
+            plan = self._plan_send(data.request_id, export,
+                                   data.computed_position + data.num_scheduled_tokens)  # fmt: skip
+            if plan is not None:
+                sends.append(plan)
+        return PrfaasMeta(sends, loads)
+
+    def _plan_send(self, request_id: int, export: _Export, end: int) -> _SendPlan | None:
+        """Blocks completed by a chunk ending at ``end`` (plus the tail when ``end`` is L-1)."""
+        if end > export.last:
+            return None  # the last-token step: nothing more to export
+        tpb, is_last = self.tokens_per_block, end == export.last
+        stop = -(-end // tpb) if is_last else end // tpb
+        start = export.num_sent_blocks
+        if stop <= start:
+            return None
+        export.num_sent_blocks = stop
+        return _SendPlan(request_id, export.transfer_id, export.endpoint,
+                         export.blocks[start:stop], start, is_last)  # fmt: skip
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        self._pending_loads.pop(request.request_id, None)
+        return self._exports.pop(request.request_id, None) is not None
+
+
+class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self.runtime = _runtime_of(llm_args)
+        self.kv_pool: torch.Tensor | None = None
+        self.states: RecurrentStates | None = None
+        self._handles: dict[int, TransferHandle] = {}
+        self._saving: set[int] = set()  # passed in finished_gen_req_ids, not yet returned
+        self._loading: set[int] = set()
+        self._loaded: set[int] = set()  # finished before their id was passed in
+        self._failed: list[tuple[int, str]] = []
+        self._cancelled: dict[int, threading.Event] = {}
+        self.transfer_errors: dict[int, str | None] = {}  # request id -> outcome, for the host
+
+    # ---- registration ---------------------------------------------------------------------
+    def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
+        self.kv_pool = kv_cache_tensor
+
+    def register_recurrent_states(self, states: RecurrentStates) -> None:
+        self.states = states
+
+    # ---- decode side: loads ------------------------------------------------------------------
+    def start_load_kv(self, stream: Any) -> None:
+        meta: PrfaasMeta = self._metadata
+        for load in meta.loads:
+            cancel = self._cancelled.setdefault(load.request_id, threading.Event())
+            self.runtime.start_load(load.request_id, functools.partial(self._load, load, cancel))
+
+    def _load(self, plan: _LoadPlan, cancel: threading.Event) -> None:
+        """Loader thread: each layer as it arrives, into the pool or the state slot."""
+        receiver, states = self.runtime.receiver, self.states
+        assert receiver is not None and states is not None and self.kv_pool is not None
+        deadline = time.monotonic() + self.runtime.config.load_timeout_s
+        try:
+            for layer in range(len(states.pool_layer_of) + len(states.state_layer_of)):
+                remaining = deadline - time.monotonic()
+                if cancel.is_set() or remaining <= 0:
+                    raise TransferTimeout(f"load of {plan.transfer_id} cancelled or past deadline")
+                for item in receiver.wait_layer(plan.transfer_id, layer, remaining):
+                    self._place(plan, layer, item.key.block_start, item.key.block_end,
+                                item.buffer)  # fmt: skip
+                receiver.release_layer(plan.transfer_id, layer)
+        finally:
+            receiver.release(plan.transfer_id)
+
+    def _place(self, plan: _LoadPlan, layer: int, start: int, end: int, buffer: Any) -> None:
+        assert self.kv_pool is not None and self.states is not None
+        data = torch.frombuffer(buffer, dtype=torch.uint8)
+        pool_layer = self.states.pool_layer_of.get(layer)
+        if pool_layer is None:  # a linear-attention layer: the recurrent state after L-1 tokens
+            slot = self.states.slot_of(plan.request_id)
+            target = self.states.tensor[slot, self.states.state_layer_of[layer]]
+            target.copy_(data.view(target.dtype).view(target.shape))
+            return
+        rows = self.kv_pool.shape[1:]  # (num_full_layers, 2, row)
+        blocks = data.view(self.kv_pool.dtype).view(end - start, *rows[1:])
+        ids = torch.tensor(plan.device_blocks[start:end], dtype=torch.int64)
+        self.kv_pool[ids, pool_layer] = blocks
+
+    def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+        return None  # async loads: requests stay parked until every layer is in place
+
+    def cancel_load(self, request_id: int) -> None:
+        """Extension: the engine gave up on this load (deadline or abort)."""
+        self._cancelled.setdefault(request_id, threading.Event()).set()
+        self._loading.discard(request_id)
+
+    def get_failed_loads(self) -> list[tuple[int, str]]:
+        """Extension: loads that failed since the last call, as (request id, reason)."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    # ---- prefill side: sends ---------------------------------------------------------------
+    def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+        meta: PrfaasMeta = self._metadata
+        if not meta.sends:
+            return
+        assert self.kv_pool is not None and self.states is not None
+        pool_layer = self.states.pool_layer_of.get(layer_idx)
+        for plan in meta.sends:
+            handle = self._handle_for(plan)
+            if pool_layer is not None:
+                ids = torch.tensor(plan.device_blocks, dtype=torch.int64)
+                payload = self.kv_pool[ids, pool_layer]  # a gathered copy: (n, 2, row)
+                span = (plan.block_start, plan.block_start + len(plan.device_blocks))
+                handle.send(Kind.FULL_BLOCK, layer_idx, span, payload, last_in_layer=plan.is_last)
+            elif plan.is_last:
+                slot = self.states.slot_of(plan.request_id)
+                state = self.states.tensor[slot, self.states.state_layer_of[layer_idx]].clone()
+                handle.send(Kind.STATE, layer_idx, (0, 0), state, last_in_layer=True)
+
+    def _handle_for(self, plan: _SendPlan) -> TransferHandle:
+        handle = self._handles.get(plan.request_id)
+        if handle is None:
+            sender = self.runtime.sender_for(plan.endpoint)
+            handle = sender.open_transfer(plan.transfer_id, str(plan.request_id),
+                                          self.runtime.config.transfer_timeout_s)  # fmt: skip
+            self._handles[plan.request_id] = handle
+        return handle
+
+    def wait_for_save(self, stream: Any) -> None:
+        meta: PrfaasMeta = self._metadata
+        for plan in meta.sends:
+            if plan.is_last:
+                self._handles[plan.request_id].finish()
+
+    def cancel_save(self, request_id: int) -> None:
+        """Extension: the engine gave up on this save (deadline or abort)."""
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.cancel()
+        self._saving.discard(request_id)
+
+    # ---- both ------------------------------------------------------------------------------
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        self._saving.update(finished_gen_req_ids)
+        self._loading.update(started_loading_req_ids)
+        return self._finished_saves(), self._finished_loads()
+
+    def _finished_saves(self) -> list[int]:
+        done = []
+        for rid in list(self._saving):
+            handle = self._handles.get(rid)
+            if handle is not None and not handle.status.is_terminal:
+                continue
+            error = handle.error if handle is not None else None
+            self.transfer_errors[rid] = None if error is None else str(error)
+            if error is not None:
+                log.warning("relay_send_failed", request_id=rid, error=str(error))
+            self._handles.pop(rid, None)
+            self._saving.discard(rid)
+            done.append(rid)
+        return done
+
+    def _finished_loads(self) -> list[int]:
+        for result in self.runtime.take_results():
+            cancelled = self._cancelled.pop(result.request_id, threading.Event()).is_set()
+            if cancelled:
+                continue
+            if result.error is not None:
+                self._failed.append((result.request_id, str(result.error)))
+                self._loading.discard(result.request_id)
+            else:
+                self._loaded.add(result.request_id)
+        done = sorted(self._loaded & self._loading)
+        self._loaded -= set(done)
+        self._loading -= set(done)
+        return done
