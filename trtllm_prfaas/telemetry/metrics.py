@@ -1,0 +1,153 @@
+"""Prometheus metrics of the router, on a ``CollectorRegistry`` passed in (never the global one).
+
+Who records what:
+
+- the front door: ``prfaas_frontdoor_requests_total{model, rpc, status}`` (status is the gRPC
+  status code name, ``OK`` included), ``prfaas_ttft_seconds{model}`` (request received to first
+  token) and ``prfaas_tpot_seconds{model}`` (mean time per output token after the first);
+- orchestrators: ``prfaas_requests_total{route, status}`` (route ``local``, ``remote``, ...);
+- the disaggregated router: ``prfaas_relay_bytes_total{link}``, ``prfaas_relay_goodput_gbps{link}``,
+  ``prfaas_worker_queue_depth{worker}``, ``prfaas_worker_free_decode_slots{worker}``.
+
+``MetricsServer`` serves ``/metrics`` over HTTP on a thread (port 8002 by default, like Triton);
+it is a context manager whose ``close()`` shuts the server down and joins the thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["DEFAULT_METRICS_PORT", "MetricsServer", "RouterMetrics"]
+
+DEFAULT_METRICS_PORT = 8002
+
+# Seconds; TTFT spans short local prefills to long remote ones, TPOT one decode iteration.
+_TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class RouterMetrics:
+    """The router's metric families, registered on ``registry``; every method is thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.frontdoor_requests = Counter(
+            "prfaas_frontdoor_requests",
+            "Inference requests answered by the front door, by gRPC status",
+            ["model", "rpc", "status"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "prfaas_requests",
+            "Requests finished by an orchestrator, by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "prfaas_ttft_seconds",
+            "Time to first token, request received to first token sent",
+            ["model"],
+            buckets=_TTFT_BUCKETS_S,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "prfaas_tpot_seconds",
+            "Mean time per output token after the first, per request",
+            ["model"],
+            buckets=_TPOT_BUCKETS_S,
+            registry=registry,
+        )
+        self._init_relay_and_workers(registry)
+
+    def _init_relay_and_workers(self, registry: CollectorRegistry) -> None:
+        self.relay_bytes = Counter(
+            "prfaas_relay_bytes", "KV bytes relayed, per link", ["link"], registry=registry
+        )
+        self.relay_goodput_gbps = Gauge(
+            "prfaas_relay_goodput_gbps",
+            "Recent KV relay goodput in Gbit/s, per link",
+            ["link"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "prfaas_worker_queue_depth",
+            "Requests queued at a worker",
+            ["worker"],
+            registry=registry,
+        )
+        self.free_decode_slots = Gauge(
+            "prfaas_worker_free_decode_slots",
+            "Free decode slots at a worker",
+            ["worker"],
+            registry=registry,
+        )
+
+    def record_frontdoor(self, model: str, rpc: str, status: str) -> None:
+        self.frontdoor_requests.labels(model=model, rpc=rpc, status=status).inc()
+
+    def record_request(self, route: str, status: str) -> None:
+        self.requests.labels(route=route, status=status).inc()
+
+    def observe_latency(self, model: str, ttft_s: float | None, tpot_s: float | None) -> None:
+        """Record a request's TTFT and TPOT; ``None`` skips one (no token, or only one)."""
+        if ttft_s is not None:
+            self.ttft.labels(model=model).observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.labels(model=model).observe(tpot_s)
+
+    def add_relay_bytes(self, link: str, num_bytes: int, goodput_gbps: float | None = None) -> None:
+        self.relay_bytes.labels(link=link).inc(num_bytes)
+        if goodput_gbps is not None:
+            self.relay_goodput_gbps.labels(link=link).set(goodput_gbps)
+
+    def set_worker_load(self, worker: str, queue_depth: int, free_decode_slots: int) -> None:
+        self.queue_depth.labels(worker=worker).set(queue_depth)
+        self.free_decode_slots.labels(worker=worker).set(free_decode_slots)
+
+
+class MetricsServer:
+    """Serves ``registry`` at ``http://host:port/metrics`` from a background thread.
+
+    ``port=0`` binds a free port; ``self.port`` is the real one. Starts in ``__init__``.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        port: int = DEFAULT_METRICS_PORT,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port: int = self._server.server_port
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving, close the socket and join the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
