@@ -46,6 +46,12 @@ class Outbound:
     sent: int = 0  # handed to zmq
     finishing: bool = False
     complete_sent: bool = False
+    streams_used: set[int] = field(default_factory=set)  # a lost connection fails these
+
+    def queue_control_on(self, streams: StreamSet, header: Header) -> None:
+        """Queue a control message of this transfer (control always travels on stream 0)."""
+        self.streams_used.add(0)
+        streams.queue_control(header)
 
 
 class StreamSet:
@@ -110,16 +116,17 @@ class StreamSet:
                     _log.warning("relay_bad_reply", error=str(exc))
         return out
 
-    def read_monitors(self) -> list[str]:
-        """Consume monitor events; returns reasons to fail open transfers (lost/refused links)."""
-        reasons: list[str] = []
+    def read_monitors(self) -> list[tuple[int | None, str]]:
+        """Consume monitor events; returns ``(stream, reason)`` for lost connections (transfers
+        that used that stream must fail) and ``(None, reason)`` for a refused Curve key."""
+        reasons: list[tuple[int | None, str]] = []
         for index, monitor in enumerate(self._monitors):
             while monitor.poll(0):
                 event = self._tracker.handle(monitor, index)
                 if event == zmq.EVENT_DISCONNECTED:
-                    reasons.append(f"stream {index} lost its connection (receiver gone)")
+                    reasons.append((index, f"stream {index} lost its connection (receiver gone)"))
                 elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    reasons.append("the receiver refused this sender's Curve key")
+                    reasons.append((None, "the receiver refused this sender's Curve key"))
         return reasons
 
     # ---- sending --------------------------------------------------------------------------
@@ -154,7 +161,8 @@ class StreamSet:
         if outbound.finishing and not outbound.complete_sent:
             outbound.complete_sent = True
             transfer_id = outbound.handle.transfer_id
-            self.queue_control(control_header(Control.COMPLETE, transfer_id, value=outbound.demand))
+            complete = control_header(Control.COMPLETE, transfer_id, value=outbound.demand)
+            outbound.queue_control_on(self, complete)
             return self._flush_control()
         return True
 
@@ -185,6 +193,7 @@ class StreamSet:
         wire_payload = payload if self.chunk_hook is None else self.chunk_hook(header, payload)
         sock.send_multipart([encode_header(header), wire_payload], zmq.NOBLOCK, copy=False)
         stream = self.socks.index(sock)
+        outbound.streams_used.add(stream)
         self._counters.on_chunk(stream, nbytes, item.queued_s, now)
         item.offset += nbytes
         outbound.sent += nbytes

@@ -16,8 +16,9 @@ grant (so a receiver's buffer cannot be overrun) and, with ``link_gbps``, when t
 allows it.
 
 Failure: a transfer past its deadline fails with TransferTimeout (the message says what it was
-waiting for); a dropped connection (receiver died or restarted) or a refused Curve key fails
-every open transfer with TransportError at once; the sender tells the receiver CANCEL and drops
+waiting for); a dropped connection (receiver died or restarted) fails at once, with
+TransportError, every open transfer that had put bytes on that connection, and a refused Curve
+key fails every open transfer; the sender tells the receiver CANCEL and drops
 its references to the payloads. Transfers opened after a reconnect work normally.
 """
 
@@ -72,6 +73,7 @@ class RelaySender:
         self._commands: deque[Callable[[], None]] = deque()
         self._wake_lock = threading.Lock()
         self._stop = threading.Event()
+        self._open_lock = threading.Lock()
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
         self._transfers: dict[str, Outbound] = {}
@@ -95,8 +97,6 @@ class RelaySender:
         self, transfer_id: str, request_id: str, deadline_s: float | None = None
     ) -> TransferHandle:
         """Open a transfer that must be acknowledged within ``deadline_s`` (config default)."""
-        if self._stop.is_set():
-            raise TransportError("open_transfer on a closed RelaySender")
         budget_s = self.config.default_deadline_s if deadline_s is None else deadline_s
         if not budget_s > 0:
             raise TransportError(f"deadline_s: must be > 0, got {deadline_s}")
@@ -104,7 +104,10 @@ class RelaySender:
             transfer_id, request_id, self._submit, self._on_item, self._on_finish, self._on_cancel
         )
         outbound = Outbound(handle, time.monotonic() + budget_s, budget_s)
-        self._submit(lambda: self._on_open(outbound))
+        with self._open_lock:  # close() drains every open that got past this check
+            if self._stop.is_set():
+                raise TransportError("open_transfer on a closed RelaySender")
+            self._submit(lambda: self._on_open(outbound))
         return handle
 
     def stats(self) -> LinkStats:
@@ -134,14 +137,18 @@ class RelaySender:
 
     def close(self) -> None:
         """Fail open transfers, stop and join the I/O thread, close every socket. Idempotent."""
-        self._stop.set()
+        with self._open_lock:
+            self._stop.set()
         if self._thread.is_alive():
             self._poke()
             self._thread.join(self.config.connect_timeout_s + 5.0)
-        if not self._wake.closed:
-            self._wake.close(linger=0)
         if self._thread.is_alive():
             raise TransportError("relay sender I/O thread did not stop")
+        # Commands that raced the stop: register their transfers, then fail them (no hang).
+        self._run_commands()
+        self._fail_all(TransportError(f"relay sender to {self.endpoint} closed"))
+        if not self._wake.closed:
+            self._wake.close(linger=0)
         self._ctx.term()
 
     def __enter__(self) -> RelaySender:
@@ -176,7 +183,7 @@ class RelaySender:
             request_id=handle.request_id,
             deadline_s=outbound.deadline_s,
         )
-        self._streams.queue_control(header)
+        outbound.queue_control_on(self._streams, header)
 
     def _on_item(self, transfer_id: str, item: OutboundItem) -> None:
         outbound = self._transfers.get(transfer_id)
@@ -184,9 +191,8 @@ class RelaySender:
             return
         outbound.items.append(item)
         outbound.demand += item.view.nbytes
-        self._streams.queue_control(
-            control_header(Control.CREDIT, transfer_id, value=outbound.demand)
-        )
+        demand = control_header(Control.CREDIT, transfer_id, value=outbound.demand)
+        outbound.queue_control_on(self._streams, demand)
 
     def _on_finish(self, transfer_id: str) -> None:
         outbound = self._transfers.get(transfer_id)
@@ -238,8 +244,8 @@ class RelaySender:
             self._run_commands()
             for header in self._streams.recv_replies():
                 self._on_reply(header)
-            for reason in self._streams.read_monitors():
-                self._fail_all(TransportError(f"relay to {self.endpoint}: {reason}"))
+            for stream, reason in self._streams.read_monitors():
+                self._on_link_event(stream, reason)
             now = time.monotonic()
             self._streams.pump(self._transfers.values(), bucket, now)
             self._expire(now)
@@ -262,6 +268,13 @@ class RelaySender:
             why = header.message or header.control.name.lower()
             error = TransportError(f"receiver failed {_name(outbound)}: {why}")
             self._fail(outbound, error, notify_peer=False)
+
+    def _on_link_event(self, stream: int | None, reason: str) -> None:
+        """Fail transfers a lost connection may have dropped bytes of (all, for auth)."""
+        error = TransportError(f"relay to {self.endpoint}: {reason}")
+        for outbound in list(self._transfers.values()):
+            if stream is None or stream in outbound.streams_used:
+                self._fail(outbound, error, notify_peer=False)
 
     def _expire(self, now: float) -> None:
         for outbound in [o for o in self._transfers.values() if now >= o.deadline_at]:
