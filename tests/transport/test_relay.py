@@ -16,7 +16,7 @@ from tests.transport.conftest import (
     wait_until,
 )
 from trtllm_prfaas.errors import TransferTimeout, TransportError
-from trtllm_prfaas.transport import InboundStatus, Kind, RelayReceiver, TransferStatus
+from trtllm_prfaas.transport import CorruptChunk, InboundStatus, Kind, RelayReceiver, TransferStatus
 
 # KV-shaped: [num_blocks, kv_factor, num_kv_heads * tokens_per_block * head_dim] per layer
 NUM_LAYERS, NUM_BLOCKS, ROW = 4, 6, 2 * 16 * 64
@@ -94,7 +94,7 @@ def test_corrupt_chunk_fails_transfer_and_tells_sender(relay: Relay) -> None:
             handle.wait(timeout_s=5.0)
         assert not isinstance(info.value, TransferTimeout)
         assert handle.status is TransferStatus.FAILED
-        with pytest.raises(TransportError, match="corrupt chunk"):
+        with pytest.raises(CorruptChunk, match="corrupt chunk"):
             rx.wait_layer("t-corrupt", 1, timeout_s=1.0)
         assert rx.status("t-corrupt") is InboundStatus.FAILED
         assert rx.stats().corrupt_chunks == 1 and rx.stats().buffered_bytes == 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 from trtllm_prfaas.transport.buffers import BufferAllocator, HeapAllocator, ItemKey, as_byte_view
 from trtllm_prfaas.transport.config import CurveKeys, RelayConfig, RelaySecurity
 from trtllm_prfaas.transport.handle import TransferHandle, TransferStatus
-from trtllm_prfaas.transport.reassembly import InboundStatus, ReceivedItem
+from trtllm_prfaas.transport.reassembly import CorruptChunk, InboundStatus, ReceivedItem
 from trtllm_prfaas.transport.receiver import RelayReceiver
 from trtllm_prfaas.transport.security import generate_keypair
 from trtllm_prfaas.transport.sender import RelaySender
@@ -32,6 +32,7 @@ from trtllm_prfaas.transport.wire import Control, Header, Kind
 __all__ = [
     "BufferAllocator",
     "Control",
+    "CorruptChunk",
     "CurveKeys",
     "Header",
     "HeapAllocator",

@@ -12,7 +12,18 @@ from trtllm_prfaas.errors import TransportError
 from trtllm_prfaas.transport.buffers import BufferAllocator, ItemKey
 from trtllm_prfaas.transport.wire import Header, checksum
 
-__all__ = ["CreditLedger", "Inbound", "InboundStatus", "LayerState", "ReceivedItem"]
+__all__ = [
+    "CorruptChunk",
+    "CreditLedger",
+    "Inbound",
+    "InboundStatus",
+    "LayerState",
+    "ReceivedItem",
+]
+
+
+class CorruptChunk(TransportError):
+    """A chunk's payload does not match its header's xxhash64: the transfer fails."""
 
 
 class InboundStatus(enum.Enum):
@@ -113,7 +124,7 @@ class Inbound:
             raise TransportError(f"{where} {span}: payload has {nbytes} bytes, header {h.length}")
         got = checksum(filled)
         if got != h.checksum:
-            raise TransportError(
+            raise CorruptChunk(
                 f"corrupt chunk in {where} {span}: xxhash64 {got:#018x} != {h.checksum:#018x}"
             )
         layer = self.layers[h.layer]

@@ -17,7 +17,7 @@ import zmq
 
 from trtllm_prfaas.errors import TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport.reassembly import Inbound, InboundStatus
+from trtllm_prfaas.transport.reassembly import CorruptChunk, Inbound, InboundStatus
 from trtllm_prfaas.transport.security import secure_server
 from trtllm_prfaas.transport.wire import (
     Control,
@@ -203,7 +203,7 @@ class ReceiverIO:
             nbytes = _recv_into(self._router, dest)
             layer_done = inbound.commit(h, dest, nbytes)
         except TransportError as exc:
-            owner.counts["corrupt"] += "corrupt" in str(exc)
+            owner.counts["corrupt"] += isinstance(exc, CorruptChunk)
             self._fail(inbound, exc, tell_sender=True)
             return
         owner.counts["bytes"] += h.length
