@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate text from a prompt with the reference engine",
     ),
     "simulate": ("trtllm_prfaas.sim.command", "throughput model and discrete-event simulations"),
+    "worker": ("trtllm_prfaas.worker.command", "run a prefill or decode worker"),
 }
 
 

@@ -5,6 +5,7 @@
      ├── InvalidRequestError  bad input from a client: empty prompt, too long, bad token ids
      ├── AdmissionRejected    the system cannot take the request now (pool exhausted, no slot)
      ├── EngineError          an engine failed while running a request
+     ├── DeadlineExceeded     a request or one of its legs ran past its deadline
      ├── ConnectorError       a KV cache connector broke its contract or failed a transfer
      ├── TransportError       the KV relay failed (peer gone, corrupt chunk, deadline)
      │    └── TransferTimeout a transfer missed its deadline
@@ -19,6 +20,7 @@ __all__ = [
     "AdmissionRejected",
     "ConfigError",
     "ConnectorError",
+    "DeadlineExceeded",
     "DependencyMissing",
     "EngineError",
     "InvalidRequestError",
@@ -46,6 +48,10 @@ class AdmissionRejected(PrfaasError):
 
 class EngineError(PrfaasError):
     """An engine failed while running a request."""
+
+
+class DeadlineExceeded(PrfaasError):
+    """A request, or one leg of it, did not finish before its deadline."""
 
 
 class ConnectorError(PrfaasError):

@@ -133,8 +133,9 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
             if export is None:
                 continue
             export.blocks += data.new_block_ids
-            plan = self._plan_send(data.request_id, export,
-                                   data.computed_position + data.num_scheduled_tokens)  # fmt: skip
+            plan = self._plan_send(
+                data.request_id, export, data.computed_position + data.num_scheduled_tokens
+            )
             if plan is not None:
                 sends.append(plan)
         return PrfaasMeta(sends, loads)
@@ -149,8 +150,14 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         if stop <= start:
             return None
         export.num_sent_blocks = stop
-        return _SendPlan(request_id, export.transfer_id, export.endpoint,
-                         export.blocks[start:stop], start, is_last)  # fmt: skip
+        return _SendPlan(
+            request_id,
+            export.transfer_id,
+            export.endpoint,
+            export.blocks[start:stop],
+            start,
+            is_last,
+        )
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         self._pending_loads.pop(request.request_id, None)
@@ -196,8 +203,7 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
                 if cancel.is_set() or remaining <= 0:
                     raise TransferTimeout(f"load of {plan.transfer_id} cancelled or past deadline")
                 for item in receiver.wait_layer(plan.transfer_id, layer, remaining):
-                    self._place(plan, layer, item.key.block_start, item.key.block_end,
-                                item.buffer)  # fmt: skip
+                    self._place(plan, layer, item.key.block_start, item.key.block_end, item.buffer)
                 receiver.release_layer(plan.transfer_id, layer)
         finally:
             receiver.release(plan.transfer_id)
@@ -252,8 +258,9 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
         handle = self._handles.get(plan.request_id)
         if handle is None:
             sender = self.runtime.sender_for(plan.endpoint)
-            handle = sender.open_transfer(plan.transfer_id, str(plan.request_id),
-                                          self.runtime.config.transfer_timeout_s)  # fmt: skip
+            handle = sender.open_transfer(
+                plan.transfer_id, str(plan.request_id), self.runtime.config.transfer_timeout_s
+            )
             self._handles[plan.request_id] = handle
         return handle
 

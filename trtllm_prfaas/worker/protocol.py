@@ -1,0 +1,125 @@
+"""Control protocol between the router and workers, version 1 (msgpack, tagged structs).
+
+The worker binds a ZeroMQ ROUTER socket; each router (or test) connects one DEALER. Every message
+is one frame: a msgpack-encoded struct from the union below, tagged by its class name.
+
+Router -> worker
+    ``Submit``   run a request. On a prefill worker it runs the prompt with ``max_tokens=1`` and
+                 relays its KV to ``relay_endpoint`` under ``transfer_uuid``; on a decode worker
+                 it waits (bounded by ``announce_timeout_s``) for that transfer to be announced,
+                 then decodes, claiming the relayed prefix. Without ``transfer_uuid`` a worker
+                 simply runs the request end to end.
+    ``Cancel``   abort a request; its blocks are freed.
+    ``Ping``     ask for ``WorkerInfo``.
+Worker -> router
+    ``Tokens``        new tokens of a request; the last one has ``finished`` set; errors travel
+                      as data (``error_kind`` names the class from ``errors.py``).
+    ``TransferDone``  a prefill's relay transfer ended (``error`` empty when acknowledged).
+    ``LoadReport``    every ``load_report_interval_s``: queue depth, running requests, free
+                      slots and blocks (what the router balances on).
+    ``KvEvents``      block hashes stored and removed on the worker (feeds the prefix index).
+    ``WorkerInfo``    answer to ``Ping``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Cancel",
+    "KvEvents",
+    "LoadReport",
+    "Message",
+    "Ping",
+    "Submit",
+    "Tokens",
+    "TransferDone",
+    "WorkerInfo",
+    "decode_message",
+    "encode_message",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class Submit(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    ignore_eos: bool = False
+    transfer_uuid: str | None = None
+    relay_endpoint: str | None = None  # prefill workers: the decode node's relay receiver
+    deadline_s: float = 300.0  # budget for the whole request on this worker
+    announce_timeout_s: float = 10.0  # decode workers: wait this long for the transfer
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+
+
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    version: int = PROTOCOL_VERSION
+
+
+class Tokens(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error_kind: str = ""  # e.g. "InvalidRequestError", "AdmissionRejected"
+    error_message: str = ""
+    num_connector_tokens: int = 0  # prompt tokens that came over the relay (on finish)
+
+
+class TransferDone(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    error: str = ""
+
+
+class LoadReport(msgspec.Struct, tag=True, frozen=True):
+    worker_id: str
+    queue_depth: int
+    num_running: int
+    num_free_slots: int
+    num_free_blocks: int
+    num_pending_decodes: int
+    relay_bytes_sent: int = 0
+    relay_goodput_gbps: float = 0.0
+
+
+class KvEvents(msgspec.Struct, tag=True, frozen=True):
+    worker_id: str
+    stored: list[int]
+    removed: list[int]
+
+
+class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
+    worker_id: str
+    role: str
+    cluster: str
+    model_id: str
+    max_seq_len: int
+    tokens_per_block: int
+    num_blocks: int
+    max_num_seqs: int
+    relay_endpoint: str = ""  # decode workers: where prefill workers send KV
+    version: int = PROTOCOL_VERSION
+
+
+Message = Submit | Cancel | Ping | Tokens | TransferDone | LoadReport | KvEvents | WorkerInfo
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode_message(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_message(frame: bytes) -> Message:
+    """Decode one frame; raises ``msgspec.ValidationError``/``DecodeError`` on bad input."""
+    message: Message = _decoder.decode(frame)
+    return message

@@ -1,0 +1,377 @@
+"""A worker: one engine, its PrfaaS connector, and a control endpoint for routers.
+
+The serve loop interleaves three things, never blocking longer than ``idle_poll_s``:
+control messages (submit, cancel, ping), one engine iteration when there is work, and periodic
+load reports. Every request has a deadline on the worker; a decode request that waits for its
+relayed KV waits at most ``announce_timeout_s`` for the transfer to be announced, then falls back
+to computing the prompt itself (or fails, per ``fallback``). Failures travel back as ``Tokens``
+with ``error_kind`` set; the loop itself never dies of a request's failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import msgspec
+import zmq
+
+from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_runtime import (
+    PrfaasConnectorConfig,
+    PrfaasRuntime,
+    Role,
+    transfer_id_for,
+)
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
+from trtllm_prfaas.errors import ConfigError, DeadlineExceeded, PrfaasError
+from trtllm_prfaas.kv.hashing import CacheKey
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport import RelayConfig
+from trtllm_prfaas.worker import protocol as p
+
+__all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
+
+log = get_logger(__name__)
+
+
+class WorkerRole(Enum):
+    PREFILL = "prefill"  # a PrfaaS-cluster prefill node or a local PD-P node
+    DECODE = "decode"  # a local PD-D node
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: WorkerRole
+    cluster: str
+    relay: RelayConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    control_endpoint: str = "tcp://127.0.0.1:0"
+    relay_endpoint: str = "tcp://127.0.0.1:0"  # decode role: where the relay receiver binds
+    transfer_timeout_s: float = 30.0
+    load_timeout_s: float = 30.0
+    fallback: str = "recompute"  # relayed KV missing or failed: "recompute" locally, or "fail"
+    load_report_interval_s: float = 0.1
+    idle_poll_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("recompute", "fail"):
+            raise ConfigError(f"fallback: 'recompute' or 'fail', not {self.fallback!r}")
+
+
+@dataclass
+class _Tracked:
+    identity: bytes
+    engine_id: int
+    deadline: float
+
+
+@dataclass
+class _PendingDecode:
+    identity: bytes
+    submit: p.Submit
+    announce_deadline: float
+
+
+class WorkerServer:
+    """Owns the engine, the connector runtime (relay sockets) and the control socket."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        model = config.engine.model
+        key = CacheKey(model.model_id, "HND", model.dtype, tp_rank=0)
+        role = Role.DECODE if config.role is WorkerRole.DECODE else Role.PREFILL
+        connector_config = PrfaasConnectorConfig(
+            role,
+            config.relay,
+            config.relay_endpoint,
+            config.transfer_timeout_s,
+            config.load_timeout_s,
+        )
+        self.runtime = PrfaasRuntime.start(connector_config, key)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            args = ReferenceEngine.llm_args_for(model, prfaas_runtime=self.runtime)
+            pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
+            engine_config = _with_failure_policy(config.engine, config.fallback)
+            self.engine = ReferenceEngine(engine_config, pair)
+            self.socket = self._ctx.socket(zmq.ROUTER)
+            self.socket.linger = 0
+            self.socket.bind(config.control_endpoint)
+        except BaseException:
+            self.runtime.close()
+            self._ctx.destroy(linger=0)
+            raise
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.relay_endpoint = self.runtime.receiver_endpoint if role is Role.DECODE else ""
+        self._ids = itertools.count(1)
+        self._requests: dict[str, _Tracked] = {}
+        self._by_engine_id: dict[int, str] = {}
+        self._pending: list[_PendingDecode] = []
+        self._routers: set[bytes] = set()
+        self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
+        self._next_report = 0.0
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------- lifecycle
+    def serve(self) -> None:
+        """Run until ``stop()``. Each pass: control messages, one engine step, load report."""
+        log.info(
+            "worker_serving",
+            worker_id=self.config.worker_id,
+            endpoint=self.endpoint,
+            role=self.config.role.value,
+            relay=self.relay_endpoint,
+        )
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished() or bool(self._pending)
+            self._poll_control(0 if busy else self.config.idle_poll_s)
+            self._admit_announced()
+            self._expire_deadlines()
+            if self.engine.has_unfinished():
+                self._step()
+            self._report_load()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        """Abort what is left, close the relay and control sockets. Idempotent."""
+        self._stop.set()
+        for request_id in list(self._requests):
+            self._abort(request_id, "aborted")
+        self.runtime.close()
+        self.socket.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> WorkerServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> p.WorkerInfo:
+        engine = self.engine.config
+        return p.WorkerInfo(
+            self.config.worker_id,
+            self.config.role.value,
+            self.config.cluster,
+            engine.model.model_id,
+            engine.model.max_seq_len,
+            engine.model.tokens_per_block,
+            engine.num_blocks,
+            engine.max_num_seqs,
+            self.relay_endpoint,
+        )
+
+    # ---------------------------------------------------------------------- control plane
+    def _poll_control(self, timeout_s: float) -> None:
+        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return
+        while True:
+            try:
+                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # not exactly [identity, frame]: ignore the malformed message
+                log.warning("control_malformed_envelope")
+                continue
+            self._routers.add(identity)
+            self._handle(identity, frame)
+
+    def _handle(self, identity: bytes, frame: bytes) -> None:
+        try:
+            message = p.decode_message(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("control_bad_message", error=str(exc))
+            return
+        if isinstance(message, p.Submit):
+            self._submit(identity, message)
+        elif isinstance(message, p.Cancel):
+            self._abort(message.request_id, "aborted")
+        elif isinstance(message, p.Ping):
+            self._send(identity, self.info())
+
+    def _send(self, identity: bytes, message: p.Message) -> None:
+        try:
+            self.socket.send_multipart([identity, p.encode_message(message)], zmq.NOBLOCK)
+        except zmq.Again:  # the router is gone or not reading: it has its own deadlines
+            log.warning("control_send_dropped", kind=type(message).__name__)
+
+    def _submit(self, identity: bytes, submit: p.Submit) -> None:
+        if submit.request_id in self._requests or any(
+            pend.submit.request_id == submit.request_id for pend in self._pending
+        ):
+            self._send(
+                identity,
+                _error_tokens(
+                    submit.request_id, "InvalidRequestError", "request id already in use"
+                ),
+            )
+            return
+        if self.config.role is WorkerRole.DECODE and submit.transfer_uuid:
+            deadline = time.monotonic() + submit.announce_timeout_s
+            self._pending.append(_PendingDecode(identity, submit, deadline))
+            return
+        params = None
+        if self.config.role is WorkerRole.PREFILL and submit.transfer_uuid:
+            params = {
+                "transfer_uuid": submit.transfer_uuid,
+                "relay_endpoint": submit.relay_endpoint,
+            }
+        self._add(identity, submit, params)
+
+    def _add(self, identity: bytes, submit: p.Submit, params: Mapping[str, object] | None) -> None:
+        max_tokens = 1 if params is not None else submit.max_tokens
+        ignore_eos = submit.ignore_eos or params is not None
+        try:
+            sampling = SamplingParams(max_tokens, submit.temperature, submit.seed, ignore_eos)
+            engine_id = next(self._ids)
+            self.engine.add_request(
+                submit.prompt_token_ids, sampling, engine_id, dict(params) if params else None
+            )
+        except PrfaasError as exc:
+            self._send(identity, _error_tokens(submit.request_id, type(exc).__name__, str(exc)))
+            return
+        deadline = time.monotonic() + submit.deadline_s
+        self._requests[submit.request_id] = _Tracked(identity, engine_id, deadline)
+        self._by_engine_id[engine_id] = submit.request_id
+        if params is not None and self.config.role is WorkerRole.PREFILL:
+            self._transfer_owner[engine_id] = (identity, submit.request_id)
+
+    def _admit_announced(self) -> None:
+        """Decode requests whose transfer is announced (or whose wait ran out) join the engine."""
+        if not self._pending:
+            return
+        now, waiting = time.monotonic(), []
+        for pend in self._pending:
+            uuid = pend.submit.transfer_uuid
+            announced = uuid is not None and self._is_announced(pend.submit)
+            if announced or now >= pend.announce_deadline:
+                if not announced:
+                    log.warning(
+                        "relay_not_announced",
+                        request_id=pend.submit.request_id,
+                        fallback=self.config.fallback,
+                    )
+                    if self.config.fallback == "fail":
+                        self._send(
+                            pend.identity,
+                            _error_tokens(
+                                pend.submit.request_id,
+                                "TransferTimeout",
+                                "relayed KV was not announced in time",
+                            ),
+                        )
+                        continue
+                params = {"transfer_uuid": uuid} if announced else None
+                self._add(pend.identity, pend.submit, params)
+            else:
+                waiting.append(pend)
+        self._pending = waiting
+
+    def _is_announced(self, submit: p.Submit) -> bool:
+        assert submit.transfer_uuid is not None and self.runtime.receiver is not None
+        if len(submit.prompt_token_ids) < 2:
+            return False
+        tid = transfer_id_for(submit.transfer_uuid, submit.prompt_token_ids, self.runtime.key)
+        return self.runtime.receiver.status(tid) is not None
+
+    # ------------------------------------------------------------------------ data plane
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a broken iteration: end every request it touched, go on
+            log.error("engine_step_failed", error=repr(exc))
+            for request_id in list(self._requests):
+                self._abort(request_id, "error", exc)
+            return
+        for out in outputs:
+            self._emit(out)
+        self._emit_transfer_results()
+
+    def _emit(self, out: RequestOutput) -> None:
+        request_id = self._by_engine_id.get(out.request_id)
+        tracked = self._requests.get(request_id) if request_id else None
+        if request_id is None or tracked is None:
+            return
+        error = out.error
+        message = p.Tokens(
+            request_id,
+            list(out.new_token_ids),
+            out.finished,
+            out.finish_reason,
+            type(error).__name__ if error else "",
+            str(error) if error else "",
+        )
+        if out.finished:
+            self._forget(request_id)
+        self._send(tracked.identity, message)
+
+    def _emit_transfer_results(self) -> None:
+        worker = self.engine.connector.worker if self.engine.connector else None
+        results = getattr(worker, "transfer_errors", {})
+        for engine_id, error in list(results.items()):
+            del results[engine_id]
+            request_id = self._transfer_owner.pop(engine_id, None)
+            if request_id is not None:
+                self._send(request_id[0], p.TransferDone(request_id[1], error or ""))
+
+    def _forget(self, request_id: str) -> None:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is not None:
+            self._by_engine_id.pop(tracked.engine_id, None)
+
+    def _abort(self, request_id: str, reason: str, error: BaseException | None = None) -> None:
+        self._pending = [pend for pend in self._pending if pend.submit.request_id != request_id]
+        tracked = self._requests.get(request_id)
+        if tracked is None:
+            return
+        self.engine.abort(tracked.engine_id)
+        self._forget(request_id)
+        kind = type(error).__name__ if error else ""
+        self._send(
+            tracked.identity,
+            p.Tokens(request_id, [], True, reason, kind, str(error) if error else ""),
+        )
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for request_id, tracked in list(self._requests.items()):
+            if now > tracked.deadline:
+                error = DeadlineExceeded(
+                    f"request {request_id} passed its deadline on worker {self.config.worker_id}"
+                )
+                self._abort(request_id, "error", error)
+
+    def _report_load(self) -> None:
+        now = time.monotonic()
+        if now < self._next_report or not self._routers:
+            return
+        self._next_report = now + self.config.load_report_interval_s
+        engine = self.engine
+        report = p.LoadReport(
+            self.config.worker_id,
+            len(engine.waiting) + len(self._pending),
+            len(engine.running),
+            engine.slots.num_free,
+            engine.blocks.num_available,
+            len(self._pending),
+        )
+        for identity in self._routers:
+            self._send(identity, report)
+
+
+def _with_failure_policy(config: EngineConfig, fallback: str) -> EngineConfig:
+    return replace(config, on_load_failure=fallback)
+
+
+def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:
+    return p.Tokens(request_id, [], True, "error", kind, message)
