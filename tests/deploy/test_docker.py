@@ -1,0 +1,90 @@
+"""docker/: every compose file validates with a compose binary; the topology is what docs say.
+
+Validation needs `docker compose` (the plugin) or Debian's `docker-compose`; neither needs a
+running Docker engine for `config`. Without either, the validation test skips and says so (CI
+gets one with `apt-get install -y docker-compose`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import DOCKER_DIR, ROOT
+
+COMPOSE_FILES = sorted(DOCKER_DIR.glob("compose*.yml"))
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` when the plugin works, else `docker-compose`, else None."""
+    if shutil.which("docker"):
+        probe = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=20, check=False
+        )
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_there_are_a_gpu_and_a_cpu_testbed() -> None:
+    assert {p.name for p in COMPOSE_FILES} == {"compose.gpu.yml", "compose.cpu.yml"}
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_validates(path: Path) -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no compose binary: install Debian's docker-compose or the compose plugin")
+    result = subprocess.run(
+        [*command, "-f", str(path), "config", "-q"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_two_datacenters_joined_only_by_a_shaped_wan(path: Path) -> None:
+    services = load(path)["services"]
+    shaper = services["wan-link"]
+    assert "NET_ADMIN" in shaper["cap_add"]
+    assert shaper["network_mode"].startswith("service:")
+    remote = services[shaper["network_mode"].removeprefix("service:")]
+    assert remote["networks"] == ["wan"]  # one interface: all its egress is shaped
+    script = (DOCKER_DIR / "wan-shaper.sh").read_text()
+    assert "tbf rate" in script and "tc qdisc" in script
+    assert any("dc-local" in s.get("networks", []) for s in services.values())
+
+
+def test_gpu_testbed_runs_triton_with_both_rendered_repositories() -> None:
+    services = load(DOCKER_DIR / "compose.gpu.yml")["services"]
+    for role in ("prefill", "decode"):
+        triton = services[f"triton-{role}"]
+        assert triton["environment"]["TRTLLM_PRFAAS_ROLE"] == role
+        env_file = (DOCKER_DIR / triton["env_file"]).resolve()
+        assert env_file == ROOT / f"plugins/triton/model_repository/{role}/tensorrt_llm/prfaas.env"
+        assert triton["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    dockerfile = (DOCKER_DIR / "triton.Dockerfile").read_text()
+    assert "-trtllm-python-py3" in dockerfile
+    assert "--no-deps" in dockerfile  # the image's CUDA torch and tensorrt_llm stay untouched
+
+
+def test_cpu_testbed_runs_reference_workers_in_both_datacenters() -> None:
+    services = load(DOCKER_DIR / "compose.cpu.yml")["services"]
+    workers = [s["command"] for s in services.values() if s.get("command", [None])[0] == "worker"]
+    roles = {(c[c.index("--role") + 1], c[c.index("--cluster") + 1]) for c in workers}
+    assert roles == {("prefill", "dc-remote"), ("prefill", "dc-local"), ("decode", "dc-local")}
+    assert all(c[c.index("--engine") + 1] == "reference" for c in workers)
+    assert services["router"]["command"][0] == "router"
+    dockerfile = (DOCKER_DIR / "cpu.Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in dockerfile
