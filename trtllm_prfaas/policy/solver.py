@@ -36,8 +36,11 @@ from trtllm_prfaas.policy.workload import conditional_means
 
 __all__ = [
     "SolverOptions",
+    "max_local_threshold",
+    "min_remote_threshold",
     "naive_heterogeneous",
     "solve",
+    "solve_fixed_split",
     "solve_homogeneous",
     "solve_threshold",
 ]
@@ -163,6 +166,71 @@ def solve(
         results.append(_refine(system, workload, dep, ts, gap[n_p], j, options))
     top = max(r.lambda_max for r in results)
     return min((r for r in results if r.lambda_max >= top * (1 - 1e-9)), key=_eq8_gap)
+
+
+def solve_fixed_split(
+    system: SystemProfile,
+    workload: Workload,
+    deployment: Deployment,
+    options: SolverOptions = SolverOptions(),
+) -> ThroughputEstimate:
+    """Best threshold for a fixed split (after a role conversion, or on a changed link):
+    the grid maximum of ``lambda_max``, refined by bisection on Eq 7 near it."""
+    ts = _grid(workload, options.grid_size)
+    p, l_long, l_short = conditional_means(workload.lengths, ts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        remote = np.where(p > 0, prfaas_rate(system, deployment.num_prfaas, l_long) / p, math.inf)
+        local = np.where(p < 1, pd_prefill_rate(system, deployment.num_p, l_short) / (1 - p),
+                         math.inf)  # fmt: skip
+    decode = pd_decode_rate(system, deployment.num_d, workload.output_tokens)
+    lam_row = np.minimum(np.minimum(remote, local), decode)
+    j = int(np.argmax(lam_row))
+    return _refine(system, workload, deployment, ts, remote - local, j, options)
+
+
+def max_local_threshold(
+    system: SystemProfile,
+    workload: Workload,
+    deployment: Deployment,
+    arrival_rate_per_s: float,
+    max_utilisation: float,
+    options: SolverOptions = SolverOptions(),
+) -> float:
+    """The largest ``t`` at which the PD-P stage stays at or below ``max_utilisation`` for the
+    measured arrival rate: ``rate * (1 - p(t)) / theta_pd_p(t) <= max_utilisation`` (Eq 4).
+
+    The short-timescale controller raises ``t`` to relieve the link; this is the ceiling that
+    keeps it from pushing the local prefill stage into overload. Returns the support's lower end
+    when even ``t = lo`` overloads it (or there is no PD-P node) and ``hi`` when nothing does.
+    """
+    ts = _grid(workload, options.grid_size)
+    if deployment.num_p == 0:
+        return float(ts[0])
+    p, _, l_short = conditional_means(workload.lengths, ts)
+    load = arrival_rate_per_s * (1 - p) / pd_prefill_rate(system, deployment.num_p, l_short)
+    ok = np.nonzero(load <= max_utilisation)[0]
+    return float(ts[ok[-1]]) if len(ok) else float(ts[0])
+
+
+def min_remote_threshold(
+    system: SystemProfile,
+    workload: Workload,
+    deployment: Deployment,
+    arrival_rate_per_s: float,
+    max_utilisation: float,
+    options: SolverOptions = SolverOptions(),
+) -> float:
+    """The smallest ``t`` at which the PrfaaS stage (compute and link, Eq 3 at
+    ``system.link_gbps``) stays at or below ``max_utilisation``:
+    ``rate * p(t) / theta_prfaas(t) <= max_utilisation``. The floor for a controller that
+    offloads more when PD-P is backlogged. Returns ``hi`` when no ``t`` qualifies."""
+    ts = _grid(workload, options.grid_size)
+    if deployment.num_prfaas == 0:
+        return float(ts[-1])
+    p, l_long, _ = conditional_means(workload.lengths, ts)
+    load = arrival_rate_per_s * p / prfaas_rate(system, deployment.num_prfaas, l_long)
+    ok = np.nonzero(load <= max_utilisation)[0]
+    return float(ts[ok[0]]) if len(ok) else float(ts[-1])
 
 
 def solve_homogeneous(

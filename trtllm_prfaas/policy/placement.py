@@ -1,0 +1,162 @@
+"""Cache-aware placement (PAPER.md, "Routing") and the cache-affine node choice.
+
+Pure functions over plain snapshots. The caller (live router or simulator) builds a
+:class:`NodeView` per candidate node *for one request*: ``prefix_tokens`` is how much of this
+request's prompt that node already caches (from the prefix index), ``backlog_s`` and
+``queue_depth`` are its current load, ``free_decode_slots`` its free decode slots.
+
+Placement rules, with ``t`` the threshold and ``l_total`` the prompt length:
+
+- **scarce bandwidth** (``CachePolicy.SCARCE``): each cluster's cache is judged on its own. If
+  ``l_total - l_pd <= t`` the request prefills locally (reusing the PD cluster's prefix), else on
+  PrfaaS (reusing the PrfaaS cluster's prefix). Nothing is moved across the link.
+- **abundant bandwidth** (``CachePolicy.ABUNDANT``): ``l_prefix = max(l_prfaas, l_pd)`` and the
+  incremental length is ``l_total - l_prefix``; ``> t`` goes to PrfaaS. If the cluster holding the
+  longer prefix is not the one chosen, that prefix is moved across first (:class:`CacheMove`:
+  the full-attention KV of the tokens the target lacks plus the fixed recurrent state).
+- a cluster with no usable (non-draining) prefill node is never chosen; if neither has one the
+  request cannot be placed (:class:`~trtllm_prfaas.errors.AdmissionRejected`).
+
+Node choice inside a cluster: the longest prefix match, then the least backlog, then the fewest
+queued requests, then the smallest ``node_id`` (deterministic, so a replayed trace makes the same
+decisions). Draining nodes are never chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from trtllm_prfaas.errors import AdmissionRejected
+from trtllm_prfaas.policy.controller import CachePolicy
+
+__all__ = [
+    "CacheMove",
+    "Cluster",
+    "NodeView",
+    "Placement",
+    "choose_decode_node",
+    "choose_prefill_node",
+    "cluster_prefix_tokens",
+    "place",
+]
+
+
+class Cluster(Enum):
+    """Where a request's prefill runs."""
+
+    PRFAAS = "prfaas"  # remote prefill-only cluster; KV crosses the link
+    PD = "pd"  # local PD cluster's prefill (PD-P) nodes
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One node as the router sees it for one request (a snapshot; never mutated).
+
+    ``backlog_s`` is the estimated seconds of queued and running work before the node could start
+    this request; ``queue_depth`` counts requests waiting (not running) on it.
+    """
+
+    node_id: str
+    prefix_tokens: int = 0
+    queue_depth: int = 0
+    backlog_s: float = 0.0
+    free_decode_slots: int = 0
+    is_draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMove:
+    """Move ``tokens`` of cached prefix from ``source`` to ``target`` before the prefill."""
+
+    source: Cluster
+    target: Cluster
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Which cluster prefills, how much is computed (``incremental_tokens``), how much of the
+    prompt is reused there (``prefix_tokens``, after any move) and the move, if any."""
+
+    cluster: Cluster
+    incremental_tokens: int
+    prefix_tokens: int
+    cache_move: CacheMove | None
+
+
+def _usable(nodes: Iterable[NodeView]) -> list[NodeView]:
+    return [n for n in nodes if not n.is_draining]
+
+
+def cluster_prefix_tokens(nodes: Iterable[NodeView]) -> int:
+    """The longest prefix of this request cached on any usable node of a cluster (0 if none)."""
+    return max((n.prefix_tokens for n in nodes if not n.is_draining), default=0)
+
+
+def choose_prefill_node(nodes: Iterable[NodeView]) -> NodeView | None:
+    """Cache-affine choice: longest prefix, then least backlog, then fewest queued, then id."""
+    usable = _usable(nodes)
+    if not usable:
+        return None
+    return min(usable, key=lambda n: (-n.prefix_tokens, n.backlog_s, n.queue_depth, n.node_id))
+
+
+def choose_decode_node(nodes: Iterable[NodeView]) -> NodeView | None:
+    """Most free decode slots, then fewest queued, then id; ``None`` if no usable node."""
+    usable = _usable(nodes)
+    if not usable:
+        return None
+    return min(usable, key=lambda n: (-n.free_decode_slots, n.queue_depth, n.node_id))
+
+
+def _scarce(prompt: int, pfx_prfaas: int, pfx_pd: int, t: float) -> Placement:
+    if prompt - pfx_pd <= t:
+        return Placement(Cluster.PD, prompt - pfx_pd, pfx_pd, None)
+    return Placement(Cluster.PRFAAS, prompt - pfx_prfaas, pfx_prfaas, None)
+
+
+def _abundant(prompt: int, pfx_prfaas: int, pfx_pd: int, t: float) -> Placement:
+    best = max(pfx_prfaas, pfx_pd)
+    cluster = Cluster.PRFAAS if prompt - best > t else Cluster.PD
+    own = pfx_prfaas if cluster is Cluster.PRFAAS else pfx_pd
+    move = None
+    if best > own:
+        other = Cluster.PD if cluster is Cluster.PRFAAS else Cluster.PRFAAS
+        move = CacheMove(source=other, target=cluster, tokens=best - own)
+    return Placement(cluster, prompt - best, best, move)
+
+
+def _forced(cluster: Cluster, prompt: int, prefix: int) -> Placement:
+    return Placement(cluster, prompt - prefix, prefix, None)
+
+
+def place(
+    prompt_tokens: int,
+    prfaas_prefix_tokens: int,
+    pd_prefix_tokens: int,
+    threshold_tokens: float,
+    policy: CachePolicy,
+    *,
+    has_prfaas: bool = True,
+    has_pd: bool = True,
+) -> Placement:
+    """Choose the prefill cluster by the module's rules.
+
+    ``has_prfaas`` / ``has_pd`` say whether the cluster has a usable prefill node; a cluster
+    without one is never chosen. Raises ``AdmissionRejected`` when neither has one.
+    Prefix lengths are clipped to ``prompt_tokens - 1`` (the last prompt token is always computed,
+    as TensorRT-LLM requires).
+    """
+    if not (has_prfaas or has_pd):
+        raise AdmissionRejected("no usable prefill node in either cluster")
+    cap = max(prompt_tokens - 1, 0)
+    pfx_prfaas, pfx_pd = min(prfaas_prefix_tokens, cap), min(pd_prefix_tokens, cap)
+    if not has_prfaas:
+        return _forced(Cluster.PD, prompt_tokens, pfx_pd)
+    if not has_pd:
+        return _forced(Cluster.PRFAAS, prompt_tokens, pfx_prfaas)
+    if policy is CachePolicy.ABUNDANT:
+        return _abundant(prompt_tokens, pfx_prfaas, pfx_pd, threshold_tokens)
+    return _scarce(prompt_tokens, pfx_prfaas, pfx_pd, threshold_tokens)
