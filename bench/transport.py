@@ -2,26 +2,32 @@
 
 Moves ``--gib`` GiB of KV-shaped blocks (bf16 ``[num_blocks, 2, heads*tokens*head_dim]`` per
 layer) three ways: plain Python sockets with 4 threads (the baseline), the relay with 4
-plaintext streams, and the relay with 4 Curve streams. The relay's consumer waits for each
-layer and releases it, as a decode worker would. Each way runs once small to warm up, then
-``--repeats`` times interleaved; the best of each is reported (the host is shared, so the best
-run is the least disturbed one). Prints one JSON line with ``--json``.
+plaintext streams, and the relay with 4 Curve streams. As in a deployment, the receiving side
+runs in its own process (spawned once, serving every measurement): the relay's consumer there
+waits for each layer and releases it, as a decode worker would; the raw sink ``recv_into``s a
+reused buffer. A measurement runs from the sender's first byte to the receiver's "all arrived".
+Each way runs once small to warm up, then ``--repeats`` times interleaved; the best of each is
+reported (the host is shared, so the best run is the least disturbed one).
+Prints one JSON line with ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import multiprocessing
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
-from trtllm_prfaas.telemetry.logging import configure_logging
 from trtllm_prfaas.transport import (
     CurveKeys,
     Kind,
@@ -36,6 +42,8 @@ from trtllm_prfaas.transport import (
 NUM_STREAMS = 4
 LAYER_BYTES = 32 << 20  # one layer's blocks per send
 CHUNK_BYTES = 1 << 20
+CREDIT_BYTES = 128 << 20
+TIMEOUT_S = 600.0
 
 
 def kv_layers(total_bytes: int) -> list[torch.Tensor]:
@@ -47,68 +55,124 @@ def kv_layers(total_bytes: int) -> list[torch.Tensor]:
     return [layer] * num_layers
 
 
-def raw_tcp_gbps(payload: memoryview, total_bytes: int) -> float:
-    """Goodput of NUM_STREAMS threads each sending total/N bytes over its own TCP socket."""
-    per_stream = total_bytes // NUM_STREAMS
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    received = [0] * NUM_STREAMS
+def relay_config(security: RelaySecurity) -> RelayConfig:
+    return RelayConfig(
+        security=security,
+        num_streams=NUM_STREAMS,
+        chunk_bytes=CHUNK_BYTES,
+        credit_bytes=CREDIT_BYTES,
+    )
 
-    def sink(conn: socket.socket, index: int) -> None:
-        buf = bytearray(CHUNK_BYTES)
-        with conn:
-            while received[index] < per_stream:
-                n = conn.recv_into(buf)
-                if n == 0:
-                    break
-                received[index] += n
+
+# ---- receiving process ------------------------------------------------------------------------
+
+
+def serve(conn: Connection) -> None:
+    """Child process: serve measurements until told to stop (``None``).
+
+    Relay receivers are long-lived (one per security mode, opened by ``("open", name, sec)``),
+    as on a decode worker, so their recycled host buffers are warm like the raw sink's buffer.
+    """
+    with contextlib.ExitStack() as stack, contextlib.redirect_stdout(sys.stderr):
+        receivers: dict[str, RelayReceiver] = {}
+        while (command := conn.recv()) is not None:
+            if command[0] == "raw":
+                _serve_raw(conn, command[1])
+            elif command[0] == "open":
+                rx = stack.enter_context(RelayReceiver(relay_config(command[2])))
+                receivers[command[1]] = rx
+                conn.send(rx.endpoint)
+            else:
+                _serve_relay(conn, receivers[command[1]], command[2], command[3])
+
+
+def _serve_raw(conn: Connection, per_stream: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        conn.send(listener.getsockname()[1])
+        received = [0] * NUM_STREAMS
+
+        def sink(peer: socket.socket, index: int) -> None:
+            buf = bytearray(CHUNK_BYTES)
+            with peer:
+                while received[index] < per_stream and (n := peer.recv_into(buf)):
+                    received[index] += n
+
+        threads = []
+        for index in range(NUM_STREAMS):
+            peer, _ = listener.accept()
+            threads.append(threading.Thread(target=sink, args=(peer, index)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+        conn.send(sum(received))
+
+
+def _serve_relay(conn: Connection, rx: RelayReceiver, transfer_id: str, num_layers: int) -> None:
+    conn.send("ready")
+    for layer in range(num_layers):
+        rx.wait_layer(transfer_id, layer, TIMEOUT_S)
+        rx.release_layer(transfer_id, layer)
+    rx.wait_transfer(transfer_id, TIMEOUT_S)
+    rx.release(transfer_id)
+    conn.send(rx.stats().bytes_received)
+
+
+# ---- sending process --------------------------------------------------------------------------
+
+
+def raw_tcp_gbps(conn: Connection, payload: memoryview, total_bytes: int) -> float:
+    """NUM_STREAMS threads, each sending total/N bytes over its own TCP socket."""
+    per_stream = total_bytes // NUM_STREAMS
+    conn.send(("raw", per_stream))
+    port = conn.recv()
 
     def source() -> None:
-        with socket.create_connection(("127.0.0.1", port)) as conn:
+        with socket.create_connection(("127.0.0.1", port)) as peer:
             sent = 0
             while sent < per_stream:
                 n = min(payload.nbytes, per_stream - sent)
-                conn.sendall(payload[:n])
+                peer.sendall(payload[:n])
                 sent += n
 
     start = time.perf_counter()
-    senders = [threading.Thread(target=source) for _ in range(NUM_STREAMS)]
-    for t in senders:
-        t.start()
-    sinks = []
-    for index in range(NUM_STREAMS):
-        conn, _ = listener.accept()
-        sinks.append(threading.Thread(target=sink, args=(conn, index)))
-        sinks[-1].start()
-    for t in senders + sinks:
-        t.join()
+    threads = [threading.Thread(target=source) for _ in range(NUM_STREAMS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    received = int(conn.recv())
+    return received * 8 / (time.perf_counter() - start) / 1e9
+
+
+def relay_gbps(conn: Connection, tx: RelaySender, name: str, layers: list[torch.Tensor]) -> float:
+    """One relay transfer of ``layers`` over ``tx``: first send until the receiver has it all."""
+    transfer_id = f"bench-{next(_transfer_ids)}"
+    conn.send(("relay", name, transfer_id, len(layers)))
+    conn.recv()  # the consumer is waiting
+    before = _bytes_received.get(name, 0)
+    start = time.perf_counter()
+    handle = tx.open_transfer(transfer_id, "bench", deadline_s=TIMEOUT_S)
+    for index, layer in enumerate(layers):
+        handle.send(Kind.FULL_BLOCK, index, (0, layer.shape[0]), layer)
+    handle.finish()
+    handle.wait(timeout_s=TIMEOUT_S)
+    _bytes_received[name] = int(conn.recv())  # cumulative on that receiver
     elapsed = time.perf_counter() - start
-    listener.close()
-    return sum(received) * 8 / elapsed / 1e9
+    return (_bytes_received[name] - before) * 8 / elapsed / 1e9
 
 
-def relay_gbps(
-    layers: list[torch.Tensor], security_rx: RelaySecurity, security_tx: RelaySecurity
-) -> float:
-    """Goodput of one relay transfer of ``layers`` (open to ack, consumer releasing layers)."""
-    common = {"num_streams": NUM_STREAMS, "chunk_bytes": CHUNK_BYTES, "credit_bytes": 128 << 20}
-    rx_config = RelayConfig(security=security_rx, **common)  # type: ignore[arg-type]
-    tx_config = RelayConfig(security=security_tx, **common)  # type: ignore[arg-type]
-    total = sum(layer.nbytes for layer in layers)
-    with RelayReceiver(rx_config) as rx, RelaySender(rx.endpoint, tx_config) as tx:
-        tx.wait_ready(timeout_s=5.0)
-        start = time.perf_counter()
-        handle = tx.open_transfer("bench", "bench", deadline_s=600.0)
-        for index, layer in enumerate(layers):
-            handle.send(Kind.FULL_BLOCK, index, (0, layer.shape[0]), layer)
-        handle.finish()
-        for index in range(len(layers)):
-            rx.wait_layer("bench", index, timeout_s=600.0)
-            rx.release_layer("bench", index)
-        handle.wait(timeout_s=600.0)
-        elapsed = time.perf_counter() - start
-        rx.release("bench")
-    return total * 8 / elapsed / 1e9
+_transfer_ids = itertools.count()
+_bytes_received: dict[str, int] = {}
+
+
+def open_sender(
+    stack: contextlib.ExitStack, conn: Connection, name: str, rx: RelaySecurity, tx: RelaySecurity
+) -> RelaySender:
+    """Open the child's receiver ``name`` and a sender to it, ready to go."""
+    conn.send(("open", name, rx))
+    sender = stack.enter_context(RelaySender(conn.recv(), relay_config(tx)))
+    sender.wait_ready(timeout_s=5.0)
+    return sender
 
 
 def curve_pair() -> tuple[RelaySecurity, RelaySecurity]:
@@ -119,34 +183,30 @@ def curve_pair() -> tuple[RelaySecurity, RelaySecurity]:
     return RelaySecurity(curve=rx), RelaySecurity(curve=tx)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gib", type=float, default=1.0, help="GiB moved per measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs; best is kept")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
-    configure_logging("ERROR")  # keep stdout to the one JSON line (plaintext warnings are expected)
-    configure_logging("ERROR")  # keep stdout to the one JSON line (plaintext warnings are expected)
-    layers = kv_layers(int(args.gib * (1 << 30)))
+def measure(conn: Connection, gib: float, repeats: int) -> dict[str, Any]:
+    """Warm up, then the best of ``repeats`` interleaved runs of each way."""
+    layers = kv_layers(int(gib * (1 << 30)))
     total = sum(layer.nbytes for layer in layers)
     payload = as_byte_view(layers[0])
     plain = RelaySecurity.insecure_plaintext()
-    curve_rx, curve_tx = curve_pair()
-    ways: dict[str, Callable[[list[torch.Tensor], int], float]] = {
-        "raw": lambda ls, n: raw_tcp_gbps(payload, n),
-        "relay": lambda ls, n: relay_gbps(ls, plain, plain),
-        "curve": lambda ls, n: relay_gbps(ls, curve_rx, curve_tx),
-    }
-    best = dict.fromkeys(ways, 0.0)
-    warm = layers[: max(1, len(layers) // 8)]
-    with contextlib.redirect_stdout(sys.stderr):  # structlog prints; stdout is the result
+    best = {"raw": 0.0, "relay": 0.0, "curve": 0.0}
+    with contextlib.ExitStack() as stack:
+        senders = {
+            "relay": open_sender(stack, conn, "relay", plain, plain),
+            "curve": open_sender(stack, conn, "curve", *curve_pair()),
+        }
+        ways: dict[str, Callable[[list[torch.Tensor]], float]] = {
+            "raw": lambda ls: raw_tcp_gbps(conn, payload, sum(x.nbytes for x in ls)),
+            "relay": lambda ls: relay_gbps(conn, senders["relay"], "relay", ls),
+            "curve": lambda ls: relay_gbps(conn, senders["curve"], "curve", ls),
+        }
         for way in ways.values():
-            way(warm, sum(layer.nbytes for layer in warm))
-        for _ in range(args.repeats):
+            way(layers[: max(1, len(layers) // 4)])
+        for _ in range(repeats):
             for name, way in ways.items():
-                best[name] = max(best[name], way(layers, total))
+                best[name] = max(best[name], way(layers))
     raw, relay, curve = best["raw"], best["relay"], best["curve"]
-    result = {
+    return {
         "relay_over_raw_tcp": round(relay / raw, 3),
         "relay_gbps": round(relay, 3),
         "raw_tcp_gbps": round(raw, 3),
@@ -156,9 +216,27 @@ def main(argv: list[str] | None = None) -> int:
         "num_layers": len(layers),
         "layer_bytes": LAYER_BYTES,
         "chunk_bytes": CHUNK_BYTES,
+        "credit_bytes": CREDIT_BYTES,
         "num_streams": NUM_STREAMS,
-        "repeats": args.repeats,
+        "repeats": repeats,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gib", type=float, default=1.0, help="GiB moved per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs; best is kept")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    receiver = multiprocessing.get_context("spawn").Process(target=serve, args=(child,))
+    receiver.start()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = measure(parent, args.gib, args.repeats)
+    finally:
+        parent.send(None)
+        receiver.join(30.0)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
