@@ -205,6 +205,9 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
                 for item in receiver.wait_layer(plan.transfer_id, layer, remaining):
                     self._place(plan, layer, item.key.block_start, item.key.block_end, item.buffer)
                 receiver.release_layer(plan.transfer_id, layer)
+            # Keep the transfer until its COMPLETE arrives, so the receiver can acknowledge it
+            # (the last layer may be consumed before the sender's COMPLETE message lands).
+            receiver.wait_transfer(plan.transfer_id, max(0.0, deadline - time.monotonic()))
         finally:
             receiver.release(plan.transfer_id)
 

@@ -229,8 +229,9 @@ class WorkerServer:
         self._add(identity, submit, params)
 
     def _add(self, identity: bytes, submit: p.Submit, params: Mapping[str, object] | None) -> None:
-        max_tokens = 1 if params is not None else submit.max_tokens
-        ignore_eos = submit.ignore_eos or params is not None
+        exporting = params is not None and self.config.role is WorkerRole.PREFILL
+        max_tokens = 1 if exporting else submit.max_tokens  # a relayed prefill ends at token 1
+        ignore_eos = submit.ignore_eos or exporting
         try:
             sampling = SamplingParams(max_tokens, submit.temperature, submit.seed, ignore_eos)
             engine_id = next(self._ids)
