@@ -192,6 +192,18 @@ def delay_gap_s(s: LinkSignals) -> float:
     return s.prfaas_backlog_s + s.relay_queue_delay_s - s.pd_backlog_s
 
 
+def _wants_less_offload(c: ControllerConfig, s: LinkSignals, gap: float) -> bool:
+    """Link trouble, a slower remote path, or a deep PrfaaS queue while PD-P is no worse off
+    (in a burst that loads both sides, moving work to PD-P only moves the queue)."""
+    link = (
+        s.egress_utilisation >= c.egress_high
+        or s.retransmit_ratio >= c.retransmit_high
+        or s.relay_queue_delay_s >= c.relay_delay_high_s
+    )
+    queue = _per_instance(s) >= c.queue_per_instance_high and gap >= 0
+    return link or queue or gap >= c.balance_band_s
+
+
 def _up(c: ControllerConfig, t: float, waited: float, t_max: float) -> tuple[float, str]:
     if waited < c.min_raise_interval_s or t >= t_max:
         return t, "hold-pressure"
@@ -234,7 +246,7 @@ def _next_threshold(
     gap = delay_gap_s(s)
     if gap <= -c.balance_band_s:  # PD-P is the slower path: offload more (down to t_min)
         return _down(c, t, waited, t_min)
-    if is_pressure(c, s) or gap >= c.balance_band_s:
+    if _wants_less_offload(c, s, gap):
         return _up(c, t, waited, t_max)
     return _relax(c, st, gap, t_opt, now_s)
 

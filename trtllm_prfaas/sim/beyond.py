@@ -54,6 +54,7 @@ class BeyondScenario:
     rate_lo: float = 0.2
     rate_hi: float = 3.4
     rate_tol: float = 0.02
+    offload_below_opt: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,15 @@ def scenario_config(sc: BeyondScenario, mode: ThresholdMode) -> DesConfig:
     best = solve(system, workload, 4, 8)
     system = replace(system, link_gbps=sc.link_gbps)
     link = link_drop(sc.link_gbps, sc.drop_at_s, sc.drop_s, sc.drop_fraction)
-    return DesConfig(system, workload, best.deployment, link, best.threshold_tokens, mode)
+    return DesConfig(
+        system,
+        workload,
+        best.deployment,
+        link,
+        best.threshold_tokens,
+        mode,
+        offload_below_opt=sc.offload_below_opt,
+    )
 
 
 def _p90_at(sc: BeyondScenario, config: DesConfig, rate: float) -> float:

@@ -1,8 +1,9 @@
-"""``prfaas simulate ...``: the fluid-model case study (Table 6) and, later, the DES runs.
+"""``prfaas simulate ...``: the fluid-model case study (Table 6) and the discrete-event runs.
 
-``prfaas simulate case-study --json`` prints one JSON line
-``{"prfaas_pd": {...}, "homogeneous": {...}, "naive": {...}}``; without ``--json`` it prints a
-table of every figure beside the paper's value and the relative difference.
+- ``case-study [--json]``: Table 6 beside the paper's values (one JSON line with ``--json``:
+  ``{"prfaas_pd": {...}, "homogeneous": {...}, "naive": {...}}``).
+- ``des [options] [--plots DIR]``: one discrete-event scenario; prints TTFT statistics.
+- ``beyond [--json] [--plots DIR]``: ``dynamic_over_static_goodput`` and ``scale_1m_requests_s``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import argparse
 import json
 
 from trtllm_prfaas.policy.profile import Interpolation
+from trtllm_prfaas.sim.experiments import (
+    add_beyond_arguments,
+    add_des_arguments,
+    run_beyond,
+    run_des,
+)
 from trtllm_prfaas.sim.fluid import (
     COLUMNS,
     PAPER_HEADLINES,
@@ -35,9 +42,16 @@ def add_arguments(command_name: str, parser: argparse.ArgumentParser) -> None:
         help="how the H200 Table 5 points are interpolated (default loglog)",
     )
 
+    add_des_arguments(sub.add_parser("des", help="one discrete-event simulation"))
+    add_beyond_arguments(sub.add_parser("beyond", help="dynamic vs static t; 1M-request scale"))
+
 
 def run(command_name: str, args: argparse.Namespace) -> int:
     """Run the chosen scenario; returns the exit status."""
+    if args.scenario == "des":
+        return run_des(args)
+    if args.scenario == "beyond":
+        return run_beyond(args)
     columns = case_study(Interpolation(args.interpolation))
     if args.json:
         print(json.dumps({k: columns[k].as_dict() for k in COLUMNS}, sort_keys=False))

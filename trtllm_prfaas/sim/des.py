@@ -73,6 +73,7 @@ class DesConfig:
     rebalancer: RebalancerConfig | None = None
     period_s: float = 1.0
     local_max_utilisation: float = 0.85
+    offload_below_opt: bool = True
     rate_window_s: float = 10.0
 
 
@@ -238,6 +239,7 @@ class _Sim:
         finite = not math.isinf(rate)
         t_opt = self._t_opt(rate) if finite else self.base_t
         t_min, t_max = self._bounds(rate) if finite else (t_opt, t_opt)
+        t_min = t_min if c.offload_below_opt else t_opt
         self.ctrl = ctl.step(c.controller, self.ctrl, signals, t_opt, t_max, now, t_min).state
         self.policy = PolicyState.from_controller(self.ctrl)
 
