@@ -116,7 +116,7 @@ def sample_lengths(dist: LengthDistribution, n: int, rng: np.random.Generator) -
         return np.asarray(np.maximum(np.rint(out[:n]), 1), dtype=np.int64)
     qs = np.linspace(0.0, 1.0, 4097)
     table = np.asarray([dist.quantile(float(q)) for q in qs])
-    return np.maximum(np.rint(np.interp(rng.random(n), qs, table)), 1).astype(np.int64)
+    return np.asarray(np.maximum(np.rint(np.interp(rng.random(n), qs, table)), 1), dtype=np.int64)
 
 
 @dataclass(frozen=True)
