@@ -33,7 +33,7 @@ from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import ConfigError, DeadlineExceeded, PrfaasError
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport import RelayConfig
+from trtllm_prfaas.transport import InboundStatus, RelayConfig
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
@@ -216,7 +216,8 @@ class WorkerServer:
                 ),
             )
             return
-        if self.config.role is WorkerRole.DECODE and submit.transfer_uuid:
+        relayed = len(submit.prompt_token_ids) >= 2  # a 1-token prompt has no KV to relay
+        if self.config.role is WorkerRole.DECODE and submit.transfer_uuid and relayed:
             deadline = time.monotonic() + submit.announce_timeout_s
             self._pending.append(_PendingDecode(identity, submit, deadline))
             return
@@ -248,42 +249,36 @@ class WorkerServer:
             self._transfer_owner[engine_id] = (identity, submit.request_id)
 
     def _admit_announced(self) -> None:
-        """Decode requests whose transfer is announced (or whose wait ran out) join the engine."""
+        """Decode requests whose transfer is announced join the engine; if the transfer failed
+        or never shows up in time, they compute the prompt here (or fail, per ``fallback``)."""
         if not self._pending:
             return
         now, waiting = time.monotonic(), []
         for pend in self._pending:
-            uuid = pend.submit.transfer_uuid
-            announced = uuid is not None and self._is_announced(pend.submit)
-            if announced or now >= pend.announce_deadline:
-                if not announced:
-                    log.warning(
-                        "relay_not_announced",
-                        request_id=pend.submit.request_id,
-                        fallback=self.config.fallback,
-                    )
-                    if self.config.fallback == "fail":
-                        self._send(
-                            pend.identity,
-                            _error_tokens(
-                                pend.submit.request_id,
-                                "TransferTimeout",
-                                "relayed KV was not announced in time",
-                            ),
-                        )
-                        continue
-                params = {"transfer_uuid": uuid} if announced else None
-                self._add(pend.identity, pend.submit, params)
+            status = self._transfer_status(pend.submit)
+            if status in (InboundStatus.RECEIVING, InboundStatus.COMPLETE):
+                self._add(pend.identity, pend.submit, {"transfer_uuid": pend.submit.transfer_uuid})
+            elif status is InboundStatus.FAILED or now >= pend.announce_deadline:
+                self._fall_back(pend, "failed" if status else "was not announced in time")
             else:
                 waiting.append(pend)
         self._pending = waiting
 
-    def _is_announced(self, submit: p.Submit) -> bool:
+    def _fall_back(self, pend: _PendingDecode, why: str) -> None:
+        request_id = pend.submit.request_id
+        log.warning(
+            "relayed_kv_unavailable", request_id=request_id, why=why, fallback=self.config.fallback
+        )
+        if self.config.fallback == "fail":
+            message = f"relayed KV {why}"
+            self._send(pend.identity, _error_tokens(request_id, "TransferTimeout", message))
+        else:
+            self._add(pend.identity, pend.submit, None)
+
+    def _transfer_status(self, submit: p.Submit) -> InboundStatus | None:
         assert submit.transfer_uuid is not None and self.runtime.receiver is not None
-        if len(submit.prompt_token_ids) < 2:
-            return False
         tid = transfer_id_for(submit.transfer_uuid, submit.prompt_token_ids, self.runtime.key)
-        return self.runtime.receiver.status(tid) is not None
+        return self.runtime.receiver.status(tid)
 
     # ------------------------------------------------------------------------ data plane
     def _step(self) -> None:

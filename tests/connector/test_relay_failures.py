@@ -1,0 +1,146 @@
+"""Failure paths of the PrfaaS connector: corrupt chunks are caught and recomputed (or failed),
+a vanished decode peer fails the prefill's transfer by its deadline and frees its blocks, and a
+restarted receiver is reconnected to."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.connector.test_relay_e2e import _prompt, relay_generate
+from tests.harness import collect, new_uuid, spawn_worker, wait_for
+from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_runtime import (
+    PrfaasConnectorConfig,
+    PrfaasRuntime,
+    Role,
+    transfer_id_for,
+)
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.kv.hashing import CacheKey
+from trtllm_prfaas.transport import RelayConfig, RelaySecurity, RelaySender
+from trtllm_prfaas.worker import protocol as p
+
+MODEL = model_preset("tiny")
+SAMPLING = SamplingParams(max_tokens=5, temperature=0.6, seed=2, ignore_eos=True)
+COMMON = ["--model-preset", "tiny", "--plaintext", "--num-blocks", "256", "--chunk-size", "64"]
+
+
+def _engine(role: Role, fallback: str = "recompute") -> tuple[ReferenceEngine, PrfaasRuntime]:
+    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
+    config = PrfaasConnectorConfig(role, relay, transfer_timeout_s=5.0, load_timeout_s=5.0)
+    runtime = PrfaasRuntime.start(config, CacheKey(MODEL.model_id, "HND", MODEL.dtype, 0))
+    args = ReferenceEngine.llm_args_for(MODEL, prfaas_runtime=runtime)
+    pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
+    engine_config = EngineConfig(
+        model=MODEL, num_blocks=256, chunk_size=64, on_load_failure=fallback
+    )
+    return ReferenceEngine(engine_config, pair), runtime
+
+
+def _flip_layer_one(header: Any, payload: memoryview) -> bytes | memoryview:
+    if header.layer == 1 and header.offset == 0:
+        broken = bytearray(payload)
+        broken[3] ^= 0x40
+        return bytes(broken)
+    return payload
+
+
+def _wait(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("fallback", ["recompute", "fail"])
+def test_corrupt_chunk_is_detected_then_recomputed_or_failed(fallback: str) -> None:
+    prefill, prefill_rt = _engine(Role.PREFILL)
+    decode, decode_rt = _engine(Role.DECODE, fallback)
+    try:
+        endpoint = decode_rt.receiver_endpoint
+        prefill_rt.senders[endpoint] = RelaySender(
+            endpoint, prefill_rt.config.relay, chunk_hook=_flip_layer_one
+        )
+        prompt, uuid = _prompt(200), new_uuid()
+        tid = transfer_id_for(uuid, prompt, decode_rt.key)
+        prefill.add_request(
+            prompt,
+            SamplingParams(max_tokens=1, ignore_eos=True),
+            connector_params={"transfer_uuid": uuid, "relay_endpoint": endpoint},
+        )
+        prefill.step()  # the first chunk opens (announces) the transfer
+        _wait(lambda: decode_rt.receiver.status(tid) is not None)
+        rid = decode.add_request(prompt, SAMPLING, connector_params={"transfer_uuid": uuid})
+        outputs = []
+        deadline = time.monotonic() + 30
+        while (prefill.has_unfinished() or decode.has_unfinished()) and time.monotonic() < deadline:
+            prefill.step()
+            outputs += [o for o in decode.step() if o.request_id == rid]
+        errors = prefill.connector.worker.transfer_errors
+        assert len(errors) == 1 and "corrupt" in next(iter(errors.values()))
+        if fallback == "recompute":
+            want = ReferenceEngine(EngineConfig(model=MODEL)).generate([prompt], SAMPLING)[0]
+            assert [t for o in outputs for t in o.new_token_ids] == want
+            assert decode.stats.num_connector_tokens == 0  # everything was recomputed
+        else:
+            assert outputs[-1].finish_reason == "error"
+            assert isinstance(outputs[-1].error, TransportError)
+            assert "corrupt" in str(outputs[-1].error)
+        assert prefill.leak_report() == [] and decode.leak_report() == []
+    finally:
+        prefill_rt.close()
+        decode_rt.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def prefill_worker() -> Iterator[Any]:
+    worker = spawn_worker("prefill", "dc-remote", *COMMON, "--transfer-timeout-s", "2")
+    try:
+        yield worker
+    finally:
+        assert worker.stop() == 0
+
+
+def test_vanished_decode_peer_fails_transfer_by_deadline_and_frees_blocks(
+    prefill_worker: Any,
+) -> None:
+    client = prefill_worker.client()
+    info = client.ping(10)
+    dead_endpoint = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    rid, start = new_uuid(), time.monotonic()
+    client.send(
+        p.Submit(rid, _prompt(300), 1, transfer_uuid=new_uuid(), relay_endpoint=dead_endpoint)
+    )
+    assert collect(client, rid).token_ids  # the prefill itself completes
+    done = wait_for(client, p.TransferDone, lambda m: m.request_id == rid, timeout_s=10)
+    assert "deadline" in done.error and time.monotonic() - start < 6
+    report = wait_for(client, p.LoadReport, lambda m: m.num_running == 0, timeout_s=5)
+    assert report.num_free_blocks == info.num_blocks  # nothing pinned, nothing leaked
+
+
+def test_restarted_receiver_is_reconnected(prefill_worker: Any) -> None:
+    relay_port = _free_port()
+    args = [*COMMON, "--relay", f"tcp://127.0.0.1:{relay_port}"]
+    want = ReferenceEngine(EngineConfig(model=MODEL)).generate([_prompt(100)], SAMPLING)[0]
+    for _ in range(2):  # the second decode worker binds the same relay port
+        decode = spawn_worker("decode", "dc-local", *args)
+        try:
+            _, decoded = relay_generate(prefill_worker, decode, _prompt(100), SAMPLING)
+            assert decoded.token_ids == want
+        finally:
+            assert decode.stop() == 0
