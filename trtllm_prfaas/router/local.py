@@ -169,8 +169,9 @@ class LocalEngineOrchestrator(Orchestrator):
     @staticmethod
     async def _next_output(sink: _Sink, request: GenerateRequest, deadline: float) -> RequestOutput:
         remaining_s = deadline - time.monotonic()
-        try:
-            item = await asyncio.wait_for(sink.outputs.get(), timeout=max(remaining_s, 0.0))
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(max(remaining_s, 0.0)):
+                item = await sink.outputs.get()
         except TimeoutError:
             raise TransferTimeout(
                 f"request {request.request_id} did not finish within its deadline of "

@@ -226,31 +226,47 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         """Answer one request of a stream: its chunks, or one in-stream error."""
         request_id = uuid.uuid4().hex[:16]
         started = time.monotonic()
-        model, put = self.orchestrator.model_name, responses.put_nowait
         try:
             gen, outputs = self._parse(request, context, request_id)
             result = _Result(started)
-            async with contextlib.aclosing(self.orchestrator.generate(gen)) as chunks:
+            per_token = dataclasses.replace(gen, streaming=True)
+            async with contextlib.aclosing(self.orchestrator.generate(per_token)) as chunks:
                 async for chunk in chunks:
                     result.add(chunk)
-                    if gen.streaming:
-                        ids, text, reason = chunk.token_ids, chunk.text, chunk.finish_reason
-                        put(kserve.infer_response(model, request.id, ids, text, reason, outputs,
-                                                  is_final=chunk.is_final))  # fmt: skip
+                    if gen.streaming:  # as the client asked: a response per chunk
+                        responses.put_nowait(self._stream_response(request, outputs, chunk))
             if not gen.streaming:
-                ids, text, reason = result.token_ids, result.text, result.finish_reason
-                put(kserve.infer_response(model, request.id, ids, text, reason, outputs, True))
+                whole = TokenChunk(result.token_ids, result.text, True, result.finish_reason)
+                responses.put_nowait(self._stream_response(request, outputs, whole))
         except asyncio.CancelledError:
             self._cancelled("ModelStreamInfer", request_id)
             raise
         except Exception as exc:
             message = self._failed(exc, "ModelStreamInfer", request_id)
-            final = kserve.infer_response(model, request.id, [], "", None, (), is_final=True)
-            put(service_pb2.ModelStreamInferResponse(
-                error_message=f"[request id: {request.id}] {message}", infer_response=final
-            ))  # fmt: skip
+            responses.put_nowait(self._stream_error(request, message))
             return
         self._succeeded("ModelStreamInfer", result)
+
+    def _stream_response(self, request: Any, outputs: tuple[str, ...], chunk: TokenChunk) -> Any:
+        response = kserve.infer_response(
+            self.orchestrator.model_name,
+            request.id,
+            chunk.token_ids,
+            chunk.text,
+            chunk.finish_reason,
+            outputs,
+            is_final=chunk.is_final,
+        )
+        return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+    def _stream_error(self, request: Any, message: str) -> Any:
+        """The in-stream error (tritonclient hands ``error_message`` to the callback)."""
+        final = kserve.infer_response(
+            self.orchestrator.model_name, request.id, [], "", None, (), is_final=True
+        )
+        return service_pb2.ModelStreamInferResponse(
+            error_message=f"[request id: {request.id}] {message}", infer_response=final
+        )
 
     def _parse(
         self, request: Any, context: Any, request_id: str
