@@ -33,6 +33,7 @@ from trtllm_prfaas.policy.route import PolicyState, RequestView, RouteDecision, 
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["DisaggregatedOrchestrator", "RouterConfig", "WorkerSpec"]
@@ -66,8 +67,10 @@ class _Flight:
 class DisaggregatedOrchestrator(Orchestrator):
     """Talks to workers over their control endpoints; implements the Orchestrator contract."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
+        self._relay_bytes: dict[str, int] = {}
         self.cluster = ClusterState()
         self.tokenizer = ByteTokenizer()
         self.decisions: list[RouteDecision] = []  # recent decisions (for tests and parity)
@@ -123,10 +126,21 @@ class DisaggregatedOrchestrator(Orchestrator):
             message = _decode(await sock.recv())
             if isinstance(message, p.LoadReport):
                 self.cluster.on_report(name, message)
+                self._export_load(name, message)
             elif isinstance(message, p.Tokens | p.TransferDone):
                 flight = self._flights.get(message.request_id)
                 if flight is not None:
                     flight.queue.put_nowait((name, message))
+
+    def _export_load(self, name: str, report: p.LoadReport) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.set_worker_load(name, report.queue_depth, report.num_free_slots)
+        delta = report.relay_bytes_sent - self._relay_bytes.get(name, 0)
+        if delta > 0:
+            self._relay_bytes[name] = report.relay_bytes_sent
+            goodput = report.relay_goodput_gbps or None
+            self.metrics.add_relay_bytes(name, delta, goodput)
 
     # ----------------------------------------------------------------------- Orchestrator
     @property
@@ -155,20 +169,26 @@ class DisaggregatedOrchestrator(Orchestrator):
         rid = request.request_id
         flight = self._flights[rid] = _Flight()
         decode.reserved_slots += 1
-        finished = False
+        finished, status = False, "cancelled"
         try:
             async with asyncio.timeout(request.deadline_s):
                 await self._submit(request, decode, prefill)
                 async for chunk in self._stream(request, flight, decode.name):
                     finished = chunk.is_final
+                    status = "ok" if finished else status
                     yield chunk
         except TimeoutError as exc:
-            raise TransferTimeout(
-                f"request {rid} missed its {request.deadline_s}s deadline"
-            ) from exc
+            status = "TransferTimeout"
+            message = f"request {rid} missed its {request.deadline_s}s deadline"
+            raise TransferTimeout(message) from exc
+        except PrfaasError as exc:
+            status = type(exc).__name__
+            raise
         finally:
             decode.reserved_slots -= 1
             self._flights.pop(rid, None)
+            if self.metrics is not None:
+                self.metrics.record_request("remote" if decision.is_remote else "local", status)
             if not finished:  # cancelled, failed or late: free both workers' blocks
                 await self._cancel(rid, decode.name, prefill.name)
 

@@ -353,6 +353,7 @@ class WorkerServer:
             return
         self._next_report = now + self.config.load_report_interval_s
         engine = self.engine
+        links = [sender.stats() for sender in list(self.runtime.senders.values())]
         report = p.LoadReport(
             self.config.worker_id,
             len(engine.waiting) + len(self._pending),
@@ -360,6 +361,8 @@ class WorkerServer:
             engine.slots.num_free,
             engine.blocks.num_available,
             len(self._pending),
+            relay_bytes_sent=sum(link.bytes_acked for link in links),
+            relay_goodput_gbps=max((link.goodput_gbps for link in links), default=0.0),
         )
         for identity in self._routers:
             self._send(identity, report)

@@ -1,0 +1,80 @@
+"""The router as a service: orchestrator + KServe front door + /metrics, on one event loop.
+
+``RouterService`` runs them on a dedicated event-loop thread (the orchestrator's ZeroMQ sockets
+and the gRPC server share that loop); it is a context manager whose ``close()`` stops the
+front door, the orchestrator and the metrics server and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from trtllm_prfaas.router.frontdoor import AsyncFrontDoor
+from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig
+from trtllm_prfaas.router.servicer import FrontDoorConfig
+from trtllm_prfaas.telemetry.metrics import MetricsServer, RouterMetrics
+
+__all__ = ["RouterService"]
+
+
+class RouterService:
+    def __init__(
+        self, router: RouterConfig, frontdoor: FrontDoorConfig, metrics_port: int | None = 8002
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry)
+        self.orchestrator = DisaggregatedOrchestrator(router, self.metrics)
+        self._door = AsyncFrontDoor(self.orchestrator, frontdoor, self.metrics)
+        self._metrics_port = metrics_port
+        self.metrics_server: MetricsServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="router", daemon=True)
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self._door.config.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Connect to the workers, then open the front door and the metrics endpoint."""
+        self._thread.start()
+        try:
+            self._run(self.orchestrator.start(), timeout_s)
+            self.port = self._run(self._door.start(), timeout_s)
+            if self._metrics_port is not None:
+                host = self._door.config.host
+                self.metrics_server = MetricsServer(self.registry, self._metrics_port, host)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro: Any, timeout_s: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop everything and join the loop thread. Idempotent."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            try:
+                self._run(self._door.stop(), timeout_s)
+                self._run(self.orchestrator.close(), timeout_s)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> RouterService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

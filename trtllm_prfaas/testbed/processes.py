@@ -1,0 +1,98 @@
+"""Start ``prfaas worker`` processes and stop them by PID (used by ``prfaas up`` and tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtllm_prfaas.errors import PrfaasError
+from trtllm_prfaas.worker.client import WorkerClient
+
+__all__ = ["WorkerProcess", "spawn_worker", "start_workers"]
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[str]
+    ready: dict[str, Any] = field(default_factory=dict)
+    clients: list[WorkerClient] = field(default_factory=list)
+
+    @property
+    def control(self) -> str:
+        return str(self.ready["control"])
+
+    @property
+    def relay(self) -> str:
+        return str(self.ready["relay"])
+
+    def client(self) -> WorkerClient:
+        client = WorkerClient(self.control)
+        self.clients.append(client)
+        return client
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code. Idempotent."""
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return int(self.process.returncode)
+
+
+def _launch(name: str, args: list[str], log_level: str) -> WorkerProcess:
+    cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", log_level, "worker", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return WorkerProcess(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+
+
+def start_workers(
+    specs: dict[str, list[str]], timeout_s: float = 90.0, log_level: str = "ERROR"
+) -> dict[str, WorkerProcess]:
+    """Launch every worker at once, then wait for each ready line; on failure stop them all."""
+    workers = {name: _launch(name, args, log_level) for name, args in specs.items()}
+    try:
+        deadline = time.monotonic() + timeout_s
+        for worker in workers.values():
+            worker.ready = _read_ready(worker, deadline)
+    except BaseException:
+        for worker in workers.values():
+            worker.stop()
+        raise
+    return workers
+
+
+def spawn_worker(role: str, cluster: str, *extra: str, timeout_s: float = 90.0) -> WorkerProcess:
+    """One worker (``--role``/``--cluster`` plus ``extra`` flags), ready to serve."""
+    name = f"{cluster}-{role}"
+    return start_workers({name: ["--role", role, "--cluster", cluster, *extra]}, timeout_s)[name]
+
+
+def _read_ready(worker: WorkerProcess, deadline: float) -> dict[str, Any]:
+    stdout = worker.process.stdout
+    assert stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if worker.process.poll() is not None:
+                code = worker.process.returncode
+                raise PrfaasError(f"worker {worker.name} exited with {code} before ready")
+            if selector.select(timeout=0.2):
+                line = stdout.readline()
+                if line.startswith("{"):
+                    data: dict[str, Any] = json.loads(line)
+                    if data.get("event") == "ready":
+                        return data
+    raise PrfaasError(f"worker {worker.name} did not become ready in time")
