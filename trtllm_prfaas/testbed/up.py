@@ -175,7 +175,7 @@ def _demo(testbed: Testbed) -> int:
     num_same = sum(r.token_ids == w for r, w in zip(results, want, strict=True))
     print(
         f"routed remote: {remote}/{len(results)}; KV relayed: {relayed / 2**20:.2f} MiB; "
-        f"identical to a single-engine run: {same}/{len(results)}"
+        f"identical to a single-engine run: {num_same}/{len(results)}"
     )
     codes = testbed.close()
     print(f"workers stopped: {codes}")
