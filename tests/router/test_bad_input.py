@@ -94,3 +94,12 @@ def test_unknown_requested_output(client) -> None:
         MODEL, llm_inputs(max_tokens=2), outputs=[grpcclient.InferRequestedOutput("output_ids")]
     )
     assert result.as_numpy("text_output") is None and len(ids_of(result)) == 2
+
+
+def test_message_limit_is_raised_above_4_mib(client) -> None:
+    huge = "y" * (5 << 20)  # over grpcio's default 4 MiB: reaches validation, not a transport error
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, llm_inputs(text=huge))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "text_input" in info.value.message()
+    _still_serves(client)

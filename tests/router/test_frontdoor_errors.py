@@ -11,6 +11,7 @@ from tests.router.builders import MODEL, ids_of, is_final, llm_inputs, stream, t
 from tests.router.fakes import FakeOrchestrator
 from trtllm_prfaas.errors import (
     AdmissionRejected,
+    ConfigError,
     ConnectorError,
     EngineError,
     InvalidRequestError,
@@ -18,6 +19,7 @@ from trtllm_prfaas.errors import (
     TransportError,
 )
 from trtllm_prfaas.router.api import TokenChunk
+from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
 
 MAPPING = [
     (InvalidRequestError("prompt is bad"), "INVALID_ARGUMENT", "prompt is bad"),
@@ -109,3 +111,11 @@ def test_server_shutdown_cancels_in_flight_requests(serve) -> None:
     assert fake.started.wait(5)
     door.close()
     assert fake.cancelled_event.wait(5)
+
+
+def test_port_in_use_is_a_config_error(serve) -> None:
+    door, _ = serve(FakeOrchestrator())
+    second = FrontDoor(FakeOrchestrator(), FrontDoorConfig(port=door.port))
+    with pytest.raises(ConfigError, match=str(door.port)):
+        second.start()
+    second.close()
