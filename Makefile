@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 $(VENV): $(STAMP)
 
+# The embedded two-datacenter testbed on loopback, a workload through tritonclient, a report.
 demo: $(STAMP)
-	$(BIN)/prfaas demo
+	$(BIN)/prfaas up --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check trtllm_prfaas tests bench

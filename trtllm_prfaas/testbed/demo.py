@@ -54,7 +54,7 @@ def demo_prompts(threshold_tokens: int) -> list[DemoResult]:
         ("short-1", 60),
         ("short-2", threshold_tokens // 2),
         ("long-1", threshold_tokens * 2),
-        ("short-3", 200),
+        ("short-3", max(8, threshold_tokens // 4)),
         ("long-2", threshold_tokens * 4),
         ("long-3", threshold_tokens + 50),
     ]

@@ -1,0 +1,62 @@
+"""The embedded testbed end to end: workers as processes, the router, stock tritonclient; and
+its YAML configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.testbed import demo
+from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
+from trtllm_prfaas.testbed.up import Testbed
+
+
+def test_testbed_serves_tritonclient_with_single_engine_tokens() -> None:
+    config = TestbedConfig(
+        model_preset="tiny", grpc_port=0, metrics_port=0, threshold_tokens=100, num_blocks=512
+    )
+    with Testbed(config) as testbed:
+        assert testbed.router is not None
+        assert "Curve-encrypted" in testbed.describe()
+        results = demo.demo_prompts(config.threshold_tokens)
+        demo.run_demo(testbed.router.address, results, timeout_s=120)
+        want = demo.reference_tokens(config, results)
+        assert [r.error for r in results] == [""] * len(results)
+        assert [r.token_ids for r in results] == want
+        decisions = testbed.router.orchestrator.decisions
+        assert sorted(d.is_remote for d in decisions) == [False] * 3 + [True] * 3
+        assert testbed.router.metrics_server is not None
+        figures = demo.scrape(testbed.router.metrics_server.url)
+        assert figures["prfaas_relay_bytes_total"] > 0
+        assert figures['prfaas_requests_total|route="remote",status="ok"}'] == 3
+        codes = testbed.close()
+    assert codes and all(code == 0 for code in codes.values())
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "testbed.yaml"
+    path.write_text("threshold_tokens: 4096\nlink_gbps: 10\nclusters: {pd_decode: 2}\n")
+    config = load_testbed_config(path, grpc_port=0)
+    assert (config.threshold_tokens, config.link_gbps, config.num_pd_decode) == (4096, 10, 2)
+    assert config.grpc_port == 0
+    paced = [args for name, args in config.worker_args().items() if "--link-gbps" in args]
+    assert len(paced) == 1 and "dc-remote" in paced[0]  # only the inter-DC sender is paced
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("bogus: 1\n", "unknown keys"),
+        ("clusters: {gpus: 3}\n", "clusters.gpus"),
+        ("model_preset: huge\n", "model_preset"),
+        ("- a list\n", "mapping"),
+        ("link_gbps: -1\n", "link_gbps"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_testbed_config(path)
