@@ -198,10 +198,14 @@ class LocalEngineOrchestrator(Orchestrator):
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            busy = self._engine.has_unfinished()
-            stopping = self._drain_commands(block=not busy)
-            if not stopping and self._engine.has_unfinished():
-                self._step()
+            try:
+                busy = self._engine.has_unfinished()
+                stopping = self._drain_commands(block=not busy)
+                if not stopping and self._engine.has_unfinished():
+                    self._step()
+            except Exception as exc:  # never die silently: fail what is in flight, keep serving
+                log.exception("engine_thread_error")
+                self._fail_all(EngineError(f"engine thread error: {exc}"))
         self._shutdown()
 
     def _drain_commands(self, block: bool) -> bool:
