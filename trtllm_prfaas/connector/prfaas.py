@@ -26,8 +26,9 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +46,7 @@ from trtllm_prfaas.transport import InboundStatus, Kind, TransferHandle
 __all__ = ["PrfaasConnectorScheduler", "PrfaasConnectorWorker", "PrfaasMeta"]
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +79,33 @@ class _Export:
     last: int  # L-1: the tokens the decode side will claim
     blocks: list[int] = field(default_factory=list)
     num_sent_blocks: int = 0
+
+
+class _Cancel:
+    """Cancellation of one load; ``lock`` is held by the loader while it writes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+
+    def set(self) -> None:
+        with self.lock:
+            self.cancelled = True
+
+
+_POLL_S = 0.05  # how often a waiting loader checks for cancellation
+
+
+def _wait(wait: Callable[[float], T], deadline: float, cancel: _Cancel) -> T:
+    """``wait(timeout)`` in short slices until it returns, the deadline passes, or cancel."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if cancel.cancelled or remaining <= 0:
+            raise TransferTimeout("relayed KV load cancelled or past its deadline")
+        try:
+            return wait(min(remaining, _POLL_S))
+        except TransferTimeout:
+            continue
 
 
 def _runtime_of(llm_args: Any) -> PrfaasRuntime:
@@ -175,7 +204,7 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
         self._loading: set[int] = set()
         self._loaded: set[int] = set()  # finished before their id was passed in
         self._failed: list[tuple[int, str]] = []
-        self._cancelled: dict[int, threading.Event] = {}
+        self._cancelled: dict[int, _Cancel] = {}
         self.transfer_errors: dict[int, str | None] = {}  # request id -> outcome, for the host
 
     # ---- registration ---------------------------------------------------------------------
@@ -189,27 +218,35 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
     def start_load_kv(self, stream: Any) -> None:
         meta: PrfaasMeta = self._metadata
         for load in meta.loads:
-            cancel = self._cancelled.setdefault(load.request_id, threading.Event())
+            cancel = self._cancelled.setdefault(load.request_id, _Cancel())
             self.runtime.start_load(load.request_id, functools.partial(self._load, load, cancel))
 
-    def _load(self, plan: _LoadPlan, cancel: threading.Event) -> None:
-        """Loader thread: each layer as it arrives, into the pool or the state slot."""
+    def _load(self, plan: _LoadPlan, cancel: _Cancel) -> None:
+        """Loader thread: each layer as it arrives, into the pool or the state slot.
+
+        Writes happen under ``cancel.lock`` after checking it, so once ``cancel_load`` returns
+        this thread never touches the request's blocks or state slot again (the engine may hand
+        them to another request at once)."""
         receiver, states = self.runtime.receiver, self.states
         assert receiver is not None and states is not None and self.kv_pool is not None
         deadline = time.monotonic() + self.runtime.config.load_timeout_s
+        tid = plan.transfer_id
         try:
             for layer in range(len(states.pool_layer_of) + len(states.state_layer_of)):
-                remaining = deadline - time.monotonic()
-                if cancel.is_set() or remaining <= 0:
-                    raise TransferTimeout(f"load of {plan.transfer_id} cancelled or past deadline")
-                for item in receiver.wait_layer(plan.transfer_id, layer, remaining):
-                    self._place(plan, layer, item.key.block_start, item.key.block_end, item.buffer)
-                receiver.release_layer(plan.transfer_id, layer)
+                wait_layer = functools.partial(receiver.wait_layer, tid, layer)
+                items = _wait(wait_layer, deadline, cancel)
+                with cancel.lock:
+                    if cancel.cancelled:
+                        raise TransferTimeout(f"load of {tid} cancelled")
+                    for item in items:
+                        key = item.key
+                        self._place(plan, layer, key.block_start, key.block_end, item.buffer)
+                receiver.release_layer(tid, layer)
             # Keep the transfer until its COMPLETE arrives, so the receiver can acknowledge it
             # (the last layer may be consumed before the sender's COMPLETE message lands).
-            receiver.wait_transfer(plan.transfer_id, max(0.0, deadline - time.monotonic()))
+            _wait(functools.partial(receiver.wait_transfer, tid), deadline, cancel)
         finally:
-            receiver.release(plan.transfer_id)
+            receiver.release(tid)
 
     def _place(self, plan: _LoadPlan, layer: int, start: int, end: int, buffer: Any) -> None:
         assert self.kv_pool is not None and self.states is not None
@@ -230,7 +267,7 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
 
     def cancel_load(self, request_id: int) -> None:
         """Extension: the engine gave up on this load (deadline or abort)."""
-        self._cancelled.setdefault(request_id, threading.Event()).set()
+        self._cancelled.setdefault(request_id, _Cancel()).set()  # no write to its blocks after
         self._loading.discard(request_id)
 
     def get_failed_loads(self) -> list[tuple[int, str]]:
@@ -305,7 +342,7 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
 
     def _finished_loads(self) -> list[int]:
         for result in self.runtime.take_results():
-            cancelled = self._cancelled.pop(result.request_id, threading.Event()).is_set()
+            cancelled = self._cancelled.pop(result.request_id, _Cancel()).cancelled
             if cancelled:
                 continue
             if result.error is not None:
