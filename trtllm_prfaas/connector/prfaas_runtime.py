@@ -42,8 +42,8 @@ class PrfaasConnectorConfig:
     role: Role
     relay: RelayConfig
     receiver_endpoint: str = "tcp://127.0.0.1:0"  # decode side: where the relay receiver binds
-    transfer_timeout_s: float = 30.0  # prefill side: a send must be acknowledged by then
-    load_timeout_s: float = 30.0  # decode side: every layer must have arrived by then
+    transfer_timeout_s: float = 120.0  # prefill side: the whole transfer is acknowledged by then
+    load_timeout_s: float = 120.0  # decode side: every layer has arrived by then
 
     def __post_init__(self) -> None:
         for name in ("transfer_timeout_s", "load_timeout_s"):

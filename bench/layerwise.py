@@ -1,0 +1,159 @@
+"""Layer-wise pipelining: how much KV transfer is left exposed after a prefill ends.
+
+    python bench/layerwise.py --json
+
+Two reference engines (default model) in one process, over the real relay on loopback (a link
+faster than the engine produces KV). The prefill engine exports with the PrfaaS connector; the
+decode engine claims the transfer and loads it layer by layer on its loader thread.
+
+- ``exposed_s``: from the end of the prefill (the forward pass that completes token L-1 returns)
+  to "decode can start" (the decode side's loader has placed the last layer).
+- ``bulk_send_s``: the time to send and load the same bytes if they were sent only after the
+  prefill ended (the same relay, same item sizes, a consumer copying each layer out).
+- ``layerwise_exposed_fraction`` = exposed_s / bulk_send_s; target <= 1/num_layers + 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime, Role
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.reference import ModelConfig
+from trtllm_prfaas.engines.request import RequestState, SamplingParams
+from trtllm_prfaas.kv.hashing import CacheKey
+from trtllm_prfaas.telemetry.logging import configure_logging
+from trtllm_prfaas.transport import Kind, RelayConfig, RelaySecurity, RelaySender
+
+
+def _engine(model: ModelConfig, role: Role) -> tuple[ReferenceEngine, PrfaasRuntime]:
+    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
+    runtime = PrfaasRuntime.start(
+        PrfaasConnectorConfig(role, relay), CacheKey(model.model_id, "HND", model.dtype, 0)
+    )
+    args = ReferenceEngine.llm_args_for(model, prfaas_runtime=runtime)
+    pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
+    return ReferenceEngine(EngineConfig(model=model, num_threads=2), pair), runtime
+
+
+def _timed_loads(runtime: PrfaasRuntime, done_at: dict[int, float]) -> None:
+    """Instrument the decode runtime: note when each load's work function returns."""
+    start_load = runtime.start_load
+
+    def wrapped(request_id: int, work: Any) -> None:
+        def timed() -> None:
+            work()
+            done_at[request_id] = time.perf_counter()
+
+        start_load(request_id, timed)
+
+    runtime.start_load = wrapped  # type: ignore[method-assign]
+
+
+def measure_exposed(length: int) -> dict[str, float]:
+    """Relay one prefill of ``length`` tokens; seconds from prefill end to last layer loaded."""
+    model = ModelConfig()
+    prefill, prefill_rt = _engine(model, Role.PREFILL)
+    decode, decode_rt = _engine(model, Role.DECODE)
+    done_at: dict[int, float] = {}
+    _timed_loads(decode_rt, done_at)
+    try:
+        prompt = [(i * 7919) % 256 for i in range(length)]
+        params = {"transfer_uuid": f"lw{length}", "relay_endpoint": decode_rt.receiver_endpoint}
+        pid = prefill.add_request(
+            prompt, SamplingParams(max_tokens=1, ignore_eos=True), connector_params=params
+        )
+        prefill.step()  # first chunk: the transfer is announced
+        time.sleep(0.05)
+        did = decode.add_request(
+            prompt,
+            SamplingParams(max_tokens=2, ignore_eos=True),
+            connector_params={"transfer_uuid": params["transfer_uuid"]},
+        )
+        decode.step()  # claims the transfer and starts the loader
+        assert decode.running[did].state is RequestState.LOADING, "transfer was not claimed"
+        prefill_end = 0.0
+        while prefill.running[pid].num_computed_tokens < length - 1:
+            prefill.step()
+            prefill_end = time.perf_counter()
+        while did not in done_at:
+            time.sleep(0.001)
+        exposed = done_at[did] - prefill_end
+        while prefill.has_unfinished() or decode.has_unfinished():
+            prefill.step()
+            decode.step()
+        return {"exposed_s": exposed}
+    finally:
+        prefill_rt.close()
+        decode_rt.close()
+
+
+def measure_bulk(length: int) -> float:
+    """Seconds to send (and copy out) the same KV only after the prefill ended."""
+    model = ModelConfig()
+    spec = model.kv_spec
+    num_blocks = -(-(length - 1) // model.tokens_per_block)
+    layer_bytes = num_blocks * spec.block_bytes // model.num_full_layers
+    state_bytes = spec.state_bytes // model.num_linear_layers
+    items = [
+        torch.zeros(layer_bytes if kind.value == "F" else state_bytes, dtype=torch.uint8)
+        for kind in model.layer_kinds
+    ]
+    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
+    runtime = PrfaasRuntime.start(
+        PrfaasConnectorConfig(Role.DECODE, relay), CacheKey(model.model_id, "HND", model.dtype, 0)
+    )
+    receiver = runtime.receiver
+    assert receiver is not None
+    destination = [torch.empty_like(item) for item in items]
+    try:
+        with RelaySender(receiver.endpoint, relay) as sender:
+            sender.wait_ready(5.0)
+            start = time.perf_counter()
+            handle = sender.open_transfer("bulk", "bulk", 30.0)
+            for layer, item in enumerate(items):
+                kind = Kind.FULL_BLOCK if model.layer_kinds[layer].value == "F" else Kind.STATE
+                handle.send(kind, layer, (0, num_blocks if kind is Kind.FULL_BLOCK else 0), item)
+            handle.finish()
+            for layer in range(len(items)):
+                for got in receiver.wait_layer("bulk", layer, 30.0):
+                    destination[layer].copy_(torch.frombuffer(got.buffer, dtype=torch.uint8))
+                receiver.release_layer("bulk", layer)
+            elapsed = time.perf_counter() - start
+            handle.wait(30.0)
+            receiver.release("bulk")
+            return elapsed
+    finally:
+        runtime.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="layer-wise pipelining benchmark")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    configure_logging("ERROR")
+    exposed = min(measure_exposed(args.tokens)["exposed_s"] for _ in range(args.repeats))
+    bulk = min(measure_bulk(args.tokens) for _ in range(args.repeats))
+    num_layers = ModelConfig().num_layers
+    result = {
+        "layerwise_exposed_fraction": round(exposed / bulk, 4),
+        "target_max": round(1 / num_layers + 0.05, 4),
+        "exposed_ms": round(exposed * 1000, 2),
+        "bulk_send_ms": round(bulk * 1000, 2),
+        "prompt_tokens": args.tokens,
+        "num_layers": num_layers,
+    }
+    print(json.dumps(result) if args.json else "\n".join(f"{k:28} {v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
