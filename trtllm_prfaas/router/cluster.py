@@ -1,7 +1,10 @@
 """The router's live view of its workers: who they are, how loaded, which slots are reserved.
 
 Plain data updated from worker messages (``WorkerInfo``, ``LoadReport``), turned into the
-``policy.route`` input (``ClusterView``) on demand. Decode slots the router has promised but the
+``policy.route`` input (``ClusterView``) on demand. A worker is *draining* when the router
+decided so (a rebalancer drain, a role change under way) or its own report says so; draining
+workers get no new requests. After a role change the worker's new ``WorkerInfo`` replaces the
+old one (``on_info``), which moves it to its new pool. Decode slots the router has promised but the
 worker has not yet reported as taken are subtracted, so bursts do not oversubscribe a node.
 """
 
@@ -35,11 +38,22 @@ class WorkerState:
     def role(self) -> str:
         return self.info.role
 
+    @property
+    def draining(self) -> bool:
+        """No new work: the router is draining it, or the worker reports a role change."""
+        return self.is_draining or bool(self.report and self.report.is_draining)
+
+    def is_idle(self) -> bool:
+        """Nothing queued, running or promised (a drained node)."""
+        r = self.report
+        busy = r is not None and (r.queue_depth or r.num_running or r.num_pending_decodes)
+        return not busy and self.reserved_slots == 0
+
     def view(self, prefix_tokens: int = 0) -> NodeView:
         report = self.report
         queue = report.queue_depth if report else 0
         free = (report.num_free_slots if report else self.info.max_num_seqs) - self.reserved_slots
-        return NodeView(self.name, prefix_tokens, queue, 0.0, max(0, free), self.is_draining)
+        return NodeView(self.name, prefix_tokens, queue, 0.0, max(0, free), self.draining)
 
     def is_live(self, now: float) -> bool:
         return now - self.reported_at < STALE_AFTER_S
@@ -56,6 +70,13 @@ class ClusterState:
         worker = self.workers.get(name)
         if worker is not None:
             worker.report, worker.reported_at = report, time.monotonic()
+
+    def on_info(self, name: str, info: p.WorkerInfo) -> None:
+        """A worker announced itself again (after a role change): new role, new relay endpoint.
+        Its last load report is dropped: it described the old role."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.info, worker.report, worker.reported_at = info, None, time.monotonic()
 
     def view(self, now: float) -> ClusterView:
         live = [w for w in self.workers.values() if w.is_live(now)]

@@ -7,6 +7,11 @@ prefill worker its prefill (``max_tokens=1``, KV relayed layer by layer to the d
 The prefill's first token is streamed to the client as soon as it exists (bit-exactness makes it
 equal to the decode node's first token, which is checked); the rest stream from the decode node.
 
+The threshold is live state: a :class:`~trtllm_prfaas.router.control.ControlLoop` on the same
+event loop (started with the orchestrator when ``RouterConfig.control`` is set, the default)
+moves it every second from what the router observes; ``threshold_tokens`` is its initial value.
+``convert_role`` drains a local PD worker, switches its role (``SetRole``) and rejoins it.
+
 Every request has a deadline; a cancelled or late request is cancelled on both workers. If the
 prefill leg fails, the decode worker computes the prompt itself (its ``fallback`` policy), so
 the client still gets its tokens, or a clear error, never a hang.
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +35,10 @@ import zmq.asyncio
 from trtllm_prfaas import errors
 from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE, ByteTokenizer, StreamingDecoder
 from trtllm_prfaas.errors import InvalidRequestError, PrfaasError, TransferTimeout, TransportError
-from trtllm_prfaas.policy.route import PolicyState, RequestView, RouteDecision, route
+from trtllm_prfaas.policy.route import RequestView, RouteDecision, route
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
+from trtllm_prfaas.router.control import ControlConfig, ControlLoop, RouteRecord
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker import protocol as p
@@ -52,15 +59,22 @@ class WorkerSpec:
 class RouterConfig:
     workers: tuple[WorkerSpec, ...]
     model_name: str = "tensorrt_llm"
-    threshold_tokens: int = 1024  # l > t prefills in the PrfaaS cluster
+    threshold_tokens: int = 1024  # initial t: l > t prefills in the PrfaaS cluster
     announce_timeout_s: float = 10.0
     connect_timeout_s: float = 30.0
+    control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
 
 
 @dataclass
 class _Flight:
-    """Messages of one request from its two workers."""
+    """Messages of one request from its two workers, and when its legs began (monotonic s)."""
 
+    decision: RouteDecision
+    prompt_tokens: int
+    submitted_at: float = 0.0
+    prefill_first_at: float | None = None
+    decode_first_at: float | None = None
+    num_decoded: int = 0
     queue: asyncio.Queue[tuple[str, p.Message]] = field(default_factory=asyncio.Queue)
 
 
@@ -74,6 +88,15 @@ class DisaggregatedOrchestrator(Orchestrator):
         self.cluster = ClusterState()
         self.tokenizer = ByteTokenizer()
         self.decisions: list[RouteDecision] = []  # recent decisions (for tests and parity)
+        self.route_log: deque[RouteRecord] = deque(maxlen=10_000)  # inputs of each decision
+        self.control = ControlLoop(
+            config.control or ControlConfig(),
+            self.cluster,
+            float(config.threshold_tokens),
+            metrics,
+            converter=self.convert_role,
+        )
+        self._info_waiters: dict[str, asyncio.Future[p.WorkerInfo]] = {}
         self.counters: dict[str, int] = {"remote": 0, "local": 0, "first_token_mismatch": 0}
         self._ctx = zmq.asyncio.Context()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -95,6 +118,8 @@ class DisaggregatedOrchestrator(Orchestrator):
             self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
             self._readers.append(asyncio.create_task(self._read(spec.name, sock)))
         self._max_seq_len = min(w.info.max_seq_len for w in self.cluster.workers.values())
+        if self.config.control is not None:
+            self.control.start()
         self._ready = True
         log.info("router_ready", workers=sorted(self.cluster.workers))
 
@@ -112,6 +137,7 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     async def close(self) -> None:
         self._ready = False
+        await self.control.stop()
         for task in self._readers:
             task.cancel()
         for task in self._readers:
@@ -127,10 +153,46 @@ class DisaggregatedOrchestrator(Orchestrator):
             if isinstance(message, p.LoadReport):
                 self.cluster.on_report(name, message)
                 self._export_load(name, message)
+            elif isinstance(message, p.WorkerInfo):
+                self._on_info(name, message)
             elif isinstance(message, p.Tokens | p.TransferDone):
                 flight = self._flights.get(message.request_id)
                 if flight is not None:
                     flight.queue.put_nowait((name, message))
+
+    def _on_info(self, name: str, info: p.WorkerInfo) -> None:
+        waiter = self._info_waiters.get(name)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(info)
+
+    async def convert_role(self, name: str, role: str, timeout_s: float = 120.0) -> p.WorkerInfo:
+        """Drain local PD worker ``name``, switch it to ``role`` and rejoin it; returns its new
+        ``WorkerInfo``. No new request goes to it meanwhile; its in-flight requests finish (the
+        worker aborts those still running after ``timeout_s``). Raises ``TransportError`` if
+        the worker does not come back in ``timeout_s`` + 10 s (it stays drained then), or came
+        back in its old role (it could not build the new one, e.g. no relay receiver keys)."""
+        worker = self.cluster.workers[name]
+        if worker.is_prfaas:
+            raise errors.ConfigError(f"{name} is a PrfaaS worker: only PD workers change role")
+        future: asyncio.Future[p.WorkerInfo] = asyncio.get_running_loop().create_future()
+        self._info_waiters[name] = future
+        worker.is_draining = True
+        log.info("role_change_started", worker=name, role=role)
+        try:
+            await self._send(name, p.SetRole(role, drain_timeout_s=timeout_s))
+            info = await asyncio.wait_for(future, timeout_s + 10.0)
+        except TimeoutError as exc:
+            raise TransportError(f"worker {name} did not rejoin as {role}") from exc
+        finally:
+            self._info_waiters.pop(name, None)
+        self.cluster.on_info(name, info)
+        worker.is_draining = False
+        if info.role != role:
+            raise TransportError(f"worker {name} stayed {info.role}: it could not become {role}")
+        if self.metrics is not None:
+            self.metrics.record_role_conversion(role)
+        log.info("role_change_done", worker=name, role=role, relay=info.relay_endpoint)
+        return info
 
     def _export_load(self, name: str, report: p.LoadReport) -> None:
         if self.metrics is None:
@@ -167,11 +229,12 @@ class DisaggregatedOrchestrator(Orchestrator):
         decode = self.cluster.workers[decision.decode_node_id or ""]
         prefill = self.cluster.workers[decision.prefill_node_id]
         rid = request.request_id
-        flight = self._flights[rid] = _Flight()
+        flight = self._flights[rid] = _Flight(decision, len(request.prompt_token_ids))
         decode.reserved_slots += 1
         finished, status = False, "cancelled"
         try:
             async with asyncio.timeout(request.deadline_s):
+                flight.submitted_at = time.monotonic()
                 await self._submit(request, decode, prefill)
                 async for chunk in self._stream(request, flight, decode.name):
                     finished = chunk.is_final
@@ -205,10 +268,12 @@ class DisaggregatedOrchestrator(Orchestrator):
     def _route(self, request: GenerateRequest) -> RouteDecision:
         now = time.monotonic()
         view = RequestView(request.request_id, len(request.prompt_token_ids))
-        state = PolicyState(float(self.config.threshold_tokens))
-        decision = route(view, self.cluster.view(now), state, now)
+        state, snapshot = self.control.policy, self.cluster.view(now)
+        decision = route(view, snapshot, state, now)
         if decision.decode_node_id is None:
             raise errors.AdmissionRejected("no decode node is available")
+        self.route_log.append(RouteRecord(now, view, snapshot, state, decision))
+        self.control.on_routed(decision, view.prompt_tokens, request.max_tokens)
         self.counters["remote" if decision.is_remote else "local"] += 1
         self.decisions.append(decision)
         del self.decisions[:-1000]
@@ -258,6 +323,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             if not isinstance(message, p.Tokens):
                 continue
             tokens = list(message.token_ids)
+            self._observe(flight, source == decode_name, len(tokens), bool(message.finished))
             if source != decode_name:  # the prefill leg: stream its first token if it leads
                 if tokens and not decode_started and early is None and not message.error_kind:
                     early = tokens[0]
@@ -282,6 +348,23 @@ class DisaggregatedOrchestrator(Orchestrator):
                 return
             if tokens:
                 yield TokenChunk(tokens, decoder.push(tokens))
+
+    def _observe(self, flight: _Flight, is_decode: bool, num_tokens: int, finished: bool) -> None:
+        """Leg timings for the control loop's online profiles."""
+        now = time.monotonic()
+        if not is_decode:
+            if flight.prefill_first_at is None and num_tokens:
+                flight.prefill_first_at = now
+                is_remote = flight.decision.is_remote
+                self.control.on_prefill(is_remote, flight.prompt_tokens, now - flight.submitted_at)
+            return
+        if flight.decode_first_at is None and num_tokens:
+            flight.decode_first_at = now
+            if flight.decision.is_remote and flight.prefill_first_at is not None:
+                self.control.on_relay_wait(now - flight.prefill_first_at)
+        flight.num_decoded += num_tokens
+        if finished and flight.decode_first_at is not None and flight.num_decoded > 1:
+            self.control.on_decode(flight.num_decoded - 1, now - flight.decode_first_at)
 
     async def _cancel(self, request_id: str, *workers: str) -> None:
         for worker in dict.fromkeys(workers):

@@ -7,7 +7,13 @@ Who records what:
   token) and ``prfaas_tpot_seconds{model}`` (mean time per output token after the first);
 - orchestrators: ``prfaas_requests_total{route, status}`` (route ``local``, ``remote``, ...);
 - the disaggregated router: ``prfaas_relay_bytes_total{link}``, ``prfaas_relay_goodput_gbps{link}``,
-  ``prfaas_worker_queue_depth{worker}``, ``prfaas_worker_free_decode_slots{worker}``.
+  ``prfaas_worker_queue_depth{worker}``, ``prfaas_worker_free_decode_slots{worker}``;
+- its control loop (``router/control.py``, once per period): ``prfaas_threshold_tokens`` (the
+  live ``t``), ``prfaas_threshold_opt_tokens`` (the solver's ``t_opt``), ``prfaas_offload_share``
+  (share of recent requests routed remote), ``prfaas_egress_estimate_gbps`` (PrfaaS relay egress
+  over the last period), ``prfaas_link_estimate_gbps`` (the link rate it assumes),
+  ``prfaas_controller_decisions_total{reason}``, ``prfaas_rebalance_actions_total{action}`` and
+  ``prfaas_role_conversions_total{role}`` (role is the new role).
 
 ``MetricsServer`` serves ``/metrics`` over HTTP on a thread (port 8002 by default, like Triton);
 it is a context manager whose ``close()`` shuts the server down and joins the thread.
@@ -62,6 +68,7 @@ class RouterMetrics:
             registry=registry,
         )
         self._init_relay_and_workers(registry)
+        self._init_control(registry)
 
     def _init_relay_and_workers(self, registry: CollectorRegistry) -> None:
         self.relay_bytes = Counter(
@@ -85,6 +92,54 @@ class RouterMetrics:
             ["worker"],
             registry=registry,
         )
+
+    def _init_control(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=registry)
+
+        self.threshold_tokens = gauge("prfaas_threshold_tokens", "Live offload threshold t")
+        self.threshold_opt_tokens = gauge(
+            "prfaas_threshold_opt_tokens", "Threshold the solver proposes on live profiles"
+        )
+        self.offload_share = gauge("prfaas_offload_share", "Share of recent requests offloaded")
+        self.egress_estimate_gbps = gauge(
+            "prfaas_egress_estimate_gbps", "PrfaaS relay egress over the last control period"
+        )
+        self.link_estimate_gbps = gauge(
+            "prfaas_link_estimate_gbps", "PrfaaS link rate the control loop assumes"
+        )
+        self.controller_decisions = Counter(
+            "prfaas_controller_decisions",
+            "Control ticks, by the controller's reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.rebalance_actions = Counter(
+            "prfaas_rebalance_actions", "Rebalancer actions", ["action"], registry=registry
+        )
+        self.role_conversions = Counter(
+            "prfaas_role_conversions", "Worker role conversions, by new role", ["role"],
+            registry=registry,
+        )  # fmt: skip
+
+    def set_control(
+        self, threshold: float, t_opt: float, share: float, egress_gbps: float, link_gbps: float
+    ) -> None:
+        """The control loop's state after one tick."""
+        self.threshold_tokens.set(threshold)
+        self.threshold_opt_tokens.set(t_opt)
+        self.offload_share.set(share)
+        self.egress_estimate_gbps.set(egress_gbps)
+        self.link_estimate_gbps.set(link_gbps)
+
+    def record_control_decision(self, reason: str) -> None:
+        self.controller_decisions.labels(reason=reason).inc()
+
+    def record_rebalance(self, action: str) -> None:
+        self.rebalance_actions.labels(action=action).inc()
+
+    def record_role_conversion(self, role: str) -> None:
+        self.role_conversions.labels(role=role).inc()
 
     def record_frontdoor(self, model: str, rpc: str, status: str) -> None:
         self.frontdoor_requests.labels(model=model, rpc=rpc, status=status).inc()

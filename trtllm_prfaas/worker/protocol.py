@@ -11,6 +11,13 @@ Router -> worker
                  simply runs the request end to end.
     ``Cancel``   abort a request; its blocks are freed.
     ``Ping``     ask for ``WorkerInfo``.
+    ``SetRole``  switch between the prefill and decode roles: the worker stops taking new requests
+                 (its ``LoadReport`` says ``is_draining``), finishes the ones it has (those still
+                 running at ``drain_timeout_s`` are aborted with an error), rebuilds its connector
+                 runtime for the new role with the relay security it was started with (a decode
+                 role binds a new relay receiver), then answers ``WorkerInfo`` with the new role
+                 and relay endpoint to every router it knows. Idempotent: the current role answers
+                 ``WorkerInfo`` at once.
 Worker -> router
     ``Tokens``        new tokens of a request; the last one has ``finished`` set; errors travel
                       as data (``error_kind`` names the class from ``errors.py``).
@@ -18,7 +25,10 @@ Worker -> router
     ``LoadReport``    every ``load_report_interval_s``: queue depth, running requests, free
                       slots and blocks (what the router balances on).
     ``KvEvents``      block hashes stored and removed on the worker (feeds the prefix index).
-    ``WorkerInfo``    answer to ``Ping``.
+    ``WorkerInfo``    answer to ``Ping``, and after a role change.
+
+Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
+``WorkerInfo.kv_*``), so version-1 peers interoperate.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ __all__ = [
     "LoadReport",
     "Message",
     "Ping",
+    "SetRole",
     "Submit",
     "Tokens",
     "TransferDone",
@@ -64,6 +75,11 @@ class Ping(msgspec.Struct, tag=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
+class SetRole(msgspec.Struct, tag=True, frozen=True):
+    role: str  # "prefill" or "decode"
+    drain_timeout_s: float = 300.0  # in-flight requests left after this are aborted
+
+
 class Tokens(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     token_ids: list[int]
@@ -88,6 +104,8 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     num_pending_decodes: int
     relay_bytes_sent: int = 0
     relay_goodput_gbps: float = 0.0
+    is_draining: bool = False  # a role change is pending: send no new requests
+    role: str = ""
 
 
 class KvEvents(msgspec.Struct, tag=True, frozen=True):
@@ -106,10 +124,14 @@ class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
     num_blocks: int
     max_num_seqs: int
     relay_endpoint: str = ""  # decode workers: where prefill workers send KV
+    kv_bytes_per_token: int = 0  # S_kv(l) = kv_state_bytes + kv_bytes_per_token * l
+    kv_state_bytes: int = 0
     version: int = PROTOCOL_VERSION
 
 
-Message = Submit | Cancel | Ping | Tokens | TransferDone | LoadReport | KvEvents | WorkerInfo
+Message = (
+    Submit | Cancel | Ping | SetRole | Tokens | TransferDone | LoadReport | KvEvents | WorkerInfo
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -14,56 +14,26 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass
 
 import msgspec
 import zmq
 
-from trtllm_prfaas.connector.base import ConnectorPair
-from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
 from trtllm_prfaas.connector.prfaas_runtime import (
     PrfaasConnectorConfig,
-    PrfaasRuntime,
     Role,
     transfer_id_for,
 )
-from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.errors import ConfigError, DeadlineExceeded, PrfaasError
-from trtllm_prfaas.kv.hashing import CacheKey
+from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport import InboundStatus, RelayConfig
+from trtllm_prfaas.transport import InboundStatus
 from trtllm_prfaas.worker import protocol as p
+from trtllm_prfaas.worker.assembly import WorkerConfig, WorkerRole, assemble
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 
 log = get_logger(__name__)
-
-
-class WorkerRole(Enum):
-    PREFILL = "prefill"  # a PrfaaS-cluster prefill node or a local PD-P node
-    DECODE = "decode"  # a local PD-D node
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    worker_id: str
-    role: WorkerRole
-    cluster: str
-    relay: RelayConfig
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    control_endpoint: str = "tcp://127.0.0.1:0"
-    relay_endpoint: str = "tcp://127.0.0.1:0"  # decode role: where the relay receiver binds
-    transfer_timeout_s: float = 30.0
-    load_timeout_s: float = 30.0
-    fallback: str = "recompute"  # relayed KV missing or failed: "recompute" locally, or "fail"
-    load_report_interval_s: float = 0.1
-    idle_poll_s: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.fallback not in ("recompute", "fail"):
-            raise ConfigError(f"fallback: 'recompute' or 'fail', not {self.fallback!r}")
 
 
 @dataclass
@@ -71,6 +41,12 @@ class _Tracked:
     identity: bytes
     engine_id: int
     deadline: float
+
+
+@dataclass(frozen=True)
+class _RoleChange:
+    role: WorkerRole
+    deadline: float  # monotonic seconds: abort what is still running after this
 
 
 @dataclass
@@ -85,23 +61,10 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        model = config.engine.model
-        key = CacheKey(model.model_id, "HND", model.dtype, tp_rank=0)
-        role = Role.DECODE if config.role is WorkerRole.DECODE else Role.PREFILL
-        connector_config = PrfaasConnectorConfig(
-            role,
-            config.relay,
-            config.relay_endpoint,
-            config.transfer_timeout_s,
-            config.load_timeout_s,
-        )
-        self.runtime = PrfaasRuntime.start(connector_config, key)
+        self.role = config.role
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._assemble(config.role)
         try:
-            args = ReferenceEngine.llm_args_for(model, prfaas_runtime=self.runtime)
-            pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
-            engine_config = _with_failure_policy(config.engine, config.fallback)
-            self.engine = ReferenceEngine(engine_config, pair)
             self.socket = self._ctx.socket(zmq.ROUTER)
             self.socket.linger = 0
             self.socket.bind(config.control_endpoint)
@@ -110,7 +73,7 @@ class WorkerServer:
             self._ctx.destroy(linger=0)
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.relay_endpoint = self.runtime.receiver_endpoint if role is Role.DECODE else ""
+        self._role_change: _RoleChange | None = None
         self._ids = itertools.count(1)
         self._requests: dict[str, _Tracked] = {}
         self._by_engine_id: dict[int, str] = {}
@@ -120,6 +83,21 @@ class WorkerServer:
         self._next_report = 0.0
         self._stop = threading.Event()
 
+    def _assemble(self, role: WorkerRole) -> None:
+        """(Re)build the connector runtime and engine for ``role``; the relay config is kept."""
+        c = self.config
+        runtime_role = Role.DECODE if role is WorkerRole.DECODE else Role.PREFILL
+        connector = PrfaasConnectorConfig(
+            runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s
+        )
+        built = assemble(c.engine, connector, c.fallback)
+        self.runtime, self.engine, self.relay_endpoint = (
+            built.runtime,
+            built.engine,
+            built.relay_endpoint,
+        )
+        self.role = role
+
     # ------------------------------------------------------------------------- lifecycle
     def serve(self) -> None:
         """Run until ``stop()``. Each pass: control messages, one engine step, load report."""
@@ -127,7 +105,7 @@ class WorkerServer:
             "worker_serving",
             worker_id=self.config.worker_id,
             endpoint=self.endpoint,
-            role=self.config.role.value,
+            role=self.role.value,
             relay=self.relay_endpoint,
         )
         while not self._stop.is_set():
@@ -137,6 +115,7 @@ class WorkerServer:
             self._expire_deadlines()
             if self.engine.has_unfinished():
                 self._step()
+            self._convert_if_drained()
             self._report_load()
 
     def stop(self) -> None:
@@ -159,9 +138,10 @@ class WorkerServer:
 
     def info(self) -> p.WorkerInfo:
         engine = self.engine.config
+        spec = engine.model.kv_spec
         return p.WorkerInfo(
             self.config.worker_id,
-            self.config.role.value,
+            self.role.value,
             self.config.cluster,
             engine.model.model_id,
             engine.model.max_seq_len,
@@ -169,6 +149,8 @@ class WorkerServer:
             engine.num_blocks,
             engine.max_num_seqs,
             self.relay_endpoint,
+            kv_bytes_per_token=spec.bytes_per_token,
+            kv_state_bytes=spec.state_bytes,
         )
 
     # ---------------------------------------------------------------------- control plane
@@ -198,6 +180,8 @@ class WorkerServer:
             self._abort(message.request_id, "aborted")
         elif isinstance(message, p.Ping):
             self._send(identity, self.info())
+        elif isinstance(message, p.SetRole):
+            self._set_role(identity, message)
 
     def _send(self, identity: bytes, message: p.Message) -> None:
         try:
@@ -206,6 +190,10 @@ class WorkerServer:
             log.warning("control_send_dropped", kind=type(message).__name__)
 
     def _submit(self, identity: bytes, submit: p.Submit) -> None:
+        if self._role_change is not None:
+            message = f"worker {self.config.worker_id} is draining for a role change"
+            self._send(identity, _error_tokens(submit.request_id, "AdmissionRejected", message))
+            return
         if submit.request_id in self._requests or any(
             pend.submit.request_id == submit.request_id for pend in self._pending
         ):
@@ -217,12 +205,12 @@ class WorkerServer:
             )
             return
         relayed = len(submit.prompt_token_ids) >= 2  # a 1-token prompt has no KV to relay
-        if self.config.role is WorkerRole.DECODE and submit.transfer_uuid and relayed:
+        if self.role is WorkerRole.DECODE and submit.transfer_uuid and relayed:
             deadline = time.monotonic() + submit.announce_timeout_s
             self._pending.append(_PendingDecode(identity, submit, deadline))
             return
         params = None
-        if self.config.role is WorkerRole.PREFILL and submit.transfer_uuid:
+        if self.role is WorkerRole.PREFILL and submit.transfer_uuid:
             params = {
                 "transfer_uuid": submit.transfer_uuid,
                 "relay_endpoint": submit.relay_endpoint,
@@ -230,7 +218,7 @@ class WorkerServer:
         self._add(identity, submit, params)
 
     def _add(self, identity: bytes, submit: p.Submit, params: Mapping[str, object] | None) -> None:
-        exporting = params is not None and self.config.role is WorkerRole.PREFILL
+        exporting = params is not None and self.role is WorkerRole.PREFILL
         max_tokens = 1 if exporting else submit.max_tokens  # a relayed prefill ends at token 1
         ignore_eos = submit.ignore_eos or exporting
         try:
@@ -245,7 +233,7 @@ class WorkerServer:
         deadline = time.monotonic() + submit.deadline_s
         self._requests[submit.request_id] = _Tracked(identity, engine_id, deadline)
         self._by_engine_id[engine_id] = submit.request_id
-        if params is not None and self.config.role is WorkerRole.PREFILL:
+        if params is not None and self.role is WorkerRole.PREFILL:
             self._transfer_owner[engine_id] = (identity, submit.request_id)
 
     def _admit_announced(self) -> None:
@@ -347,6 +335,50 @@ class WorkerServer:
                 )
                 self._abort(request_id, "error", error)
 
+    # ---------------------------------------------------------------------- role change
+    def _set_role(self, identity: bytes, message: p.SetRole) -> None:
+        try:
+            role = WorkerRole(message.role)
+        except ValueError:
+            log.warning("set_role_unknown", role=message.role)
+            return
+        if role is self.role and self._role_change is None:
+            self._send(identity, self.info())
+            return
+        deadline = time.monotonic() + message.drain_timeout_s
+        self._role_change = _RoleChange(role, deadline)
+        log.info("worker_draining", worker_id=self.config.worker_id, target=role.value)
+        self._next_report = 0.0  # tell routers about the drain at once
+
+    def _is_idle(self) -> bool:
+        return not (
+            self.engine.has_unfinished() or self._pending or self._requests or self._transfer_owner
+        )
+
+    def _convert_if_drained(self) -> None:
+        """Once drained (or past the drain deadline), rebuild for the new role and announce it."""
+        change = self._role_change
+        if change is None:
+            return
+        if not self._is_idle():
+            if time.monotonic() < change.deadline:
+                return
+            for request_id in list(self._requests):
+                self._abort(request_id, "error", DeadlineExceeded("role change drain timed out"))
+        self.runtime.close()
+        self._transfer_owner.clear()
+        self._role_change = None
+        try:
+            self._assemble(change.role)
+        except PrfaasError as exc:  # e.g. no receiver keys for a decode role: keep the old one
+            log.error("role_change_failed", role=change.role.value, error=str(exc))
+            self._assemble(self.role)
+        log.info("worker_role", worker_id=self.config.worker_id, role=self.role.value,
+                 relay=self.relay_endpoint)  # fmt: skip
+        for identity in self._routers:  # the answer to SetRole: the role now in force
+            self._send(identity, self.info())
+        self._next_report = 0.0
+
     def _report_load(self) -> None:
         now = time.monotonic()
         if now < self._next_report or not self._routers:
@@ -363,13 +395,11 @@ class WorkerServer:
             len(self._pending),
             relay_bytes_sent=sum(link.bytes_acked for link in links),
             relay_goodput_gbps=max((link.goodput_gbps for link in links), default=0.0),
+            is_draining=self._role_change is not None,
+            role=self.role.value,
         )
         for identity in self._routers:
             self._send(identity, report)
-
-
-def _with_failure_policy(config: EngineConfig, fallback: str) -> EngineConfig:
-    return replace(config, on_load_failure=fallback)
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:

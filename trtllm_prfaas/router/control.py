@@ -1,0 +1,395 @@
+"""The router's control loop: online profiles, the threshold controller and the rebalancer.
+
+The orchestrator feeds observations as requests flow (``on_routed``, ``on_prefill``,
+``on_relay_wait``, ``on_decode``); a task on the router's event loop calls :meth:`ControlLoop.tick`
+every ``period_s``. All clocks and I/O stay here; the decisions are the pure ``policy/`` functions
+the simulator calls too (``controller.step``, ``solver.solve_fixed_split`` and its bounds,
+``rebalancer.step_rebalancer``). One tick:
+
+1. **Signals** over the last period (:class:`~trtllm_prfaas.policy.controller.LinkSignals`):
+   PrfaaS egress = relay bytes acknowledged by PrfaaS workers (``LoadReport.relay_bytes_sent``
+   deltas) over the period, as a share of the link estimate (``link_gbps`` if configured, else an
+   EWMA of the PrfaaS workers' ``relay_goodput_gbps``); PrfaaS queue depth from their reports;
+   relay queue delay = EWMA of (decode node's first token - prefill leg's first token) of
+   offloaded requests, decayed towards 0 in a period without any (an idle link has no queue);
+   backlogs = queued requests per node x the cluster's mean prefill leg (EWMA).
+2. **t_opt**: ``solve_fixed_split`` on the measured profiles (per-cluster prefill latency lines
+   fitted online, ``S_kv`` from the workers' ``WorkerInfo``, decode step EWMA) and a histogram of
+   the last ``window`` prompt lengths; bounds from ``min_remote_threshold`` /
+   ``max_local_threshold`` at the arrival-rate EWMA and ``local_max_utilisation``.
+3. **Controller** ``step`` moves ``t`` with its hysteresis and rate limits; the orchestrator
+   routes every request with :attr:`ControlLoop.policy` (the live ``t``, the configured
+   ``threshold_tokens`` being only the initial value).
+4. Every ``rebalancer.period_s``: ``step_rebalancer`` on PD-P busy time (observed prefill legs)
+   and PD-D slot occupancy (reports); DRAIN marks the node draining (no new work), CONVERT calls
+   the orchestrator's converter (``SetRole`` to the worker) and ``t`` is re-solved at once.
+
+Values: ``period_s = 1`` s (the controller's own period: fast enough to follow a link that
+shrinks within seconds, slow enough that a period holds a few requests and one relay goodput
+sample from every worker's 0.1 s load reports); EWMA ``alpha = 0.2`` (a ~5-sample memory: a
+change shows within a few seconds, one outlier moves an estimate by a fifth); a window of 512
+recent prompt lengths in 32 log-spaced bins; nothing moves before ``min_requests = 32`` requests
+and ``min_legs = 4`` prefill legs on each cluster (a handful of requests says nothing about a
+distribution, and the configured ``t`` stays exact for small runs and tests). A failing tick is
+logged and skipped; ``t`` keeps its last value and routing goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from trtllm_prfaas.policy import controller as ctl
+from trtllm_prfaas.policy import rebalancer as rb
+from trtllm_prfaas.policy.model import Deployment
+from trtllm_prfaas.policy.profile import KvSize
+from trtllm_prfaas.policy.route import ClusterView, PolicyState, RequestView, RouteDecision
+from trtllm_prfaas.policy.solver import (
+    SolverOptions,
+    max_local_threshold,
+    min_remote_threshold,
+    solve_fixed_split,
+)
+from trtllm_prfaas.router.cluster import ClusterState, WorkerState
+from trtllm_prfaas.router.online import Ewma, OnlineProfiles
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
+
+__all__ = ["ControlConfig", "ControlLoop", "Converter", "RouteRecord", "TickRecord"]
+
+log = get_logger(__name__)
+
+Converter = Callable[[str, str], Awaitable[object]]  # (worker name, new role) -> done
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control loop's periods and estimator settings (see the module doc for the values)."""
+
+    period_s: float = 1.0
+    controller: ctl.ControllerConfig = field(default_factory=ctl.ControllerConfig)
+    rebalancer: rb.RebalancerConfig | None = field(default_factory=rb.RebalancerConfig)
+    link_gbps: float | None = None  # known PrfaaS egress capacity; None: measured goodput
+    default_link_gbps: float = 10.0  # before the first goodput sample
+    ewma_alpha: float = 0.2
+    window: int = 512
+    num_bins: int = 32
+    min_requests: int = 32
+    min_legs: int = 4
+    local_max_utilisation: float = 0.85
+    solver: SolverOptions = field(default_factory=lambda: SolverOptions(grid_size=128))
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    """One routing decision and exactly what it was decided on (for replay and parity)."""
+
+    now_s: float
+    request: RequestView
+    cluster: ClusterView
+    policy: PolicyState
+    decision: RouteDecision
+
+
+@dataclass(frozen=True)
+class TickRecord:
+    """One control tick: its inputs to ``controller.step`` and what came out."""
+
+    now_s: float
+    signals: ctl.LinkSignals
+    t_opt: float
+    t_min: float
+    t_max: float
+    state: ctl.ControllerState
+    reason: str
+    egress_gbps: float
+    link_gbps: float
+    offload_share: float
+
+
+class ControlLoop:
+    """Live ``t`` and cache policy for the orchestrator; see the module doc for one tick."""
+
+    def __init__(
+        self,
+        config: ControlConfig,
+        cluster: ClusterState,
+        initial_threshold: float,
+        metrics: RouterMetrics | None = None,
+        converter: Converter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config, self.cluster, self.metrics = config, cluster, metrics
+        self.converter, self.clock = converter, clock
+        self.base_threshold = initial_threshold
+        self.state = self.initial_state = ctl.initial_state(initial_threshold, clock())
+        self.policy = PolicyState.from_controller(self.state)
+        alpha = config.ewma_alpha
+        self.profiles = OnlineProfiles(alpha, config.window, config.num_bins)
+        self.rate_per_s, self.offload_share, self.link = Ewma(alpha), Ewma(alpha), Ewma(alpha)
+        self.rebalancer = rb.initial_rebalancer_state()
+        self.ticks: deque[TickRecord] = deque(maxlen=3600)
+        self.num_conversions = 0
+        self._relay_bytes: dict[str, int] = {}
+        self._routed = self._offloaded = self._relay_samples = 0
+        self._pd_busy_s = 0.0
+        self._decode_util: list[float] = []
+        self._last_tick_s = self._last_rebalance_s = clock()
+        self._task: asyncio.Task[None] | None = None
+        self._conversions: set[asyncio.Task[None]] = set()
+        self._export(initial_threshold, 0.0, 0.0)
+
+    # ------------------------------------------------------------------ observations
+    def on_routed(self, decision: RouteDecision, prompt_tokens: int, max_tokens: int) -> None:
+        """A request was routed (called by the orchestrator before its legs start)."""
+        self.profiles.on_request(prompt_tokens, max_tokens)
+        self._routed += 1
+        self._offloaded += int(decision.is_remote)
+
+    def on_prefill(self, is_remote: bool, tokens: int, seconds: float) -> None:
+        """A prefill leg's submit-to-first-token time."""
+        self.profiles.on_prefill(is_remote, tokens, seconds)
+        if not is_remote:
+            self._pd_busy_s += seconds
+
+    def on_relay_wait(self, seconds: float) -> None:
+        """An offloaded request: decode node's first token minus the prefill's first token."""
+        self.profiles.relay_wait_s.update(max(seconds, 0.0))
+        self._relay_samples += 1
+
+    def on_decode(self, num_tokens: int, seconds: float) -> None:
+        """A decode leg: ``num_tokens`` after its first one took ``seconds``."""
+        self.profiles.on_decode(num_tokens, seconds)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start ticking on the running event loop (no-op if already started)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop ticking and wait for conversions in flight to end (they have timeouts)."""
+        tasks = [t for t in (self._task, *self._conversions) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.period_s)
+            try:
+                self.tick(self.clock())
+            except Exception as exc:  # keep routing on the last t; say why loudly
+                log.error("control_tick_failed", error=repr(exc))
+
+    # ------------------------------------------------------------------ one tick
+    def tick(self, now: float) -> TickRecord:
+        """One control period ending at ``now`` (monotonic seconds); see the module doc."""
+        elapsed = max(now - self._last_tick_s, 1e-6)
+        self._last_tick_s = now
+        signals, egress_gbps, link_gbps = self._signals(elapsed)
+        self._period_rates(elapsed)
+        t_opt, t_min, t_max = self._targets(link_gbps)
+        reason = "warm-up"
+        if self.profiles.is_warm(self.config.min_requests, self.config.min_legs):
+            step = ctl.step(self.config.controller, self.state, signals, t_opt, t_max, now, t_min)
+            reason = step.reason
+            self._apply(step.state, reason, t_opt, signals)
+        share = self.offload_share.get(0.0)
+        record = TickRecord(
+            now, signals, t_opt, t_min, t_max, self.state, reason, egress_gbps, link_gbps, share
+        )
+        self.ticks.append(record)
+        self._export(t_opt, egress_gbps, link_gbps)
+        if self.metrics is not None:
+            self.metrics.record_control_decision(reason)
+        self._rebalance(now)
+        return record
+
+    def _apply(
+        self, state: ctl.ControllerState, reason: str, t_opt: float, s: ctl.LinkSignals
+    ) -> None:
+        before = self.state
+        self.state, self.policy = state, PolicyState.from_controller(state)
+        if state.threshold_tokens != before.threshold_tokens or (
+            state.cache_policy is not before.cache_policy
+        ):
+            log.info(
+                "threshold_changed",
+                threshold=round(state.threshold_tokens, 1),
+                previous=round(before.threshold_tokens, 1),
+                t_opt=round(t_opt, 1),
+                reason=reason,
+                cache_policy=state.cache_policy.value,
+                egress_utilisation=round(s.egress_utilisation, 3),
+                prfaas_queue=s.prfaas_queue_depth,
+                relay_delay_s=round(s.relay_queue_delay_s, 3),
+            )
+
+    def _signals(self, elapsed: float) -> tuple[ctl.LinkSignals, float, float]:
+        remote = self._pool(prfaas=True, role="prefill")
+        local = self._pool(prfaas=False, role="prefill")
+        sent, goodput = 0, 0.0
+        for w in remote:
+            total = w.report.relay_bytes_sent if w.report else 0
+            sent += max(total - self._relay_bytes.get(w.name, total), 0)
+            self._relay_bytes[w.name] = total
+            goodput = max(goodput, w.report.relay_goodput_gbps if w.report else 0.0)
+        if sent > 0 and goodput > 0:
+            self.link.update(goodput)
+        link = self.config.link_gbps or self.link.get(self.config.default_link_gbps)
+        egress = sent * 8 / 1e9 / elapsed
+        if self._relay_samples == 0:
+            self.profiles.relay_wait_s.update(0.0)  # nothing offloaded: no relay queue
+        self._relay_samples = 0
+        queue = sum(w.report.queue_depth for w in remote if w.report)
+        signals = ctl.LinkSignals(
+            egress_utilisation=egress / link,
+            prfaas_queue_depth=queue,
+            prfaas_instances=len(remote),
+            retransmit_ratio=0.0,  # the relay does not report TCP retransmits yet
+            relay_queue_delay_s=self.profiles.relay_wait_s.get(0.0),
+            prfaas_backlog_s=self._backlog_s(remote, "prfaas"),
+            pd_backlog_s=self._backlog_s(local, "pd"),
+        )
+        return signals, egress, link
+
+    def _period_rates(self, elapsed: float) -> None:
+        self.rate_per_s.update(self._routed / elapsed)
+        if self._routed:
+            self.offload_share.update(self._offloaded / self._routed)
+        self._routed = self._offloaded = 0
+        decode = self._pool(prfaas=False, role="decode")
+        slots = sum(w.info.max_num_seqs for w in decode)
+        free = sum(w.report.num_free_slots if w.report else w.info.max_num_seqs for w in decode)
+        self._decode_util.append(1 - free / slots if slots else 0.0)
+
+    def _pool(self, prfaas: bool, role: str) -> list[WorkerState]:
+        now = self.clock()
+        return [
+            w
+            for w in self.cluster.workers.values()
+            if w.is_prfaas == prfaas and w.role == role and w.is_live(now) and not w.draining
+        ]
+
+    def _backlog_s(self, pool: list[WorkerState], cluster: str) -> float:
+        if not pool:
+            return 0.0
+        queued = sum(w.report.queue_depth for w in pool if w.report) / len(pool)
+        return queued * self.profiles.leg_s[cluster].get(0.0)
+
+    def _deployment(self) -> Deployment:
+        return Deployment(
+            len(self._pool(prfaas=True, role="prefill")),
+            len(self._pool(prfaas=False, role="prefill")),
+            len(self._pool(prfaas=False, role="decode")),
+        )
+
+    def _targets(self, link_gbps: float) -> tuple[float, float, float]:
+        """``(t_opt, t_min, t_max)``: solved when warm, else the initial ``t`` and no ceiling."""
+        max_len = min((w.info.max_seq_len for w in self.cluster.workers.values()), default=2)
+        fallback = (self.base_threshold, self.base_threshold, float(max_len))
+        dep = self._deployment()
+        warm = self.profiles.is_warm(self.config.min_requests, self.config.min_legs)
+        snap = self.profiles.snapshot(self._kv(), self._slots(), link_gbps, max_len)
+        if not warm or snap is None or min(dep.num_prfaas, dep.num_p, dep.num_d) == 0:
+            return fallback
+        c, rate = self.config, self.rate_per_s.get(0.0)
+        t_opt = solve_fixed_split(snap.system, snap.workload, dep, c.solver).threshold_tokens
+        util = c.local_max_utilisation
+        lo = min_remote_threshold(snap.system, snap.workload, dep, rate, util, c.solver)
+        hi = max_local_threshold(snap.system, snap.workload, dep, rate, util, c.solver)
+        return t_opt, lo, hi
+
+    def _kv(self) -> KvSize:
+        info = next(iter(self.cluster.workers.values())).info
+        return KvSize(float(info.kv_state_bytes), float(max(info.kv_bytes_per_token, 1)))
+
+    def _slots(self) -> int:
+        decode = self._pool(prfaas=False, role="decode")
+        return max((w.info.max_num_seqs for w in decode), default=0)
+
+    def _export(self, t_opt: float, egress_gbps: float, link_gbps: float) -> None:
+        if self.metrics is not None:
+            share = self.offload_share.get(0.0)
+            t = self.state.threshold_tokens
+            self.metrics.set_control(t, t_opt, share, egress_gbps, link_gbps)
+
+    # ------------------------------------------------------------------ rebalancing
+    def _rebalance(self, now: float) -> None:
+        config = self.config.rebalancer
+        if config is None or now - self._last_rebalance_s < config.period_s:
+            return
+        period = now - self._last_rebalance_s
+        self._last_rebalance_s = now
+        prefill = self._pool(prfaas=False, role="prefill")
+        decode = self._pool(prfaas=False, role="decode")
+        signals = self._stage_signals(prefill, decode, period)
+        views = [w.view() for w in prefill], [w.view() for w in decode]
+        d = rb.step_rebalancer(config, self.rebalancer, signals, *views, now)
+        self.rebalancer = d.state
+        if d.action is not rb.RebalanceAction.NONE and d.node_id and d.target_role:
+            self._act(d.action, d.node_id, d.target_role.value)
+
+    def _stage_signals(
+        self, prefill: list[WorkerState], decode: list[WorkerState], period: float
+    ) -> rb.StageSignals:
+        num_p, num_d = len(prefill), len(decode)
+        util_d = sum(self._decode_util) / max(len(self._decode_util), 1)
+        busy_p, self._pd_busy_s, self._decode_util = self._pd_busy_s, 0.0, []
+        draining = self.rebalancer.draining_node_id
+        node = self.cluster.workers.get(draining) if draining else None
+        return rb.StageSignals(
+            prefill_utilisation=min(busy_p / max(num_p * period, 1e-9), 1.0),
+            prefill_queue_per_node=_queued(prefill) / max(num_p, 1),
+            decode_utilisation=util_d,
+            decode_queue_per_node=sum(w.report.num_pending_decodes for w in decode if w.report)
+            / max(num_d, 1),
+            num_p=num_p + (node is not None and node.role == "prefill"),
+            num_d=num_d + (node is not None and node.role == "decode"),
+            is_drain_complete=node is not None and node.is_idle(),
+        )
+
+    def _act(self, action: rb.RebalanceAction, node_id: str, role: str) -> None:
+        log.info("rebalance", action=action.value, worker=node_id, target_role=role)
+        if self.metrics is not None:
+            self.metrics.record_rebalance(action.value)
+        worker = self.cluster.workers.get(node_id)
+        if worker is None:
+            return
+        worker.is_draining = True
+        if action is rb.RebalanceAction.CONVERT and self.converter is not None:
+            task = asyncio.get_running_loop().create_task(self._convert(node_id, role))
+            self._conversions.add(task)
+            task.add_done_callback(self._conversions.discard)
+
+    async def _convert(self, node_id: str, role: str) -> None:
+        assert self.converter is not None
+        try:
+            await self.converter(node_id, role)
+        except Exception as exc:  # the node stays drained; the next rebalance may retry
+            log.error("role_conversion_failed", worker=node_id, role=role, error=repr(exc))
+            return
+        self.num_conversions += 1
+        self.on_converted()
+
+    def on_converted(self) -> None:
+        """A node changed role: re-solve ``t`` now (the old one was solved for the old split)."""
+        link = self.config.link_gbps or self.link.get(self.config.default_link_gbps)
+        t_opt, _, _ = self._targets(link)
+        self.state = ctl.ControllerState(
+            t_opt, self.state.cache_policy, self.clock(), None, self.state.low_egress_since_s
+        )
+        self.policy = PolicyState.from_controller(self.state)
+        log.info("threshold_resolved", threshold=round(t_opt, 1), deployment=self._deployment())
+
+
+def _queued(pool: list[WorkerState]) -> int:
+    return sum(w.report.queue_depth for w in pool if w.report)

@@ -1,0 +1,80 @@
+"""A worker's config, and how its engine and connector runtime are built for one role (at start
+and on a role change).
+
+Both halves of the PrfaaS connector share one :class:`PrfaasRuntime`; a decode-role runtime binds
+a relay receiver, a prefill-role runtime opens senders on demand. The relay security (Curve keys
+or plaintext) and pacing come from the worker's ``RelayConfig`` unchanged, so a converted worker
+keeps the security it was started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime, Role
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.kv.hashing import CacheKey
+from trtllm_prfaas.transport import RelayConfig
+
+__all__ = ["Assembly", "WorkerConfig", "WorkerRole", "assemble"]
+
+
+class WorkerRole(Enum):
+    PREFILL = "prefill"  # a PrfaaS-cluster prefill node or a local PD-P node
+    DECODE = "decode"  # a local PD-D node
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: WorkerRole
+    cluster: str
+    relay: RelayConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    control_endpoint: str = "tcp://127.0.0.1:0"
+    relay_endpoint: str = "tcp://127.0.0.1:0"  # decode role: where the relay receiver binds
+    transfer_timeout_s: float = 30.0
+    load_timeout_s: float = 30.0
+    fallback: str = "recompute"  # relayed KV missing or failed: "recompute" locally, or "fail"
+    load_report_interval_s: float = 0.1
+    idle_poll_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("recompute", "fail"):
+            raise ConfigError(f"fallback: 'recompute' or 'fail', not {self.fallback!r}")
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """One role's runtime and engine; ``relay_endpoint`` is empty unless the role is decode."""
+
+    runtime: PrfaasRuntime
+    engine: ReferenceEngine
+    relay_endpoint: str
+
+
+def assemble(
+    engine_config: EngineConfig,
+    connector_config: PrfaasConnectorConfig,
+    fallback: str,
+) -> Assembly:
+    """Start the runtime (binding a receiver for the decode role), then the engine around it.
+
+    On failure the runtime is closed before the error propagates (nothing is left bound).
+    """
+    model = engine_config.model
+    key = CacheKey(model.model_id, "HND", model.dtype, tp_rank=0)
+    runtime = PrfaasRuntime.start(connector_config, key)
+    try:
+        args = ReferenceEngine.llm_args_for(model, prfaas_runtime=runtime)
+        pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
+        engine = ReferenceEngine(replace(engine_config, on_load_failure=fallback), pair)
+    except BaseException:
+        runtime.close()
+        raise
+    relay = runtime.receiver_endpoint if connector_config.role is Role.DECODE else ""
+    return Assembly(runtime, engine, relay)

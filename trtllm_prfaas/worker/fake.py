@@ -1,0 +1,170 @@
+"""An in-process fake of a worker pool that speaks the real control protocol, instantly.
+
+For router tests and benchmarks that need the orchestrator's real code path (ZeroMQ sockets,
+``policy.route``, slot reservation, streaming) without engines: each :class:`FakeWorker` binds a
+ROUTER socket on loopback and, on the router's event loop, answers
+
+- ``Ping`` with its ``WorkerInfo``; ``SetRole`` by switching role and answering ``WorkerInfo``;
+- ``Submit``: a prefill worker returns one token and ``TransferDone`` after
+  ``prefill_s_per_token`` x prompt length, a decode worker ``max_tokens`` tokens after
+  ``decode_delay_s`` (so the prefill leg normally answers first, as on real workers). Tokens
+  are a pure function of the prompt (``fake_tokens``): the prefill's first token always
+  equals the decode node's;
+- ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
+  router sees) and on every ``report_interval_s`` with the last scripted values.
+
+``FakeWorkerPool`` is an async context manager: it starts every worker and closes their sockets
+and tasks on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+from msgspec.structs import replace
+
+from trtllm_prfaas.worker import protocol as p
+
+__all__ = ["FakeWorker", "FakeWorkerPool", "FakeWorkerSpec", "fake_tokens"]
+
+
+def fake_tokens(prompt: list[int], count: int) -> list[int]:
+    """``count`` deterministic token ids for ``prompt`` (bytes 0..255)."""
+    seed = sum((i + 1) * t for i, t in enumerate(prompt[-16:])) + len(prompt)
+    return [(seed * 31 + k * 17) % 256 for k in range(count)]
+
+
+@dataclass(frozen=True)
+class FakeWorkerSpec:
+    """Name, role (``prefill``/``decode``), cluster; engine-like limits for ``WorkerInfo``."""
+
+    name: str
+    role: str
+    cluster: str = "dc-local"
+    max_seq_len: int = 8192
+    max_num_seqs: int = 16
+    num_blocks: int = 512
+    prefill_s_per_token: float = 0.0
+    decode_delay_s: float = 0.005
+
+
+class FakeWorker:
+    """One fake worker on the running event loop (see the module doc)."""
+
+    def __init__(
+        self, spec: FakeWorkerSpec, ctx: zmq.asyncio.Context, report_interval_s: float
+    ) -> None:
+        self.spec = spec
+        self.role = spec.role
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.routers: set[bytes] = set()
+        self.num_submits = 0
+        self.last_report = p.LoadReport(
+            spec.name, 0, 0, spec.max_num_seqs, spec.num_blocks, 0, role=spec.role
+        )
+        self._interval_s = report_interval_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._spawn(self._serve())
+        self._spawn(self._tick())
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.socket.close(linger=0)
+
+    def info(self) -> p.WorkerInfo:
+        s = self.spec
+        relay = f"tcp://127.0.0.1:1/{s.name}" if self.role == "decode" else ""
+        return p.WorkerInfo(
+            s.name, self.role, s.cluster, "fake", s.max_seq_len, 16, s.num_blocks,
+            s.max_num_seqs, relay, kv_bytes_per_token=1024, kv_state_bytes=65536,
+        )  # fmt: skip
+
+    async def report(self, **fields: object) -> None:
+        """Send a ``LoadReport`` with ``fields`` changed (kept for the periodic reports)."""
+        self.last_report = replace(self.last_report, role=self.role, **fields)  # type: ignore[arg-type]
+        await self._broadcast(self.last_report)
+
+    async def _broadcast(self, message: p.Message) -> None:
+        for identity in self.routers:
+            await self.socket.send_multipart([identity, p.encode_message(message)])
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._broadcast(self.last_report)
+
+    async def _serve(self) -> None:
+        while True:
+            identity, frame = await self.socket.recv_multipart()
+            self.routers.add(identity)
+            try:
+                message = p.decode_message(frame)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            delay_s, replies = self._answer(message)
+            self._spawn(self._reply(identity, delay_s, replies))
+
+    async def _reply(self, identity: bytes, delay_s: float, replies: list[p.Message]) -> None:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        for reply in replies:
+            await self.socket.send_multipart([identity, p.encode_message(reply)])
+
+    def _answer(self, message: p.Message) -> tuple[float, list[p.Message]]:
+        if isinstance(message, p.Ping):
+            return 0.0, [self.info()]
+        if isinstance(message, p.SetRole):
+            self.role = message.role
+            self.last_report = replace(self.last_report, role=self.role)
+            return 0.0, [self.info()]
+        if not isinstance(message, p.Submit):
+            return 0.0, []
+        self.num_submits += 1
+        prompt, rid = message.prompt_token_ids, message.request_id
+        if self.role == "prefill" and message.transfer_uuid:
+            first = p.Tokens(rid, fake_tokens(prompt, 1), True, "length")
+            return len(prompt) * self.spec.prefill_s_per_token, [first, p.TransferDone(rid)]
+        tokens = fake_tokens(prompt, message.max_tokens)
+        return self.spec.decode_delay_s, [p.Tokens(rid, tokens, True, "length")]
+
+
+class FakeWorkerPool:
+    """Fake workers by name; ``async with FakeWorkerPool(specs) as pool`` starts and closes them."""
+
+    def __init__(self, specs: list[FakeWorkerSpec], report_interval_s: float = 0.05) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self.workers = {s.name: FakeWorker(s, self._ctx, report_interval_s) for s in specs}
+
+    def __getitem__(self, name: str) -> FakeWorker:
+        return self.workers[name]
+
+    async def __aenter__(self) -> FakeWorkerPool:
+        for worker in self.workers.values():
+            worker.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in self.workers.values():
+            await worker.close()
+        self._ctx.term()
