@@ -1,0 +1,438 @@
+"""Router overhead: added latency per request and the front door's max request rate, echo engines.
+
+    python bench/router.py --json
+
+Prints one JSON line. Two paths serve the same zero-cost echo model (``max_tokens`` copies of one
+token, answered at once), each in its own processes, measured in one run by the same stock
+``tritonclient.grpc.aio`` client (this process) with unary ``ModelInfer``:
+
+- **direct**: client -> KServe front door (``FrontDoor``) over ``EchoOrchestrator``, one process.
+- **routed**: client -> ``RouterService`` (front door, ``DisaggregatedOrchestrator``: validation,
+  ``policy.route``, a decode-slot reservation, Prometheus metrics, the default control loop; no
+  HTTP ``/metrics`` endpoint) -> ZeroMQ ``Submit`` to an echo
+  decode worker and an echo prefill worker (two processes, real ``WorkerServer`` serve loops
+  with ``EchoEngine``) -> their ``Tokens`` (and the prefill's ``TransferDone``) back -> response.
+  Excluded: model compute, and the KV relay (no KV moves; the decode worker treats the relayed
+  transfer as complete at once, see ``bench/_echo.py``). Included: everything else a short
+  request pays on the local route.
+
+**Added latency** (``p50_added_ms``, ``p99_added_ms``): both paths get the same offered load,
+``--rate`` requests/s paced evenly (``--arrivals poisson`` for Poisson), ``--num-requests`` each,
+in ``--rounds`` alternating blocks (direct then routed) after a warm-up, so slow drifts of the
+shared machine hit both. Latency is client-side, from the call to the response. The added
+latency is the difference of the quantiles: ``p99(routed) - p99(direct)`` (and p50); the client's
+own cost and the front door's cost cancel out, what is left is the router's.
+
+**Max rate** (``max_rps``): closed loop, ``--concurrency`` requests always in flight from one
+client, for ``--rps-seconds`` after a warm-up; completions per second. The direct path's figure
+(``direct_max_rps``, same run, same client) bounds what the client and one front door reach on
+this machine; everything shares its cores, so the figures are for the whole set of processes.
+During each closed loop the CPU time of every process is read from ``/proc`` and divided by the
+requests completed: ``cpu_ms_per_request`` per process, ``added_cpu_ms_per_request`` (routed
+minus direct, all processes) and ``cpu_bound_rps`` (the cores divided by the routed path's CPU per
+request). These hold on a shared, loaded machine, where latencies and rates do not: compare
+``load_average_1m`` with ``cpu_count`` before trusting the latencies.
+
+Every process is stopped in ``finally`` (asked, then SIGTERM, then SIGKILL, by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+
+BENCH_DIR = str(Path(__file__).resolve().parent)  # bench/ is not a package: _echo is top-level
+MODEL = "tensorrt_llm"
+ECHO_CHAR = "x"  # the echo engines answer ``max_tokens`` of it (``_echo.ECHO_TOKEN``)
+TARGET_P99_ADDED_MS = 2.0
+TARGET_MAX_RPS = 1000.0
+LOG_LEVEL = "WARNING"  # the CLI's default: no per-request log lines, as deployed
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    rate_rps: float = 200.0
+    num_requests: int = 2000  # per path
+    rounds: int = 10  # alternating direct/routed blocks (1 s each at the defaults)
+    warmup_requests: int = 100  # per path, before measuring
+    max_tokens: int = 4
+    poisson: bool = False
+    concurrency: int = 64
+    rps_seconds: float = 3.0
+    rps_warmup_s: float = 0.5
+    seed: int = 0
+
+
+# ---- processes -------------------------------------------------------------------------------
+
+
+def _serve(entry: str, args: tuple[Any, ...], conn: Connection) -> None:
+    """A child's main: configure logging *before* importing the project (its modules bind their
+    loggers at import), then run ``_echo.<entry>(*args, conn)``."""
+    from trtllm_prfaas.telemetry.logging import configure_logging
+
+    configure_logging(LOG_LEVEL)
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+    import _echo
+
+    getattr(_echo, entry)(*args, conn)
+
+
+class Child:
+    """A spawned server process (``_echo.<entry>``) that sends one ready message; ``stop()``
+    ends it by PID."""
+
+    def __init__(self, entry: str, *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_serve, args=(entry, args, child_conn), name=f"echo-{entry}", daemon=True
+        )
+        self.process.start()
+        child_conn.close()
+
+    def ready(self, timeout_s: float = START_TIMEOUT_S) -> Any:
+        """The child's ready message; raises RuntimeError if it dies or is silent."""
+        if not self._conn.poll(timeout_s):
+            raise RuntimeError(f"{self.process.name} not ready within {timeout_s}s")
+        try:
+            return self._conn.recv()
+        except EOFError as exc:
+            raise RuntimeError(f"{self.process.name} exited ({self.process.exitcode})") from exc
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+    def ask_to_stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """Ask it to stop; SIGTERM then SIGKILL its PID if it does not. Returns the exit code."""
+        self.ask_to_stop()
+        self.process.join(timeout_s)
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if self.process.exitcode is not None or self.process.pid is None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signum)
+            self.process.join(timeout_s)
+        self._conn.close()
+        return self.process.exitcode
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Where the two paths listen, and the PIDs of the processes serving each."""
+
+    direct: str
+    routed: str
+    direct_pids: dict[str, int]
+    routed_pids: dict[str, int]
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[Stack]:
+    """Start the direct server and the routed stack (router, decode and prefill echo workers)."""
+    children: list[Child] = []
+    try:
+        children.append(direct := Child("serve_direct"))
+        children.append(decode := Child("serve_worker", "decode"))
+        children.append(prefill := Child("serve_worker", "prefill"))
+        workers = [("decode", decode.ready(), False), ("prefill", prefill.ready(), False)]
+        children.append(router := Child("serve_router", workers))
+        direct_address, routed_address = direct.ready(), router.ready()
+        routed_pids = {"router": router.pid, "decode": decode.pid, "prefill": prefill.pid}
+        yield Stack(direct_address, routed_address, {"server": direct.pid}, routed_pids)
+    finally:
+        for child in reversed(children):  # the router first: it would miss its workers
+            child.ask_to_stop()
+        for child in reversed(children):
+            child.stop()
+
+
+# ---- client ----------------------------------------------------------------------------------
+
+
+def llm_inputs(max_tokens: int, text: str = "ping") -> list[Any]:
+    """A Triton + TensorRT-LLM client's inputs: ``text_input``, ``sampling_param_max_tokens``."""
+    text_input = grpcclient.InferInput("text_input", [1], "BYTES")
+    text_input.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    max_tokens_input = grpcclient.InferInput("sampling_param_max_tokens", [1], "INT32")
+    max_tokens_input.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    return [text_input, max_tokens_input]
+
+
+async def _infer(client: Any, inputs: list[Any], expected: str) -> float | None:
+    """Seconds for one unary request; None if it failed or answered the wrong text."""
+    start = time.perf_counter()
+    try:
+        result = await client.infer(MODEL, inputs)
+    except Exception:
+        return None
+    elapsed = time.perf_counter() - start
+    text = bytes(result.as_numpy("text_output")[0]).decode()
+    return elapsed if text == expected else None
+
+
+@dataclass
+class OpenLoop:
+    """Latencies (seconds) of requests sent at a fixed offered rate."""
+
+    latencies_s: list[float]
+    num_errors: int
+    max_lateness_s: float  # how far behind schedule the client sent any request
+
+
+async def open_loop(
+    address: str, num_requests: int, rate_rps: float, max_tokens: int, poisson: bool, seed: int
+) -> OpenLoop:
+    """Send ``num_requests`` at ``rate_rps`` (evenly paced or Poisson), each on its own task."""
+    client = grpcaio.InferenceServerClient(address)
+    inputs, expected = llm_inputs(max_tokens), ECHO_CHAR * max_tokens
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[float | None]] = []
+    lateness, due = 0.0, loop.time() + 0.01
+    try:
+        for _ in range(num_requests):
+            if (delay := due - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            lateness = max(lateness, loop.time() - due)
+            tasks.append(asyncio.create_task(_infer(client, inputs, expected)))
+            due += rng.expovariate(rate_rps) if poisson else 1.0 / rate_rps
+        results = await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    latencies = [r for r in results if r is not None]
+    return OpenLoop(latencies, len(results) - len(latencies), lateness)
+
+
+@dataclass
+class ClosedLoop:
+    num_completed: int  # in the measured window
+    num_errors: int
+    elapsed_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.num_completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+async def closed_loop(
+    address: str,
+    concurrency: int,
+    duration_s: float,
+    max_tokens: int,
+    warmup_s: float = 0.5,
+    total: ClosedLoop | None = None,
+) -> ClosedLoop:
+    """``concurrency`` requests always in flight; completions counted after ``warmup_s``
+    (``total``, if given, also counts the warm-up's)."""
+    client = grpcaio.InferenceServerClient(address)
+    inputs, expected = llm_inputs(max_tokens), ECHO_CHAR * max_tokens
+    start = time.perf_counter()
+    measure_from, end = start + warmup_s, start + warmup_s + duration_s
+    counts = [0, 0]  # completed in the window, errors
+
+    async def one_slot() -> None:
+        while (now := time.perf_counter()) < end:
+            ok = await _infer(client, inputs, expected) is not None
+            if now >= measure_from:
+                counts[0 if ok else 1] += 1
+            if total is not None:
+                total.num_completed += ok
+                total.num_errors += not ok
+
+    try:
+        await asyncio.gather(*(one_slot() for _ in range(concurrency)))
+    finally:
+        await client.close()
+    return ClosedLoop(counts[0], counts[1], duration_s)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux ``/proc``); NaN where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat.rpartition(")")[2].split()  # fields[11], fields[12]: utime, stime (ticks)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def closed_loop_cpu(
+    address: str, pids: dict[str, int], s: Settings
+) -> tuple[ClosedLoop, dict[str, float]]:
+    """``closed_loop``, and the CPU milliseconds per completed request of each process in
+    ``pids`` and of this client (whole run, warm-up included, over every completion)."""
+    pids = {**pids, "client": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    counting = ClosedLoop(0, 0, 0.0)
+    result = await closed_loop(
+        address, s.concurrency, s.rps_seconds, s.max_tokens, s.rps_warmup_s, counting
+    )
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    done = max(1, counting.num_completed + counting.num_errors)
+    return result, {name: round((after[name] - before[name]) / done * 1e3, 4) for name in pids}
+
+
+# ---- figures ---------------------------------------------------------------------------------
+
+
+def quantile_ms(latencies_s: Sequence[float], q: float) -> float:
+    """The ``q`` quantile in milliseconds (linear interpolation); NaN when empty."""
+    if not latencies_s:
+        return float("nan")
+    return float(np.quantile(np.asarray(latencies_s), q)) * 1e3
+
+
+@dataclass
+class PathFigures:
+    num_requests: int
+    num_ok: int
+    num_errors: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_lateness_ms: float
+    max_rps: float
+    rps_completed: int
+    rps_errors: int
+    cpu_ms_per_request: dict[str, float]  # per process, closed loop (client included)
+
+
+def path_figures(
+    runs: Sequence[OpenLoop], rps: ClosedLoop, cpu_ms: dict[str, float]
+) -> PathFigures:
+    latencies = [t for run in runs for t in run.latencies_s]
+    num_errors = sum(run.num_errors for run in runs)
+    mean = sum(latencies) / len(latencies) * 1e3 if latencies else float("nan")
+    return PathFigures(
+        num_requests=len(latencies) + num_errors,
+        num_ok=len(latencies),
+        num_errors=num_errors,
+        p50_ms=round(quantile_ms(latencies, 0.50), 4),
+        p99_ms=round(quantile_ms(latencies, 0.99), 4),
+        mean_ms=round(mean, 4),
+        max_lateness_ms=round(max((run.max_lateness_s for run in runs), default=0.0) * 1e3, 3),
+        max_rps=round(rps.rps, 1),
+        rps_completed=rps.num_completed,
+        rps_errors=rps.num_errors,
+        cpu_ms_per_request=cpu_ms,
+    )
+
+
+async def measure(stack: Stack, s: Settings) -> dict[str, Any]:
+    """Both paths, interleaved: warm-up, ``rounds`` open-loop blocks each, then closed loops."""
+    paths = {"direct": stack.direct, "routed": stack.routed}
+    pids = {"direct": stack.direct_pids, "routed": stack.routed_pids}
+    for address in paths.values():
+        await open_loop(address, s.warmup_requests, s.rate_rps, s.max_tokens, s.poisson, s.seed)
+    runs: dict[str, list[OpenLoop]] = {name: [] for name in paths}
+    per_round = [s.num_requests // s.rounds + (i < s.num_requests % s.rounds)
+                 for i in range(s.rounds)]  # fmt: skip
+    for i, count in enumerate(per_round):
+        for name, address in paths.items():
+            seed = s.seed + i + 1
+            run = await open_loop(address, count, s.rate_rps, s.max_tokens, s.poisson, seed)
+            runs[name].append(run)
+    figures = {}
+    for name, address in paths.items():
+        rps, cpu_ms = await closed_loop_cpu(address, pids[name], s)
+        figures[name] = path_figures(runs[name], rps, cpu_ms)
+    return report(figures["direct"], figures["routed"], s)
+
+
+def report(direct: PathFigures, routed: PathFigures, s: Settings) -> dict[str, Any]:
+    p50_added = round(routed.p50_ms - direct.p50_ms, 4)
+    p99_added = round(routed.p99_ms - direct.p99_ms, 4)
+    cpu_direct = sum(direct.cpu_ms_per_request.values())
+    cpu_routed = sum(routed.cpu_ms_per_request.values())
+    return {
+        "p50_added_ms": p50_added,
+        "p99_added_ms": p99_added,
+        "max_rps": routed.max_rps,
+        "direct_max_rps": direct.max_rps,
+        "meets_targets": p99_added <= TARGET_P99_ADDED_MS and routed.max_rps >= TARGET_MAX_RPS,
+        "targets": {"p99_added_ms": TARGET_P99_ADDED_MS, "max_rps": TARGET_MAX_RPS},
+        # CPU the routed path spends per request beyond the direct one (all processes), and
+        # the rate the machine's cores would sustain at the routed path's CPU per request
+        "added_cpu_ms_per_request": round(cpu_routed - cpu_direct, 4),
+        "cpu_bound_rps": round((os.cpu_count() or 1) * 1e3 / cpu_routed, 1) if cpu_routed else 0,
+        "direct": asdict(direct),
+        "routed": asdict(routed),
+        "settings": asdict(s),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other work on the machine, if any
+    }
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Start every server, measure, stop every server; the report with its wall time."""
+    start = time.perf_counter()
+    with servers() as stack:
+        started = time.perf_counter()
+        result = asyncio.run(measure(stack, settings))
+        measured = time.perf_counter()
+    result["startup_s"] = round(started - start, 2)
+    result["measure_s"] = round(measured - started, 2)
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--rate", type=float, default=defaults.rate_rps, help="requests/s")
+    parser.add_argument("--num-requests", type=int, default=defaults.num_requests)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--warmup-requests", type=int, default=defaults.warmup_requests)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--arrivals", choices=["paced", "poisson"], default="paced")
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
+    parser.add_argument("--rps-seconds", type=float, default=defaults.rps_seconds)
+    args = parser.parse_args(argv)
+    settings = Settings(
+        rate_rps=args.rate,
+        num_requests=args.num_requests,
+        rounds=max(1, min(args.rounds, args.num_requests)),
+        warmup_requests=args.warmup_requests,
+        max_tokens=args.max_tokens,
+        poisson=args.arrivals == "poisson",
+        concurrency=args.concurrency,
+        rps_seconds=args.rps_seconds,
+    )
+    result = run(settings)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``bench/router.py`` at a tiny scale: the same server entry points (run in threads here, not
+processes, to stay fast), the measurement functions, the JSON shape, and counts that add up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import _echo  # bench/ is on sys.path (tests/bench/conftest.py)
+import pytest
+import router as bench
+
+TINY = bench.Settings(
+    rate_rps=200.0,
+    num_requests=30,
+    rounds=2,
+    warmup_requests=4,
+    max_tokens=3,
+    concurrency=4,
+    rps_seconds=0.3,
+    rps_warmup_s=0.1,
+)
+
+
+class _Entry:
+    """One ``_echo.serve_*`` entry point on a thread, driven through a pipe like a child."""
+
+    def __init__(self, entry: str, *args: Any) -> None:
+        self._conn, child_conn = multiprocessing.Pipe()
+        target = getattr(_echo, entry)
+        self._thread = threading.Thread(target=target, args=(*args, child_conn), daemon=True)
+        self._thread.start()
+
+    def ready(self) -> Any:
+        assert self._conn.poll(30.0), "entry point not ready"
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send(None)
+        self._thread.join(15.0)
+        assert not self._thread.is_alive()
+        self._conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[bench.Stack]:
+    entries: list[_Entry] = []
+    try:
+        entries.append(direct := _Entry("serve_direct"))
+        entries.append(decode := _Entry("serve_worker", "decode"))
+        entries.append(prefill := _Entry("serve_worker", "prefill"))
+        workers = [("decode", decode.ready(), False), ("prefill", prefill.ready(), False)]
+        entries.append(router := _Entry("serve_router", workers))
+        pid = os.getpid()
+        pids = {"router": pid, "decode": pid, "prefill": pid}
+        yield bench.Stack(direct.ready(), router.ready(), {"server": pid}, pids)
+    finally:
+        for entry in reversed(entries):
+            entry.stop()
+
+
+def test_open_loop_counts_every_request(stack: bench.Stack) -> None:
+    for address in (stack.direct, stack.routed):
+        run = asyncio.run(bench.open_loop(address, 10, 500.0, 2, poisson=True, seed=1))
+        assert (len(run.latencies_s), run.num_errors) == (10, 0)
+        assert all(0 < t < 5 for t in run.latencies_s)
+
+
+def test_measure_reports_one_json_line_whose_counts_add_up(stack: bench.Stack) -> None:
+    result = asyncio.run(bench.measure(stack, TINY))
+    line = json.dumps(result)
+    assert "\n" not in line and json.loads(line) == result
+    for key in ("p50_added_ms", "p99_added_ms", "max_rps", "direct_max_rps", "meets_targets"):
+        assert key in result
+    direct, routed = result["direct"], result["routed"]
+    for path in (direct, routed):
+        assert path["num_requests"] == TINY.num_requests
+        assert path["num_ok"] + path["num_errors"] == path["num_requests"]
+        assert path["num_errors"] == 0 and path["rps_errors"] == 0
+        assert path["rps_completed"] > 0 and path["max_rps"] > 0
+        assert 0 < path["p50_ms"] <= path["p99_ms"]
+    assert result["p50_added_ms"] == pytest.approx(routed["p50_ms"] - direct["p50_ms"], abs=1e-3)
+    assert result["p99_added_ms"] == pytest.approx(routed["p99_ms"] - direct["p99_ms"], abs=1e-3)
+    assert result["max_rps"] == routed["max_rps"]
+    assert set(direct["cpu_ms_per_request"]) == {"server", "client"}
+    assert set(routed["cpu_ms_per_request"]) == {"router", "decode", "prefill", "client"}
+
+
+def test_quantiles_interpolate_and_empty_is_nan() -> None:
+    assert bench.quantile_ms([0.001, 0.002, 0.003], 0.5) == pytest.approx(2.0)
+    assert bench.quantile_ms([], 0.99) != bench.quantile_ms([], 0.99)  # NaN
+
+
+def test_echo_engine_finishes_everything_in_one_step() -> None:
+    from trtllm_prfaas.engines.request import SamplingParams
+
+    engine = _echo.EchoEngine(_echo.worker_config("prefill").engine)
+    engine.add_request([256, 1], SamplingParams(max_tokens=1), 7, {"relay_endpoint": "tcp://x"})
+    engine.add_request([256, 1], SamplingParams(max_tokens=3), 8, None)
+    outputs = engine.step()
+    assert [(o.request_id, o.new_token_ids, o.finished) for o in outputs] == [
+        (7, [_echo.ECHO_TOKEN], True),
+        (8, [_echo.ECHO_TOKEN] * 3, True),
+    ]
+    assert engine.connector.worker.transfer_errors == {7: None}
+    assert not engine.has_unfinished()
+    assert chr(_echo.ECHO_TOKEN) == bench.ECHO_CHAR
