@@ -133,7 +133,17 @@ def test_vanished_decode_peer_fails_transfer_by_deadline_and_frees_blocks(
     assert report.num_free_blocks == info.num_blocks  # nothing pinned, nothing leaked
 
 
-def test_restarted_receiver_is_reconnected(prefill_worker: Any) -> None:
+@pytest.fixture
+def patient_prefill_worker() -> Iterator[Any]:
+    worker = spawn_worker("prefill", "dc-remote", *COMMON)
+    try:
+        yield worker
+    finally:
+        assert worker.stop() == 0
+
+
+def test_restarted_receiver_is_reconnected(patient_prefill_worker: Any) -> None:
+    prefill_worker = patient_prefill_worker
     relay_port = _free_port()
     args = [*COMMON, "--relay", f"tcp://127.0.0.1:{relay_port}"]
     want = ReferenceEngine(EngineConfig(model=MODEL)).generate([_prompt(100)], SAMPLING)[0]
