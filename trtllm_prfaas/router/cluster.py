@@ -19,8 +19,10 @@ from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["ClusterState", "WorkerState"]
 
-# A worker that has not reported for this long is taken out of routing.
-STALE_AFTER_S = 5.0
+# A worker that has not reported for this long is taken out of routing. Workers report every
+# 0.1 s between engine steps, but one long step (a 16K prefill on a busy host) can take
+# seconds: only a silence this long means the worker is gone.
+STALE_AFTER_S = 30.0
 
 
 @dataclass

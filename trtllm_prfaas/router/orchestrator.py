@@ -60,7 +60,7 @@ class RouterConfig:
     workers: tuple[WorkerSpec, ...]
     model_name: str = "tensorrt_llm"
     threshold_tokens: int = 1024  # initial t: l > t prefills in the PrfaaS cluster
-    announce_timeout_s: float = 10.0
+    announce_timeout_s: float = 30.0  # decode waits this long for the prefill to start
     connect_timeout_s: float = 30.0
     control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
 

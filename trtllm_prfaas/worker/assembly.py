@@ -37,8 +37,8 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     control_endpoint: str = "tcp://127.0.0.1:0"
     relay_endpoint: str = "tcp://127.0.0.1:0"  # decode role: where the relay receiver binds
-    transfer_timeout_s: float = 30.0
-    load_timeout_s: float = 30.0
+    transfer_timeout_s: float = 120.0
+    load_timeout_s: float = 120.0
     fallback: str = "recompute"  # relayed KV missing or failed: "recompute" locally, or "fail"
     load_report_interval_s: float = 0.1
     idle_poll_s: float = 0.02

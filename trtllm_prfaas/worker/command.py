@@ -40,8 +40,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--fallback", choices=["recompute", "fail"], default="recompute")
-    parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
-    parser.add_argument("--load-timeout-s", type=float, default=30.0)
+    parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
+    parser.add_argument("--load-timeout-s", type=float, default=120.0)
     parser.add_argument("--ready-file", type=Path, default=None)
 
 
