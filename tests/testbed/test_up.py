@@ -31,8 +31,22 @@ def test_testbed_serves_tritonclient_with_single_engine_tokens() -> None:
         figures = demo.scrape(testbed.router.metrics_server.url)
         assert figures["prfaas_relay_bytes_total"] > 0
         assert figures['prfaas_requests_total|route="remote",status="ok"}'] == 3
+        for result in (results[0], results[2]):  # one local, one remote: unary == streaming
+            assert _unary_ids(testbed.router.address, result) == result.token_ids
         codes = testbed.close()
     assert codes and all(code == 0 for code in codes.values())
+
+
+def _unary_ids(address: str, result: demo.DemoResult) -> list[int]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        inputs = [i for i in demo._inputs(result) if i.name() != "streaming"]
+        response = client.infer("tensorrt_llm", inputs, client_timeout=60)
+        return [int(t) for t in response.as_numpy("output_ids")]
+    finally:
+        client.close()
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:
