@@ -2,12 +2,14 @@
 
     python bench/layerwise.py --json
 
-Two reference engines (default model) in one process, over the real relay on loopback (a link
-faster than the engine produces KV). The prefill engine exports with the PrfaaS connector; the
+Two reference engines in one process (the reference model with 8 KV heads, so that the KV is
+big enough to time), over the real relay on loopback (a link faster than the engine produces
+KV). The prefill engine exports with the PrfaaS connector; the
 decode engine claims the transfer and loads it layer by layer on its loader thread.
 
-- ``exposed_s``: from the end of the prefill (the forward pass that completes token L-1 returns)
-  to "decode can start" (the decode side's loader has placed the last layer).
+- ``exposed_s``: from the end of the prefill (the forward pass that completes token L-1 ends,
+  i.e. its ``wait_for_save``) to "decode can start" (the decode side's loader has placed the
+  last layer). Negative when the last layer landed before the forward pass even returned.
 - ``bulk_send_s``: the time to send and load the same bytes if they were sent only after the
   prefill ended (the same relay, same item sizes, a consumer copying each layer out).
 - ``layerwise_exposed_fraction`` = exposed_s / bulk_send_s; target <= 1/num_layers + 0.05.
@@ -57,9 +59,29 @@ def _timed_loads(runtime: PrfaasRuntime, done_at: dict[int, float]) -> None:
     runtime.start_load = wrapped  # type: ignore[method-assign]
 
 
-def measure_exposed(length: int) -> dict[str, float]:
+def _timed_forwards(engine: ReferenceEngine) -> list[float]:
+    """Instrument the prefill connector: note when each forward pass ends (wait_for_save)."""
+    assert engine.connector is not None
+    worker = engine.connector.worker
+    ends: list[float] = []
+    wait_for_save = worker.wait_for_save
+
+    def timed(stream: Any) -> None:
+        ends.append(time.perf_counter())
+        wait_for_save(stream)
+
+    worker.wait_for_save = timed
+    return ends
+
+
+def bench_model(kv_heads: int) -> ModelConfig:
+    """The reference model with ``kv_heads`` KV heads (and as many query heads): its KV is large
+    enough that sending it takes well over Python's 5 ms thread switch interval."""
+    return ModelConfig(num_heads=kv_heads, num_kv_heads=kv_heads)
+
+
+def measure_exposed(model: ModelConfig, length: int) -> dict[str, float]:
     """Relay one prefill of ``length`` tokens; seconds from prefill end to last layer loaded."""
-    model = ModelConfig()
     prefill, prefill_rt = _engine(model, Role.PREFILL)
     decode, decode_rt = _engine(model, Role.DECODE)
     done_at: dict[int, float] = {}
@@ -79,10 +101,10 @@ def measure_exposed(length: int) -> dict[str, float]:
         )
         decode.step()  # claims the transfer and starts the loader
         assert decode.running[did].state is RequestState.LOADING, "transfer was not claimed"
-        prefill_end = 0.0
+        forward_ends = _timed_forwards(prefill)
         while prefill.running[pid].num_computed_tokens < length - 1:
             prefill.step()
-            prefill_end = time.perf_counter()
+        prefill_end = forward_ends[-1]  # the forward pass that completed token L-1
         while did not in done_at:
             time.sleep(0.001)
         exposed = done_at[did] - prefill_end
@@ -95,9 +117,8 @@ def measure_exposed(length: int) -> dict[str, float]:
         decode_rt.close()
 
 
-def measure_bulk(length: int) -> float:
+def measure_bulk(model: ModelConfig, length: int) -> float:
     """Seconds to send (and copy out) the same KV only after the prefill ended."""
-    model = ModelConfig()
     spec = model.kv_spec
     num_blocks = -(-(length - 1) // model.tokens_per_block)
     layer_bytes = num_blocks * spec.block_bytes // model.num_full_layers
@@ -139,11 +160,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-heads", type=int, default=8)
     args = parser.parse_args()
     configure_logging("ERROR")
-    exposed = min(measure_exposed(args.tokens)["exposed_s"] for _ in range(args.repeats))
-    bulk = min(measure_bulk(args.tokens) for _ in range(args.repeats))
-    num_layers = ModelConfig().num_layers
+    model = bench_model(args.kv_heads)
+    exposed = min(measure_exposed(model, args.tokens)["exposed_s"] for _ in range(args.repeats))
+    bulk = min(measure_bulk(model, args.tokens) for _ in range(args.repeats))
+    num_layers = model.num_layers
     result = {
         "layerwise_exposed_fraction": round(exposed / bulk, 4),
         "target_max": round(1 / num_layers + 0.05, 4),
@@ -151,6 +174,7 @@ def main() -> None:
         "bulk_send_ms": round(bulk * 1000, 2),
         "prompt_tokens": args.tokens,
         "num_layers": num_layers,
+        "kv_bytes": model.kv_spec.s_kv(args.tokens - 1),
     }
     print(json.dumps(result) if args.json else "\n".join(f"{k:28} {v}" for k, v in result.items()))
 
