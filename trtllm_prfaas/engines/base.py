@@ -1,0 +1,173 @@
+"""What a worker needs from an engine, and the event-loop bridge the remote adapters share.
+
+``Engine`` is the surface ``worker/server.py`` drives (structural: ``ReferenceEngine``,
+``TrtllmEngine`` and ``TritonEngine`` all satisfy it without inheriting from it):
+
+``add_request(prompt_token_ids, sampling, request_id, connector_params) -> int``
+    Validate and queue; raises ``InvalidRequestError`` / ``AdmissionRejected`` at once for input
+    that can never run. ``connector_params`` is opaque to the engine and reaches the KV cache
+    connector of that request (``{"transfer_uuid", "relay_endpoint"}`` for PrfaaS).
+``step() -> list[RequestOutput]``
+    One iteration's outputs. Never raises for one request's failure: that request ends with a
+    ``RequestOutput`` whose ``finish_reason`` is ``"error"``. Blocks at most a short poll interval.
+``abort(request_id) -> RequestOutput | None``
+    Cancel wherever the request is; idempotent; None when the id is unknown or already over.
+``has_unfinished()``, ``waiting`` / ``running`` (sized), ``slots.num_free``,
+``blocks.num_available``, ``connector`` (a ``ConnectorPair`` hosted in this process, or None when
+the connector lives elsewhere, e.g. inside TensorRT-LLM's workers), ``config``.
+
+``LoopBridge`` runs one asyncio event loop on a thread owned by a remote adapter: request
+coroutines run there and hand ``RequestOutput`` items back through a thread-safe queue that
+``step()`` drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Coroutine, Sized
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
+
+__all__ = ["BlocksView", "Engine", "LoopBridge", "SlotsView", "remaining_s"]
+
+T = TypeVar("T")
+
+
+class _Free(Protocol):
+    @property
+    def num_free(self) -> int: ...
+
+
+class _Available(Protocol):
+    @property
+    def num_available(self) -> int: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The engine surface the worker uses (see the module docstring for each contract)."""
+
+    @property
+    def waiting(self) -> Sized: ...  # requests queued, not admitted
+
+    @property
+    def running(self) -> Sized: ...  # requests admitted and not over
+
+    @property
+    def connector(self) -> Any: ...  # ConnectorPair | None
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def slots(self) -> _Free: ...
+
+    @property
+    def blocks(self) -> _Available: ...
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        request_id: int | None = None,
+        connector_params: dict[str, Any] | None = None,
+    ) -> int: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def abort(self, request_id: int) -> RequestOutput | None: ...
+
+    def has_unfinished(self) -> bool: ...
+
+
+@dataclass
+class SlotsView:
+    """``slots.num_free`` of an engine whose batch slots live elsewhere."""
+
+    num_free: int
+
+
+@dataclass
+class BlocksView:
+    """``blocks.num_available`` of an engine whose KV pool lives elsewhere (an estimate)."""
+
+    num_available: int
+
+
+class LoopBridge:
+    """An event loop on its own thread; a context manager. ``close()`` stops it and joins."""
+
+    def __init__(self, name: str) -> None:
+        self.outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Schedule ``coro`` on the loop; the future carries its result or exception."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        """Run ``coro`` on the loop and wait for it (at most ``timeout_s``)."""
+        return self.submit(coro).result(timeout_s)
+
+    def put(self, output: RequestOutput) -> None:
+        """From the loop thread: hand one output to the engine's ``step()``."""
+        self.outputs.put(output)
+
+    def drain(self, wait_s: float) -> list[RequestOutput]:
+        """Every output queued now; waits up to ``wait_s`` for the first if none is queued."""
+        items: list[RequestOutput] = []
+        try:
+            items.append(
+                self.outputs.get(timeout=wait_s) if wait_s > 0 else self.outputs.get_nowait()
+            )
+        except queue.Empty:
+            return items
+        while True:
+            try:
+                items.append(self.outputs.get_nowait())
+            except queue.Empty:
+                return items
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Cancel the loop's tasks, stop the loop, join the thread. Idempotent."""
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            try:
+                self.call(_cancel_all(), timeout_s)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> LoopBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _cancel_all() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def remaining_s(deadline: float) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value), never below zero."""
+    return max(0.0, deadline - time.monotonic())

@@ -1,0 +1,362 @@
+"""The engine adapter over TensorRT-LLM's LLM API (PyTorch backend), with the PrfaaS connector.
+
+``TrtllmEngine`` gives a worker the same surface as ``ReferenceEngine`` (see ``engines/base.py``)
+over ``tensorrt_llm.LLM``: ``add_request`` starts ``LLM.generate_async(..., streaming=True)`` on the
+adapter's event-loop thread, a task per request consumes the streamed results, and ``step()``
+returns the new tokens as ``RequestOutput``s. TensorRT-LLM itself schedules, batches, owns the KV
+pool and hosts the connector (``kv_connector_config``) in every worker process it spawns.
+
+``tensorrt_llm`` is imported only when an engine is built; without it ``DependencyMissing`` says
+so. ``llm_kwargs(config)`` is the exact ``LLM(...)`` argument set (pure, testable on CPU).
+
+Per-request PrfaaS params on GPUs (``{"transfer_uuid", "relay_endpoint"}``). The connector runs in
+TensorRT-LLM's MPI worker processes, not in this one, so a side registry keyed by request id in
+this process cannot reach it. The params therefore ride on the request itself:
+``DisaggregatedParams(request_type="context_and_generation", opaque_state=encode_connector_params(
+params))`` is passed to ``generate_async``; the executor's ``LlmRequest`` carries it as
+``py_disaggregated_params``; the connector reads it with ``connector_params_of(request)``, which
+prefers ``request.connector_params`` (the reference engine's attribute) and falls back to the
+decoded ``opaque_state``. What must change in ``connector/prfaas.py`` for the GPU path: its
+``_params_of`` must call ``connector_params_of`` (today it reads only ``connector_params``).
+
+Unverified without a GPU: that TensorRT-LLM 1.2 accepts ``disaggregated_params`` with
+``request_type="context_and_generation"`` when no cache transceiver is configured and copies
+``opaque_state`` onto ``LlmRequest.py_disaggregated_params`` before ``get_num_new_matched_tokens``;
+that ``GenerationResult`` streams cumulative ``outputs[0].token_ids`` under ``async for``; the
+``finish_reason`` strings; ``GenerationResult.abort()`` freeing the request's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+
+from trtllm_prfaas.engines.base import BlocksView, LoopBridge, SlotsView
+from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
+from trtllm_prfaas.errors import (
+    AdmissionRejected,
+    ConfigError,
+    DependencyMissing,
+    EngineError,
+    InvalidRequestError,
+    PrfaasError,
+)
+
+__all__ = [
+    "CONNECTOR_MODULE",
+    "CONNECTOR_SCHEDULER_CLASS",
+    "CONNECTOR_WORKER_CLASS",
+    "TrtllmEngine",
+    "TrtllmEngineConfig",
+    "connector_params_of",
+    "decode_connector_params",
+    "encode_connector_params",
+    "import_tensorrt_llm",
+    "llm_kwargs",
+]
+
+CONNECTOR_MODULE = "trtllm_prfaas.connector.prfaas"
+CONNECTOR_SCHEDULER_CLASS = "PrfaasConnectorScheduler"
+CONNECTOR_WORKER_CLASS = "PrfaasConnectorWorker"
+_PIP_HINT = "tensorrt-llm  (GPU machines only; see docs/deployment.md)"
+_PARAMS_TAG = "prfaas/1"  # versions the opaque_state payload; anything else is not ours
+_FINISH_REASONS = {"length": "length", "stop": "stop", "cancelled": "aborted"}
+
+
+# ------------------------------------------------------------------ per-request params codec
+def encode_connector_params(params: Mapping[str, Any]) -> bytes:
+    """The bytes put in ``DisaggregatedParams.opaque_state``: msgpack ``[tag, {str: str}]``."""
+    plain = {str(key): str(value) for key, value in params.items() if value is not None}
+    return msgspec.msgpack.encode([_PARAMS_TAG, plain])
+
+
+def decode_connector_params(blob: bytes | None) -> dict[str, str] | None:
+    """Inverse of ``encode_connector_params``; None for empty or foreign payloads."""
+    if not blob:
+        return None
+    try:
+        tag, params = msgspec.msgpack.decode(blob, type=tuple[str, dict[str, str]])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return params if tag == _PARAMS_TAG else None
+
+
+def connector_params_of(request: Any) -> dict[str, Any]:
+    """A request's PrfaaS params as the connector must read them on both hosts.
+
+    ``request.connector_params`` (reference engine) wins; else the decoded
+    ``request.py_disaggregated_params.opaque_state`` (TensorRT-LLM's ``LlmRequest``); else ``{}``.
+    Never raises and never does I/O (it runs inside ``get_num_new_matched_tokens``).
+    """
+    params = getattr(request, "connector_params", None)
+    if params:
+        return dict(params)
+    disagg = getattr(request, "py_disaggregated_params", None)
+    decoded = decode_connector_params(getattr(disagg, "opaque_state", None))
+    return dict(decoded) if decoded else {}
+
+
+# --------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class TrtllmEngineConfig:
+    """What ``LLM(...)`` is built from; defaults follow the decode preset (engines/h20_decode)."""
+
+    model: str  # Hugging Face checkpoint directory or hub id
+    tokens_per_block: int = 32
+    tensor_parallel_size: int = 1
+    max_batch_size: int = 20
+    max_num_tokens: int = 8192
+    max_seq_len: int | None = None
+    enable_chunked_prefill: bool = True
+    free_gpu_memory_fraction: float = 0.9
+    trust_remote_code: bool = False
+    num_blocks_hint: int = 0  # for load reports only: TensorRT-LLM sizes the real pool itself
+    max_in_flight: int = 1024  # requests handed to TensorRT-LLM and not finished
+    start_timeout_s: float = 30.0  # generate_async must accept a request within this
+    poll_interval_s: float = 0.01  # step() waits at most this long for an output
+    extra_llm_args: Mapping[str, Any] = field(default_factory=dict)  # more LLM-API fields
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("TrtllmEngineConfig.model must name a checkpoint")
+        for name in ("tokens_per_block", "tensor_parallel_size", "max_batch_size",
+                     "max_num_tokens", "max_in_flight"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrtllmEngineConfig.{name} must be > 0")
+        if not 0 < self.free_gpu_memory_fraction <= 1:
+            raise ConfigError("TrtllmEngineConfig.free_gpu_memory_fraction must be in (0, 1]")
+        clash = set(self.extra_llm_args) & _OWNED_ARGS
+        if clash:
+            raise ConfigError(f"extra_llm_args may not override {sorted(clash)}")
+
+
+_OWNED_ARGS = frozenset(
+    {"model", "backend", "kv_cache_config", "kv_connector_config", "cuda_graph_config",
+     "pipeline_parallel_size", "max_beam_width"}
+)  # fmt: skip
+
+
+def import_tensorrt_llm() -> SimpleNamespace:
+    """``LLM``, ``KvCacheConfig``, ``KvCacheConnectorConfig``, ``SamplingParams`` and
+    ``DisaggregatedParams``, imported now; ``DependencyMissing`` when TensorRT-LLM is absent."""
+    try:
+        root = importlib.import_module("tensorrt_llm")
+        llmapi = importlib.import_module("tensorrt_llm.llmapi")
+        llm_args = importlib.import_module("tensorrt_llm.llmapi.llm_args")
+    except ImportError as exc:
+        raise DependencyMissing("tensorrt_llm", _PIP_HINT) from exc
+    return SimpleNamespace(
+        LLM=root.LLM,
+        KvCacheConfig=llmapi.KvCacheConfig,
+        KvCacheConnectorConfig=llm_args.KvCacheConnectorConfig,
+        SamplingParams=llmapi.SamplingParams,
+        DisaggregatedParams=llmapi.DisaggregatedParams,
+    )
+
+
+def llm_kwargs(config: TrtllmEngineConfig, trt: SimpleNamespace) -> dict[str, Any]:
+    """The keyword arguments of ``LLM(...)``: PyTorch backend, the PrfaaS connector, block reuse
+    on, CUDA graphs off, no pipeline parallelism, beam width 1 (the connector API's limits)."""
+    kwargs: dict[str, Any] = dict(
+        model=config.model,
+        backend="pytorch",
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=1,
+        max_batch_size=config.max_batch_size,
+        max_num_tokens=config.max_num_tokens,
+        max_beam_width=1,
+        enable_chunked_prefill=config.enable_chunked_prefill,
+        trust_remote_code=config.trust_remote_code,
+        cuda_graph_config=None,
+        kv_cache_config=trt.KvCacheConfig(
+            enable_block_reuse=True,
+            tokens_per_block=config.tokens_per_block,
+            free_gpu_memory_fraction=config.free_gpu_memory_fraction,
+        ),
+        kv_connector_config=trt.KvCacheConnectorConfig(
+            connector_module=CONNECTOR_MODULE,
+            connector_scheduler_class=CONNECTOR_SCHEDULER_CLASS,
+            connector_worker_class=CONNECTOR_WORKER_CLASS,
+        ),
+    )
+    if config.max_seq_len is not None:
+        kwargs["max_seq_len"] = config.max_seq_len
+    kwargs.update(config.extra_llm_args)
+    return kwargs
+
+
+# --------------------------------------------------------------------------------- engine
+@dataclass
+class _Flight:
+    request_id: int
+    num_blocks: int  # worst case, for the load report's estimate
+    result: Any = None  # tensorrt_llm GenerationResult
+    task: asyncio.Task[None] | None = None
+    num_seen: int = 0  # tokens already reported
+
+
+class TrtllmEngine:
+    """``LLM.generate_async`` behind the worker's engine surface; a context manager.
+
+    Threads: the caller's (add_request, step, abort, close) and the adapter's event loop, which
+    alone touches ``GenerationResult`` objects. ``close()`` aborts what is in flight, stops the
+    loop and shuts the LLM down.
+    """
+
+    def __init__(self, config: TrtllmEngineConfig) -> None:
+        self.config = config
+        self.connector = None  # the connector lives in TensorRT-LLM's worker processes
+        self._trt = import_tensorrt_llm()
+        self.llm = self._trt.LLM(**llm_kwargs(config, self._trt))
+        self._bridge = LoopBridge("trtllm-results")
+        self._flights: dict[int, _Flight] = {}
+        self._ids = itertools.count(1)
+
+    # ---------------------------------------------------------------- the worker's surface
+    @property
+    def running(self) -> dict[int, _Flight]:
+        return self._flights
+
+    @property
+    def waiting(self) -> list[int]:
+        """Requests with no output yet (TensorRT-LLM may still be queueing or prefilling them)."""
+        return [rid for rid, f in self._flights.items() if f.num_seen == 0]
+
+    @property
+    def slots(self) -> SlotsView:
+        return SlotsView(max(0, self.config.max_batch_size - len(self._flights)))
+
+    @property
+    def blocks(self) -> BlocksView:
+        used = sum(f.num_blocks for f in self._flights.values())
+        return BlocksView(max(0, self.config.num_blocks_hint - used))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._flights)
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        request_id: int | None = None,
+        connector_params: dict[str, Any] | None = None,
+    ) -> int:
+        """Hand one request to TensorRT-LLM; raises at once when it is refused."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty: at least one token is required")
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self._flights:
+            raise InvalidRequestError(f"request id {rid} is already in use")
+        if len(self._flights) >= self.config.max_in_flight:
+            raise AdmissionRejected(f"{self.config.max_in_flight} requests already in flight")
+        total = len(prompt_token_ids) + sampling.max_tokens
+        flight = _Flight(rid, -(-total // self.config.tokens_per_block))
+        start = self._start(flight, list(prompt_token_ids), sampling, connector_params)
+        try:
+            self._bridge.call(start, self.config.start_timeout_s)
+        except PrfaasError:
+            raise
+        except (ValueError, TypeError) as exc:  # TensorRT-LLM's input validation
+            raise InvalidRequestError(f"TensorRT-LLM refused request {rid}: {exc}") from exc
+        except Exception as exc:
+            raise EngineError(f"TensorRT-LLM failed to start request {rid}: {exc!r}") from exc
+        self._flights[rid] = flight
+        return rid
+
+    def step(self) -> list[RequestOutput]:
+        """Outputs that arrived since the last call (waits up to ``poll_interval_s`` for one)."""
+        wait = self.config.poll_interval_s if self._flights else 0.0
+        outputs = []
+        for out in self._bridge.drain(wait):
+            if out.request_id not in self._flights:
+                continue  # aborted: its final output was already returned by abort()
+            if out.finished:
+                del self._flights[out.request_id]
+            outputs.append(out)
+        return outputs
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        """Abort in TensorRT-LLM (which frees its blocks, or keeps them pinned for a save)."""
+        flight = self._flights.pop(request_id, None)
+        if flight is None:
+            return None
+        self._bridge.call(self._abort(flight), self.config.start_timeout_s)
+        return RequestOutput(request_id, [], True, "aborted")
+
+    def close(self) -> None:
+        """Abort what is in flight, stop the loop thread, shut TensorRT-LLM down. Idempotent."""
+        for request_id in list(self._flights):
+            self.abort(request_id)
+        self._bridge.close()
+        shutdown = getattr(self.llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> TrtllmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- on the loop thread
+    async def _start(
+        self,
+        flight: _Flight,
+        prompt: list[int],
+        sampling: SamplingParams,
+        connector_params: dict[str, Any] | None,
+    ) -> None:
+        trt = self._trt
+        options: dict[str, Any] = dict(
+            max_tokens=sampling.max_tokens, ignore_eos=sampling.ignore_eos
+        )
+        if sampling.temperature > 0:  # TensorRT-LLM samples greedily when none is given
+            options.update(temperature=sampling.temperature, seed=sampling.seed)
+        disagg = None
+        if connector_params:
+            disagg = trt.DisaggregatedParams(
+                request_type="context_and_generation",
+                opaque_state=encode_connector_params(connector_params),
+            )
+        flight.result = self.llm.generate_async(
+            prompt,
+            sampling_params=trt.SamplingParams(**options),
+            streaming=True,
+            disaggregated_params=disagg,
+        )
+        flight.task = asyncio.get_running_loop().create_task(self._consume(flight))
+
+    async def _consume(self, flight: _Flight) -> None:
+        rid = flight.request_id
+        try:
+            async for result in flight.result:
+                completion = result.outputs[0]
+                token_ids = list(completion.token_ids)  # cumulative in streaming mode
+                new, flight.num_seen = token_ids[flight.num_seen :], len(token_ids)
+                if result.finished:
+                    reason = _FINISH_REASONS.get(str(completion.finish_reason), "stop")
+                    self._bridge.put(RequestOutput(rid, new, True, reason))
+                    return
+                if new:
+                    self._bridge.put(RequestOutput(rid, new))
+            error = EngineError(
+                f"request {rid}: TensorRT-LLM's stream ended without a final output"
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never silent: the request ends with the cause
+            error = EngineError(f"request {rid} failed in TensorRT-LLM: {exc!r}")
+        self._bridge.put(RequestOutput(rid, [], True, "error", error))
+
+    async def _abort(self, flight: _Flight) -> None:
+        if flight.result is not None:
+            flight.result.abort()
+        if flight.task is not None:
+            flight.task.cancel()
