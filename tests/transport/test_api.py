@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import socket
 import sys
 import time
@@ -11,6 +12,7 @@ import pytest
 from tests.transport.conftest import Relay, make_config
 from trtllm_prfaas.errors import TransferTimeout, TransportError
 from trtllm_prfaas.transport import HeapAllocator, ItemKey, Kind, TransferStatus
+from trtllm_prfaas.transport.buffers import retain_freed_heap
 from trtllm_prfaas.transport.stats import read_tcp_info
 
 
@@ -55,6 +57,38 @@ def test_allocator_hook_supplies_and_gets_back_buffers(relay: Relay) -> None:
         with pytest.raises(ValueError):
             bytes(blocks.buffer)  # released views cannot be read by mistake
         rx.release("t-pool")
+
+
+def test_default_receiver_keeps_frames_and_assembles_on_demand(relay: Relay) -> None:
+    config = make_config(chunk_bytes=64 << 10)
+    big = bytes(range(256)) * 1000  # 256_000 bytes: 4 chunks
+    with relay.receiver(config) as rx, relay.sender(rx.endpoint, config) as tx:
+        handle = tx.open_transfer("t-frames", "req-1", deadline_s=5.0)
+        handle.send(Kind.FULL_BLOCK, 0, (0, 4), big, last_in_layer=False)
+        handle.send(Kind.STATE, 0, (0, 0), b"s" * 100)
+        handle.finish()
+        handle.wait(timeout_s=5.0)
+        blocks, state = rx.wait_layer("t-frames", 0, timeout_s=1.0)
+        assert [offset for offset, _ in blocks.chunks] == [0, 65536, 131072, 196608]
+        assert b"".join(bytes(piece) for _, piece in blocks.chunks) == big
+        assert bytes(blocks.buffer) == big and blocks.buffer is blocks.buffer  # assembled once
+        assert state.buffer is state.chunks[0][1]  # one chunk: the frame itself, no copy
+        state.buffer[0] = ord("t")  # writable, like an allocator's buffer
+        assert bytes(state.buffer) == b"t" + b"s" * 99
+        rx.release_layer("t-frames", 0)
+        for item in (blocks, state):
+            with pytest.raises(ValueError):
+                bytes(item.buffer)  # released: never read by mistake
+        rx.release("t-frames")
+        assert rx.stats().buffered_bytes == 0
+
+
+def test_retain_freed_heap_only_raises() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        assert not retain_freed_heap(1 << 20)
+        return
+    assert retain_freed_heap(64 << 20)
+    assert retain_freed_heap(1 << 20)  # smaller: already covered, nothing lowered
 
 
 def test_misuse_raises_and_waits_time_out(relay: Relay) -> None:

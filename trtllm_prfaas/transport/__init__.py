@@ -12,7 +12,7 @@ Receiver side (decode worker)::
 
     with RelayReceiver(config, "tcp://127.0.0.1:0") as receiver:
         items = receiver.wait_layer(transfer_id, layer, timeout_s=5.0)  # per-layer signal
-        ...  # load items[i].buffer (a memoryview) into the KV pool
+        ...  # load items[i].buffer (a memoryview; .chunks: the pieces, no copy) into the pool
         receiver.release_layer(transfer_id, layer)  # buffers back, credit back to the sender
         receiver.release(transfer_id)  # when the whole transfer is consumed
 """

@@ -5,11 +5,19 @@ into a flat, read-only-safe ``memoryview`` of unsigned bytes without copying; it
 TransportError for non-contiguous or non-CPU payloads instead of copying them silently.
 
 ``BufferAllocator`` is the hook through which a block pool can hand the receiver destination
-buffers; ``HeapAllocator`` is the default (one ``bytearray`` per item).
+buffers; ``HeapAllocator`` is the default (one numpy byte array per item, recycled).
+
+``retain_freed_heap`` keeps glibc from handing ZeroMQ's freed message buffers back to the
+kernel: a receiver frees one chunk-sized buffer per message, and with glibc's default (dynamic)
+thresholds the heap top is trimmed with ``madvise`` again and again, so about a third of all
+received pages were faulted in and zero-filled anew (measured: ~75k faults per GiB at 1 MiB
+chunks, ~0.15 s of CPU per GiB; none with the thresholds raised).
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import sys
 import threading
 from dataclasses import dataclass
@@ -20,7 +28,14 @@ import numpy
 from trtllm_prfaas.errors import TransportError
 from trtllm_prfaas.transport.wire import Kind
 
-__all__ = ["BufferAllocator", "HeapAllocator", "ItemKey", "Payload", "as_byte_view"]
+__all__ = [
+    "BufferAllocator",
+    "HeapAllocator",
+    "ItemKey",
+    "Payload",
+    "as_byte_view",
+    "retain_freed_heap",
+]
 
 Payload = Any  # memoryview | bytes | bytearray | numpy.ndarray | torch.Tensor
 
@@ -129,3 +144,33 @@ def _tensor_view(tensor: Any) -> memoryview:
 def _array_view(array: Any) -> memoryview:
     """``memoryview`` of a numpy array (typed ``Any``: numpy's stubs lack ``__buffer__`` < 3.12)."""
     return memoryview(array)
+
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+_retain_lock = threading.Lock()
+_retained_bytes = 0
+
+
+def retain_freed_heap(retain_bytes: int) -> bool:
+    """Process-wide: keep up to ``retain_bytes`` of freed heap memory for reuse, and serve
+    allocations up to 32 MiB from the heap rather than from fresh (zero-filled) mappings.
+
+    Only ever raises the thresholds (several receivers: the largest budget wins). Returns False
+    where the C library is not glibc (nothing is changed). Costs at most ``retain_bytes`` of
+    resident memory that would otherwise go back to the kernel; a receiver passes its credit
+    budget, which bounds what it holds anyway.
+    """
+    global _retained_bytes
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    with _retain_lock:
+        if retain_bytes <= _retained_bytes:
+            return True
+        libc = ctypes.CDLL(None)
+        ok = int(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) == 1
+        ok = ok and int(libc.mallopt(_M_TRIM_THRESHOLD, min(retain_bytes, 2**31 - 1))) == 1
+        if ok:
+            _retained_bytes = retain_bytes
+        return ok

@@ -4,6 +4,7 @@ and the credit ledger. Plain data, no sockets and no locks (the receiver holds i
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ __all__ = [
 
 
 class CorruptChunk(TransportError):
-    """A chunk's payload does not match its header's xxhash64: the transfer fails."""
+    """A chunk's payload does not match its header's checksum (XXH3-64): the transfer fails."""
 
 
 class InboundStatus(enum.Enum):
@@ -35,18 +36,69 @@ class InboundStatus(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass
+@dataclass(eq=False)
 class ReceivedItem:
-    """One item's destination buffer; ``buffer`` is valid until the consumer releases it."""
+    """One received item; its bytes stay valid until the consumer releases it.
+
+    Where the bytes live: with a custom ``BufferAllocator`` every chunk is received straight
+    into the allocator's destination buffer (``dest``). Without one (the default), each
+    verified chunk stays in the ZeroMQ frame it arrived in, with no copy: ``chunks`` gives
+    those pieces; ``buffer`` is the single piece of a one-chunk item, and for a larger item is
+    assembled on first access into a recycled host buffer (one copy, on the consumer's thread).
+    Views are writable; reading one after release raises ValueError.
+    """
 
     key: ItemKey
-    buffer: memoryview
+    nbytes: int
+    allocator: BufferAllocator  # owns ``dest`` and any assembled buffer
+    dest: memoryview | None = None  # custom-allocator mode; None in frame mode
     received: int = 0
     offsets: set[int] = field(default_factory=set)
+    pieces: dict[int, memoryview] = field(default_factory=dict)  # frame mode: offset -> bytes
+    released: bool = False
+    _assembled: memoryview | None = None
 
     @property
     def is_done(self) -> bool:
-        return self.received == self.buffer.nbytes
+        return self.received == self.nbytes
+
+    @property
+    def buffer(self) -> memoryview:
+        """The item's bytes as one contiguous view (see the class docstring for the cost)."""
+        if self.dest is not None:
+            return self.dest
+        if self.released:
+            raise ValueError(f"{self.key} was released")
+        if len(self.pieces) == 1:
+            return next(iter(self.pieces.values()))
+        if self._assembled is None:
+            out = self.allocator.allocate(self.key, self.nbytes)
+            for offset, piece in self.pieces.items():
+                out[offset : offset + piece.nbytes] = piece
+            self._assembled = out
+        return self._assembled
+
+    @property
+    def chunks(self) -> tuple[tuple[int, memoryview], ...]:
+        """``(offset, bytes)`` pieces in offset order, without copying."""
+        if self.dest is not None:
+            return ((0, self.dest),)
+        if self.released:
+            raise ValueError(f"{self.key} was released")
+        return tuple(sorted(self.pieces.items()))
+
+    def release(self) -> None:
+        """Give the bytes back (frames to ZeroMQ's allocator, buffers to ``allocator``)."""
+        self.released = True
+        if self.dest is not None:
+            self.allocator.free(self.key, self.dest)
+        if self._assembled is not None:
+            self.allocator.free(self.key, self._assembled)
+            self._assembled = None
+        for piece in self.pieces.values():
+            with contextlib.suppress(BufferError):  # still exported by the consumer: it owns it
+                piece.release()
+        self.pieces.clear()
 
 
 @dataclass
@@ -98,11 +150,12 @@ class Inbound:
             and all(layer.is_complete for layer in self.layers.values())
         )
 
-    def place(self, h: Header, allocator: BufferAllocator) -> memoryview:
-        """The destination of data chunk ``h`` inside its item's buffer (allocated on first use).
+    def place(self, h: Header, allocator: BufferAllocator, *, keep_frames: bool) -> ReceivedItem:
+        """The item data chunk ``h`` belongs to (created on its first chunk).
 
         Raises TransportError for a chunk that breaks the protocol (over credit, duplicate,
-        inconsistent sizes, released layer). The caller fills the view, then calls ``commit``.
+        inconsistent sizes, released layer). The caller receives the payload (into
+        ``item.dest`` at ``h.offset``, or as a frame with ``keep_frames``), then ``commit``s it.
         """
         where = f"transfer {self.transfer_id} layer {h.layer} item {h.item_index}"
         if self.received + h.length > self.granted:
@@ -110,28 +163,35 @@ class Inbound:
         layer = self.layers.setdefault(h.layer, LayerState())
         if layer.released:
             raise TransportError(f"{where}: chunk for a layer the consumer already released")
-        item = layer.items.get(h.item_index) or self._new_item(layer, h, allocator)
-        if item.buffer.nbytes != h.total_bytes or h.offset in item.offsets:
+        item = layer.items.get(h.item_index) or self._new_item(layer, h, allocator, keep_frames)
+        if item.nbytes != h.total_bytes or h.offset in item.offsets:
             raise TransportError(f"{where} offset {h.offset}: duplicate chunk or bad total_bytes")
-        return item.buffer[h.offset : h.offset + h.length]
+        return item
 
-    def commit(self, h: Header, filled: memoryview, nbytes: int) -> bool:
-        """Verify a placed chunk (``nbytes`` arrived into ``filled``); True if its layer is now
-        complete. A short/long payload or a checksum mismatch raises TransportError."""
+    def commit(
+        self, h: Header, item: ReceivedItem, payload: memoryview, nbytes: int, digest: int | None
+    ) -> bool:
+        """Verify a received chunk of ``item``; True if its layer is now complete.
+
+        ``nbytes`` arrived and ``payload`` holds them; ``digest`` is their checksum if the
+        caller already computed it (outside the lock), else it is computed here. A short/long
+        payload or a checksum mismatch raises TransportError. In frame mode ``payload`` (the
+        frame) becomes the chunk's storage."""
         where = f"transfer {self.transfer_id} layer {h.layer} item {h.item_index}"
         span = f"bytes [{h.offset}, {h.offset + h.length})"
         if nbytes != h.length:
             raise TransportError(f"{where} {span}: payload has {nbytes} bytes, header {h.length}")
-        got = checksum(filled)
-        if got != h.checksum:
+        digest = checksum(payload) if digest is None else digest
+        if digest != h.checksum:
             raise CorruptChunk(
-                f"corrupt chunk in {where} {span}: xxhash64 {got:#018x} != {h.checksum:#018x}"
+                f"corrupt chunk in {where} {span}: XXH3-64 {digest:#018x} != {h.checksum:#018x}"
             )
-        layer = self.layers[h.layer]
-        item = layer.items[h.item_index]
+        if item.dest is None:
+            item.pieces[h.offset] = payload
         item.offsets.add(h.offset)
         item.received += h.length
         self.received += h.length
+        layer = self.layers[h.layer]
         if h.layer_items:
             layer.num_items = h.layer_items
         if h.layer not in self.completed_layers and layer.is_complete:
@@ -139,19 +199,23 @@ class Inbound:
             return True
         return False
 
-    def _new_item(self, layer: LayerState, h: Header, allocator: BufferAllocator) -> ReceivedItem:
+    def _new_item(
+        self, layer: LayerState, h: Header, allocator: BufferAllocator, keep_frames: bool
+    ) -> ReceivedItem:
         key = ItemKey(self.transfer_id, h.layer, h.item_index, h.kind, h.block_start, h.block_end)
-        try:
-            buffer = allocator.allocate(key, h.total_bytes)
-        except Exception as exc:
-            raise TransportError(f"allocator refused {h.total_bytes} bytes for {key}") from exc
-        if buffer.nbytes != h.total_bytes or buffer.readonly:
-            raise TransportError(f"allocator returned a bad buffer for {key}")
-        item = ReceivedItem(key, buffer)
+        item = ReceivedItem(key, h.total_bytes, allocator)
+        if not keep_frames:
+            try:
+                buffer = allocator.allocate(key, h.total_bytes)
+            except Exception as exc:
+                raise TransportError(f"allocator refused {h.total_bytes} bytes for {key}") from exc
+            if buffer.nbytes != h.total_bytes or buffer.readonly:
+                raise TransportError(f"allocator returned a bad buffer for {key}")
+            item.dest = buffer
         layer.items[h.item_index] = item
         return item
 
-    def release_layer(self, layer_index: int, allocator: BufferAllocator) -> int:
+    def release_layer(self, layer_index: int) -> int:
         """Free a layer's buffers; returns the bytes released (0 if already released)."""
         layer = self.layers.get(layer_index)
         if layer is None or layer.released:
@@ -160,14 +224,14 @@ class Inbound:
         freed = 0
         for item in layer.items.values():
             freed += item.received
-            allocator.free(item.key, item.buffer)
+            item.release()
         layer.items.clear()
         self.released += freed
         return freed
 
-    def release_all(self, allocator: BufferAllocator) -> int:
+    def release_all(self) -> int:
         """Free every buffer; returns the bytes released."""
-        return sum(self.release_layer(index, allocator) for index in list(self.layers))
+        return sum(self.release_layer(index) for index in list(self.layers))
 
 
 class CreditLedger:

@@ -11,9 +11,12 @@ accepts only the configured client keys.
 
 Contract for consumers: a layer is signalled once every item of it arrived and verified; its
 buffers stay valid until ``release_layer``/``release``; released bytes return to the senders
-as credit. A completed transfer keeps its buffers until ``release(transfer_id)``. A corrupt
-chunk fails its transfer (buffers dropped, sender told with an ERROR). Transfers past their
-deadline (plus ``expired_grace_s``) or cancelled by the sender are dropped.
+as credit. Without an ``allocator`` the verified chunks stay in the ZeroMQ frames they arrived
+in (no copy on the I/O thread; ``ReceivedItem`` says what ``buffer`` and ``chunks`` cost);
+with one, chunks are received straight into the allocator's buffers (one copy). A completed
+transfer keeps its buffers until ``release(transfer_id)``. A corrupt chunk fails its transfer
+(buffers dropped, sender told with an ERROR). Transfers past their deadline (plus
+``expired_grace_s``) or cancelled by the sender are dropped.
 
 Restart: a new receiver on the same port starts empty; senders reconnect by themselves. A
 transfer in flight during the restart fails cleanly on the sender (connection lost, or the
@@ -30,7 +33,7 @@ import zmq
 
 from trtllm_prfaas.errors import TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport.buffers import BufferAllocator, HeapAllocator
+from trtllm_prfaas.transport.buffers import BufferAllocator, HeapAllocator, retain_freed_heap
 from trtllm_prfaas.transport.config import RelayConfig
 from trtllm_prfaas.transport.reassembly import CreditLedger, Inbound, InboundStatus, ReceivedItem
 from trtllm_prfaas.transport.receiver_io import ReceiverIO
@@ -53,6 +56,9 @@ class RelayReceiver:
         allocator: BufferAllocator | None = None,
     ) -> None:
         self.config = config
+        # No allocator: chunks stay in the frames they arrived in (no copy, see ReceivedItem);
+        # the heap allocator then only backs contiguous views of multi-chunk items.
+        self.keeps_frames = allocator is None
         self.allocator: BufferAllocator = allocator or HeapAllocator(config.credit_bytes)
         self.cond = threading.Condition()
         self.transfers: dict[str, Inbound] = {}
@@ -63,6 +69,7 @@ class RelayReceiver:
         self.max_held_bytes = 0
         self.counts = {"bytes": 0, "corrupt": 0, "completed": 0, "failed": 0}
         self.commands: deque[str] = deque()  # "grant" requests from consumer threads
+        retain_freed_heap(config.credit_bytes)  # ZeroMQ's message buffers stay warm (buffers.py)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=config.io_threads)
         self._ctx.linger = 0
         self._auth = ServerAuth(self._ctx, config.security)
@@ -130,7 +137,7 @@ class RelayReceiver:
         with self.cond:
             inbound = self.transfers.get(transfer_id)
             if inbound is not None:
-                self.held_bytes -= inbound.release_layer(layer, self.allocator)
+                self.held_bytes -= inbound.release_layer(layer)
         self._request_grant()
 
     def release(self, transfer_id: str) -> None:
@@ -138,7 +145,7 @@ class RelayReceiver:
         with self.cond:
             inbound = self.transfers.pop(transfer_id, None)
             if inbound is not None:
-                self.held_bytes -= inbound.release_all(self.allocator)
+                self.held_bytes -= inbound.release_all()
                 self.remember(transfer_id, TransportError(f"transfer {transfer_id} was released"))
         self._request_grant()
 
@@ -164,7 +171,7 @@ class RelayReceiver:
         self._auth.close()
         with self.cond:
             for transfer_id, inbound in self.transfers.items():
-                inbound.release_all(self.allocator)
+                inbound.release_all()
                 self.remember(transfer_id, TransportError(f"receiver closed ({transfer_id})"))
             self.transfers.clear()
             self.cond.notify_all()

