@@ -32,7 +32,7 @@ from trtllm_prfaas.connector.prfaas_runtime import (
     transfer_id_for,
 )
 from trtllm_prfaas.kv.hashing import CacheKey
-from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+from trtllm_prfaas.transport import InboundStatus, RelayConfig, RelaySecurity
 
 LAYOUT = Layout()
 KEY = CacheKey("fake-hybrid", "HND", "float32", tp_rank=0)
@@ -175,11 +175,12 @@ def test_first_scheduler_output_excludes_the_external_load(runtimes) -> None:
     _assert_no_leaks(executor)
 
 
-def test_plain_trtllm_chunking_exports_nothing(runtimes) -> None:
-    """GPU-path gap: TensorRT-LLM's chunks end at L, never at L-1, so today's connector never
-    plans the final (tail + states) send; the save is reported at once, nothing reaches the
-    decode side. A GPU deployment needs the last prompt token computed alone (or a connector
-    that exports the L-1 prefix from a chunk ending at L)."""
+def test_plain_trtllm_chunking_never_ships_a_wrong_state(runtimes) -> None:
+    """GPU path: TensorRT-LLM's last chunk ends at L, not L-1, so the recurrent state after
+    exactly L-1 tokens never exists there. The connector still exports the blocks of the L-1
+    prefix from that chunk, but for a hybrid model it cancels the transfer rather than ship the
+    state of the wrong length: the decode side never claims it and computes the prompt itself.
+    (A pure-attention model needs no state and its transfer completes.)"""
     prefill_rt, decode_rt = runtimes
     prefill = _executor(prefill_rt, split_last_token=False, chunk_size=128)
     transfer = uuid.uuid4().hex
@@ -187,7 +188,9 @@ def test_plain_trtllm_chunking_exports_nothing(runtimes) -> None:
     prefill.add_request(PROMPT, 1, params)
     _until(lambda: not prefill.has_work(), prefill)
     assert decode_rt.receiver is not None
-    assert decode_rt.receiver.status(transfer_id_for(transfer, PROMPT, KEY)) is None
+    tid = transfer_id_for(transfer, PROMPT, KEY)
+    _until(lambda: decode_rt.receiver.status(tid) in (InboundStatus.FAILED, None), prefill)
+    assert decode_rt.receiver.status(tid) is not InboundStatus.COMPLETE
     _assert_order(prefill)
     _assert_no_leaks(prefill)
 

@@ -56,7 +56,8 @@ class _SendPlan:
     endpoint: str
     device_blocks: list[int]  # blocks [block_start, block_end) of the request, in order
     block_start: int
-    is_last: bool  # this chunk ends at L-1: send states, close every layer, finish
+    is_last: bool  # this chunk completes the L-1 claimed tokens: close every layer, finish
+    has_exact_state: bool = True  # the recurrent states now are those after exactly L-1 tokens
 
 
 @dataclass
@@ -79,6 +80,7 @@ class _Export:
     last: int  # L-1: the tokens the decode side will claim
     blocks: list[int] = field(default_factory=list)
     num_sent_blocks: int = 0
+    is_done: bool = False
 
 
 class _Cancel:
@@ -116,8 +118,11 @@ def _runtime_of(llm_args: Any) -> PrfaasRuntime:
 
 
 def _params_of(request: Any) -> dict[str, Any]:
-    params = getattr(request, "connector_params", None)
-    return dict(params) if params else {}
+    """``request.connector_params`` (reference engine) or the params TensorRT-LLM carries in
+    ``py_disaggregated_params.opaque_state`` (see ``engines/trtllm.py``)."""
+    from trtllm_prfaas.engines.trtllm import connector_params_of
+
+    return connector_params_of(request)
 
 
 class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
@@ -170,15 +175,23 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         return PrfaasMeta(sends, loads)
 
     def _plan_send(self, request_id: int, export: _Export, end: int) -> _SendPlan | None:
-        """Blocks completed by a chunk ending at ``end`` (plus the tail when ``end`` is L-1)."""
-        if end > export.last:
-            return None  # the last-token step: nothing more to export
-        tpb, is_last = self.tokens_per_block, end == export.last
-        stop = -(-end // tpb) if is_last else end // tpb
+        """Blocks completed by a chunk ending at ``end``; the chunk that completes the L-1
+        claimed tokens also sends the partial tail block and closes every layer.
+
+        The reference engine computes the last prompt token alone, so that chunk ends exactly at
+        L-1 and the recurrent states are those after L-1 tokens. An engine whose chunk runs on
+        to L (TensorRT-LLM) yields the blocks but not that state (``has_exact_state=False``)."""
+        if export.is_done:
+            return None
+        tpb = self.tokens_per_block
+        is_last = end >= export.last
+        stop = -(-export.last // tpb) if is_last else end // tpb
         start = export.num_sent_blocks
         if stop <= start:
-            return None
-        export.num_sent_blocks = stop
+            if not is_last:
+                return None
+            start = stop - 1  # every layer needs a closing item: resend the last block
+        export.num_sent_blocks, export.is_done = stop, is_last
         return _SendPlan(
             request_id,
             export.transfer_id,
@@ -186,6 +199,7 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
             export.blocks[start:stop],
             start,
             is_last,
+            end == export.last,
         )
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
@@ -289,10 +303,17 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
                 payload = self.kv_pool[ids, pool_layer]  # a gathered copy: (n, 2, row)
                 span = (plan.block_start, plan.block_start + len(plan.device_blocks))
                 handle.send(Kind.FULL_BLOCK, layer_idx, span, payload, last_in_layer=plan.is_last)
-            elif plan.is_last:
+            elif plan.is_last and plan.has_exact_state:
                 slot = self.states.slot_of(plan.request_id)
                 state = self.states.tensor[slot, self.states.state_layer_of[layer_idx]].clone()
                 handle.send(Kind.STATE, layer_idx, (0, 0), state, last_in_layer=True)
+            elif plan.is_last:  # never ship a state for the wrong length: the decode recomputes
+                log.warning(
+                    "relay_state_unavailable",
+                    request_id=plan.request_id,
+                    reason="the engine computed token L-1 inside a chunk",
+                )
+                handle.cancel()
 
     def _handle_for(self, plan: _SendPlan) -> TransferHandle:
         handle = self._handles.get(plan.request_id)
