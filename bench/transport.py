@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -281,11 +282,44 @@ def _nbytes(layers: list[torch.Tensor]) -> int:
     return sum(layer.nbytes for layer in layers)
 
 
+def other_figures(gib: float, repeats: int) -> dict[str, Any]:
+    """The other benchmarks' headline figures (each module also runs on its own)."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    mooncake = importlib.import_module("transport_mooncake").measure(gib, repeats)
+    shaped = importlib.import_module("transport_shaped").measure()
+    layerwise = importlib.import_module("layerwise")
+    model = layerwise.bench_model(8)
+    exposed = min(layerwise.measure_exposed(model, 8192)["exposed_s"] for _ in range(3))
+    bulk = min(layerwise.measure_bulk(model, 8192) for _ in range(3))
+    keys = (
+        "relay_over_mooncake",
+        "mooncake_gbps",
+        "mooncake_error",
+        "shaped_over_iperf3",
+        "rate_change_tracked_s",
+        "iperf3_gbps",
+        "skipped",
+    )
+    figures = {k: v for source in (mooncake, shaped) for k, v in source.items() if k in keys}
+    figures["shaped_relay_gbps"] = shaped.get("relay_gbps")
+    figures["layerwise_exposed_fraction"] = round(exposed / bulk, 4)
+    figures["layerwise_target_max"] = round(1 / model.num_layers + 0.05, 4)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gib", type=float, default=1.0, help="GiB moved per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs; best is kept")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="add the issue's other figures: Mooncake baseline, shaped link vs iperf3 (root), "
+        "layer-wise exposed fraction (several minutes)",
+    )
     args = parser.parse_args(argv)
     parent, child = multiprocessing.get_context("spawn").Pipe()
     receiver = multiprocessing.get_context("spawn").Process(target=serve, args=(child,))
@@ -296,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         parent.send(None)
         receiver.join(30.0)
+    if args.all:
+        with contextlib.redirect_stdout(sys.stderr):
+            result.update(other_figures(args.gib, args.repeats))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
