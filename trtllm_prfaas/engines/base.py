@@ -16,6 +16,11 @@
 ``blocks.num_available``, ``connector`` (a ``ConnectorPair`` hosted in this process, or None when
 the connector lives elsewhere, e.g. inside TensorRT-LLM's workers), ``config``.
 
+``describe(engine) -> EngineDescriptor`` is what a worker advertises about its engine (model id,
+lengths, pool and batch sizes, KV bytes): an engine's own ``descriptor`` when it has one (remote
+engines, whose model is not in this process), else read from a ``ReferenceEngine``-style
+``config`` (``config.model`` with ``kv_spec``, ``config.num_blocks``, ``config.max_num_seqs``).
+
 ``LoopBridge`` runs one asyncio event loop on a thread owned by a remote adapter: request
 coroutines run there and hand ``RequestOutput`` items back through a thread-safe queue that
 ``step()`` drains.
@@ -34,7 +39,15 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 
-__all__ = ["BlocksView", "Engine", "LoopBridge", "SlotsView", "remaining_s"]
+__all__ = [
+    "BlocksView",
+    "Engine",
+    "EngineDescriptor",
+    "LoopBridge",
+    "SlotsView",
+    "describe",
+    "remaining_s",
+]
 
 T = TypeVar("T")
 
@@ -84,6 +97,38 @@ class Engine(Protocol):
     def abort(self, request_id: int) -> RequestOutput | None: ...
 
     def has_unfinished(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class EngineDescriptor:
+    """What a worker advertises about its engine (``WorkerInfo``); engine-neutral."""
+
+    model_id: str
+    max_seq_len: int  # prompt + output tokens one request may reach
+    tokens_per_block: int
+    num_blocks: int  # KV pool blocks (an estimate for remote engines; 0 when unknown)
+    max_num_seqs: int  # concurrent requests (batch slots)
+    kv_bytes_per_token: int = 0  # S_kv(l) = kv_state_bytes + kv_bytes_per_token * l; 0: unknown
+    kv_state_bytes: int = 0
+
+
+def describe(engine: Any) -> EngineDescriptor:
+    """``engine.descriptor`` if it has one, else derived from a reference engine's config."""
+    own = getattr(engine, "descriptor", None)
+    if isinstance(own, EngineDescriptor):
+        return own
+    config = engine.config
+    model = config.model
+    spec = model.kv_spec
+    return EngineDescriptor(
+        model.model_id,
+        model.max_seq_len,
+        model.tokens_per_block,
+        config.num_blocks,
+        config.max_num_seqs,
+        kv_bytes_per_token=spec.bytes_per_token,
+        kv_state_bytes=spec.state_bytes,
+    )
 
 
 @dataclass

@@ -40,7 +40,13 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from trtllm_prfaas.engines.base import BlocksView, LoopBridge, SlotsView, remaining_s
+from trtllm_prfaas.engines.base import (
+    BlocksView,
+    EngineDescriptor,
+    LoopBridge,
+    SlotsView,
+    remaining_s,
+)
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.engines.trtllm import encode_connector_params
 from trtllm_prfaas.errors import (
@@ -76,6 +82,11 @@ class TritonEngineConfig:
     max_batch_size: int = 20  # for load reports: the server's batch slots
     num_blocks_hint: int = 0  # for load reports only
     tokens_per_block: int = 32
+    # What a worker advertises (``descriptor``): the served model.yaml's values, not queried.
+    model_id: str = ""  # empty: model_name
+    max_seq_len: int = 132096  # model.yaml max_seq_len (the rendered presets' value)
+    kv_bytes_per_token: int = 0  # 0: unknown (the router then sizes KV by token count alone)
+    kv_state_bytes: int = 0
     max_in_flight: int = 1024
     poll_interval_s: float = 0.01
 
@@ -83,9 +94,13 @@ class TritonEngineConfig:
         if not self.url:
             raise ConfigError("TritonEngineConfig.url must be host:port")
         for name in ("connect_timeout_s", "request_timeout_s", "max_batch_size",
-                     "tokens_per_block", "max_in_flight", "poll_interval_s"):  # fmt: skip
+                     "tokens_per_block", "max_in_flight", "poll_interval_s",
+                     "max_seq_len"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ConfigError(f"TritonEngineConfig.{name} must be > 0")
+        for name in ("num_blocks_hint", "kv_bytes_per_token", "kv_state_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TritonEngineConfig.{name} must be >= 0")
 
 
 @dataclass
@@ -116,6 +131,19 @@ class TritonEngine:
             raise
 
     # ---------------------------------------------------------------- the worker's surface
+    @property
+    def descriptor(self) -> EngineDescriptor:
+        cfg = self.config
+        return EngineDescriptor(
+            cfg.model_id or cfg.model_name,
+            cfg.max_seq_len,
+            cfg.tokens_per_block,
+            cfg.num_blocks_hint,
+            cfg.max_batch_size,
+            kv_bytes_per_token=cfg.kv_bytes_per_token,
+            kv_state_bytes=cfg.kv_state_bytes,
+        )
+
     @property
     def running(self) -> dict[int, _Flight]:
         return self._flights

@@ -5,6 +5,11 @@ Both halves of the PrfaaS connector share one :class:`PrfaasRuntime`; a decode-r
 a relay receiver, a prefill-role runtime opens senders on demand. The relay security (Curve keys
 or plaintext) and pacing come from the worker's ``RelayConfig`` unchanged, so a converted worker
 keeps the security it was started with.
+
+A worker whose engine is a remote Triton server (``WorkerConfig.triton`` set) has no runtime in
+this process: the connector runs inside that Triton (TensorRT-LLM loads it from ``model.yaml``)
+and does the relay itself. Such a worker's engine is a :class:`TritonEngine`, and a decode worker
+advertises its Triton connector's relay receiver (``advertise_relay``) instead of binding one.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from enum import Enum
 from trtllm_prfaas.connector.base import ConnectorPair
 from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime, Role
+from trtllm_prfaas.engines.base import Engine
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.triton import TritonEngine, TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.transport import RelayConfig
 
-__all__ = ["Assembly", "WorkerConfig", "WorkerRole", "assemble"]
+__all__ = ["Assembly", "WorkerConfig", "WorkerRole", "assemble", "assemble_triton"]
 
 
 class WorkerRole(Enum):
@@ -42,19 +49,37 @@ class WorkerConfig:
     fallback: str = "recompute"  # relayed KV missing or failed: "recompute" locally, or "fail"
     load_report_interval_s: float = 0.1
     idle_poll_s: float = 0.02
+    triton: TritonEngineConfig | None = None  # set: the engine is this remote Triton server
+    advertise_relay: str = ""  # Triton decode: its connector's relay receiver, as peers reach it
 
     def __post_init__(self) -> None:
         if self.fallback not in ("recompute", "fail"):
             raise ConfigError(f"fallback: 'recompute' or 'fail', not {self.fallback!r}")
+        if self.triton is None and self.advertise_relay:
+            raise ConfigError("advertise_relay is for a Triton engine; a reference worker binds")
+        if self.triton is not None and self.role is WorkerRole.DECODE and not self.advertise_relay:
+            raise ConfigError(
+                "a decode worker over Triton needs advertise_relay: the relay endpoint of "
+                "its Triton's connector (TRTLLM_PRFAAS_RELAY_BIND, as prefill nodes reach it)"
+            )
 
 
 @dataclass(frozen=True)
 class Assembly:
-    """One role's runtime and engine; ``relay_endpoint`` is empty unless the role is decode."""
+    """One role's runtime and engine; ``relay_endpoint`` is empty unless the role is decode.
 
-    runtime: PrfaasRuntime
-    engine: ReferenceEngine
+    ``runtime`` is None when the connector runs elsewhere (inside a remote Triton)."""
+
+    runtime: PrfaasRuntime | None
+    engine: Engine
     relay_endpoint: str
+
+    def close(self) -> None:
+        """Close the runtime (relay sockets) and a remote engine's channel. Idempotent."""
+        if self.runtime is not None:
+            self.runtime.close()
+        if isinstance(self.engine, TritonEngine):
+            self.engine.close()
 
 
 def assemble(
@@ -78,3 +103,9 @@ def assemble(
         raise
     relay = runtime.receiver_endpoint if connector_config.role is Role.DECODE else ""
     return Assembly(runtime, engine, relay)
+
+
+def assemble_triton(config: TritonEngineConfig, role: WorkerRole, advertise_relay: str) -> Assembly:
+    """Connect to the Triton server (``EngineError`` if it is not ready in time); no runtime."""
+    relay = advertise_relay if role is WorkerRole.DECODE else ""
+    return Assembly(None, TritonEngine(config), relay)

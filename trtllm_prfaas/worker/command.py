@@ -2,6 +2,14 @@
 
 On start it prints one JSON line (``{"event": "ready", "worker_id", "control", "relay"}``) and
 writes the same to ``--ready-file`` if given, then serves until SIGINT/SIGTERM.
+
+``--engine reference`` runs the reference engine and the PrfaaS connector runtime in this process.
+``--engine triton --triton-url HOST:PORT`` drives a remote Triton server's ``--triton-model`` over
+gRPC instead; the connector runs inside that Triton, so the relay flags (``--relay``,
+``--curve-keys``, ``--plaintext``, ``--num-streams``, ``--link-gbps``, ``--fallback``, the
+timeouts) and the reference model flags do not apply, and a decode worker must name its Triton's
+relay receiver with ``--advertise-relay`` (what prefill nodes connect to). The ``--triton-*``
+sizes are what the worker advertises to routers; give the served ``model.yaml``'s values.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from typing import Any
 
 from trtllm_prfaas.config import MODEL_PRESETS, load_relay_security, model_preset
 from trtllm_prfaas.engines.engine import EngineConfig
-from trtllm_prfaas.transport import RelayConfig
+from trtllm_prfaas.engines.triton import TritonEngineConfig
+from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
 __all__ = ["add_arguments", "build_config", "run"]
@@ -25,7 +35,7 @@ __all__ = ["add_arguments", "build_config", "run"]
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=[r.value for r in WorkerRole], required=True)
     parser.add_argument("--cluster", required=True, help="cluster name, e.g. dc-remote")
-    parser.add_argument("--engine", choices=["reference"], default="reference")
+    parser.add_argument("--engine", choices=["reference", "triton"], default="reference")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--control", default="tcp://127.0.0.1:0", help="control bind endpoint")
     parser.add_argument("--relay", default="tcp://127.0.0.1:0", help="decode: relay bind endpoint")
@@ -43,6 +53,28 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
     parser.add_argument("--load-timeout-s", type=float, default=120.0)
     parser.add_argument("--ready-file", type=Path, default=None)
+    triton = parser.add_argument_group("--engine triton (the connector runs inside Triton)")
+    triton.add_argument("--triton-url", default=None, help="Triton gRPC HOST:PORT")
+    triton.add_argument("--triton-model", default="tensorrt_llm", help="served model name")
+    triton.add_argument(
+        "--advertise-relay",
+        default="",
+        help="decode: relay endpoint of this Triton's connector as prefill nodes reach it, "
+        "e.g. tcp://triton-decode:7100",
+    )
+    defaults = TritonEngineConfig("-")
+    triton.add_argument("--triton-connect-timeout-s", type=float, default=600.0,
+                        help="wait this long at start for the model to be ready")  # fmt: skip
+    triton.add_argument("--triton-request-timeout-s", type=float,
+                        default=defaults.request_timeout_s)  # fmt: skip
+    triton.add_argument("--triton-max-batch-size", type=int, default=defaults.max_batch_size)
+    triton.add_argument("--triton-max-seq-len", type=int, default=defaults.max_seq_len)
+    triton.add_argument("--triton-tokens-per-block", type=int,
+                        default=defaults.tokens_per_block)  # fmt: skip
+    triton.add_argument("--triton-num-blocks", type=int, default=defaults.num_blocks_hint,
+                        help="KV pool blocks to advertise (0: unknown)")  # fmt: skip
+    triton.add_argument("--triton-kv-bytes-per-token", type=int, default=0)
+    triton.add_argument("--triton-kv-state-bytes", type=int, default=0)
 
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
@@ -58,9 +90,32 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         chunk_size=chunk,
         max_num_tokens=max(chunk, 4096),
     )
-    security = load_relay_security(args.curve_keys, args.plaintext)
+    if args.engine == "triton" and args.curve_keys is None and not args.plaintext:
+        # Never used: this process opens no relay socket (Triton's connector does the relay,
+        # secured by its TRTLLM_PRFAAS_CURVE_* variables).
+        security = RelaySecurity.insecure_plaintext()
+    else:
+        security = load_relay_security(args.curve_keys, args.plaintext)
     relay = RelayConfig(security=security, num_streams=args.num_streams, link_gbps=args.link_gbps)
     worker_id = args.worker_id or f"{args.cluster}-{args.role}-{os.getpid()}"
+    triton = None
+    if args.engine == "triton":
+        if not args.triton_url:
+            raise ConfigError("--engine triton needs --triton-url HOST:PORT")
+        triton = TritonEngineConfig(
+            args.triton_url,
+            model_name=args.triton_model,
+            connect_timeout_s=args.triton_connect_timeout_s,
+            request_timeout_s=args.triton_request_timeout_s,
+            max_batch_size=args.triton_max_batch_size,
+            num_blocks_hint=args.triton_num_blocks,
+            tokens_per_block=args.triton_tokens_per_block,
+            max_seq_len=args.triton_max_seq_len,
+            kv_bytes_per_token=args.triton_kv_bytes_per_token,
+            kv_state_bytes=args.triton_kv_state_bytes,
+        )
+    elif args.triton_url or args.advertise_relay:
+        raise ConfigError("--triton-url / --advertise-relay need --engine triton")
     return WorkerConfig(
         worker_id,
         WorkerRole(args.role),
@@ -72,6 +127,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         args.transfer_timeout_s,
         args.load_timeout_s,
         args.fallback,
+        triton=triton,
+        advertise_relay=args.advertise_relay,
     )
 
 

@@ -6,6 +6,12 @@ load reports. Every request has a deadline on the worker; a decode request that 
 relayed KV waits at most ``announce_timeout_s`` for the transfer to be announced, then falls back
 to computing the prompt itself (or fails, per ``fallback``). Failures travel back as ``Tokens``
 with ``error_kind`` set; the loop itself never dies of a request's failure.
+
+Over a remote Triton engine (``WorkerConfig.triton``) the connector runs inside Triton, so this
+process cannot see a transfer's announce or acknowledgement: a decode request with a
+``transfer_uuid`` joins the engine at once (Triton's connector claims the transfer, or recomputes
+per its own load-failure policy), a prefill sends no ``TransferDone``, and the role is fixed by
+the Triton deployment (``SetRole`` to another role is answered with the current ``WorkerInfo``).
 """
 
 from __future__ import annotations
@@ -24,12 +30,19 @@ from trtllm_prfaas.connector.prfaas_runtime import (
     Role,
     transfer_id_for,
 )
+from trtllm_prfaas.engines.base import describe
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus
 from trtllm_prfaas.worker import protocol as p
-from trtllm_prfaas.worker.assembly import WorkerConfig, WorkerRole, assemble
+from trtllm_prfaas.worker.assembly import (
+    Assembly,
+    WorkerConfig,
+    WorkerRole,
+    assemble,
+    assemble_triton,
+)
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 
@@ -69,7 +82,7 @@ class WorkerServer:
             self.socket.linger = 0
             self.socket.bind(config.control_endpoint)
         except BaseException:
-            self.runtime.close()
+            self._built.close()
             self._ctx.destroy(linger=0)
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -86,11 +99,15 @@ class WorkerServer:
     def _assemble(self, role: WorkerRole) -> None:
         """(Re)build the connector runtime and engine for ``role``; the relay config is kept."""
         c = self.config
-        runtime_role = Role.DECODE if role is WorkerRole.DECODE else Role.PREFILL
-        connector = PrfaasConnectorConfig(
-            runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s
-        )
-        built = assemble(c.engine, connector, c.fallback)
+        if c.triton is not None:
+            built = assemble_triton(c.triton, role, c.advertise_relay)
+        else:
+            runtime_role = Role.DECODE if role is WorkerRole.DECODE else Role.PREFILL
+            connector = PrfaasConnectorConfig(
+                runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s
+            )
+            built = assemble(c.engine, connector, c.fallback)
+        self._built: Assembly = built
         self.runtime, self.engine, self.relay_endpoint = (
             built.runtime,
             built.engine,
@@ -126,7 +143,7 @@ class WorkerServer:
         self._stop.set()
         for request_id in list(self._requests):
             self._abort(request_id, "aborted")
-        self.runtime.close()
+        self._built.close()
         self.socket.close(linger=0)
         self._ctx.term()
 
@@ -137,20 +154,19 @@ class WorkerServer:
         self.close()
 
     def info(self) -> p.WorkerInfo:
-        engine = self.engine.config
-        spec = engine.model.kv_spec
+        engine = describe(self.engine)
         return p.WorkerInfo(
             self.config.worker_id,
             self.role.value,
             self.config.cluster,
-            engine.model.model_id,
-            engine.model.max_seq_len,
-            engine.model.tokens_per_block,
+            engine.model_id,
+            engine.max_seq_len,
+            engine.tokens_per_block,
             engine.num_blocks,
             engine.max_num_seqs,
             self.relay_endpoint,
-            kv_bytes_per_token=spec.bytes_per_token,
-            kv_state_bytes=spec.state_bytes,
+            kv_bytes_per_token=engine.kv_bytes_per_token,
+            kv_state_bytes=engine.kv_state_bytes,
         )
 
     # ---------------------------------------------------------------------- control plane
@@ -206,6 +222,9 @@ class WorkerServer:
             return
         relayed = len(submit.prompt_token_ids) >= 2  # a 1-token prompt has no KV to relay
         if self.role is WorkerRole.DECODE and submit.transfer_uuid and relayed:
+            if self.runtime is None:  # the connector (and its announces) live in Triton
+                self._add(identity, submit, {"transfer_uuid": submit.transfer_uuid})
+                return
             deadline = time.monotonic() + submit.announce_timeout_s
             self._pending.append(_PendingDecode(identity, submit, deadline))
             return
@@ -233,7 +252,7 @@ class WorkerServer:
         deadline = time.monotonic() + submit.deadline_s
         self._requests[submit.request_id] = _Tracked(identity, engine_id, deadline)
         self._by_engine_id[engine_id] = submit.request_id
-        if params is not None and self.role is WorkerRole.PREFILL:
+        if exporting and self.runtime is not None:  # a remote connector reports nothing here
             self._transfer_owner[engine_id] = (identity, submit.request_id)
 
     def _admit_announced(self) -> None:
@@ -264,7 +283,8 @@ class WorkerServer:
             self._add(pend.identity, pend.submit, None)
 
     def _transfer_status(self, submit: p.Submit) -> InboundStatus | None:
-        assert submit.transfer_uuid is not None and self.runtime.receiver is not None
+        assert submit.transfer_uuid is not None
+        assert self.runtime is not None and self.runtime.receiver is not None
         tid = transfer_id_for(submit.transfer_uuid, submit.prompt_token_ids, self.runtime.key)
         return self.runtime.receiver.status(tid)
 
@@ -345,6 +365,10 @@ class WorkerServer:
         if role is self.role and self._role_change is None:
             self._send(identity, self.info())
             return
+        if self.config.triton is not None:  # the Triton deployment's connector fixes the role
+            log.warning("set_role_unsupported", role=role.value, engine="triton")
+            self._send(identity, self.info())
+            return
         deadline = time.monotonic() + message.drain_timeout_s
         self._role_change = _RoleChange(role, deadline)
         log.info("worker_draining", worker_id=self.config.worker_id, target=role.value)
@@ -365,7 +389,7 @@ class WorkerServer:
                 return
             for request_id in list(self._requests):
                 self._abort(request_id, "error", DeadlineExceeded("role change drain timed out"))
-        self.runtime.close()
+        self._built.close()
         self._transfer_owner.clear()
         self._role_change = None
         try:
@@ -385,7 +409,8 @@ class WorkerServer:
             return
         self._next_report = now + self.config.load_report_interval_s
         engine = self.engine
-        links = [sender.stats() for sender in list(self.runtime.senders.values())]
+        senders = self.runtime.senders.values() if self.runtime is not None else ()
+        links = [sender.stats() for sender in list(senders)]
         report = p.LoadReport(
             self.config.worker_id,
             len(engine.waiting) + len(self._pending),
