@@ -32,18 +32,20 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Coroutine, Sized
+from collections.abc import Coroutine, Iterator, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
+from trtllm_prfaas.errors import AdmissionRejected, InvalidRequestError
 
 __all__ = [
     "BlocksView",
     "Engine",
     "EngineDescriptor",
     "LoopBridge",
+    "RemoteFlights",
     "SlotsView",
     "describe",
     "remaining_s",
@@ -211,6 +213,71 @@ async def _cancel_all() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _FlightLike(Protocol):
+    num_blocks: int
+    num_seen: int
+
+
+class RemoteFlights:
+    """The worker-facing bookkeeping shared by engines whose work runs elsewhere (TensorRT-LLM's
+    executor, a remote Triton): requests in flight, the load report's estimates, and draining
+    outputs from the ``LoopBridge``. Needs ``_flights``, ``_ids``, ``_bridge`` and a ``config``
+    with ``max_batch_size``, ``num_blocks_hint``, ``max_in_flight``, ``tokens_per_block`` and
+    ``poll_interval_s``."""
+
+    _flights: dict[int, Any]
+    _ids: Iterator[int]
+    _bridge: LoopBridge
+    config: Any
+
+    @property
+    def running(self) -> dict[int, Any]:
+        return self._flights
+
+    @property
+    def waiting(self) -> list[int]:
+        """Requests with no output yet (the remote side may still be queueing them)."""
+        return [rid for rid, f in self._flights.items() if f.num_seen == 0]
+
+    @property
+    def slots(self) -> SlotsView:
+        return SlotsView(max(0, self.config.max_batch_size - len(self._flights)))
+
+    @property
+    def blocks(self) -> BlocksView:
+        used = sum(f.num_blocks for f in self._flights.values())
+        return BlocksView(max(0, self.config.num_blocks_hint - used))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._flights)
+
+    def _admit(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: int | None
+    ) -> tuple[int, int]:
+        """Validate a new request; returns (request id, worst-case blocks) or raises."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty: at least one token is required")
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self._flights:
+            raise InvalidRequestError(f"request id {rid} is already in use")
+        if len(self._flights) >= self.config.max_in_flight:
+            raise AdmissionRejected(f"{self.config.max_in_flight} requests already in flight")
+        total = len(prompt_token_ids) + sampling.max_tokens
+        return rid, -(-total // self.config.tokens_per_block)
+
+    def step(self) -> list[RequestOutput]:
+        """Outputs that arrived since the last call (waits up to ``poll_interval_s`` for one)."""
+        wait = self.config.poll_interval_s if self._flights else 0.0
+        outputs = []
+        for out in self._bridge.drain(wait):
+            if out.request_id not in self._flights:
+                continue  # aborted: abort() already returned its final output
+            if out.finished:
+                del self._flights[out.request_id]
+            outputs.append(out)
+        return outputs
 
 
 def remaining_s(deadline: float) -> float:

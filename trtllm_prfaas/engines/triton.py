@@ -41,16 +41,14 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from trtllm_prfaas.engines.base import (
-    BlocksView,
     EngineDescriptor,
     LoopBridge,
-    SlotsView,
+    RemoteFlights,
     remaining_s,
 )
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.engines.trtllm import encode_connector_params
 from trtllm_prfaas.errors import (
-    AdmissionRejected,
     ConfigError,
     DeadlineExceeded,
     EngineError,
@@ -112,7 +110,7 @@ class _Flight:
     num_seen: int = 0
 
 
-class TritonEngine:
+class TritonEngine(RemoteFlights):
     """Requests to a remote Triton, tokens back; a context manager (``close()`` joins)."""
 
     def __init__(self, config: TritonEngineConfig, tokenizer: Tokenizer | None = None) -> None:
@@ -144,26 +142,6 @@ class TritonEngine:
             kv_state_bytes=cfg.kv_state_bytes,
         )
 
-    @property
-    def running(self) -> dict[int, _Flight]:
-        return self._flights
-
-    @property
-    def waiting(self) -> list[int]:
-        return [rid for rid, f in self._flights.items() if f.num_seen == 0]
-
-    @property
-    def slots(self) -> SlotsView:
-        return SlotsView(max(0, self.config.max_batch_size - len(self._flights)))
-
-    @property
-    def blocks(self) -> BlocksView:
-        used = sum(f.num_blocks for f in self._flights.values())
-        return BlocksView(max(0, self.config.num_blocks_hint - used))
-
-    def has_unfinished(self) -> bool:
-        return bool(self._flights)
-
     def add_request(
         self,
         prompt_token_ids: list[int],
@@ -172,32 +150,13 @@ class TritonEngine:
         connector_params: dict[str, Any] | None = None,
     ) -> int:
         """Start the request's stream; the server's refusals arrive as an error output."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty: at least one token is required")
-        rid = next(self._ids) if request_id is None else request_id
-        if rid in self._flights:
-            raise InvalidRequestError(f"request id {rid} is already in use")
-        if len(self._flights) >= self.config.max_in_flight:
-            raise AdmissionRejected(f"{self.config.max_in_flight} requests already in flight")
+        rid, num_blocks = self._admit(prompt_token_ids, sampling, request_id)
         request = self._infer_request(rid, prompt_token_ids, sampling, connector_params)
-        total = len(prompt_token_ids) + sampling.max_tokens
         deadline = time.monotonic() + self.config.request_timeout_s
-        flight = _Flight(rid, -(-total // self.config.tokens_per_block), deadline)
+        flight = _Flight(rid, num_blocks, deadline)
         self._flights[rid] = flight
         flight.task = self._bridge.submit(self._run(flight, request))
         return rid
-
-    def step(self) -> list[RequestOutput]:
-        """Outputs that arrived since the last call (waits up to ``poll_interval_s`` for one)."""
-        wait = self.config.poll_interval_s if self._flights else 0.0
-        outputs = []
-        for out in self._bridge.drain(wait):
-            if out.request_id not in self._flights:
-                continue  # aborted: abort() already returned its final output
-            if out.finished:
-                del self._flights[out.request_id]
-            outputs.append(out)
-        return outputs
 
     def abort(self, request_id: int) -> RequestOutput | None:
         """Cancel the request's call (the server cancels it in its engine)."""

@@ -38,10 +38,9 @@ from typing import Any
 
 import msgspec
 
-from trtllm_prfaas.engines.base import BlocksView, LoopBridge, SlotsView
+from trtllm_prfaas.engines.base import LoopBridge, RemoteFlights
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import (
-    AdmissionRejected,
     ConfigError,
     DependencyMissing,
     EngineError,
@@ -202,7 +201,7 @@ class _Flight:
     num_seen: int = 0  # tokens already reported
 
 
-class TrtllmEngine:
+class TrtllmEngine(RemoteFlights):
     """``LLM.generate_async`` behind the worker's engine surface; a context manager.
 
     Threads: the caller's (add_request, step, abort, close) and the adapter's event loop, which
@@ -220,27 +219,6 @@ class TrtllmEngine:
         self._ids = itertools.count(1)
 
     # ---------------------------------------------------------------- the worker's surface
-    @property
-    def running(self) -> dict[int, _Flight]:
-        return self._flights
-
-    @property
-    def waiting(self) -> list[int]:
-        """Requests with no output yet (TensorRT-LLM may still be queueing or prefilling them)."""
-        return [rid for rid, f in self._flights.items() if f.num_seen == 0]
-
-    @property
-    def slots(self) -> SlotsView:
-        return SlotsView(max(0, self.config.max_batch_size - len(self._flights)))
-
-    @property
-    def blocks(self) -> BlocksView:
-        used = sum(f.num_blocks for f in self._flights.values())
-        return BlocksView(max(0, self.config.num_blocks_hint - used))
-
-    def has_unfinished(self) -> bool:
-        return bool(self._flights)
-
     def add_request(
         self,
         prompt_token_ids: list[int],
@@ -249,15 +227,8 @@ class TrtllmEngine:
         connector_params: dict[str, Any] | None = None,
     ) -> int:
         """Hand one request to TensorRT-LLM; raises at once when it is refused."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty: at least one token is required")
-        rid = next(self._ids) if request_id is None else request_id
-        if rid in self._flights:
-            raise InvalidRequestError(f"request id {rid} is already in use")
-        if len(self._flights) >= self.config.max_in_flight:
-            raise AdmissionRejected(f"{self.config.max_in_flight} requests already in flight")
-        total = len(prompt_token_ids) + sampling.max_tokens
-        flight = _Flight(rid, -(-total // self.config.tokens_per_block))
+        rid, num_blocks = self._admit(prompt_token_ids, sampling, request_id)
+        flight = _Flight(rid, num_blocks)
         start = self._start(flight, list(prompt_token_ids), sampling, connector_params)
         try:
             self._bridge.call(start, self.config.start_timeout_s)
@@ -269,18 +240,6 @@ class TrtllmEngine:
             raise EngineError(f"TensorRT-LLM failed to start request {rid}: {exc!r}") from exc
         self._flights[rid] = flight
         return rid
-
-    def step(self) -> list[RequestOutput]:
-        """Outputs that arrived since the last call (waits up to ``poll_interval_s`` for one)."""
-        wait = self.config.poll_interval_s if self._flights else 0.0
-        outputs = []
-        for out in self._bridge.drain(wait):
-            if out.request_id not in self._flights:
-                continue  # aborted: its final output was already returned by abort()
-            if out.finished:
-                del self._flights[out.request_id]
-            outputs.append(out)
-        return outputs
 
     def abort(self, request_id: int) -> RequestOutput | None:
         """Abort in TensorRT-LLM (which frees its blocks, or keeps them pinned for a save)."""
