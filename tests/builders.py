@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from trtllm_prfaas.engines.reference import ModelConfig
 
@@ -16,3 +21,21 @@ def tiny_model(**overrides: Any) -> ModelConfig:
     )  # fmt: skip
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+_ROUTER_THREADS = ("local-engine", "frontdoor", "serve_forever")
+
+
+def _router_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if any(n in t.name for n in _ROUTER_THREADS)}
+
+
+@pytest.fixture(autouse=True)
+def router_thread_leak_check() -> Iterator[None]:
+    """No engine, front-door or metrics thread a test started outlives it (2 s grace)."""
+    before = _router_threads()
+    yield
+    deadline = time.monotonic() + 2.0
+    while _router_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _router_threads() - before, f"leaked threads: {_router_threads() - before}"

@@ -4,35 +4,20 @@ by a ``MetricsServer``; everything is closed at teardown and no thread is leaked
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.builders import router_thread_leak_check
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
 from trtllm_prfaas.router.local import LocalEngineOrchestrator
 from trtllm_prfaas.telemetry.metrics import MetricsServer, RouterMetrics
 
-_OUR_THREADS = ("local-engine", "frontdoor", "serve_forever")
-
-
-def _our_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if any(n in t.name for n in _OUR_THREADS)}
-
-
-@pytest.fixture(autouse=True)
-def thread_leak_check() -> Iterator[None]:
-    before = _our_threads()
-    yield
-    deadline = time.monotonic() + 2.0
-    while _our_threads() - before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _our_threads() - before, f"leaked threads: {_our_threads() - before}"
+thread_leak_check = router_thread_leak_check  # autouse: no router thread outlives a test
 
 
 def small_engine() -> ReferenceEngine:

@@ -4,8 +4,6 @@ every engine ends idle with nothing held, every thread the router started is joi
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,28 +11,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from tests.builders import tiny_model
+from tests.builders import router_thread_leak_check, tiny_model
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.router.api import Orchestrator
 from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
 from trtllm_prfaas.router.local import LocalEngineOrchestrator
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 
-_OUR_THREADS = ("local-engine", "frontdoor", "serve_forever")
-
-
-def _our_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if any(n in t.name for n in _OUR_THREADS)}
-
-
-@pytest.fixture(autouse=True)
-def thread_leak_check() -> Iterator[None]:
-    before = _our_threads()
-    yield
-    deadline = time.monotonic() + 2.0
-    while _our_threads() - before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _our_threads() - before, f"leaked threads: {_our_threads() - before}"
+thread_leak_check = router_thread_leak_check  # autouse: no router thread outlives a test
 
 
 def engine_config(**overrides: Any) -> EngineConfig:
