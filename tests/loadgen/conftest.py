@@ -10,14 +10,12 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.builders import router_thread_leak_check
+from tests.builders import router_thread_leak_check  # noqa: F401 (autouse fixture)
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
 from trtllm_prfaas.router.local import LocalEngineOrchestrator
 from trtllm_prfaas.telemetry.metrics import MetricsServer, RouterMetrics
-
-thread_leak_check = router_thread_leak_check  # autouse: no router thread outlives a test
 
 
 def small_engine() -> ReferenceEngine:

@@ -11,14 +11,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from tests.builders import router_thread_leak_check, tiny_model
+from tests.builders import router_thread_leak_check, tiny_model  # noqa: F401 (autouse fixture)
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.router.api import Orchestrator
 from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
 from trtllm_prfaas.router.local import LocalEngineOrchestrator
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
-
-thread_leak_check = router_thread_leak_check  # autouse: no router thread outlives a test
 
 
 def engine_config(**overrides: Any) -> EngineConfig:
