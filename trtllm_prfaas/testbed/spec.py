@@ -43,6 +43,7 @@ class TestbedConfig:
     chunk_size: int = 2048
     num_blocks: int = 2048
     fallback: str = "recompute"
+    num_threads: int = 1  # torch threads per worker: 3+ workers share these 2 cores
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -67,6 +68,8 @@ class TestbedConfig:
             str(self.num_blocks),
             "--fallback",
             self.fallback,
+            "--num-threads",
+            str(self.num_threads),
         ]
         pacing = ["--link-gbps", str(self.link_gbps)] if self.link_gbps else []
         specs: dict[str, list[str]] = {}

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from trtllm_prfaas.config import MODEL_PRESETS, load_relay_security, model_preset
-from trtllm_prfaas.engines.engine import EngineConfig
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.engines.triton import TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
@@ -49,6 +50,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--num-threads", type=int, default=2, help="torch threads of the engine")
     parser.add_argument("--fallback", choices=["recompute", "fail"], default="recompute")
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
     parser.add_argument("--load-timeout-s", type=float, default=120.0)
@@ -89,6 +91,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         max_num_seqs=args.max_num_seqs,
         chunk_size=chunk,
         max_num_tokens=max(chunk, 4096),
+        num_threads=args.num_threads,
     )
     if args.engine == "triton" and args.curve_keys is None and not args.plaintext:
         # Never used: this process opens no relay socket (Triton's connector does the relay,
@@ -132,9 +135,18 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
+def _warm_up(server: WorkerServer) -> None:
+    """One tiny generation before reporting ready, so the first real request does not pay
+    the engine's one-time start-up costs (BLAS and allocator initialisation)."""
+    engine = server.engine
+    if isinstance(engine, ReferenceEngine):
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True), timeout_s=60)
+
+
 def run(command: str, args: argparse.Namespace) -> int:
     config = build_config(args)
     with WorkerServer(config) as server:
+        _warm_up(server)
         ready: dict[str, Any] = {
             "event": "ready",
             "worker_id": config.worker_id,
