@@ -81,12 +81,19 @@ class ClusterState:
             worker.info, worker.report, worker.reported_at = info, None, time.monotonic()
 
     def view(self, now: float) -> ClusterView:
-        live = [w for w in self.workers.values() if w.is_live(now)]
-        return ClusterView(
-            prfaas=tuple(w.view() for w in live if w.is_prfaas and w.role == "prefill"),
-            pd_prefill=tuple(w.view() for w in live if not w.is_prfaas and w.role == "prefill"),
-            pd_decode=tuple(w.view() for w in live if not w.is_prfaas and w.role == "decode"),
-        )
+        """Live workers by pool, in ``workers`` order (one pass: it runs once per request)."""
+        prfaas: list[NodeView] = []
+        pd_prefill: list[NodeView] = []
+        pd_decode: list[NodeView] = []
+        for w in self.workers.values():
+            if not w.is_live(now):
+                continue
+            role = w.info.role
+            if role == "prefill":
+                (prfaas if w.is_prfaas else pd_prefill).append(w.view())
+            elif role == "decode" and not w.is_prfaas:
+                pd_decode.append(w.view())
+        return ClusterView(tuple(prfaas), tuple(pd_prefill), tuple(pd_decode))
 
     def decode_capacity(self) -> int:
         return sum(w.view().free_decode_slots for w in self.workers.values() if w.role == "decode")

@@ -15,12 +15,20 @@ moves it every second from what the router observes; ``threshold_tokens`` is its
 Every request has a deadline; a cancelled or late request is cancelled on both workers. If the
 prefill leg fails, the decode worker computes the prompt itself (its ``fallback`` policy), so
 the client still gets its tokens, or a clear error, never a hang.
+
+I/O: one plain (non-asyncio) ZeroMQ DEALER per worker. Sends go out at once with ``NOBLOCK``
+(falling back to waiting for room only when the socket is full); received messages are drained
+with ``NOBLOCK`` in a loop from one event-loop reader callback per socket, and each ``Tokens``
+goes to its request's channel (a deque and one future, made only while the request waits).
+ZeroMQ's descriptor is edge-triggered: after every send the socket's events are checked, and a
+drain is scheduled if messages became readable meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections import deque
@@ -30,7 +38,6 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from trtllm_prfaas import errors
 from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE, ByteTokenizer, StreamingDecoder
@@ -46,6 +53,8 @@ from trtllm_prfaas.worker import protocol as p
 __all__ = ["DisaggregatedOrchestrator", "RouterConfig", "WorkerSpec"]
 
 log = get_logger(__name__)
+
+_SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
 
 
 @dataclass(frozen=True)
@@ -65,17 +74,45 @@ class RouterConfig:
     control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
 
 
-@dataclass
 class _Flight:
-    """Messages of one request from its two workers, and when its legs began (monotonic s)."""
+    """``Tokens`` of one request from its two workers (a FIFO channel: ``put`` from the reader,
+    ``get`` from the request's task), and when its legs began (monotonic s)."""
 
-    decision: RouteDecision
-    prompt_tokens: int
-    submitted_at: float = 0.0
-    prefill_first_at: float | None = None
-    decode_first_at: float | None = None
-    num_decoded: int = 0
-    queue: asyncio.Queue[tuple[str, p.Message]] = field(default_factory=asyncio.Queue)
+    __slots__ = (
+        "decision",
+        "decode_first_at",
+        "messages",
+        "num_decoded",
+        "prefill_first_at",
+        "prompt_tokens",
+        "submitted_at",
+        "waiter",
+    )
+
+    def __init__(self, decision: RouteDecision, prompt_tokens: int) -> None:
+        self.decision = decision
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = 0.0
+        self.prefill_first_at: float | None = None
+        self.decode_first_at: float | None = None
+        self.num_decoded = 0
+        self.messages: deque[tuple[str, p.Tokens]] = deque()
+        self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
+
+    def put(self, source: str, message: p.Tokens) -> None:
+        self.messages.append((source, message))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[str, p.Tokens]:
+        while not self.messages:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.messages.popleft()
 
 
 class DisaggregatedOrchestrator(Orchestrator):
@@ -98,67 +135,94 @@ class DisaggregatedOrchestrator(Orchestrator):
         )
         self._info_waiters: dict[str, asyncio.Future[p.WorkerInfo]] = {}
         self.counters: dict[str, int] = {"remote": 0, "local": 0, "first_token_mismatch": 0}
-        self._ctx = zmq.asyncio.Context()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+        self._fds: dict[str, int] = {}  # worker -> its socket's descriptor, watched by the loop
+        self._drains: set[str] = set()  # workers with a drain scheduled (call_soon)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._flights: dict[str, _Flight] = {}
-        self._readers: list[asyncio.Task[None]] = []
+        # transfer uuids: this router's random prefix + a counter (unique, like uuid4().hex)
+        self._transfer_prefix = uuid.uuid4().hex[:20]
+        self._transfer_ids = itertools.count()
         self._max_seq_len = 0
         self._ready = False
 
     # ------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Connect to every worker and learn its role; raises TransportError if one is silent."""
+        self._loop = asyncio.get_running_loop()
         for spec in self.config.workers:
             sock = self._ctx.socket(zmq.DEALER)
             sock.linger = 0
             sock.connect(spec.endpoint)
             self._sockets[spec.name] = sock
-            await sock.send(p.encode_message(p.Ping()))
-            info = await self._await_info(spec, sock)
+            self._fds[spec.name] = fd = int(sock.getsockopt(zmq.FD))
+            self._loop.add_reader(fd, self._drain, spec.name)
+            info = await self._await_info(spec)
             self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
-            self._readers.append(asyncio.create_task(self._read(spec.name, sock)))
         self._max_seq_len = min(w.info.max_seq_len for w in self.cluster.workers.values())
         if self.config.control is not None:
             self.control.start()
         self._ready = True
         log.info("router_ready", workers=sorted(self.cluster.workers))
 
-    async def _await_info(self, spec: WorkerSpec, sock: zmq.asyncio.Socket) -> p.WorkerInfo:
-        deadline = time.monotonic() + self.config.connect_timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                frame = await asyncio.wait_for(sock.recv(), remaining)
-            except TimeoutError:
-                break
-            message = _decode(frame)
-            if isinstance(message, p.WorkerInfo):
-                return message
-        raise TransportError(f"worker {spec.name} at {spec.endpoint} did not answer")
+    async def _await_info(self, spec: WorkerSpec) -> p.WorkerInfo:
+        """Ping the worker and wait for its ``WorkerInfo`` (delivered by ``_drain``)."""
+        assert self._loop is not None
+        future: asyncio.Future[p.WorkerInfo] = self._loop.create_future()
+        self._info_waiters[spec.name] = future
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await self._send(spec.name, p.Ping())
+                return await future
+        except TimeoutError:
+            raise TransportError(f"worker {spec.name} at {spec.endpoint} did not answer") from None
+        finally:
+            self._info_waiters.pop(spec.name, None)
 
     async def close(self) -> None:
         self._ready = False
         await self.control.stop()
-        for task in self._readers:
-            task.cancel()
-        for task in self._readers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._loop is not None:
+            for fd in self._fds.values():
+                self._loop.remove_reader(fd)
+        self._fds.clear()
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._ctx.term()
 
-    async def _read(self, name: str, sock: zmq.asyncio.Socket) -> None:
+    def _drain(self, name: str) -> None:
+        """Every message waiting on ``name``'s socket, without blocking (the reader callback)."""
+        self._drains.discard(name)
+        sock = self._sockets.get(name)
+        if sock is None or sock.closed:
+            return
         while True:
-            message = _decode(await sock.recv())
-            if isinstance(message, p.LoadReport):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # closed under us (shutdown): nothing more to read
+                log.warning("router_recv_failed", worker=name, error=str(exc))
+                return
+            try:
+                self._dispatch(name, frame)
+            except Exception as exc:  # one bad message must not stall the others
+                log.error("router_dispatch_failed", worker=name, error=repr(exc))
+
+    def _dispatch(self, name: str, frame: bytes) -> None:
+        message = _decode(frame)
+        if isinstance(message, p.Tokens):
+            flight = self._flights.get(message.request_id)
+            if flight is not None:
+                flight.put(name, message)
+        elif isinstance(message, p.LoadReport):
+            if name in self.cluster.workers:
                 self.cluster.on_report(name, message)
                 self._export_load(name, message)
-            elif isinstance(message, p.WorkerInfo):
-                self._on_info(name, message)
-            elif isinstance(message, p.Tokens | p.TransferDone):
-                flight = self._flights.get(message.request_id)
-                if flight is not None:
-                    flight.queue.put_nowait((name, message))
+        elif isinstance(message, p.WorkerInfo):
+            self._on_info(name, message)
+        # TransferDone: nothing waits on it (a request ends with the decode node's tokens)
 
     def _on_info(self, name: str, info: p.WorkerInfo) -> None:
         waiter = self._info_waiters.get(name)
@@ -291,7 +355,7 @@ class DisaggregatedOrchestrator(Orchestrator):
     async def _submit(
         self, request: GenerateRequest, decode: WorkerState, prefill: WorkerState
     ) -> None:
-        transfer = uuid.uuid4().hex
+        transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
         common: dict[str, Any] = dict(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -309,7 +373,30 @@ class DisaggregatedOrchestrator(Orchestrator):
         )
 
     async def _send(self, worker: str, message: p.Message) -> None:
-        await self._sockets[worker].send(p.encode_message(message))
+        sock = self._sockets[worker]
+        frame = p.encode_message(message)
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # full (high-water mark): wait for room, as a blocking send would
+            await self._send_when_ready(sock, frame)
+        self._after_send(worker, sock)
+
+    async def _send_when_ready(self, sock: zmq.Socket[bytes], frame: bytes) -> None:
+        wait_s = _SEND_RETRY_S[0]
+        while True:
+            await asyncio.sleep(wait_s)
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                wait_s = min(wait_s * 2, _SEND_RETRY_S[1])
+
+    def _after_send(self, worker: str, sock: zmq.Socket[bytes]) -> None:
+        """A send may have consumed the descriptor's edge while messages arrived: drain soon."""
+        if worker not in self._drains and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drains.add(worker)
+            assert self._loop is not None
+            self._loop.call_soon(self._drain, worker)
 
     async def _stream(
         self, request: GenerateRequest, flight: _Flight, decode_name: str
@@ -319,9 +406,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         early: int | None = None  # the prefill's first token, if it was streamed first
         decode_started = False
         while True:
-            source, message = await flight.queue.get()
-            if not isinstance(message, p.Tokens):
-                continue
+            source, message = await flight.get()
             tokens = list(message.token_ids)
             self._observe(flight, source == decode_name, len(tokens), bool(message.finished))
             if source != decode_name:  # the prefill leg: stream its first token if it leads

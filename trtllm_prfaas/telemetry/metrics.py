@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -36,11 +37,25 @@ _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+def _child(cache: dict[tuple[str, ...], Any], family: Any, *values: str) -> Any:
+    """``family.labels(*values)``, looked up once per label set (the per-request paths)."""
+    child = cache.get(values)
+    if child is None:
+        child = cache[values] = family.labels(*values)
+    return child
+
+
 class RouterMetrics:
     """The router's metric families, registered on ``registry``; every method is thread-safe."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # label values -> child, per family recorded per request or per load report
+        self._frontdoor_children: dict[tuple[str, ...], Any] = {}
+        self._request_children: dict[tuple[str, ...], Any] = {}
+        self._ttft_children: dict[tuple[str, ...], Any] = {}
+        self._tpot_children: dict[tuple[str, ...], Any] = {}
+        self._load_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self.frontdoor_requests = Counter(
             "prfaas_frontdoor_requests",
             "Inference requests answered by the front door, by gRPC status",
@@ -142,17 +157,17 @@ class RouterMetrics:
         self.role_conversions.labels(role=role).inc()
 
     def record_frontdoor(self, model: str, rpc: str, status: str) -> None:
-        self.frontdoor_requests.labels(model=model, rpc=rpc, status=status).inc()
+        _child(self._frontdoor_children, self.frontdoor_requests, model, rpc, status).inc()
 
     def record_request(self, route: str, status: str) -> None:
-        self.requests.labels(route=route, status=status).inc()
+        _child(self._request_children, self.requests, route, status).inc()
 
     def observe_latency(self, model: str, ttft_s: float | None, tpot_s: float | None) -> None:
         """Record a request's TTFT and TPOT; ``None`` skips one (no token, or only one)."""
         if ttft_s is not None:
-            self.ttft.labels(model=model).observe(ttft_s)
+            _child(self._ttft_children, self.ttft, model).observe(ttft_s)
         if tpot_s is not None:
-            self.tpot.labels(model=model).observe(tpot_s)
+            _child(self._tpot_children, self.tpot, model).observe(tpot_s)
 
     def add_relay_bytes(self, link: str, num_bytes: int, goodput_gbps: float | None = None) -> None:
         self.relay_bytes.labels(link=link).inc(num_bytes)
@@ -160,8 +175,14 @@ class RouterMetrics:
             self.relay_goodput_gbps.labels(link=link).set(goodput_gbps)
 
     def set_worker_load(self, worker: str, queue_depth: int, free_decode_slots: int) -> None:
-        self.queue_depth.labels(worker=worker).set(queue_depth)
-        self.free_decode_slots.labels(worker=worker).set(free_decode_slots)
+        children = self._load_children.get((worker,))
+        if children is None:
+            children = self._load_children[(worker,)] = (
+                self.queue_depth.labels(worker=worker),
+                self.free_decode_slots.labels(worker=worker),
+            )
+        children[0].set(queue_depth)
+        children[1].set(free_decode_slots)
 
 
 class MetricsServer:

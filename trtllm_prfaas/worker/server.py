@@ -86,6 +86,8 @@ class WorkerServer:
             self._ctx.destroy(linger=0)
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller = zmq.Poller()  # kept: ``Socket.poll`` would build one per call
+        self._poller.register(self.socket, zmq.POLLIN)
         self._role_change: _RoleChange | None = None
         self._ids = itertools.count(1)
         self._requests: dict[str, _Tracked] = {}
@@ -171,7 +173,7 @@ class WorkerServer:
 
     # ---------------------------------------------------------------------- control plane
     def _poll_control(self, timeout_s: float) -> None:
-        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+        if not self._poller.poll(int(timeout_s * 1000)):
             return
         while True:
             try:
