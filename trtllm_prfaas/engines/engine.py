@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +33,12 @@ from trtllm_prfaas.connector.base import ConnectorPair, RecurrentStates
 from trtllm_prfaas.connector.host import ConnectorHost
 from trtllm_prfaas.engines.batch import SequenceChunk
 from trtllm_prfaas.engines.blocks import BlockManager, SlotAllocator
+from trtllm_prfaas.engines.config import (
+    EngineConfig,
+    EngineStats,
+    KvCacheConfigArgs,
+    ReferenceLlmArgs,
+)
 from trtllm_prfaas.engines.reference import HybridModel, LayerKind, ModelConfig
 from trtllm_prfaas.engines.request import (
     LlmRequest,
@@ -45,7 +50,6 @@ from trtllm_prfaas.engines.sampling import sample_next
 from trtllm_prfaas.engines.tokenizer import EOS_ID, ByteTokenizer
 from trtllm_prfaas.errors import (
     AdmissionRejected,
-    ConfigError,
     ConnectorError,
     EngineError,
     InvalidRequestError,
@@ -56,60 +60,6 @@ from trtllm_prfaas.telemetry.logging import get_logger
 __all__ = ["ConnectorPair", "EngineConfig", "EngineStats", "ReferenceEngine"]
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    num_blocks: int = 2048  # device pool blocks (2048 x 32 tokens = 64K tokens)
-    max_num_seqs: int = 16  # concurrent requests (recurrent-state slots)
-    chunk_size: int = 2048  # prefill chunk, a multiple of tokens_per_block
-    max_num_tokens: int = 4096  # tokens per iteration (decode tokens + prefill chunks)
-    max_waiting: int = 1024
-    admission_timeout_s: float = 300.0
-    connector_timeout_s: float = 60.0
-    on_load_failure: str = "recompute"  # a failed connector load: "recompute" locally or "fail"
-    num_threads: int = 2
-
-    def __post_init__(self) -> None:
-        tpb = self.model.tokens_per_block
-        if self.chunk_size <= 0 or self.chunk_size % tpb:
-            raise ConfigError(f"chunk_size {self.chunk_size} must be a positive multiple of {tpb}")
-        if self.max_num_tokens < self.chunk_size:
-            raise ConfigError(f"max_num_tokens {self.max_num_tokens} < chunk_size")
-        if self.on_load_failure not in ("recompute", "fail"):
-            raise ConfigError(
-                f"on_load_failure must be 'recompute' or 'fail', got {self.on_load_failure!r}"
-            )
-        for name in ("num_blocks", "max_num_seqs", "max_waiting", "num_threads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"EngineConfig.{name} must be > 0")
-
-
-@dataclass
-class EngineStats:
-    """Counters a user would watch (the worker exports them as metrics)."""
-
-    num_iterations: int = 0
-    num_prompt_tokens_computed: int = 0
-    num_connector_tokens: int = 0  # prompt tokens supplied by the connector instead
-    num_generated_tokens: int = 0
-    num_failed_requests: int = 0
-
-
-@dataclass
-class KvCacheConfigArgs:
-    tokens_per_block: int
-
-
-@dataclass
-class ReferenceLlmArgs:
-    """The slice of TensorRT-LLM's ``TorchLlmArgs`` that connectors read, plus the model id."""
-
-    kv_cache_config: KvCacheConfigArgs
-    model: str
-    dtype: str
-    connector_options: dict[str, Any] = field(default_factory=dict)
 
 
 class ReferenceEngine(ConnectorHost):
