@@ -239,3 +239,21 @@ def _send_all(handle, layers: list[torch.Tensor]) -> None:
     for i, layer in enumerate(layers):
         handle.send(Kind.FULL_BLOCK, i, (0, NUM_BLOCKS), layer)
     handle.finish()
+
+
+def test_consumer_abandoning_a_transfer_stops_the_sender_at_once(relay: Relay) -> None:
+    """A decode request cancelled mid-transfer releases its inbound transfer; the sender must
+    hear it (and free the prefill's pinned blocks) now, not at its deadline."""
+    config = make_config()
+    layers = kv_layers()
+    with relay.receiver(config) as rx, relay.sender(rx.endpoint, config) as tx:
+        assert tx.wait_ready(timeout_s=5.0)
+        handle = tx.open_transfer("t-abandoned", "req-9", deadline_s=60.0)
+        handle.send(Kind.FULL_BLOCK, 0, (0, NUM_BLOCKS), layers[0])
+        rx.wait_layer("t-abandoned", 0, timeout_s=5.0)
+        start = time.monotonic()
+        rx.release("t-abandoned")  # the consumer gives up before the transfer completed
+        with pytest.raises(TransportError, match="released transfer t-abandoned"):
+            handle.wait(timeout_s=10.0)
+        assert time.monotonic() - start < 5.0
+        assert handle.status is TransferStatus.FAILED

@@ -68,7 +68,9 @@ class RelayReceiver:
         self.held_bytes = 0
         self.max_held_bytes = 0
         self.counts = {"bytes": 0, "corrupt": 0, "completed": 0, "failed": 0}
-        self.commands: deque[str] = deque()  # "grant" requests from consumer threads
+        # From consumer threads to the I/O thread: "grant", or (sender identity, transfer id) of
+        # a transfer released before it completed, whose sender must be told to stop.
+        self.commands: deque[str | tuple[bytes, str]] = deque()
         retain_freed_heap(config.credit_bytes)  # ZeroMQ's message buffers stay warm (buffers.py)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=config.io_threads)
         self._ctx.linger = 0
@@ -141,12 +143,18 @@ class RelayReceiver:
         self._request_grant()
 
     def release(self, transfer_id: str) -> None:
-        """Drop a transfer and all its buffers (call it once done with a completed transfer)."""
+        """Drop a transfer and all its buffers (call it once done with a completed transfer).
+
+        Releasing a transfer still receiving abandons it: its sender gets an ERROR and stops."""
         with self.cond:
             inbound = self.transfers.pop(transfer_id, None)
             if inbound is not None:
                 self.held_bytes -= inbound.release_all()
                 self.remember(transfer_id, TransportError(f"transfer {transfer_id} was released"))
+                if inbound.status is InboundStatus.RECEIVING and inbound.reply_to:
+                    # Abandoned mid-way (e.g. the decode request was cancelled): the sender
+                    # would otherwise wait for an acknowledgement until its deadline.
+                    self.commands.append((inbound.reply_to, transfer_id))
         self._request_grant()
 
     def stats(self) -> ReceiverStats:

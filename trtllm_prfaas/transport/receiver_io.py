@@ -132,7 +132,14 @@ class ReceiverIO:
 
     def _run_commands(self) -> None:
         while self._owner.commands:
-            self._owner.commands.popleft()
+            command = self._owner.commands.popleft()
+            if isinstance(command, tuple):  # a transfer its consumer abandoned
+                identity, transfer_id = command
+                self._reply_error(
+                    identity,
+                    transfer_id,
+                    f"the receiver's consumer released transfer {transfer_id} before it completed",
+                )
             self._grant_needed = True
 
     def _recv_one(self) -> bool:
