@@ -267,6 +267,20 @@ class RemoteFlights:
         total = len(prompt_token_ids) + sampling.max_tokens
         return rid, -(-total // self.config.tokens_per_block)
 
+    _control_timeout_s: float  # how long abort waits for the remote side to take the cancel
+
+    async def _abort_remote(self, flight: Any) -> None:
+        """Cancel one flight on the remote side (runs on the bridge's loop)."""
+        raise NotImplementedError
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        """Cancel a request remotely (which frees its blocks there); its final output."""
+        flight = self._flights.pop(request_id, None)
+        if flight is None:
+            return None
+        self._bridge.call(self._abort_remote(flight), self._control_timeout_s)
+        return RequestOutput(request_id, [], True, "aborted")
+
     def step(self) -> list[RequestOutput]:
         """Outputs that arrived since the last call (waits up to ``poll_interval_s`` for one)."""
         wait = self.config.poll_interval_s if self._flights else 0.0

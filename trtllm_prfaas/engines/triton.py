@@ -117,6 +117,7 @@ class TritonEngine(RemoteFlights):
         if not config.send_token_ids and tokenizer is None:
             raise ConfigError("send_token_ids=False needs a tokenizer for text_input")
         self.config, self.tokenizer = config, tokenizer
+        self._control_timeout_s = config.connect_timeout_s
         self.connector = None  # the connector runs inside Triton
         self._flights: dict[int, _Flight] = {}
         self._ids = itertools.count(1)
@@ -157,14 +158,6 @@ class TritonEngine(RemoteFlights):
         self._flights[rid] = flight
         flight.task = self._bridge.submit(self._run(flight, request))
         return rid
-
-    def abort(self, request_id: int) -> RequestOutput | None:
-        """Cancel the request's call (the server cancels it in its engine)."""
-        flight = self._flights.pop(request_id, None)
-        if flight is None:
-            return None
-        self._bridge.call(self._cancel(request_id), self.config.connect_timeout_s)
-        return RequestOutput(request_id, [], True, "aborted")
 
     def close(self) -> None:
         """Cancel every call, close the channel, stop and join the loop thread. Idempotent."""
@@ -292,8 +285,9 @@ class TritonEngine(RemoteFlights):
             raise EngineError("Triton sent text_output only; TritonEngine needs a tokenizer")
         return self.tokenizer.encode("".join(bytes(t).decode() for t in text.reshape(-1)))
 
-    async def _cancel(self, request_id: int) -> None:
-        call = self._calls.get(request_id)
+    async def _abort_remote(self, flight: _Flight) -> None:
+        """Cancel the request's call (the server cancels it in its engine)."""
+        call = self._calls.get(flight.request_id)
         if call is not None:
             call.cancel()
 

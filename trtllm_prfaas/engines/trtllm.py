@@ -211,6 +211,7 @@ class TrtllmEngine(RemoteFlights):
 
     def __init__(self, config: TrtllmEngineConfig) -> None:
         self.config = config
+        self._control_timeout_s = config.start_timeout_s
         self.connector = None  # the connector lives in TensorRT-LLM's worker processes
         self._trt = import_tensorrt_llm()
         self.llm = self._trt.LLM(**llm_kwargs(config, self._trt))
@@ -240,14 +241,6 @@ class TrtllmEngine(RemoteFlights):
             raise EngineError(f"TensorRT-LLM failed to start request {rid}: {exc!r}") from exc
         self._flights[rid] = flight
         return rid
-
-    def abort(self, request_id: int) -> RequestOutput | None:
-        """Abort in TensorRT-LLM (which frees its blocks, or keeps them pinned for a save)."""
-        flight = self._flights.pop(request_id, None)
-        if flight is None:
-            return None
-        self._bridge.call(self._abort(flight), self.config.start_timeout_s)
-        return RequestOutput(request_id, [], True, "aborted")
 
     def close(self) -> None:
         """Abort what is in flight, stop the loop thread, shut TensorRT-LLM down. Idempotent."""
@@ -314,7 +307,8 @@ class TrtllmEngine(RemoteFlights):
             error = EngineError(f"request {rid} failed in TensorRT-LLM: {exc!r}")
         self._bridge.put(RequestOutput(rid, [], True, "error", error))
 
-    async def _abort(self, flight: _Flight) -> None:
+    async def _abort_remote(self, flight: _Flight) -> None:
+        """Abort in TensorRT-LLM (which frees its blocks, or keeps them pinned for a save)."""
         if flight.result is not None:
             flight.result.abort()
         if flight.task is not None:
