@@ -12,8 +12,16 @@ from trtllm_prfaas.cli import main
 from trtllm_prfaas.policy.model import Deployment, Workload, ttft_stats
 from trtllm_prfaas.policy.profile import ClusterProfile, KvSize, QuadraticLatency, SystemProfile
 from trtllm_prfaas.policy.rebalancer import RebalancerConfig
-from trtllm_prfaas.sim.beyond import BeyondScenario, goodput, run_scale
-from trtllm_prfaas.sim.des import DesConfig, ThresholdMode, simulate
+from trtllm_prfaas.sim.beyond import (
+    BeyondScenario,
+    fluid_bound,
+    goodput,
+    p90_ttft_s,
+    run_scale,
+    scenario_config,
+    worst_window_p90_s,
+)
+from trtllm_prfaas.sim.des import DesConfig, DesResult, ThresholdMode, Timeline, simulate
 from trtllm_prfaas.sim.fluid import case_study_system, case_study_workload
 from trtllm_prfaas.sim.link import LinkSchedule, link_drop
 from trtllm_prfaas.sim.traffic import (
@@ -121,3 +129,55 @@ def test_cli_des_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "des", "--requests", "300", "--arrivals", "onoff", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.strip())
     assert doc["num_requests"] == 300 and 0 <= doc["slo_attainment"] <= 1
+
+
+def _result(arrival_s: list[float], ttft_s: list[float]) -> DesResult:
+    empty = np.zeros(0)
+    n = len(arrival_s)
+    timeline = Timeline(empty, empty, empty, empty, empty, empty)
+    return DesResult(np.asarray(arrival_s), np.asarray(ttft_s), np.zeros(n, dtype=np.bool_),
+                     timeline, 0.0, 0)  # fmt: skip
+
+
+def test_worst_window_p90_sees_a_bad_minute_the_whole_run_hides() -> None:
+    # 600 requests over 600 s; the 50 arriving in [245, 295) wait 50 s, the others 1 s.
+    arrival = [float(k) for k in range(600)]
+    ttft = [50.0 if 245 <= a < 295 else 1.0 for a in arrival]
+    runs = [_result(arrival, ttft)]
+    assert p90_ttft_s(runs) == pytest.approx(1.0)  # 8% bad: invisible to a P90
+    assert worst_window_p90_s(runs, 60.0, 10.0, 20) == pytest.approx(50.0)
+    # too few requests per window: falls back to the whole-run P90
+    assert worst_window_p90_s(runs, 60.0, 10.0, 1000) == pytest.approx(1.0)
+
+
+def test_traces_share_lengths_across_rates_and_sizes() -> None:
+    lengths = case_study_workload().lengths
+    small = make_trace(OnOffArrivals(0.5), lengths, 300, seed=4)
+    large = make_trace(OnOffArrivals(1.5), lengths, 900, seed=4)
+    assert np.array_equal(small.prompt_tokens, large.prompt_tokens[:300])
+    assert not np.array_equal(small.arrival_s, large.arrival_s[:300])
+    other = make_trace(OnOffArrivals(0.5), lengths, 300, seed=5)
+    assert not np.array_equal(small.prompt_tokens, other.prompt_tokens)
+
+
+def test_dynamic_live_re_anchors_on_the_degraded_link_and_dynamic_does_not() -> None:
+    # Same trace, same controller: before the drop both hold the solved t; during it the
+    # live-anchored one relaxes towards the 5 Gbps optimum (~32K) on top of what link pressure
+    # raises, so it sits higher.
+    sc = BeyondScenario(duration_s=200.0, drop_at_s=60.0, seeds=(0,))
+    trace = make_trace(PoissonArrivals(0.2), case_study_workload().lengths, 40, seed=1)
+    rows = {}
+    for mode in (ThresholdMode.DYNAMIC, ThresholdMode.DYNAMIC_LIVE):
+        rows[mode] = simulate(scenario_config(sc, mode), trace).timeline
+    base = scenario_config(sc, ThresholdMode.DYNAMIC).threshold_tokens
+    tl, live = rows[ThresholdMode.DYNAMIC], rows[ThresholdMode.DYNAMIC_LIVE]
+    before, during = tl.time_s < 60, (tl.time_s >= 60) & (tl.time_s < 120)
+    assert np.all(tl.threshold_tokens[before] == base)
+    assert np.all(live.threshold_tokens[before] == base)
+    assert np.all(live.threshold_tokens[during] >= tl.threshold_tokens[during])
+    assert np.max(live.threshold_tokens[during] - tl.threshold_tokens[during]) > 5_000
+
+
+def test_fluid_bound_is_small_on_the_papers_link_and_large_on_a_tight_one() -> None:
+    assert fluid_bound(BeyondScenario(link_gbps=100.0)) < 1.06
+    assert fluid_bound(BeyondScenario(link_gbps=25.0)) > 1.5

@@ -13,10 +13,19 @@ The transfer is modelled store-and-forward from the end of prefill (the relay st
 layer, so this is conservative by at most ``S_kv / B``: 77 ms for a 44K prompt at 100 Gbps).
 
 Every ``period_s`` a control tick measures what the live router measures (egress utilisation,
-PrfaaS queue depth, relay backlog) and, in ``DYNAMIC`` mode, re-solves ``t`` for the current
-link rate and steps the short-timescale controller; with a rebalancer configured it also steps
-the long-timescale rebalancer every ``rebalancer.period_s``. Events live in one heap
-(O(log n)); arrivals, lengths and per-request service times are numpy arrays made up front.
+PrfaaS queue depth, relay backlog, per-side prefill backlog) and, in the dynamic modes, steps
+the short-timescale controller; with a rebalancer configured it also steps the long-timescale
+rebalancer every ``rebalancer.period_s``. The controller's bounds ``[t_min, t_max]`` are solved
+at the live link rate and the measured arrival rate. Its anchor ``t_opt`` is the optimum for the
+provisioned link in ``DYNAMIC`` and the optimum re-solved for the live link in ``DYNAMIC_LIVE``.
+Why ``DYNAMIC`` does not re-anchor (docs/simulation.md has the figures): the fluid optimum for
+a degraded link is the best split if the degradation lasted forever; a link drop is transient,
+and a backlog queued on the link drains ~10x faster once the link recovers than work moved to
+the H20 prefill nodes, so re-anchoring over-shifts. The live rate still acts through ``t_min``
+(the least ``t`` the degraded link can carry) and through the measured relay delay.
+
+Events live in one heap (O(log n)); arrivals, lengths and per-request service times are numpy
+arrays made up front.
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ class ThresholdMode(Enum):
     """How ``t`` evolves during a run."""
 
     STATIC = "static"  # the configured t throughout (re-solved only after a role conversion)
-    DYNAMIC = "dynamic"  # re-solved for the live link rate + short-timescale controller
+    DYNAMIC = "dynamic"  # short-timescale controller around the provisioned-link optimum
+    DYNAMIC_LIVE = "dynamic-live"  # the same, but anchored on t re-solved for the live link
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,12 @@ class _Sim:
             self.t_cache[key] = solve_fixed_split(system, self.c.workload, dep).threshold_tokens
         return self.t_cache[key]
 
+    def _anchor(self, live_gbps: float) -> float:
+        """The controller's ``t_opt``: solved for the provisioned link (``DYNAMIC_LIVE``: for the
+        live rate) at the current split."""
+        live = self.c.mode is ThresholdMode.DYNAMIC_LIVE and not math.isinf(live_gbps)
+        return self._t_opt(live_gbps if live else self.c.system.link_gbps)
+
     def _bounds(self, link_gbps: float) -> tuple[float, float]:
         """``(t_min, t_max)`` for the controller: PrfaaS (at the live link rate) and PD-P each at
         ``local_max_utilisation`` for the measured arrival rate (rate bucketed to 2% steps so the
@@ -237,7 +253,7 @@ class _Sim:
             pd_backlog_s=self._backlog_s(self.pd, now),
         )
         finite = not math.isinf(rate)
-        t_opt = self._t_opt(rate) if finite else self.base_t
+        t_opt = self._anchor(rate) if finite else self.base_t
         t_min, t_max = self._bounds(rate) if finite else (t_opt, t_opt)
         t_min = t_min if c.offload_below_opt else t_opt
         self.ctrl = ctl.step(c.controller, self.ctrl, signals, t_opt, t_max, now, t_min).state
@@ -253,11 +269,11 @@ class _Sim:
         alpha = min(c.period_s / c.rate_window_s, 1.0)
         self.rate_ewma += alpha * (self.num_arrived / c.period_s - self.rate_ewma)
         self.num_arrived = 0
-        if c.mode is ThresholdMode.DYNAMIC:
+        if c.mode is not ThresholdMode.STATIC:
             self._control(now, egress, waiting, rate)
         if self.rebal is not None and self.rebal.step(self.pd, self.decode, now):
             self.index[Cluster.PD] = {nid: k for k, nid in enumerate(self.pd.node_ids)}
-            self.base_t = self._t_opt(rate)
+            self.base_t = self._anchor(rate)
             self.ctrl = replace(self.ctrl, threshold_tokens=self.base_t)
             self.policy = PolicyState(self.base_t, self.policy.cache_policy)
         pol_t = self.policy.threshold_tokens

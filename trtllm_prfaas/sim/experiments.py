@@ -16,7 +16,14 @@ import numpy as np
 from trtllm_prfaas.policy.model import Deployment
 from trtllm_prfaas.policy.rebalancer import RebalancerConfig
 from trtllm_prfaas.policy.solver import solve
-from trtllm_prfaas.sim.beyond import BeyondScenario, goodput, run_scale, scenario_config
+from trtllm_prfaas.sim.beyond import (
+    BeyondScenario,
+    fluid_bound,
+    goodputs,
+    run_scale,
+    scenario_config,
+    stderr_progress,
+)
 from trtllm_prfaas.sim.des import DesConfig, DesResult, ThresholdMode, simulate
 from trtllm_prfaas.sim.fluid import case_study_system, case_study_workload
 from trtllm_prfaas.sim.link import LinkSchedule, link_drop
@@ -57,6 +64,8 @@ def add_beyond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-requests", type=int, default=1_000_000)
     p.add_argument("--slo-s", type=float, default=BeyondScenario.slo_p90_s)
     p.add_argument("--link-gbps", type=float, default=BeyondScenario.link_gbps)
+    p.add_argument("--sweep-gbps", default="100,25", help="other line rates to compare ('' none)")
+    p.add_argument("--workers", type=int, default=2, help="processes for the goodput searches")
     p.add_argument("--plots", type=Path, default=None, help="write PNG figures to this folder")
 
 
@@ -124,24 +133,54 @@ def _des_plots(config: DesConfig, result: DesResult, folder: Path, slo_s: float)
 
 
 def run_beyond(args: argparse.Namespace) -> int:
-    """Goodput ratio under bursts and a link drop, then the 1M-request scale run."""
+    """Goodput of static vs dynamic ``t`` (headline link, whole-run SLO, other line rates),
+    then the 1M-request scale run. Progress goes to stderr."""
     sc = BeyondScenario(slo_p90_s=args.slo_s, link_gbps=args.link_gbps)
-    gp = goodput(sc)
+    whole = replace(sc, window_s=None)
+    sweep = [replace(sc, link_gbps=float(g)) for g in args.sweep_gbps.split(",") if g.strip()]
+    static, dynamic, live = ThresholdMode.STATIC, ThresholdMode.DYNAMIC, ThresholdMode.DYNAMIC_LIVE
+    jobs = [(sc, static), (sc, dynamic), (sc, live), (whole, static), (whole, dynamic)]
+    jobs += [(s, mode) for s in sweep for mode in (static, dynamic)]
+    rates = goodputs(jobs, args.workers, stderr_progress)
+    stderr_progress(f"scale run: {args.scale_requests} requests")
     scale_s, scale = run_scale(args.scale_requests)
     out = {
-        "dynamic_over_static_goodput": gp.ratio,
-        "static_goodput_rps": gp.static_rate,
-        "dynamic_goodput_rps": gp.dynamic_rate,
+        "dynamic_over_static_goodput": _ratio(rates[1], rates[0]),
+        "static_goodput_rps": rates[0],
+        "dynamic_goodput_rps": rates[1],
+        "dynamic_live_goodput_rps": rates[2],
+        "slo": f"P90 TTFT <= {sc.slo_p90_s:g} s in every {sc.window_s:g} s window",
         "slo_p90_ttft_s": sc.slo_p90_s,
-        "static_t_tokens": gp.static_t,
+        "link_gbps": sc.link_gbps,
+        "drop_to_gbps": sc.link_gbps * sc.drop_fraction,
+        "fluid_bound": round(fluid_bound(sc), 4),
+        "whole_run_p90": _pair(rates[3], rates[4]),
+        "by_link_gbps": {
+            f"{s.link_gbps:g}": {
+                **_pair(rates[5 + 2 * k], rates[6 + 2 * k]),
+                "fluid_bound": round(fluid_bound(s), 4),
+            }
+            for k, s in enumerate(sweep)
+        },
+        "static_t_tokens": scenario_config(sc, static).threshold_tokens,
+        "seeds": len(sc.seeds),
         "scale_1m_requests_s": scale_s,
         "scale_num_requests": args.scale_requests,
         "scale_p90_ttft_s": float(np.percentile(scale.ttft_s, 90)),
     }
     print(json.dumps(out) if args.json else "\n".join(f"{k:<30}{v}" for k, v in out.items()))
     if args.plots is not None:
-        _beyond_plots(sc, gp.static_rate, args.plots)
+        _beyond_plots(sc, rates[0], args.plots)
     return 0
+
+
+def _pair(static: float, dynamic: float) -> dict[str, float]:
+    ratio = _ratio(dynamic, static)
+    return {"static_goodput_rps": static, "dynamic_goodput_rps": dynamic, "ratio": ratio}
+
+
+def _ratio(num: float, den: float) -> float:
+    return round(num / den, 4) if den > 0 else float("inf")
 
 
 def _beyond_plots(sc: BeyondScenario, rate: float, folder: Path) -> None:

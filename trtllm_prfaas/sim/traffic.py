@@ -39,6 +39,7 @@ __all__ = [
 IntArray = npt.NDArray[np.int64]
 
 NO_HOLDER = -1  # prefix_node value of a request with no cached prefix
+_LENGTH_BLOCK = 4096  # lengths are drawn in blocks this size (common random numbers)
 
 
 class ArrivalProcess(Protocol):
@@ -161,10 +162,19 @@ def make_trace(
     prefix: PrefixModel | None = None,
     num_nodes: tuple[int, int] = (1, 1),
 ) -> Trace:
-    """A reproducible trace; ``num_nodes = (prfaas, pd_prefill)`` bounds the prefix holders."""
-    rng = np.random.default_rng(seed)
-    times = arrivals.times(num_requests, rng)
-    prompts = sample_lengths(lengths, num_requests, rng)
+    """A reproducible trace; ``num_nodes = (prfaas, pd_prefill)`` bounds the prefix holders.
+
+    Arrivals, lengths and prefix hits draw from independent streams of ``seed``, and lengths
+    are drawn in blocks of ``_LENGTH_BLOCK``: traces of one seed at different rates or sizes
+    share their prompt lengths (common random numbers), so comparing rates or policies compares
+    like with like instead of a new sample of the heavy-tailed length distribution each time.
+    """
+    arrival_rng, length_rng, rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
+    times = arrivals.times(num_requests, arrival_rng)
+    num_drawn = -(-num_requests // _LENGTH_BLOCK) * _LENGTH_BLOCK
+    prompts = sample_lengths(lengths, num_drawn, length_rng)[:num_requests]
     zeros = np.zeros(num_requests, dtype=np.int64)
     if prefix is None or prefix.hit_rate == 0:
         no = np.zeros(num_requests, dtype=np.bool_)
