@@ -37,6 +37,7 @@ def collect(client: WorkerClient, request_id: str, timeout_s: float = 60.0) -> p
                     message.finish_reason,
                     message.error_kind,
                     message.error_message,
+                    message.num_connector_tokens,
                 )
     raise TimeoutError(f"request {request_id} did not finish within {timeout_s}s")
 

@@ -111,5 +111,28 @@ def test_relayed_decode_equals_single_engine(
             first, decoded = relay_generate(prefill, decode, prompt, sampling)
             assert decoded.error_kind == "", decoded.error_message
             assert decoded.token_ids == want, (length, temperature)
+            assert decoded.num_connector_tokens == length - 1  # the relay, not a recompute
             assert first.token_ids == want[:1]  # the prefill side's first token agrees
     assert reference.leak_report() == []
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 10, 10_000], ids=["block-aligned", "misaligned"])
+def test_multi_chunk_items_decode_equal_single_engine(
+    tmp_path: Path, reference: ReferenceEngine, chunk_bytes: int
+) -> None:
+    # The workers prefill in 64-token chunks, so each item is 4 blocks of 4 KiB (tiny model):
+    # two 8 KiB chunks placed one by one from their frames, or two misaligned chunks
+    # (10,000 + 6,384 bytes) assembled into one buffer first.
+    prefill, decode = _pair(tmp_path, 4, False, "--chunk-bytes", str(chunk_bytes))
+    try:
+        sampling = SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True)
+        for length in (250, 3000):
+            prompt = _prompt(length)
+            want = reference.generate([prompt], sampling)[0]
+            _, decoded = relay_generate(prefill, decode, prompt, sampling)
+            assert decoded.error_kind == "", decoded.error_message
+            assert decoded.num_connector_tokens == length - 1  # the relay, not a recompute
+            assert decoded.token_ids == want, length
+    finally:
+        codes = [prefill.stop(), decode.stop()]
+    assert codes == [0, 0], "workers must shut down cleanly"

@@ -47,8 +47,9 @@ _ITERATION = re.compile(
 
 
 @pytest.fixture
-def runtimes() -> Iterator[tuple[PrfaasRuntime, PrfaasRuntime]]:
-    relay = RelayConfig(RelaySecurity.insecure_plaintext(), num_streams=2)
+def runtimes(request: pytest.FixtureRequest) -> Iterator[tuple[PrfaasRuntime, PrfaasRuntime]]:
+    chunk_bytes = getattr(request, "param", RelayConfig.chunk_bytes)
+    relay = RelayConfig(RelaySecurity.insecure_plaintext(), num_streams=2, chunk_bytes=chunk_bytes)
     decode = PrfaasRuntime.start(PrfaasConnectorConfig(Role.DECODE, relay), KEY)
     prefill = PrfaasRuntime.start(PrfaasConnectorConfig(Role.PREFILL, relay), KEY)
     try:
@@ -99,6 +100,11 @@ def _until(condition: Any, *executors: FakeExecutor, timeout_s: float = 20.0) ->
         time.sleep(0.002)
 
 
+# A block of one layer is 2 KiB here and items carry 1 to 2 blocks: one chunk per item, one
+# block per chunk (placed straight from each frame), or misaligned chunks (assembled first).
+@pytest.mark.parametrize(
+    "runtimes", [1 << 20, 2048, 3000], indirect=True, ids=["1-chunk", "aligned", "misaligned"]
+)
 def test_relayed_kv_lands_byte_identical_in_the_decode_pool(runtimes) -> None:
     prefill_rt, decode_rt = runtimes
     prefill, decode = _executor(prefill_rt), _executor(decode_rt)

@@ -41,7 +41,7 @@ from trtllm_prfaas.connector.base import (
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasRuntime, Role, transfer_id_for
 from trtllm_prfaas.errors import ConfigError, TransferTimeout
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport import InboundStatus, Kind, TransferHandle
+from trtllm_prfaas.transport import InboundStatus, Kind, ReceivedItem, TransferHandle
 
 __all__ = ["PrfaasConnectorScheduler", "PrfaasConnectorWorker", "PrfaasMeta"]
 
@@ -253,14 +253,32 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
                     if cancel.cancelled:
                         raise TransferTimeout(f"load of {tid} cancelled")
                     for item in items:
-                        key = item.key
-                        self._place(plan, layer, key.block_start, key.block_end, item.buffer)
+                        self._place_item(plan, layer, item)
                 receiver.release_layer(tid, layer)
             # Keep the transfer until its COMPLETE arrives, so the receiver can acknowledge it
             # (the last layer may be consumed before the sender's COMPLETE message lands).
             _wait(functools.partial(receiver.wait_transfer, tid), deadline, cancel)
         finally:
             receiver.release(tid)
+
+    def _place_item(self, plan: _LoadPlan, layer: int, item: ReceivedItem) -> None:
+        """Place one received item. Blocks arrive as several chunks; when every chunk covers
+        whole blocks (chunk_bytes a multiple of a block's bytes, the usual case) each chunk
+        goes straight from its ZeroMQ frame into the pool, saving the copy that assembling
+        the item into one buffer would cost."""
+        start, end = item.key.block_start, item.key.block_end
+        pool_layer = self.states.pool_layer_of.get(layer) if self.states else None
+        chunks = item.chunks
+        if pool_layer is None or len(chunks) == 1 or end <= start:
+            self._place(plan, layer, start, end, item.buffer)
+            return
+        block_bytes = item.nbytes // (end - start)
+        if any(off % block_bytes or piece.nbytes % block_bytes for off, piece in chunks):
+            self._place(plan, layer, start, end, item.buffer)
+            return
+        for offset, piece in chunks:
+            first = start + offset // block_bytes
+            self._place(plan, layer, first, first + piece.nbytes // block_bytes, piece)
 
     def _place(self, plan: _LoadPlan, layer: int, start: int, end: int, buffer: Any) -> None:
         assert self.kv_pool is not None and self.states is not None

@@ -309,7 +309,7 @@ class ReferenceEngine(ConnectorHost):
         if reason is None:
             return RequestOutput(req.request_id, [token])
         self._finish(req)
-        return RequestOutput(req.request_id, [token], True, reason)
+        return RequestOutput(req.request_id, [token], True, reason, None, req.num_connector_tokens)
 
     def _finish(self, req: LlmRequest) -> None:
         """End of generation: ask the connector whether blocks stay pinned for a save."""

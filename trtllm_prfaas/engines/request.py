@@ -54,6 +54,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "length", "stop", "aborted", "error"
     error: PrfaasError | None = None
+    num_connector_tokens: int = 0  # on the finishing output: prompt tokens the connector supplied
 
 
 @dataclass

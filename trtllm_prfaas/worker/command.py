@@ -44,6 +44,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plaintext", action="store_true", help="relay without encryption")
     parser.add_argument("--num-streams", type=int, default=4)
     parser.add_argument("--link-gbps", type=float, default=None, help="pace relay sends")
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=RelayConfig.chunk_bytes, help="relay message payload"
+    )
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default="default")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -99,7 +102,12 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         security = RelaySecurity.insecure_plaintext()
     else:
         security = load_relay_security(args.curve_keys, args.plaintext)
-    relay = RelayConfig(security=security, num_streams=args.num_streams, link_gbps=args.link_gbps)
+    relay = RelayConfig(
+        security=security,
+        num_streams=args.num_streams,
+        link_gbps=args.link_gbps,
+        chunk_bytes=args.chunk_bytes,
+    )
     worker_id = args.worker_id or f"{args.cluster}-{args.role}-{os.getpid()}"
     triton = None
     if args.engine == "triton":

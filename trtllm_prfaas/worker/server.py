@@ -316,6 +316,7 @@ class WorkerServer:
             out.finish_reason,
             type(error).__name__ if error else "",
             str(error) if error else "",
+            out.num_connector_tokens,
         )
         if out.finished:
             self._forget(request_id)
