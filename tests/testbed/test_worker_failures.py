@@ -60,6 +60,7 @@ def test_prefill_worker_killed_mid_transfer_falls_back_to_local_prefill(workers:
                 tokens += chunk.token_ids
             await killer
             assert orch.decisions[-1].is_remote
+            assert orch.counters["relay_recomputed"] == 1  # the fallback is counted, not silent
             return tokens
 
     start = time.monotonic()

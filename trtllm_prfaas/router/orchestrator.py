@@ -134,7 +134,12 @@ class DisaggregatedOrchestrator(Orchestrator):
             converter=self.convert_role,
         )
         self._info_waiters: dict[str, asyncio.Future[p.WorkerInfo]] = {}
-        self.counters: dict[str, int] = {"remote": 0, "local": 0, "first_token_mismatch": 0}
+        self.counters: dict[str, int] = {
+            "remote": 0,
+            "local": 0,
+            "first_token_mismatch": 0,
+            "relay_recomputed": 0,
+        }
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._fds: dict[str, int] = {}  # worker -> its socket's descriptor, watched by the loop
@@ -426,6 +431,7 @@ class DisaggregatedOrchestrator(Orchestrator):
                 tokens = tokens[1:]
             decode_started = decode_started or bool(message.token_ids)
             if message.finished:
+                self._check_relayed(request, flight, message)
                 if request.max_tokens == 1 and early is not None:
                     return  # the prefill's token already was the final chunk
                 text = decoder.push(tokens) + decoder.flush()
@@ -433,6 +439,25 @@ class DisaggregatedOrchestrator(Orchestrator):
                 return
             if tokens:
                 yield TokenChunk(tokens, decoder.push(tokens))
+
+    def _check_relayed(self, request: GenerateRequest, flight: _Flight, message: p.Tokens) -> None:
+        """An offloaded request's decode should have claimed all but the last prompt token
+        over the relay; fewer means it recomputed them (correct tokens, lost offload): loud."""
+        if not flight.decision.is_remote or flight.prompt_tokens < 2:
+            return
+        relayed = message.num_connector_tokens >= flight.prompt_tokens - 1
+        if self.metrics:
+            self.metrics.record_relay_outcome("relayed" if relayed else "recomputed")
+        if relayed:
+            return
+        self.counters["relay_recomputed"] += 1
+        log.warning(
+            "relay_recomputed",
+            request_id=request.request_id,
+            prompt_tokens=flight.prompt_tokens,
+            relayed_tokens=message.num_connector_tokens,
+            note="the decode worker computed the prompt itself: the KV relay failed or was late",
+        )
 
     def _observe(self, flight: _Flight, is_decode: bool, num_tokens: int, finished: bool) -> None:
         """Leg timings for the control loop's online profiles."""

@@ -89,6 +89,13 @@ class RouterMetrics:
         self.relay_bytes = Counter(
             "prfaas_relay_bytes", "KV bytes relayed, per link", ["link"], registry=registry
         )
+        self.relay_outcomes = Counter(
+            "prfaas_relay_outcomes",
+            "Offloaded requests by how their decode got the prompt's KV: relayed, or recomputed "
+            "by the decode worker after a failed or late relay (its fallback policy)",
+            ["outcome"],
+            registry=registry,
+        )
         self.relay_goodput_gbps = Gauge(
             "prfaas_relay_goodput_gbps",
             "Recent KV relay goodput in Gbit/s, per link",
@@ -168,6 +175,9 @@ class RouterMetrics:
             _child(self._ttft_children, self.ttft, model).observe(ttft_s)
         if tpot_s is not None:
             _child(self._tpot_children, self.tpot, model).observe(tpot_s)
+
+    def record_relay_outcome(self, outcome: str) -> None:
+        self.relay_outcomes.labels(outcome=outcome).inc()
 
     def add_relay_bytes(self, link: str, num_bytes: int, goodput_gbps: float | None = None) -> None:
         self.relay_bytes.labels(link=link).inc(num_bytes)

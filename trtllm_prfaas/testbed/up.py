@@ -173,10 +173,13 @@ def _demo(testbed: Testbed) -> int:
     relayed = figures.get("prfaas_relay_bytes_total", 0.0)
     remote = sum(1 for d in decisions.values() if d.is_remote)
     num_same = sum(r.token_ids == w for r, w in zip(results, want, strict=True))
+    recomputed = testbed.router.orchestrator.counters["relay_recomputed"]
     print(
         f"routed remote: {remote}/{len(results)}; KV relayed: {relayed / 2**20:.2f} MiB; "
+        f"decoded from the relayed KV: {remote - recomputed}/{remote}; "
         f"identical to a single-engine run: {num_same}/{len(results)}"
     )
+    ok = ok and recomputed == 0
     codes = testbed.close()
     print(f"workers stopped: {codes}")
     ok = ok and all(code == 0 for code in codes.values())

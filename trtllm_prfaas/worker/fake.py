@@ -146,7 +146,8 @@ class FakeWorker:
             first = p.Tokens(rid, fake_tokens(prompt, 1), True, "length")
             return len(prompt) * self.spec.prefill_s_per_token, [first, p.TransferDone(rid)]
         tokens = fake_tokens(prompt, message.max_tokens)
-        return self.spec.decode_delay_s, [p.Tokens(rid, tokens, True, "length")]
+        relayed = len(prompt) - 1 if message.transfer_uuid else 0  # as if the relay delivered
+        return self.spec.decode_delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
 
 
 class FakeWorkerPool:
