@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,26 @@ def config(args: argparse.Namespace) -> RelayConfig:
         num_streams=args.streams,
         chunk_bytes=args.chunk_bytes,
         credit_bytes=args.credit_bytes,
+        cpu_affinity=parse_cpus(args.cpus),
     )
+
+
+def side_cpus() -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """(sending side, receiving side) CPU pins: one core each when this host lets the
+    process use two or more, else no pinning (None, None)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return None, None
+    return frozenset(cpus[:1]), frozenset(cpus[1:2])
+
+
+def cpus_arg(cpus: frozenset[int] | None) -> str | None:
+    """``--cpus`` value for a peer (``None``: the option is left out)."""
+    return None if cpus is None else ",".join(str(c) for c in sorted(cpus))
+
+
+def parse_cpus(text: str | None) -> frozenset[int] | None:
+    return None if not text else frozenset(int(c) for c in text.split(","))
 
 
 # ---- parent side ------------------------------------------------------------------------------
@@ -348,6 +368,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="send: stop after this long")
     parser.add_argument("--warmup-transfers", type=int, default=0, help="send: untimed first")
     parser.add_argument("--sample-s", type=float, default=0.05, help="recv: sampling period")
+    parser.add_argument("--cpus", default=None, help="pin the relay's threads, e.g. 0 or 0,1")
     return parser.parse_args(argv)
 
 

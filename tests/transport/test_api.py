@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
@@ -10,8 +11,8 @@ import time
 import pytest
 
 from tests.transport.conftest import Relay, make_config
-from trtllm_prfaas.errors import TransferTimeout, TransportError
-from trtllm_prfaas.transport import HeapAllocator, ItemKey, Kind, TransferStatus
+from trtllm_prfaas.errors import ConfigError, TransferTimeout, TransportError
+from trtllm_prfaas.transport import HeapAllocator, ItemKey, Kind, RelayReceiver, TransferStatus
 from trtllm_prfaas.transport.buffers import retain_freed_heap
 from trtllm_prfaas.transport.stats import read_tcp_info
 
@@ -151,3 +152,54 @@ def test_tcp_info_reads_loopback_counters() -> None:
             assert info.total_retrans == 0 and info.bytes_acked > 0
             assert client.fileno() >= 0  # the fd stays the caller's
     assert read_tcp_info(10_000) is None  # not an open fd
+
+
+def _cpus_of(native_id: int | None) -> str:
+    """``Cpus_allowed_list`` of one thread of this process (Linux)."""
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        return next(x for x in f if x.startswith("Cpus_allowed_list")).split()[1]
+
+
+def _zmq_io_threads() -> set[int]:
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().startswith("ZMQbg/IO"):
+                out.add(int(tid))
+    return out
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="CPU pinning needs Linux and at least 2 CPUs to be observable",
+)
+def test_cpu_affinity_pins_the_relay_threads_and_moves_bytes(relay: Relay) -> None:
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    config = make_config(cpu_affinity=frozenset({cpu}))
+    before = _zmq_io_threads()
+    rx = relay.receiver(config)
+    with rx, relay.sender(rx.endpoint, config) as tx:
+        handle = tx.open_transfer("pinned", "r")
+        payload = bytes(range(256)) * 1024
+        handle.send(Kind.FULL_BLOCK, 0, (0, 1), payload)
+        handle.finish()
+        handle.wait(timeout_s=10)
+        assert _cpus_of(tx._thread.native_id) == str(cpu)
+        assert _cpus_of(rx._io._thread.native_id) == str(cpu)
+        zmq_io = _zmq_io_threads() - before
+        assert len(zmq_io) == 2 and {_cpus_of(t) for t in zmq_io} == {str(cpu)}
+        assert rx.wait_layer("pinned", 0, 5.0)[0].buffer.tobytes() == payload
+        rx.release("pinned")
+    assert os.sched_getaffinity(0) == allowed  # the caller's thread is left alone
+
+
+def test_cpu_affinity_is_checked_at_the_boundary() -> None:
+    with pytest.raises(ConfigError, match="cpu_affinity"):
+        make_config(cpu_affinity=frozenset())
+    with pytest.raises(ConfigError, match="cpu_affinity"):
+        make_config(cpu_affinity=frozenset({-1}))
+    if hasattr(os, "sched_getaffinity"):
+        unavailable = frozenset({max(os.sched_getaffinity(0)) + 1000})
+        with pytest.raises(ConfigError, match="not available"):
+            RelayReceiver(make_config(cpu_affinity=unavailable))

@@ -127,6 +127,17 @@ def test_cli_checks_triton_flags() -> None:
     assert reference.triton is None and reference.advertise_relay == ""
 
 
+def test_cli_relay_knobs() -> None:
+    base = ("--role", "prefill", "--cluster", "c", "--plaintext")
+    config = _config(*base, "--chunk-bytes", "65536", "--relay-cpus", "0")
+    assert config.relay.chunk_bytes == 65536 and config.relay.cpu_affinity == frozenset({0})
+    assert _config(*base).relay.cpu_affinity is None
+    with pytest.raises(ConfigError, match="--relay-cpus"):
+        _config(*base, "--relay-cpus", "0,x")
+    with pytest.raises(ConfigError, match="cpu_affinity"):
+        _config(*base, "--relay-cpus", "-1")
+
+
 def test_compose_gpu_worker_commands_parse() -> None:
     services = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
     commands = [s["command"] for s in services.values() if s.get("command")]

@@ -102,6 +102,7 @@ class RelayConfig:
     rcvhwm_msgs: int = 256
     io_threads: int = 1
     tombstones: int = 4096
+    cpu_affinity: frozenset[int] | None = None  # pin the relay's I/O threads (transport/pinning)
 
     def __post_init__(self) -> None:
         self._positive_int("num_streams", self.num_streams, upper=64)
@@ -121,6 +122,15 @@ class RelayConfig:
                 raise ConfigError(f"{name}: must be > 0")
         if not self.expired_grace_s >= 0:
             raise ConfigError("expired_grace_s: must be >= 0")
+        if self.cpu_affinity is not None and (
+            not self.cpu_affinity
+            or any(
+                not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in self.cpu_affinity
+            )
+        ):
+            raise ConfigError(
+                f"cpu_affinity: a non-empty set of CPU numbers or None, got {self.cpu_affinity!r}"
+            )
         if not isinstance(self.security, RelaySecurity):
             raise ConfigError("security: expected a RelaySecurity")
 

@@ -29,12 +29,11 @@ import threading
 from collections import OrderedDict, deque
 from types import TracebackType
 
-import zmq
-
 from trtllm_prfaas.errors import TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport.buffers import BufferAllocator, HeapAllocator, retain_freed_heap
 from trtllm_prfaas.transport.config import RelayConfig
+from trtllm_prfaas.transport.pinning import relay_context
 from trtllm_prfaas.transport.reassembly import CreditLedger, Inbound, InboundStatus, ReceivedItem
 from trtllm_prfaas.transport.receiver_io import ReceiverIO
 from trtllm_prfaas.transport.security import ServerAuth, warn_if_plaintext
@@ -72,7 +71,7 @@ class RelayReceiver:
         # a transfer released before it completed, whose sender must be told to stop.
         self.commands: deque[str | tuple[bytes, str]] = deque()
         retain_freed_heap(config.credit_bytes)  # ZeroMQ's message buffers stay warm (buffers.py)
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=config.io_threads)
+        self._ctx = relay_context(config.io_threads, config.cpu_affinity)
         self._ctx.linger = 0
         self._auth = ServerAuth(self._ctx, config.security)
         try:

@@ -17,6 +17,7 @@ import zmq
 
 from trtllm_prfaas.errors import TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport.pinning import pin_current_thread
 from trtllm_prfaas.transport.reassembly import CorruptChunk, Inbound, InboundStatus
 from trtllm_prfaas.transport.security import secure_server
 from trtllm_prfaas.transport.wire import (
@@ -100,6 +101,7 @@ class ReceiverIO:
     # ---- loop ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        pin_current_thread(self._config.cpu_affinity)  # checked when the context was made
         poller = zmq.Poller()
         for sock in (self._router, self._wake_rx, self._monitor):
             poller.register(sock, zmq.POLLIN)

@@ -40,6 +40,7 @@ from trtllm_prfaas.transport.config import RelayConfig
 from trtllm_prfaas.transport.handle import OutboundItem, TransferHandle, TransferStatus
 from trtllm_prfaas.transport.outbound import Outbound, StreamSet
 from trtllm_prfaas.transport.pacing import TokenBucket
+from trtllm_prfaas.transport.pinning import pin_current_thread, relay_context
 from trtllm_prfaas.transport.security import warn_if_plaintext
 from trtllm_prfaas.transport.stats import ConnectionTracker, LinkStats, SendCounters
 from trtllm_prfaas.transport.wire import Control, Header, control_header
@@ -67,7 +68,7 @@ class RelaySender:
         self.config = config
         warn_if_plaintext(config.security, "sender", endpoint)
         self._chunk_hook = chunk_hook
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=config.io_threads)
+        self._ctx = relay_context(config.io_threads, config.cpu_affinity)
         self._ctx.linger = 0
         self._wake_addr = f"inproc://relay-sender-wake-{next(_ids)}"
         self._commands: deque[Callable[[], None]] = deque()
@@ -208,6 +209,7 @@ class RelaySender:
 
     def _run(self) -> None:
         try:
+            pin_current_thread(self.config.cpu_affinity)
             wake = self._ctx.socket(zmq.PAIR)
             wake.linger = 0
             wake.bind(self._wake_addr)

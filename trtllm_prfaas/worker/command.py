@@ -47,6 +47,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-bytes", type=int, default=RelayConfig.chunk_bytes, help="relay message payload"
     )
+    parser.add_argument(
+        "--relay-cpus",
+        default=None,
+        help="pin the relay's I/O threads to these CPUs, e.g. 3 or 2,3",
+    )
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default="default")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -107,6 +112,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         num_streams=args.num_streams,
         link_gbps=args.link_gbps,
         chunk_bytes=args.chunk_bytes,
+        cpu_affinity=_cpus(args.relay_cpus),
     )
     worker_id = args.worker_id or f"{args.cluster}-{args.role}-{os.getpid()}"
     triton = None
@@ -170,3 +176,13 @@ def run(command: str, args: argparse.Namespace) -> int:
         server.serve()
     print(json.dumps({"event": "stopped", "worker_id": config.worker_id}), file=sys.stderr)
     return 0
+
+
+def _cpus(text: str | None) -> frozenset[int] | None:
+    """``--relay-cpus``: comma-separated CPU numbers; ConfigError names a bad one."""
+    if not text:
+        return None
+    try:
+        return frozenset(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--relay-cpus: expected CPU numbers like 2,3, got {text!r}") from exc
