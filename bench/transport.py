@@ -41,6 +41,10 @@ the receiver's reads a frame the kernel has just written. Measured and not kept:
 2-8 MiB chunks unpinned, a shallower send queue (``sndhwm_msgs`` 1-2), hashing with the GIL
 held (64 KiB streaming updates: no change), hashing in the caller's thread at ``send()`` (it
 looked better only because this benchmark reuses one source tensor, which then stays cached).
+Measured and not done: hashing each chunk after ZeroMQ has sent it, while its bytes are still
+in the pinned core's cache, gained about 0.1 (0.70-0.80 against 0.51-0.74 in 6 A/B rounds,
+without verifying), but needs the checksum to travel after its chunk (a wire change that delays
+each layer's completion until its last checksum lands) and still does not reach 0.8.
 """
 
 from __future__ import annotations
