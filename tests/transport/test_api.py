@@ -14,7 +14,7 @@ from tests.transport.conftest import Relay, make_config
 from trtllm_prfaas.errors import ConfigError, TransferTimeout, TransportError
 from trtllm_prfaas.transport import HeapAllocator, ItemKey, Kind, RelayReceiver, TransferStatus
 from trtllm_prfaas.transport.buffers import retain_freed_heap
-from trtllm_prfaas.transport.stats import read_tcp_info
+from trtllm_prfaas.transport.stats import SendCounters, read_tcp_info
 
 
 class RecordingAllocator(HeapAllocator):
@@ -203,3 +203,19 @@ def test_cpu_affinity_is_checked_at_the_boundary() -> None:
         unavailable = frozenset({max(os.sched_getaffinity(0)) + 1000})
         with pytest.raises(ConfigError, match="not available"):
             RelayReceiver(make_config(cpu_affinity=unavailable))
+
+
+def test_goodput_counts_busy_time_not_idle_gaps() -> None:
+    counters = SendCounters(num_streams=1)
+    gbit = 125_000_000  # bytes
+    # Transfer 1: 1 Gbit in flight from t=0 to its ack at t=1; idle until t=10.
+    counters.on_chunk(0, gbit, queued_s=0.0, now_s=0.0)
+    counters.on_settled(gbit, acked=True, now_s=1.0)
+    # Transfer 2: 1 Gbit from t=10, acked at t=11; then a failed one with nothing acked.
+    counters.on_chunk(0, gbit, queued_s=10.0, now_s=10.0)
+    counters.on_settled(gbit, acked=True, now_s=11.0)
+    counters.on_chunk(0, 1000, queued_s=20.0, now_s=20.0)
+    stats = counters.snapshot("tcp://x:1", {}, 0, now_s=30.0)
+    assert stats.goodput_gbps == pytest.approx(1.0)  # 2 Gbit over 2 busy seconds, not 11
+    counters.on_settled(1000, acked=False, now_s=25.0)
+    assert counters.snapshot("tcp://x:1", {}, 0, 30.0).goodput_gbps == pytest.approx(2 / 7)

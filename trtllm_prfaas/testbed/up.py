@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from trtllm_prfaas.config import MODEL_PRESETS, write_testbed_keys
+from trtllm_prfaas.router.control import ControlConfig
 from trtllm_prfaas.router.orchestrator import RouterConfig, WorkerSpec
 from trtllm_prfaas.router.service import RouterService
 from trtllm_prfaas.router.servicer import FrontDoorConfig
@@ -73,7 +74,10 @@ class Testbed:
             WorkerSpec(name, proc.control, name.startswith(self.config.prfaas_cluster))
             for name, proc in self.workers.items()
         )
-        return RouterConfig(specs, threshold_tokens=self.config.threshold_tokens)
+        # The emulated link's rate is known: the control loop measures utilisation against it
+        # rather than against measured relay goodput (which reads low when prefill is slow).
+        control = ControlConfig(link_gbps=self.config.link_gbps)
+        return RouterConfig(specs, threshold_tokens=self.config.threshold_tokens, control=control)
 
     def describe(self) -> str:
         assert self.router is not None

@@ -163,8 +163,11 @@ class LinkStats:
     """Sender-side view of one relay link.
 
     ``goodput_gbps`` counts payload bytes of transfers the receiver acknowledged, over the time
-    from the first chunk sent to the last acknowledgement. ``bytes_in_flight`` is payload sent
-    for transfers not yet acknowledged (at most the credit granted). Send-queue delay is the
+    the link was busy (some payload sent and not yet settled) up to the last acknowledgement:
+    the rate the link delivered while it had work, not diluted by idle gaps between transfers
+    (an estimate of what it can carry; it reads low when the producer, not the link, is slow).
+    ``bytes_in_flight`` is payload sent for transfers not yet acknowledged (at most the credit
+    granted). Send-queue delay is the
     time from ``handle.send`` to the chunk being handed to zmq. ``tcp_total_retrans`` is
     ``None`` where the OS does not expose ``TCP_INFO``.
     """
@@ -205,6 +208,8 @@ class SendCounters:
     lock: threading.Lock = field(default_factory=threading.Lock)
     first_send_s: float | None = None
     last_ack_s: float | None = None
+    busy_since_s: float | None = None  # start of the current busy stretch (payload in flight)
+    busy_s: float = 0.0  # length of the finished busy stretches
     bytes_sent: int = 0
     bytes_acked: int = 0
     bytes_in_flight: int = 0
@@ -228,6 +233,8 @@ class SendCounters:
             self.delay_max_s = max(self.delay_max_s, delay)
             self.chunks += 1
             self.bytes_sent += nbytes
+            if self.busy_since_s is None:
+                self.busy_since_s = now_s
             self.bytes_in_flight += nbytes
             self.stream_bytes[stream] += nbytes
             self.stream_chunks[stream] += 1
@@ -239,6 +246,16 @@ class SendCounters:
             if acked:
                 self.bytes_acked += sent_bytes
                 self.last_ack_s = now_s
+            if self.bytes_in_flight == 0 and self.busy_since_s is not None:
+                self.busy_s += now_s - self.busy_since_s
+                self.busy_since_s = None
+
+    def busy_until_last_ack_s(self) -> float:
+        """Busy time that acknowledged bytes can be credited to (call with ``lock`` held)."""
+        ongoing = 0.0
+        if self.busy_since_s is not None and self.last_ack_s is not None:
+            ongoing = max(self.last_ack_s - self.busy_since_s, 0.0)
+        return self.busy_s + ongoing
 
     def snapshot(
         self, endpoint: str, tcp: dict[int, tuple[TcpInfo, ...]], auth_failures: int, now_s: float
@@ -247,7 +264,7 @@ class SendCounters:
         with self.lock:
             start = self.first_send_s if self.first_send_s is not None else now_s
             elapsed = max(now_s - start, 1e-9)
-            ack_span = max((self.last_ack_s or start) - start, 1e-9)
+            busy = max(self.busy_until_last_ack_s(), 1e-9)
             streams = tuple(
                 StreamStats(i, b, c, b * 8 / elapsed / 1e9, tcp.get(i, ()))
                 for i, (b, c) in enumerate(zip(self.stream_bytes, self.stream_chunks, strict=True))
@@ -258,7 +275,7 @@ class SendCounters:
                 bytes_sent=self.bytes_sent,
                 bytes_acked=self.bytes_acked,
                 elapsed_s=elapsed,
-                goodput_gbps=self.bytes_acked * 8 / ack_span / 1e9,
+                goodput_gbps=self.bytes_acked * 8 / busy / 1e9,
                 bytes_in_flight=self.bytes_in_flight,
                 send_queue_delay_avg_s=self.delay_sum_s / max(self.chunks, 1),
                 send_queue_delay_max_s=self.delay_max_s,
