@@ -8,6 +8,7 @@ field when something is wrong.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.errors import ConfigError
-from trtllm_prfaas.transport import CurveKeys, RelaySecurity, generate_keypair
+from trtllm_prfaas.transport import CurveKeys, RelayConfig, RelaySecurity, generate_keypair
 
 __all__ = [
     "MODEL_PRESETS",
     "CurveKeyFile",
+    "connector_config_from_env",
     "load_relay_security",
     "load_yaml",
     "model_preset",
@@ -126,3 +129,69 @@ def write_testbed_keys(directory: Path) -> tuple[Path, Path]:
         path.write_text(json.dumps(content))
         path.chmod(0o600)
     return paths
+
+
+# ---- the GPU path: the connector inside TensorRT-LLM reads TRTLLM_PRFAAS_* (deploy/env.py) ----
+
+
+def connector_config_from_env(environ: Mapping[str, str] | None = None) -> PrfaasConnectorConfig:
+    """The PrfaaS connector's configuration from the ``TRTLLM_PRFAAS_*`` variables (the list and
+    meanings are in ``trtllm_prfaas.deploy.env``), with its Curve key files read. ``environ``
+    defaults to this process's environment. ConfigError names the variable that is wrong."""
+    env = os.environ if environ is None else environ
+    role_text = _env(env, "ROLE")
+    try:
+        role = Role(role_text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"TRTLLM_PRFAAS_ROLE: expected prefill or decode, got {role_text!r}"
+        ) from exc
+    own_public, own_secret = _key(env, "CURVE_PUBLIC_KEY_FILE"), _key(env, "CURVE_SECRET_KEY_FILE")
+    if role is Role.DECODE:
+        paths = [p.strip() for p in _env(env, "CURVE_CLIENT_KEY_FILE").split(",") if p.strip()]
+        clients = frozenset(_key_file(Path(p), "CURVE_CLIENT_KEY_FILE") for p in paths)
+        curve = CurveKeys(own_public, own_secret, allowed_client_public_keys=clients)
+    else:
+        server = _key(env, "CURVE_SERVER_KEY_FILE")
+        curve = CurveKeys(server, client_public_key=own_public, client_secret_key=own_secret)
+    relay = RelayConfig(
+        security=RelaySecurity(curve=curve),
+        num_streams=_number(env, "NUM_STREAMS", int, 4),
+        link_gbps=_number(env, "LINK_GBPS", float, None) if role is Role.PREFILL else None,
+    )
+    timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float, 30.0)
+    return PrfaasConnectorConfig(
+        role,
+        relay,
+        receiver_endpoint=_env(env, "RELAY_BIND") if role is Role.DECODE else "tcp://127.0.0.1:0",
+        transfer_timeout_s=timeout_s,
+        load_timeout_s=timeout_s,
+    )
+
+
+def _env(env: Mapping[str, str], name: str) -> str:
+    value = env.get(f"TRTLLM_PRFAAS_{name}", "").strip()
+    if not value:
+        raise ConfigError(f"TRTLLM_PRFAAS_{name}: required (see docs/deployment.md)")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
+    text = env.get(f"TRTLLM_PRFAAS_{name}", "").strip()
+    if not text:
+        return default
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(f"TRTLLM_PRFAAS_{name}: not a number: {text!r}") from exc
+
+
+def _key(env: Mapping[str, str], name: str) -> bytes:
+    return _key_file(Path(_env(env, name)), name)
+
+
+def _key_file(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"TRTLLM_PRFAAS_{name}: cannot read {path}: {exc}") from exc

@@ -38,7 +38,13 @@ from trtllm_prfaas.connector.base import (
     RecurrentStates,
     SchedulerOutput,
 )
-from trtllm_prfaas.connector.prfaas_runtime import PrfaasRuntime, Role, transfer_id_for
+from trtllm_prfaas.connector.prfaas_runtime import (
+    PrfaasRuntime,
+    Role,
+    cache_key_of,
+    runtime_for,
+    transfer_id_for,
+)
 from trtllm_prfaas.errors import ConfigError, TransferTimeout
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus, Kind, ReceivedItem, TransferHandle
@@ -111,9 +117,15 @@ def _wait(wait: Callable[[float], T], deadline: float, cancel: _Cancel) -> T:
 
 
 def _runtime_of(llm_args: Any) -> PrfaasRuntime:
-    runtime = getattr(llm_args, "connector_options", {}).get("prfaas_runtime")
+    """The runtime the host passed in ``connector_options`` (the reference engine), or, inside
+    TensorRT-LLM (no such option), this process's one from the ``TRTLLM_PRFAAS_*`` variables."""
+    runtime = (getattr(llm_args, "connector_options", None) or {}).get("prfaas_runtime")
+    if runtime is None:
+        from trtllm_prfaas.config import connector_config_from_env  # the edge: reads the env
+
+        return runtime_for(connector_config_from_env(), cache_key_of(llm_args))
     if not isinstance(runtime, PrfaasRuntime):
-        raise ConfigError("PrfaaS connector needs llm_args.connector_options['prfaas_runtime']")
+        raise ConfigError("connector_options['prfaas_runtime'] must be a PrfaasRuntime")
     return runtime
 
 

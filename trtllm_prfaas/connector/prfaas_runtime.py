@@ -2,8 +2,9 @@
 
 Both connector halves of one process share one ``PrfaasRuntime`` (TensorRT-LLM constructs them
 separately with ``llm_args`` only): the reference engine passes it in
-``llm_args.connector_options["prfaas_runtime"]``; on GPUs, ``runtime_for(config)`` creates one
-per process from the ``TRTLLM_PRFAAS_*`` configuration read at the edge (``config.py``).
+``llm_args.connector_options["prfaas_runtime"]``; inside TensorRT-LLM, ``runtime_for(config,
+key)`` starts one per process from the ``TRTLLM_PRFAAS_*`` variables, read at the edge
+(``config.connector_config_from_env``).
 
 Transfer identity. The router names a transfer with an opaque ``transfer_uuid``; both sides
 derive the full transfer id from it and the content they agree on::
@@ -21,13 +22,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from trtllm_prfaas.errors import ConfigError, PrfaasError, TransportError
 from trtllm_prfaas.kv.hashing import CacheKey, prefix_hash
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import RelayConfig, RelayReceiver, RelaySender
 
-__all__ = ["LoadResult", "PrfaasConnectorConfig", "PrfaasRuntime", "Role", "transfer_id_for"]
+__all__ = [
+    "LoadResult",
+    "PrfaasConnectorConfig",
+    "PrfaasRuntime",
+    "Role",
+    "cache_key_of",
+    "runtime_for",
+    "transfer_id_for",
+]
 
 log = get_logger(__name__)
 
@@ -149,3 +159,40 @@ class PrfaasRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_process_runtime: PrfaasRuntime | None = None
+_process_lock = threading.Lock()
+
+
+def runtime_for(config: PrfaasConnectorConfig, key: CacheKey) -> PrfaasRuntime:
+    """This process's runtime, started on the first call (the scheduler half) and returned to
+    the next (the worker half). A call with another configuration raises ConfigError; a closed
+    runtime is replaced."""
+    global _process_runtime
+    with _process_lock:
+        current = _process_runtime
+        if current is None or current._closed:
+            current = _process_runtime = PrfaasRuntime.start(config, key)
+        elif (current.config, current.key) != (config, key):
+            raise ConfigError("a PrfaaS runtime with another configuration runs in this process")
+        return current
+
+
+def cache_key_of(llm_args: Any) -> CacheKey:
+    """What both sides of a TensorRT-LLM deployment agree on: the served model, the KV dtype
+    (``kv_cache_config.dtype``), TensorRT-LLM's HND pool layout and this worker's TP rank."""
+    model = str(getattr(llm_args, "model", "") or "")
+    if not model:
+        raise ConfigError("llm_args.model: needed to key relayed KV to the served model")
+    dtype = str(getattr(getattr(llm_args, "kv_cache_config", None), "dtype", None) or "auto")
+    return CacheKey(model, "HND", dtype, tp_rank=_tp_rank())
+
+
+def _tp_rank() -> int:
+    """This MPI worker's rank (= its tensor-parallel rank: pipeline parallelism is 1)."""
+    try:
+        from tensorrt_llm._utils import mpi_rank  # lazy: present only inside TensorRT-LLM
+    except ImportError:
+        return 0
+    return int(mpi_rank())

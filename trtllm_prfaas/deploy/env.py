@@ -84,6 +84,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "prefill: the decode relay's public key, to authenticate the server",
     ),
     EnvVar(
+        "TRTLLM_PRFAAS_CURVE_CLIENT_KEY_FILE",
+        frozenset({DeployRole.DECODE}),
+        True,
+        None,
+        "decode: the Curve public key(s) of the prefill side it accepts (comma-separated files)",
+    ),
+    EnvVar(
         "TRTLLM_PRFAAS_LINK_GBPS",
         frozenset({DeployRole.PREFILL}),
         False,

@@ -64,6 +64,7 @@ class RelayEnvConfig:
     curve_secret_key_file: str
     curve_public_key_file: str
     curve_server_key_file: str | None = None
+    curve_client_key_file: str | None = None  # decode: the prefill public key(s) it accepts
     relay_bind: str | None = None
     num_streams: int = 4
     link_gbps: float | None = None
@@ -78,6 +79,10 @@ class RelayEnvConfig:
             raise ConfigError(f"relay_bind: expected tcp://HOST:PORT, got {self.relay_bind!r}")
         if self.role is DeployRole.PREFILL and not self.curve_server_key_file:
             raise ConfigError("curve_server_key_file: the prefill side must authenticate decode")
+        if self.role is DeployRole.DECODE and not self.curve_client_key_file:
+            raise ConfigError("curve_client_key_file: the decode side must name the prefill keys")
+        if self.role is DeployRole.PREFILL and self.curve_client_key_file is not None:
+            raise ConfigError("curve_client_key_file: only the decode side accepts clients")
         if not 1 <= self.num_streams <= 64:
             raise ConfigError(f"num_streams: must be in [1, 64], got {self.num_streams}")
         if self.link_gbps is not None and not self.link_gbps > 0:
@@ -89,13 +94,15 @@ class RelayEnvConfig:
     def with_key_dir(
         cls, role: DeployRole, key_dir: str = DEFAULT_KEY_DIR, **fields: Any
     ) -> RelayEnvConfig:
-        """Key files named ``<key_dir>/<role>.secret|.public`` (and ``decode.public``)."""
+        """Key files named ``<key_dir>/<role>.secret|.public`` (and the peer's ``.public``)."""
         server = f"{key_dir}/decode.public" if role is DeployRole.PREFILL else None
+        client = f"{key_dir}/prefill.public" if role is DeployRole.DECODE else None
         return cls(
             role=role,
             curve_secret_key_file=f"{key_dir}/{role.value}.secret",
             curve_public_key_file=f"{key_dir}/{role.value}.public",
             curve_server_key_file=server,
+            curve_client_key_file=client,
             **fields,
         )
 
@@ -108,6 +115,7 @@ class RelayEnvConfig:
             "TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE": self.curve_secret_key_file,
             "TRTLLM_PRFAAS_CURVE_PUBLIC_KEY_FILE": self.curve_public_key_file,
             "TRTLLM_PRFAAS_CURVE_SERVER_KEY_FILE": self.curve_server_key_file,
+            "TRTLLM_PRFAAS_CURVE_CLIENT_KEY_FILE": self.curve_client_key_file,
             "TRTLLM_PRFAAS_LINK_GBPS": None if self.link_gbps is None else f"{self.link_gbps:g}",
             "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S": f"{self.transfer_timeout_s:g}",
         }
