@@ -45,6 +45,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         tokens_per_block=16,
         attention_tile_blocks=2,
         max_seq_len=8192,
+        attention_init_gain=3.0,  # tokens depend on the relayed full-attention KV (reference.py)
     ),
 }
 

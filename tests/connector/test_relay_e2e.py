@@ -122,9 +122,9 @@ def test_multi_chunk_items_decode_equal_single_engine(
 ) -> None:
     # The workers prefill in 64-token chunks, so each item is 4 blocks of 4 KiB (tiny model):
     # two 8 KiB chunks placed one by one from their frames, or two misaligned chunks
-    # (10,000 + 6,384 bytes) assembled into one buffer first. Tokens of the tiny random model
-    # hardly depend on its one full-attention layer (near-uniform attention over the context),
-    # so a misplaced block need not change them: test_trtllm_contract checks the placed bytes.
+    # (10,000 + 6,384 bytes) assembled into one buffer first. The tiny preset's attention gain
+    # makes tokens depend on the full-attention KV: a chunk placed at the wrong blocks fails
+    # here (checked by mutation), as it does byte for byte in test_trtllm_contract.
     prefill, decode = _pair(tmp_path, 4, False, "--chunk-bytes", str(chunk_bytes))
     try:
         sampling = SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True)

@@ -64,6 +64,10 @@ class ModelConfig:
     seed: int = 0
     rope_theta: float = 10000.0
     model_id: str = "prfaas-reference-hybrid"
+    # Scales the init of full attention's q/k/v/o weights. At 1.0 a random model attends almost
+    # uniformly over long contexts, so its tokens barely depend on the full-attention KV; the
+    # test preset raises it so that a misplaced KV block changes tokens, not only bytes.
+    attention_init_gain: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +82,7 @@ class ModelConfig:
             "tokens_per_block": self.tokens_per_block >= 1,
             "attention_tile_blocks": self.attention_tile_blocks >= 1,
             "dtype": self.dtype in _DTYPES,
+            "attention_init_gain": self.attention_init_gain > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -262,6 +267,10 @@ class HybridModel(nn.Module):
                 fan_in = param.shape[-1]
                 std = 1.0 if name == "embed" else 1.0 / math.sqrt(fan_in)
                 param.data.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+        for module in self.modules():
+            if isinstance(module, FullAttention) and self.cfg.attention_init_gain != 1.0:
+                for weight in (module.wq, module.wk, module.wv, module.wo):
+                    weight.data.mul_(self.cfg.attention_init_gain)
 
     def load_safetensors(self, path: Path) -> None:
         """Load weights saved by ``save_safetensors`` (names and shapes must match)."""
