@@ -235,13 +235,12 @@ def mooncake_once(site: Path, total_bytes: int, pins: Pins = UNPINNED) -> dict[s
 def relay_once(total_bytes: int, pins: Pins = UNPINNED) -> dict[str, Any]:
     """Fresh receiver and sender processes (the relay's threads pinned to each side's CPUs, if
     given); the sender's result (``gbps`` and LinkStats)."""
-    options = dict(RELAY_OPTIONS)
-    recv = peer_argv("recv", bind="tcp://127.0.0.1:0", sample_s=1.0, cpus=cpus_arg(pins[1]),
-                     **options)  # fmt: skip
+    rx_options = {**RELAY_OPTIONS, "cpus": cpus_arg(pins[1])}
+    recv = peer_argv("recv", bind="tcp://127.0.0.1:0", sample_s=1.0, **rx_options)
     with Peer("relay-recv", recv) as rx:
         endpoint = rx.expect("endpoint", 120.0)["endpoint"]
-        send = peer_argv("send", endpoint=endpoint, bytes=total_bytes, cpus=cpus_arg(pins[0]),
-                         **options)  # fmt: skip
+        tx_options = {**RELAY_OPTIONS, "cpus": cpus_arg(pins[0])}
+        send = peer_argv("send", endpoint=endpoint, bytes=total_bytes, **tx_options)
         with Peer("relay-send", [*send, "--warmup-transfers", "1"]) as tx:
             result: dict[str, Any] = tx.expect("result", TIMEOUT_S)["result"]
     return result

@@ -16,6 +16,7 @@ from trtllm_prfaas.sim.beyond import (
     BeyondScenario,
     fluid_bound,
     goodput,
+    goodputs,
     p90_ttft_s,
     run_scale,
     scenario_config,
@@ -181,3 +182,12 @@ def test_dynamic_live_re_anchors_on_the_degraded_link_and_dynamic_does_not() -> 
 def test_fluid_bound_is_small_on_the_papers_link_and_large_on_a_tight_one() -> None:
     assert fluid_bound(BeyondScenario(link_gbps=100.0)) < 1.06
     assert fluid_bound(BeyondScenario(link_gbps=25.0)) > 1.5
+
+
+def test_goodputs_in_processes_equal_goodputs_in_order() -> None:
+    sc = BeyondScenario(duration_s=120.0, drop_at_s=40.0, seeds=(0,), rate_tol=0.2)
+    jobs = [(sc, ThresholdMode.STATIC), (sc, ThresholdMode.DYNAMIC)]
+    lines: list[str] = []
+    serial = goodputs(jobs, 1, lines.append)
+    assert goodputs(jobs, 2) == serial and all(rate > 0 for rate in serial)
+    assert [line.split(" at ")[0] for line in lines] == ["static", "dynamic"]

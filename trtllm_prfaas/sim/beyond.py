@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -182,24 +182,25 @@ def goodput(sc: BeyondScenario = BeyondScenario()) -> GoodputResult:
 Job = tuple[BeyondScenario, ThresholdMode]
 
 
-def goodputs(jobs: list[Job], workers: int = 1, progress: Callable[[str], None] | None = None
-             ) -> list[float]:  # fmt: skip
+Progress = Callable[[str], None]
+
+
+def goodputs(jobs: list[Job], workers: int = 1, progress: Progress | None = None) -> list[float]:
     """:func:`policy_goodput` of every job, in order, on ``workers`` processes."""
     if workers <= 1:
-        out = []
-        for sc, mode in jobs:
-            out.append(policy_goodput(sc, mode))
-            if progress:
-                progress(f"{mode.value} at {sc.link_gbps:g} Gbps: {out[-1]:.3f} req/s")
-        return out
+        return _collect(jobs, (policy_goodput(sc, mode) for sc, mode in jobs), progress)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(policy_goodput, sc, mode) for sc, mode in jobs]
-        out = []
-        for (sc, mode), future in zip(jobs, futures, strict=True):
-            out.append(future.result())
-            if progress:
-                progress(f"{mode.value} at {sc.link_gbps:g} Gbps: {out[-1]:.3f} req/s")
-        return out
+        return _collect(jobs, (future.result() for future in futures), progress)
+
+
+def _collect(jobs: list[Job], rates: Iterable[float], progress: Progress | None) -> list[float]:
+    out = []
+    for (sc, mode), rate in zip(jobs, rates, strict=True):
+        out.append(rate)
+        if progress:
+            progress(f"{mode.value} at {sc.link_gbps:g} Gbps: {rate:.3f} req/s")
+    return out
 
 
 def stderr_progress(line: str) -> None:
