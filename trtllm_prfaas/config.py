@@ -155,11 +155,12 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
     else:
         server = _key(env, "CURVE_SERVER_KEY_FILE")
         curve = CurveKeys(server, client_public_key=own_public, client_secret_key=own_secret)
-    relay = RelayConfig(
-        security=RelaySecurity(curve=curve),
-        num_streams=_number(env, "NUM_STREAMS", int, 4),
-        link_gbps=_number(env, "LINK_GBPS", float, None) if role is Role.PREFILL else None,
-    )
+    streams = _number(env, "NUM_STREAMS", int, 4)
+    link_gbps = _number(env, "LINK_GBPS", float, None) if role is Role.PREFILL else None
+    try:
+        relay = RelayConfig(RelaySecurity(curve=curve), num_streams=streams, link_gbps=link_gbps)
+    except ConfigError as exc:  # name the variables, not the dataclass field
+        raise ConfigError(f"TRTLLM_PRFAAS_NUM_STREAMS / TRTLLM_PRFAAS_LINK_GBPS: {exc}") from exc
     timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float, 30.0)
     return PrfaasConnectorConfig(
         role,
@@ -168,6 +169,9 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
         transfer_timeout_s=timeout_s,
         load_timeout_s=timeout_s,
     )
+
+
+_Z85_KEY_CHARS = 40  # a 32-byte Curve25519 key as Z85 text
 
 
 def _env(env: Mapping[str, str], name: str) -> str:
@@ -193,6 +197,12 @@ def _key(env: Mapping[str, str], name: str) -> bytes:
 
 def _key_file(path: Path, name: str) -> bytes:
     try:
-        return path.read_bytes().strip()
+        key = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"TRTLLM_PRFAAS_{name}: cannot read {path}: {exc}") from exc
+    if len(key) != _Z85_KEY_CHARS:
+        raise ConfigError(
+            f"TRTLLM_PRFAAS_{name}: {path} holds {len(key)} bytes, not a "
+            f"{_Z85_KEY_CHARS}-character Z85 Curve key (docker/gen_curve_keys.py writes them)"
+        )
+    return key

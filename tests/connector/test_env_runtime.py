@@ -74,6 +74,11 @@ def test_values_land_in_the_connector_config(tmp_path: Path) -> None:
         connector_config_from_env(_env("prefill", keys, num_streams="four"))
     with pytest.raises(ConfigError, match="cannot read"):
         connector_config_from_env(_env("prefill", keys, curve_server_key_file="/nonexistent"))
+    with pytest.raises(ConfigError, match="TRTLLM_PRFAAS_NUM_STREAMS"):
+        connector_config_from_env(_env("decode", keys, num_streams="0"))
+    keys["decode.public"].write_text("not a key")
+    with pytest.raises(ConfigError, match=r"TRTLLM_PRFAAS_CURVE_SERVER_KEY_FILE.*Z85"):
+        connector_config_from_env(_env("prefill", keys))
 
 
 @pytest.fixture

@@ -281,7 +281,7 @@ class PrfaasConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
         start, end = item.key.block_start, item.key.block_end
         pool_layer = self.states.pool_layer_of.get(layer) if self.states else None
         chunks = item.chunks
-        if pool_layer is None or len(chunks) == 1 or end <= start:
+        if pool_layer is None or len(chunks) == 1 or end <= start or item.nbytes % (end - start):
             self._place(plan, layer, start, end, item.buffer)
             return
         block_bytes = item.nbytes // (end - start)

@@ -167,9 +167,8 @@ class LinkStats:
     the rate the link delivered while it had work, not diluted by idle gaps between transfers
     (an estimate of what it can carry; it reads low when the producer, not the link, is slow).
     ``bytes_in_flight`` is payload sent for transfers not yet acknowledged (at most the credit
-    granted). Send-queue delay is the
-    time from ``handle.send`` to the chunk being handed to zmq. ``tcp_total_retrans`` is
-    ``None`` where the OS does not expose ``TCP_INFO``.
+    granted). Send-queue delay is the time from ``handle.send`` to the chunk being handed to
+    zmq. ``tcp_total_retrans`` is ``None`` where the OS does not expose ``TCP_INFO``.
     """
 
     endpoint: str
