@@ -101,12 +101,12 @@ class ReceiverIO:
     # ---- loop ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        pin_current_thread(self._config.cpu_affinity)  # checked when the context was made
         poller = zmq.Poller()
         for sock in (self._router, self._wake_rx, self._monitor):
             poller.register(sock, zmq.POLLIN)
         timeout_ms = int(self._config.poll_interval_s * 1000)
         try:
+            pin_current_thread(self._config.cpu_affinity)  # checked when the context was made
             while not self._stop.is_set():
                 poller.register(self._router, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
                 poller.poll(timeout_ms)
