@@ -81,6 +81,7 @@ def watch_stdin(stop: threading.Event) -> threading.Thread:
 
 def config(args: argparse.Namespace) -> RelayConfig:
     from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+    from trtllm_prfaas.transport.pinning import parse_cpus
 
     return RelayConfig(
         security=RelaySecurity.insecure_plaintext(),
@@ -103,10 +104,6 @@ def side_cpus() -> tuple[frozenset[int] | None, frozenset[int] | None]:
 def cpus_arg(cpus: frozenset[int] | None) -> str | None:
     """``--cpus`` value for a peer (``None``: the option is left out)."""
     return None if cpus is None else ",".join(str(c) for c in sorted(cpus))
-
-
-def parse_cpus(text: str | None) -> frozenset[int] | None:
-    return None if not text else frozenset(int(c) for c in text.split(","))
 
 
 # ---- parent side ------------------------------------------------------------------------------

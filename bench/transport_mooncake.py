@@ -53,7 +53,6 @@ from _relay_peer import (
     cpus_arg,
     emit,
     kv_layer,
-    parse_cpus,
     peer_argv,
     side_cpus,
 )
@@ -309,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cpus", help=argparse.SUPPRESS)  # a peer pins itself (and its threads)
     args = parser.parse_args(argv)
-    if (cpus := parse_cpus(args.cpus)) is not None:
-        os.sched_setaffinity(0, cpus)
+    if args.cpus:
+        from trtllm_prfaas.transport.pinning import parse_cpus
+
+        os.sched_setaffinity(0, parse_cpus(args.cpus) or set())
     with contextlib.redirect_stdout(sys.stderr):
         if args.peer == "target":
             target()

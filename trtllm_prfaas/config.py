@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
+from trtllm_prfaas.deploy.env import ENV_PREFIX, ENV_VARS
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import CurveKeys, RelayConfig, RelaySecurity, generate_keypair
+from trtllm_prfaas.transport.config import Z85_KEY_LEN
 
 __all__ = [
     "MODEL_PRESETS",
@@ -30,6 +32,8 @@ __all__ = [
     "model_preset",
     "write_testbed_keys",
 ]
+
+T = TypeVar("T")
 
 # Named model shapes: "default" is the reference engine's; "tiny" keeps tests and CI quick.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -155,13 +159,14 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
     else:
         server = _key(env, "CURVE_SERVER_KEY_FILE")
         curve = CurveKeys(server, client_public_key=own_public, client_secret_key=own_secret)
-    streams = _number(env, "NUM_STREAMS", int, 4)
-    link_gbps = _number(env, "LINK_GBPS", float, None) if role is Role.PREFILL else None
+    streams = _number(env, "NUM_STREAMS", int)
+    has_link = role is Role.PREFILL and _value(env, "LINK_GBPS") is not None
+    link_gbps = _number(env, "LINK_GBPS", float) if has_link else None
     try:
         relay = RelayConfig(RelaySecurity(curve=curve), num_streams=streams, link_gbps=link_gbps)
     except ConfigError as exc:  # name the variables, not the dataclass field
         raise ConfigError(f"TRTLLM_PRFAAS_NUM_STREAMS / TRTLLM_PRFAAS_LINK_GBPS: {exc}") from exc
-    timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float, 30.0)
+    timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float)
     return PrfaasConnectorConfig(
         role,
         relay,
@@ -171,24 +176,26 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
     )
 
 
-_Z85_KEY_CHARS = 40  # a 32-byte Curve25519 key as Z85 text
-
-
 def _env(env: Mapping[str, str], name: str) -> str:
-    value = env.get(f"TRTLLM_PRFAAS_{name}", "").strip()
+    """A required variable's text."""
+    value = _value(env, name)
     if not value:
-        raise ConfigError(f"TRTLLM_PRFAAS_{name}: required (see docs/deployment.md)")
+        raise ConfigError(f"{ENV_PREFIX}{name}: required (see docs/deployment.md)")
     return value
 
 
-def _number(env: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
-    text = env.get(f"TRTLLM_PRFAAS_{name}", "").strip()
-    if not text:
-        return default
+def _value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's text, else the default ``deploy/env.py`` documents for it (or None)."""
+    var = ENV_PREFIX + name
+    return env.get(var, "").strip() or next(v.default for v in ENV_VARS if v.name == var)
+
+
+def _number(env: Mapping[str, str], name: str, kind: Callable[[str], T]) -> T:
+    text = _value(env, name)
     try:
-        return kind(text)
+        return kind(text or "")
     except ValueError as exc:
-        raise ConfigError(f"TRTLLM_PRFAAS_{name}: not a number: {text!r}") from exc
+        raise ConfigError(f"{ENV_PREFIX}{name}: not a number: {text!r}") from exc
 
 
 def _key(env: Mapping[str, str], name: str) -> bytes:
@@ -199,10 +206,10 @@ def _key_file(path: Path, name: str) -> bytes:
     try:
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"TRTLLM_PRFAAS_{name}: cannot read {path}: {exc}") from exc
-    if len(key) != _Z85_KEY_CHARS:
+        raise ConfigError(f"{ENV_PREFIX}{name}: cannot read {path}: {exc}") from exc
+    if len(key) != Z85_KEY_LEN:
         raise ConfigError(
-            f"TRTLLM_PRFAAS_{name}: {path} holds {len(key)} bytes, not a "
-            f"{_Z85_KEY_CHARS}-character Z85 Curve key (docker/gen_curve_keys.py writes them)"
+            f"{ENV_PREFIX}{name}: {path} holds {len(key)} bytes, not a "
+            f"{Z85_KEY_LEN}-character Z85 Curve key (docker/gen_curve_keys.py writes them)"
         )
     return key

@@ -215,9 +215,7 @@ class ReferenceEngine(ConnectorHost):
                 self.connector.scheduler.update_state_after_alloc, req, list(req.block_ids)
             )
         if load_async:
-            req.state = RequestState.LOADING
-            self._new_loading.append(req.request_id)
-            self._deadlines[req.request_id] = time.monotonic() + self.config.connector_timeout_s
+            self._park(req, RequestState.LOADING, self._new_loading)
         else:
             req.state = RequestState.CONTEXT
         return []
@@ -321,11 +319,15 @@ class ReferenceEngine(ConnectorHost):
                 )
             )
         if pinned:
-            req.state = RequestState.SAVING
-            self._new_saving.append(req.request_id)
-            self._deadlines[req.request_id] = time.monotonic() + self.config.connector_timeout_s
+            self._park(req, RequestState.SAVING, self._new_saving)
         else:
             self._free(req, RequestState.FINISHED)
+
+    def _park(self, req: LlmRequest, state: RequestState, newly: list[int]) -> None:
+        """Hand ``req`` to the connector (async load or save) under the connector deadline."""
+        req.state = state
+        newly.append(req.request_id)
+        self._deadlines[req.request_id] = time.monotonic() + self.config.connector_timeout_s
 
     def _free(self, req: LlmRequest, state: RequestState) -> None:
         req.state = state

@@ -141,26 +141,26 @@ def run_beyond(args: argparse.Namespace) -> int:
     static, dynamic, live = ThresholdMode.STATIC, ThresholdMode.DYNAMIC, ThresholdMode.DYNAMIC_LIVE
     jobs = [(sc, static), (sc, dynamic), (sc, live), (whole, static), (whole, dynamic)]
     jobs += [(s, mode) for s in sweep for mode in (static, dynamic)]
-    rates = goodputs(jobs, args.workers, stderr_progress)
+    rate = dict(zip(jobs, goodputs(jobs, args.workers, stderr_progress), strict=True))
     stderr_progress(f"scale run: {args.scale_requests} requests")
     scale_s, scale = run_scale(args.scale_requests)
     out = {
-        "dynamic_over_static_goodput": _ratio(rates[1], rates[0]),
-        "static_goodput_rps": rates[0],
-        "dynamic_goodput_rps": rates[1],
-        "dynamic_live_goodput_rps": rates[2],
+        "dynamic_over_static_goodput": _ratio(rate[sc, dynamic], rate[sc, static]),
+        "static_goodput_rps": rate[sc, static],
+        "dynamic_goodput_rps": rate[sc, dynamic],
+        "dynamic_live_goodput_rps": rate[sc, live],
         "slo": f"P90 TTFT <= {sc.slo_p90_s:g} s in every {sc.window_s:g} s window",
         "slo_p90_ttft_s": sc.slo_p90_s,
         "link_gbps": sc.link_gbps,
         "drop_to_gbps": sc.link_gbps * sc.drop_fraction,
         "fluid_bound": round(fluid_bound(sc), 4),
-        "whole_run_p90": _pair(rates[3], rates[4]),
+        "whole_run_p90": _pair(rate[whole, static], rate[whole, dynamic]),
         "by_link_gbps": {
             f"{s.link_gbps:g}": {
-                **_pair(rates[5 + 2 * k], rates[6 + 2 * k]),
+                **_pair(rate[s, static], rate[s, dynamic]),
                 "fluid_bound": round(fluid_bound(s), 4),
             }
-            for k, s in enumerate(sweep)
+            for s in sweep
         },
         "static_t_tokens": scenario_config(sc, static).threshold_tokens,
         "seeds": len(sc.seeds),
@@ -170,7 +170,7 @@ def run_beyond(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out) if args.json else "\n".join(f"{k:<30}{v}" for k, v in out.items()))
     if args.plots is not None:
-        _beyond_plots(sc, rates[0], args.plots)
+        _beyond_plots(sc, rate[sc, static], args.plots)
     return 0
 
 

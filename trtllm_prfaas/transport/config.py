@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 from trtllm_prfaas.errors import ConfigError
 
-__all__ = ["CurveKeys", "RelayConfig", "RelaySecurity"]
+__all__ = ["Z85_KEY_LEN", "CurveKeys", "RelayConfig", "RelaySecurity"]
 
-_Z85_KEY_LEN = 40  # a 32-byte Curve25519 key in Z85 text
+Z85_KEY_LEN = 40  # a 32-byte Curve25519 key in Z85 text
 
 
 def _check_key(name: str, key: bytes | None) -> None:
-    if key is not None and (not isinstance(key, bytes) or len(key) != _Z85_KEY_LEN):
-        raise ConfigError(f"{name}: expected a {_Z85_KEY_LEN}-byte Z85 Curve key")
+    if key is not None and (not isinstance(key, bytes) or len(key) != Z85_KEY_LEN):
+        raise ConfigError(f"{name}: expected a {Z85_KEY_LEN}-byte Z85 Curve key")
 
 
 @dataclass(frozen=True)

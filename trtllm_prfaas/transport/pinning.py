@@ -19,7 +19,18 @@ import zmq
 
 from trtllm_prfaas.errors import ConfigError
 
-__all__ = ["check_cpus", "pin_current_thread", "relay_context"]
+__all__ = ["check_cpus", "parse_cpus", "pin_current_thread", "relay_context"]
+
+
+def parse_cpus(text: str | None, what: str = "cpu_affinity") -> frozenset[int] | None:
+    """Comma-separated CPU numbers (``"2,3"``); None or empty: no pinning. ConfigError names
+    ``what`` (the flag or variable the text came from) when a part is not a number."""
+    if not text:
+        return None
+    try:
+        return frozenset(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{what}: expected CPU numbers like 2,3, got {text!r}") from exc
 
 
 def check_cpus(cpus: frozenset[int] | None) -> None:

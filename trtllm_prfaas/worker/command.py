@@ -28,6 +28,7 @@ from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.engines.triton import TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+from trtllm_prfaas.transport.pinning import parse_cpus
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
 __all__ = ["add_arguments", "build_config", "run"]
@@ -112,7 +113,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         num_streams=args.num_streams,
         link_gbps=args.link_gbps,
         chunk_bytes=args.chunk_bytes,
-        cpu_affinity=_cpus(args.relay_cpus),
+        cpu_affinity=parse_cpus(args.relay_cpus, "--relay-cpus"),
     )
     worker_id = args.worker_id or f"{args.cluster}-{args.role}-{os.getpid()}"
     triton = None
@@ -176,13 +177,3 @@ def run(command: str, args: argparse.Namespace) -> int:
         server.serve()
     print(json.dumps({"event": "stopped", "worker_id": config.worker_id}), file=sys.stderr)
     return 0
-
-
-def _cpus(text: str | None) -> frozenset[int] | None:
-    """``--relay-cpus``: comma-separated CPU numbers; ConfigError names a bad one."""
-    if not text:
-        return None
-    try:
-        return frozenset(int(part) for part in text.split(","))
-    except ValueError as exc:
-        raise ConfigError(f"--relay-cpus: expected CPU numbers like 2,3, got {text!r}") from exc
