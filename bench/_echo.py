@@ -24,9 +24,9 @@ import threading
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
-from typing import Any
 
 from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.engines.engine import EngineConfig
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE, ByteTokenizer
@@ -135,9 +135,9 @@ class EchoEngine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         request_id: int,
-        connector_params: dict[str, Any] | None = None,
+        plan: Plan | None = None,
     ) -> int:
-        is_export = bool(connector_params and connector_params.get("relay_endpoint"))
+        is_export = bool(plan and plan.relay_endpoints)
         self.waiting.append(_Queued(request_id, sampling.max_tokens, is_export))
         return request_id
 

@@ -7,9 +7,9 @@ big enough to time), over the real relay on loopback (a link faster than the eng
 KV). The prefill engine exports with the PrfaaS connector; the
 decode engine claims the transfer and loads it layer by layer on its loader thread.
 
-- ``exposed_s``: from the end of the prefill (the forward pass that completes token L-1 ends,
-  i.e. its ``wait_for_save``) to "decode can start" (the decode side's loader has placed the
-  last layer). Negative when the last layer landed before the forward pass even returned.
+- ``exposed_s``: from the end of the prefill (the forward pass that completes the prompt ends,
+  i.e. its ``wait_for_save``) to "decode can start": the transfer whole in the decode node's
+  host memory, the decode request (prompt + t1) admitted and its claimed KV loaded.
 - ``bulk_send_s``: the time to send and load the same bytes if they were sent only after the
   prefill ended (the same relay, same item sizes, a consumer copying each layer out).
 - ``layerwise_exposed_fraction`` = exposed_s / bulk_send_s; target <= 1/num_layers + 0.05.
@@ -25,14 +25,20 @@ from typing import Any
 import torch
 
 from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.plans import Plan, tokens_digest
 from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
-from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime, Role
+from trtllm_prfaas.connector.prfaas_runtime import (
+    PrfaasConnectorConfig,
+    PrfaasRuntime,
+    Role,
+    transfer_id_for,
+)
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.engines.request import RequestState, SamplingParams
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.telemetry.logging import configure_logging
-from trtllm_prfaas.transport import Kind, RelayConfig, RelaySecurity, RelaySender
+from trtllm_prfaas.transport import InboundStatus, Kind, RelayConfig, RelaySecurity, RelaySender
 
 
 def _engine(model: ModelConfig, role: Role) -> tuple[ReferenceEngine, PrfaasRuntime]:
@@ -42,21 +48,8 @@ def _engine(model: ModelConfig, role: Role) -> tuple[ReferenceEngine, PrfaasRunt
     )
     args = ReferenceEngine.llm_args_for(model, prfaas_runtime=runtime)
     pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
-    return ReferenceEngine(EngineConfig(model=model, num_threads=2), pair), runtime
-
-
-def _timed_loads(runtime: PrfaasRuntime, done_at: dict[int, float]) -> None:
-    """Instrument the decode runtime: note when each load's work function returns."""
-    start_load = runtime.start_load
-
-    def wrapped(request_id: int, work: Any) -> None:
-        def timed() -> None:
-            work()
-            done_at[request_id] = time.perf_counter()
-
-        start_load(request_id, timed)
-
-    runtime.start_load = wrapped  # type: ignore[method-assign]
+    engine = ReferenceEngine(EngineConfig(model=model, num_threads=2), pair, runtime.plans)
+    return engine, runtime
 
 
 def _timed_forwards(engine: ReferenceEngine) -> list[float]:
@@ -81,33 +74,35 @@ def bench_model(kv_heads: int) -> ModelConfig:
 
 
 def measure_exposed(model: ModelConfig, length: int) -> dict[str, float]:
-    """Relay one prefill of ``length`` tokens; seconds from prefill end to last layer loaded."""
+    """Relay one prefill of ``length`` tokens; seconds from prefill end to "decode can start":
+    the transfer whole on the decode node, the decode request (prompt + t1) submitted, its
+    claimed KV loaded into the pool (as a decode worker does it)."""
     prefill, prefill_rt = _engine(model, Role.PREFILL)
     decode, decode_rt = _engine(model, Role.DECODE)
-    done_at: dict[int, float] = {}
-    _timed_loads(decode_rt, done_at)
+    receiver = decode_rt.receiver
+    assert receiver is not None
     try:
         prompt = [(i * 7919) % 256 for i in range(length)]
-        params = {"transfer_uuid": f"lw{length}", "relay_endpoint": decode_rt.receiver_endpoint}
-        pid = prefill.add_request(
-            prompt, SamplingParams(max_tokens=1, ignore_eos=True), connector_params=params
-        )
-        prefill.step()  # first chunk: the transfer is announced
-        time.sleep(0.05)
-        did = decode.add_request(
-            prompt,
-            SamplingParams(max_tokens=2, ignore_eos=True),
-            connector_params={"transfer_uuid": params["transfer_uuid"]},
-        )
-        decode.step()  # claims the transfer and starts the loader
-        assert decode.running[did].state is RequestState.LOADING, "transfer was not claimed"
+        transfer, digest = f"lw{length}", tokens_digest(prompt)
+        export = Plan(transfer, length, digest, [decode_rt.receiver_endpoint])
+        sampling = SamplingParams(max_tokens=1, ignore_eos=True)
+        pid = prefill.add_request(prompt, sampling, plan=export)
         forward_ends = _timed_forwards(prefill)
-        while prefill.running[pid].num_computed_tokens < length - 1:
-            prefill.step()
-        prefill_end = forward_ends[-1]  # the forward pass that completed token L-1
-        while did not in done_at:
-            time.sleep(0.001)
-        exposed = done_at[did] - prefill_end
+        t1 = 0
+        while not t1:
+            for out in prefill.step():
+                t1 = out.new_token_ids[0] if out.request_id == pid else t1
+        prefill_end = forward_ends[-1]  # the forward pass that completed the prompt
+        tid = transfer_id_for(transfer, prompt, decode_rt.key)
+        while receiver.status(tid) is not InboundStatus.COMPLETE:
+            time.sleep(0.0002)  # the decode worker submits once the transfer is whole
+        follow = SamplingParams(max_tokens=2, ignore_eos=True, num_skipped_draws=1)
+        did = decode.add_request([*prompt, t1], follow, plan=Plan(transfer, length, digest))
+        while decode.running[did].state in (RequestState.WAITING, RequestState.LOADING):
+            decode.step()
+            if did not in decode.running:
+                break
+        exposed = time.perf_counter() - prefill_end
         while prefill.has_unfinished() or decode.has_unfinished():
             prefill.step()
             decode.step()
@@ -120,7 +115,7 @@ def measure_exposed(model: ModelConfig, length: int) -> dict[str, float]:
 def measure_bulk(model: ModelConfig, length: int) -> float:
     """Seconds to send (and copy out) the same KV only after the prefill ended."""
     spec = model.kv_spec
-    num_blocks = -(-(length - 1) // model.tokens_per_block)
+    num_blocks = -(-length // model.tokens_per_block)
     layer_bytes = num_blocks * spec.block_bytes // model.num_full_layers
     state_bytes = spec.state_bytes // model.num_linear_layers
     items = [
@@ -174,7 +169,7 @@ def main() -> None:
         "bulk_send_ms": round(bulk * 1000, 2),
         "prompt_tokens": args.tokens,
         "num_layers": num_layers,
-        "kv_bytes": model.kv_spec.s_kv(args.tokens - 1),
+        "kv_bytes": model.kv_spec.s_kv(args.tokens),
     }
     print(json.dumps(result) if args.json else "\n".join(f"{k:28} {v}" for k, v in result.items()))
 

@@ -1,6 +1,7 @@
 """Prefill on worker A, KV relayed over real loopback ZeroMQ, decode on worker B (two separate
-processes): tokens equal a single-engine run, bit for bit, for prompts from 1 token to
-thousands, across block boundaries, with 1 and 4 streams, with and without Curve."""
+processes), with the prompt-plus-first-token handoff: tokens equal a single-engine run, bit for
+bit, for prompts from 1 token to thousands, across block boundaries, with 1 and 4 streams, with
+and without Curve, greedy and seeded sampling."""
 
 from __future__ import annotations
 
@@ -72,25 +73,33 @@ def workers(
 
 def relay_generate(
     prefill: WorkerProcess, decode: WorkerProcess, prompt: list[int], sampling: SamplingParams
-) -> tuple[p.Tokens, p.Tokens]:
-    """Run one request the remote way: prefill on A relays to B, B decodes."""
+) -> tuple[list[int], p.Tokens]:
+    """Run one request the remote way, as the router does (prompt plus first token): the prefill
+    on A runs the whole prompt and relays its KV to B; B gets the prompt followed by t1, one
+    sampling draw skipped, and decodes from t1. Returns (all tokens, B's final message)."""
     pc, dc = prefill.client(), decode.client()
     rid, transfer = new_uuid(), new_uuid()
-    common = dict(
-        prompt_token_ids=prompt,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        seed=sampling.seed,
-        ignore_eos=True,
-    )
-    dc.send(p.Submit(rid, transfer_uuid=transfer, announce_timeout_s=5.0, **common))
-    pc.send(p.Submit(rid, transfer_uuid=transfer, relay_endpoint=decode.relay, **common))
+    common = dict(temperature=sampling.temperature, seed=sampling.seed, ignore_eos=True)
+    pc.send(p.Submit(rid, prompt, 1, transfer_uuid=transfer, relay_endpoint=decode.relay, **common))
     first = collect(pc, rid)
+    assert first.error_kind == "" and len(first.token_ids) == 1, first
+    t1 = first.token_ids[0]
+    rest = sampling.max_tokens - 1
+    dc.send(
+        p.Submit(
+            rid,
+            [*prompt, t1],
+            rest,
+            transfer_uuid=transfer,
+            announce_timeout_s=5.0,
+            num_skipped_draws=1,
+            **common,
+        )
+    )
     decoded = collect(dc, rid)
-    if len(prompt) > 1:
-        done = wait_for(pc, p.TransferDone, lambda m: m.request_id == rid)
-        assert done.error == ""
-    return first, decoded
+    done = wait_for(pc, p.TransferDone, lambda m: m.request_id == rid)
+    assert done.error == ""
+    return [t1, *decoded.token_ids], decoded
 
 
 @pytest.mark.parametrize(
@@ -108,11 +117,10 @@ def test_relayed_decode_equals_single_engine(
         for length in LENGTHS:
             prompt = _prompt(length)
             want = reference.generate([prompt], sampling)[0]
-            first, decoded = relay_generate(prefill, decode, prompt, sampling)
+            tokens, decoded = relay_generate(prefill, decode, prompt, sampling)
             assert decoded.error_kind == "", decoded.error_message
-            assert decoded.token_ids == want, (length, temperature)
-            assert decoded.num_connector_tokens == length - 1  # the relay, not a recompute
-            assert first.token_ids == want[:1]  # the prefill side's first token agrees
+            assert tokens == want, (length, temperature)
+            assert decoded.num_connector_tokens == length  # the relay, not a recompute
     assert reference.leak_report() == []
 
 
@@ -131,10 +139,10 @@ def test_multi_chunk_items_decode_equal_single_engine(
         for length in (70, 250, 3000):
             prompt = _prompt(length)
             want = reference.generate([prompt], sampling)[0]
-            _, decoded = relay_generate(prefill, decode, prompt, sampling)
+            tokens, decoded = relay_generate(prefill, decode, prompt, sampling)
             assert decoded.error_kind == "", decoded.error_message
-            assert decoded.num_connector_tokens == length - 1  # the relay, not a recompute
-            assert decoded.token_ids == want, length
+            assert decoded.num_connector_tokens == length  # the relay, not a recompute
+            assert tokens == want, length
     finally:
         codes = [prefill.stop(), decode.stop()]
     assert codes == [0, 0], "workers must shut down cleanly"

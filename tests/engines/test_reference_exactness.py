@@ -21,20 +21,21 @@ def _prompt(length: int, seed: int = 0) -> list[int]:
 
 
 def _prefill(model: HybridModel, tokens: list[int], chunk: int):
-    """Prefill the engine's way (chunks of [0, L-1), then the last token alone)."""
+    """Prefill the engine's way: TensorRT-LLM's plain chunking, chunks of ``chunk`` tokens (a
+    multiple of the block size), the last one ending at L. Chunk boundaries off the block grid
+    are not bit-invariant (the linear-attention kernel works block-wise), which is why the
+    remote handoff relays the prefill's whole prompt and the decode computes only t1 after it."""
     cfg = model.cfg
     num_blocks = len(tokens) // cfg.tokens_per_block + 2
     pool = torch.zeros(num_blocks, cfg.num_full_layers, 2, cfg.block_row_elems,
                        dtype=cfg.torch_dtype)  # fmt: skip
     states = torch.zeros(2, *cfg.state_shape)
     blocks = list(range(1, num_blocks))
-    last = len(tokens) - 1
-    pos = 0
-    while pos < last:
-        end = min(pos + chunk, last)
-        model([SequenceChunk(tokens[pos:end], pos, blocks, 1)], pool, states)
+    pos, logits = 0, None
+    while pos < len(tokens):
+        end = min(pos + chunk, len(tokens))
+        logits = model([SequenceChunk(tokens[pos:end], pos, blocks, 1)], pool, states)
         pos = end
-    logits = model([SequenceChunk(tokens[last:], last, blocks, 1)], pool, states)
     return logits, pool, states
 
 

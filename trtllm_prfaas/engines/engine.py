@@ -10,10 +10,13 @@ One ``step()`` is one TensorRT-LLM executor iteration, in TensorRT-LLM's order::
     finish:   sample; finished requests -> request_finished (True pins blocks)
     poll:     get_finished -> parked loads rejoin, pinned saves release their blocks
 
-Prefill chunk rule (what makes every route bit-identical): prompt tokens [0, L-1) are computed in
-chunks that start on block boundaries, and the last prompt token is always computed alone, so the
-linear-attention state after exactly L-1 tokens exists on every route. A connector may therefore
-claim a block-aligned prefix, or exactly L-1 tokens; any other count is refused.
+Prefill chunk rule: TensorRT-LLM's plain chunking. Chunks start where the computed prefix ends
+(on a block boundary, or after a connector's claim) and run for ``chunk_size`` tokens, the last one
+ending at the prompt's end. Every route chunks a prompt the same way, so its KV and the
+linear-attention state after it are bit-identical. The remote handoff is TensorRT-LLM's own: the
+prefill runs the whole prompt (L tokens) and samples t1; the decode request is the prompt followed
+by t1, whose connector claims the L relayed tokens and computes t1 alone. A connector may claim a
+block-aligned prefix, or exactly all but the last prompt token; any other count is refused.
 
 Every wait has a deadline: a request not admitted within ``admission_timeout_s`` fails with
 AdmissionRejected; a connector load or save not reported within ``connector_timeout_s`` fails
@@ -25,7 +28,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,7 +49,7 @@ from trtllm_prfaas.engines.request import (
     RequestState,
     SamplingParams,
 )
-from trtllm_prfaas.engines.sampling import sample_next
+from trtllm_prfaas.engines.sampling import sample_next, seeded_generator
 from trtllm_prfaas.engines.tokenizer import EOS_ID, ByteTokenizer
 from trtllm_prfaas.errors import (
     AdmissionRejected,
@@ -57,6 +60,9 @@ from trtllm_prfaas.errors import (
 )
 from trtllm_prfaas.telemetry.logging import get_logger
 
+if TYPE_CHECKING:
+    from trtllm_prfaas.connector.plans import Plan, PlanBook
+
 __all__ = ["ConnectorPair", "EngineConfig", "EngineStats", "ReferenceEngine"]
 
 log = get_logger(__name__)
@@ -65,7 +71,12 @@ log = get_logger(__name__)
 class ReferenceEngine(ConnectorHost):
     """Owns the model, the KV pool, the state tensor, the queues, and an optional connector."""
 
-    def __init__(self, config: EngineConfig, connector: ConnectorPair | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        connector: ConnectorPair | None = None,
+        plans: PlanBook | None = None,
+    ) -> None:
         torch.set_num_threads(config.num_threads)
         self.config, self.cfg = config, config.model
         self.model = HybridModel(self.cfg)
@@ -80,6 +91,7 @@ class ReferenceEngine(ConnectorHost):
         self.waiting: deque[LlmRequest] = deque()
         self.running: dict[int, LlmRequest] = {}  # admitted: loading, context, generation, saving
         self.connector = connector
+        self.plans = plans  # where add_request posts a request's PrfaaS plan for the connector
         self._ids = itertools.count(1)
         self.stats = EngineStats()
         self._init_connector_host()
@@ -115,10 +127,13 @@ class ReferenceEngine(ConnectorHost):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         request_id: int | None = None,
-        connector_params: dict[str, Any] | None = None,
+        plan: Plan | None = None,
     ) -> int:
         """Validate and queue a request; returns its id. Raises InvalidRequestError /
-        AdmissionRejected at once for input that can never run; the engine is unaffected."""
+        AdmissionRejected at once for input that can never run; the engine is unaffected.
+
+        ``plan`` (a PrfaaS transfer plan) is posted to the connector's plan book, where the
+        connector's scheduler finds it by the request's tokens, as it does inside TensorRT-LLM."""
         if not prompt_token_ids:
             raise InvalidRequestError("prompt is empty: at least one token is required")
         self.tokenizer.validate(prompt_token_ids)
@@ -140,7 +155,10 @@ class ReferenceEngine(ConnectorHost):
             raise InvalidRequestError(f"request id {rid} is already in use")
         deadline = time.monotonic() + self.config.admission_timeout_s
         request = LlmRequest(rid, list(prompt_token_ids), sampling, deadline)
-        request.connector_params = connector_params
+        if plan is not None:
+            if self.plans is None:
+                raise InvalidRequestError("this engine has no connector to take a PrfaaS plan")
+            self.plans.post(plan)
         self.waiting.append(request)
         return rid
 
@@ -208,7 +226,9 @@ class ReferenceEngine(ConnectorHost):
         if not load_async:
             self._record_sync_match(req.request_id, matched)
         if req.sampling.temperature > 0:
-            req.generator = torch.Generator().manual_seed(req.sampling.seed)
+            req.generator = seeded_generator(
+                req.sampling.seed, self.cfg.vocab_size, req.sampling.num_skipped_draws
+            )
         self.running[req.request_id] = req
         if self.connector is not None:
             self._connector_call(
@@ -246,8 +266,8 @@ class ReferenceEngine(ConnectorHost):
                 budget -= 1
         for req in self.running.values():
             if req.state is RequestState.CONTEXT and budget > 0:
-                start, last = req.num_computed_tokens, req.prompt_len - 1
-                end = last + 1 if start == last else min(start + self.config.chunk_size, last)
+                start = req.num_computed_tokens
+                end = min(start + self.config.chunk_size, req.prompt_len)
                 if end - start > budget and chunks:
                     break
                 chunks.append(

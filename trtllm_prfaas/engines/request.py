@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import torch
 
@@ -21,18 +20,27 @@ __all__ = ["LlmRequest", "RequestOutput", "RequestState", "SamplingParams"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature == 0`` is greedy; otherwise sampling seeded by ``seed`` (deterministic)."""
+    """``temperature == 0`` is greedy; otherwise sampling seeded by ``seed`` (deterministic).
+
+    ``num_skipped_draws``: random draws this request's generator skips before its first token.
+    A decode request that continues after a first token sampled elsewhere (the prompt-plus-first-
+    token handoff) skips that token's draw, so it samples exactly as a single-engine run."""
 
     max_tokens: int = 16
     temperature: float = 0.0
     seed: int = 0
     ignore_eos: bool = False
+    num_skipped_draws: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be > 0, got {self.max_tokens}")
         if not self.temperature >= 0.0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.num_skipped_draws < 0:
+            raise InvalidRequestError(
+                f"num_skipped_draws must be >= 0, got {self.num_skipped_draws}"
+            )
 
 
 class RequestState(Enum):
@@ -72,7 +80,6 @@ class LlmRequest:
     num_connector_tokens: int = 0  # prompt tokens the connector supplied
     is_generation_only_request: bool = False
     generator: torch.Generator | None = None
-    connector_params: dict[str, Any] | None = None  # opaque to the engine, read by connectors
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property

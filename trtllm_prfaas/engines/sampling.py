@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sample_next"]
+__all__ = ["sample_next", "seeded_generator"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
@@ -18,3 +18,13 @@ def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Gener
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
     return int(torch.argmax(logits.float() / temperature + gumbel))
+
+
+def seeded_generator(seed: int, vocab_size: int, num_skipped_draws: int = 0) -> torch.Generator:
+    """A request's generator, advanced past ``num_skipped_draws`` tokens' draws (one uniform
+    vector of ``vocab_size`` per token, as ``sample_next`` draws), so a request that continues
+    after tokens sampled elsewhere draws exactly what a single-engine run would."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_skipped_draws):
+        torch.rand((vocab_size,), generator=generator, dtype=torch.float32)
+    return generator

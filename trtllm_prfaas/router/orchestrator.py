@@ -2,10 +2,13 @@
 
 For each request: ``policy.route`` (pure) picks the cluster by the threshold ``t`` and the
 cache-affine, least-loaded prefill node, and the decode node; the router reserves a slot on the
-decode node, then sends the decode worker its request (it waits for the relayed KV) and the
-prefill worker its prefill (``max_tokens=1``, KV relayed layer by layer to the decode node).
-The prefill's first token is streamed to the client as soon as it exists (bit-exactness makes it
-equal to the decode node's first token, which is checked); the rest stream from the decode node.
+decode node, then runs the handoff TensorRT-LLM's own disaggregated serving uses, prompt plus first
+token: the prefill worker runs the whole prompt (L tokens, ``max_tokens=1``), relays its KV layer
+by layer to the decode node and returns t1, which is streamed to the client at once; the decode
+worker then gets the prompt followed by t1 with ``max_tokens - 1`` (and one sampling draw
+skipped, so seeded sampling continues exactly as one engine would), claims the L relayed tokens
+and computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or
+``max_tokens == 1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
 
 The threshold is live state: a :class:`~trtllm_prfaas.router.control.ControlLoop` on the same
 event loop (started with the orchestrator when ``RouterConfig.control`` is set, the default)
@@ -13,8 +16,9 @@ moves it every second from what the router observes; ``threshold_tokens`` is its
 ``convert_role`` drains a local PD worker, switches its role (``SetRole``) and rejoins it.
 
 Every request has a deadline; a cancelled or late request is cancelled on both workers. If the
-prefill leg fails, the decode worker computes the prompt itself (its ``fallback`` policy), so
-the client still gets its tokens, or a clear error, never a hang.
+prefill leg fails or returns no t1 within ``prefill_timeout_s``, the decode worker runs the whole
+request itself, and if the relay fails after t1 the decode worker computes the prompt (its
+``fallback`` policy), so the client still gets its tokens, or a clear error, never a hang.
 
 I/O: one plain (non-asyncio) ZeroMQ DEALER per worker. Sends go out at once with ``NOBLOCK``
 (falling back to waiting for room only when the socket is full); received messages are drained
@@ -69,7 +73,8 @@ class RouterConfig:
     workers: tuple[WorkerSpec, ...]
     model_name: str = "tensorrt_llm"
     threshold_tokens: int = 1024  # initial t: l > t prefills in the PrfaaS cluster
-    announce_timeout_s: float = 30.0  # decode waits this long for the prefill to start
+    announce_timeout_s: float = 30.0  # decode waits this long for the transfer to be announced
+    prefill_timeout_s: float = 120.0  # no t1 by then: the decode node runs the whole request
     connect_timeout_s: float = 30.0
     control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
 
@@ -85,6 +90,7 @@ class _Flight:
         "num_decoded",
         "prefill_first_at",
         "prompt_tokens",
+        "relayed",
         "submitted_at",
         "waiter",
     )
@@ -96,6 +102,7 @@ class _Flight:
         self.prefill_first_at: float | None = None
         self.decode_first_at: float | None = None
         self.num_decoded = 0
+        self.relayed = False  # the decode leg was sent with the prefill's transfer
         self.messages: deque[tuple[str, p.Tokens]] = deque()
         self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
 
@@ -137,7 +144,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         self.counters: dict[str, int] = {
             "remote": 0,
             "local": 0,
-            "first_token_mismatch": 0,
+            "prefill_fallback": 0,
             "relay_recomputed": 0,
         }
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -304,8 +311,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         try:
             async with asyncio.timeout(request.deadline_s):
                 flight.submitted_at = time.monotonic()
-                await self._submit(request, decode, prefill)
-                async for chunk in self._stream(request, flight, decode.name):
+                async for chunk in self._handoff(request, flight, decode, prefill):
                     finished = chunk.is_final
                     status = "ok" if finished else status
                     yield chunk
@@ -357,24 +363,19 @@ class DisaggregatedOrchestrator(Orchestrator):
         )
         return decision
 
-    async def _submit(
-        self, request: GenerateRequest, decode: WorkerState, prefill: WorkerState
-    ) -> None:
-        transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
-        common: dict[str, Any] = dict(
+    def _submit_to(
+        self, request: GenerateRequest, prompt: list[int], max_tokens: int, **extra: Any
+    ) -> p.Submit:
+        """One leg's ``Submit``, its deadline what is left of the request's."""
+        elapsed = time.monotonic() - self._flights[request.request_id].submitted_at
+        return p.Submit(
             request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            max_tokens=request.max_tokens,
+            prompt_token_ids=prompt,
+            max_tokens=max_tokens,
             temperature=request.temperature,
             seed=request.seed,
-            transfer_uuid=transfer,
-            deadline_s=request.deadline_s,
-        )
-        await self._send(
-            decode.name, p.Submit(announce_timeout_s=self.config.announce_timeout_s, **common)
-        )
-        await self._send(
-            prefill.name, p.Submit(relay_endpoint=decode.info.relay_endpoint, **common)
+            deadline_s=max(request.deadline_s - elapsed, 0.001),
+            **extra,
         )
 
     async def _send(self, worker: str, message: p.Message) -> None:
@@ -403,37 +404,90 @@ class DisaggregatedOrchestrator(Orchestrator):
             assert self._loop is not None
             self._loop.call_soon(self._drain, worker)
 
-    async def _stream(
-        self, request: GenerateRequest, flight: _Flight, decode_name: str
+    async def _handoff(
+        self, request: GenerateRequest, flight: _Flight, decode: WorkerState, prefill: WorkerState
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Chunks from the prefill's first token and the decode node's tokens."""
-        decoder = StreamingDecoder()
-        early: int | None = None  # the prefill's first token, if it was streamed first
-        decode_started = False
+        """Prefill to t1 (KV relayed to the decode node), then decode from prompt + t1."""
+        prompt, decoder = request.prompt_token_ids, StreamingDecoder()
+        transfer = None
+        if request.max_tokens > 1:  # a one-token answer is t1 alone: nothing to relay
+            transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
+        relay = decode.info.relay_endpoint if transfer else None
+        leg = self._submit_to(request, prompt, 1, transfer_uuid=transfer, relay_endpoint=relay)
+        await self._send(prefill.name, leg)
+        first = await self._first_token(request, flight, prefill.name)
+        if first is None:  # no t1: the decode node runs the whole request, no relay
+            self.counters["prefill_fallback"] += 1
+            leg = self._submit_to(request, prompt, request.max_tokens)
+            async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+                yield chunk
+            return
+        is_eos = first == self.tokenizer.eos_id
+        if is_eos or request.max_tokens == 1:
+            text = decoder.push([first]) + decoder.flush()
+            yield TokenChunk([first], text, True, "stop" if is_eos else "length")
+            return
+        yield TokenChunk([first], decoder.push([first]))
+        leg = self._submit_to(
+            request,
+            [*prompt, first],
+            request.max_tokens - 1,
+            transfer_uuid=transfer,
+            announce_timeout_s=self.config.announce_timeout_s,
+            num_skipped_draws=1,
+        )
+        flight.relayed = True
+        async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+            yield chunk
+
+    async def _first_token(
+        self, request: GenerateRequest, flight: _Flight, prefill_name: str
+    ) -> int | None:
+        """The prefill leg's t1, or None when it failed or took longer than
+        ``prefill_timeout_s`` (it is then cancelled, and the failure logged)."""
+        try:
+            async with asyncio.timeout(self.config.prefill_timeout_s):
+                while True:
+                    source, message = await flight.get()
+                    if source != prefill_name:
+                        continue
+                    tokens = list(message.token_ids)
+                    self._observe(flight, False, len(tokens), bool(message.finished))
+                    if message.error_kind or (message.finished and not tokens):
+                        why = message.error_message or message.finish_reason or "no token"
+                        log.warning("prefill_failed", request_id=request.request_id, error=why)
+                        return None
+                    if tokens:
+                        return tokens[0]
+        except TimeoutError:
+            log.warning(
+                "prefill_timeout",
+                request_id=request.request_id,
+                timeout_s=self.config.prefill_timeout_s,
+            )
+            await self._cancel(request.request_id, prefill_name)
+            return None
+
+    async def _decode_leg(
+        self,
+        request: GenerateRequest,
+        flight: _Flight,
+        decode_name: str,
+        leg: p.Submit,
+        decoder: StreamingDecoder,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Submit the decode leg and stream its tokens (messages of other legs are skipped)."""
+        await self._send(decode_name, leg)
         while True:
             source, message = await flight.get()
-            tokens = list(message.token_ids)
-            self._observe(flight, source == decode_name, len(tokens), bool(message.finished))
-            if source != decode_name:  # the prefill leg: stream its first token if it leads
-                if tokens and not decode_started and early is None and not message.error_kind:
-                    early = tokens[0]
-                    final = request.max_tokens == 1
-                    yield TokenChunk(
-                        [early], decoder.push([early]), final, "length" if final else None
-                    )
-                continue
+            if source != decode_name:
+                continue  # the prefill's late messages
             if message.error_kind:
                 raise _error(message)
-            if not decode_started and tokens and early is not None:
-                if tokens[0] != early:  # never expected: every route is bit-exact
-                    self.counters["first_token_mismatch"] += 1
-                    log.error("first_token_mismatch", request_id=request.request_id)
-                tokens = tokens[1:]
-            decode_started = decode_started or bool(message.token_ids)
+            tokens = list(message.token_ids)
+            self._observe(flight, True, len(tokens), bool(message.finished))
             if message.finished:
                 self._check_relayed(request, flight, message)
-                if request.max_tokens == 1 and early is not None:
-                    return  # the prefill's token already was the final chunk
                 text = decoder.push(tokens) + decoder.flush()
                 yield TokenChunk(tokens, text, True, message.finish_reason)
                 return
@@ -441,11 +495,12 @@ class DisaggregatedOrchestrator(Orchestrator):
                 yield TokenChunk(tokens, decoder.push(tokens))
 
     def _check_relayed(self, request: GenerateRequest, flight: _Flight, message: p.Tokens) -> None:
-        """An offloaded request's decode should have claimed all but the last prompt token
-        over the relay; fewer means it recomputed them (correct tokens, lost offload): loud."""
-        if not flight.decision.is_remote or flight.prompt_tokens < 2:
+        """An offloaded request's decode should have claimed the whole prompt (all L tokens
+        before t1) over the relay; fewer means it recomputed them (correct tokens, lost
+        offload): loud."""
+        if not flight.decision.is_remote or not flight.relayed:
             return
-        relayed = message.num_connector_tokens >= flight.prompt_tokens - 1
+        relayed = message.num_connector_tokens >= flight.prompt_tokens
         if self.metrics:
             self.metrics.record_relay_outcome("relayed" if relayed else "recomputed")
         if relayed:

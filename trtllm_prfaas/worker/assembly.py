@@ -97,7 +97,8 @@ def assemble(
     try:
         args = ReferenceEngine.llm_args_for(model, prfaas_runtime=runtime)
         pair = ConnectorPair(PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args))
-        engine = ReferenceEngine(replace(engine_config, on_load_failure=fallback), pair)
+        config = replace(engine_config, on_load_failure=fallback)
+        engine = ReferenceEngine(config, pair, runtime.plans)
     except BaseException:
         runtime.close()
         raise

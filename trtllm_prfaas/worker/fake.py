@@ -5,11 +5,11 @@ For router tests and benchmarks that need the orchestrator's real code path (Zer
 ROUTER socket on loopback and, on the router's event loop, answers
 
 - ``Ping`` with its ``WorkerInfo``; ``SetRole`` by switching role and answering ``WorkerInfo``;
-- ``Submit``: a prefill worker returns one token and ``TransferDone`` after
+- ``Submit``: a prefill worker returns one token (t1) and ``TransferDone`` after
   ``prefill_s_per_token`` x prompt length, a decode worker ``max_tokens`` tokens after
-  ``decode_delay_s`` (so the prefill leg normally answers first, as on real workers). Tokens
-  are a pure function of the prompt (``fake_tokens``): the prefill's first token always
-  equals the decode node's;
+  ``decode_delay_s``. Tokens are a pure function of the prompt (``fake_tokens``); a decode leg
+  (the prompt followed by t1, ``num_skipped_draws=1``) continues the original prompt's answer, so
+  every route gives the same tokens, as on real workers;
 - ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
   router sees) and on every ``report_interval_s`` with the last scripted values.
 
@@ -145,7 +145,11 @@ class FakeWorker:
         if self.role == "prefill" and message.transfer_uuid:
             first = p.Tokens(rid, fake_tokens(prompt, 1), True, "length")
             return len(prompt) * self.spec.prefill_s_per_token, [first, p.TransferDone(rid)]
-        tokens = fake_tokens(prompt, message.max_tokens)
+        # A decode leg's prompt ends with t1, sampled elsewhere: the answer continues the
+        # original prompt's, so every route gives the same tokens.
+        skipped = message.num_skipped_draws
+        original = prompt[: len(prompt) - skipped]
+        tokens = fake_tokens(original, message.max_tokens + skipped)[skipped:]
         relayed = len(prompt) - 1 if message.transfer_uuid else 0  # as if the relay delivered
         return self.spec.decode_delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
 

@@ -4,11 +4,14 @@ The worker binds a ZeroMQ ROUTER socket; each router (or test) connects one DEAL
 is one frame: a msgpack-encoded struct from the union below, tagged by its class name.
 
 Router -> worker
-    ``Submit``   run a request. On a prefill worker it runs the prompt with ``max_tokens=1`` and
-                 relays its KV to ``relay_endpoint`` under ``transfer_uuid``; on a decode worker
-                 it waits (bounded by ``announce_timeout_s``) for that transfer to be announced,
-                 then decodes, claiming the relayed prefix. Without ``transfer_uuid`` a worker
-                 simply runs the request end to end.
+    ``Submit``   run a request. On a prefill worker it runs the prompt (L tokens) with
+                 ``max_tokens=1`` and relays the KV of all L tokens to ``relay_endpoint`` (one
+                 endpoint per decode tensor-parallel rank, comma-separated) under
+                 ``transfer_uuid``; its one token is t1. On a decode worker the request is the
+                 prompt followed by t1 (``num_skipped_draws=1``): it waits until that transfer
+                 has fully arrived (announced within ``announce_timeout_s``), then decodes from
+                 t1, claiming the L relayed tokens. Without ``transfer_uuid`` a worker simply
+                 runs the request end to end.
     ``Cancel``   abort a request; its blocks are freed.
     ``Ping``     ask for ``WorkerInfo``.
     ``SetRole``  switch between the prefill and decode roles: the worker stops taking new requests
@@ -28,7 +31,7 @@ Worker -> router
     ``WorkerInfo``    answer to ``Ping``, and after a role change.
 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
-``WorkerInfo.kv_*``), so version-1 peers interoperate.
+``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``), so version-1 peers interoperate.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     relay_endpoint: str | None = None  # prefill workers: the decode node's relay receiver
     deadline_s: float = 300.0  # budget for the whole request on this worker
     announce_timeout_s: float = 10.0  # decode workers: wait this long for the transfer
+    num_skipped_draws: int = 0  # sampling draws already spent on tokens sampled elsewhere (t1)
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

@@ -2,16 +2,21 @@
 
 The serve loop interleaves three things, never blocking longer than ``idle_poll_s``:
 control messages (submit, cancel, ping), one engine iteration when there is work, and periodic
-load reports. Every request has a deadline on the worker; a decode request that waits for its
-relayed KV waits at most ``announce_timeout_s`` for the transfer to be announced, then falls back
-to computing the prompt itself (or fails, per ``fallback``). Failures travel back as ``Tokens``
-with ``error_kind`` set; the loop itself never dies of a request's failure.
+load reports. Every request has a deadline on the worker. Failures travel back as ``Tokens`` with
+``error_kind`` set; the loop itself never dies of a request's failure.
 
-Over a remote Triton engine (``WorkerConfig.triton``) the connector runs inside Triton, so this
-process cannot see a transfer's announce or acknowledgement: a decode request with a
-``transfer_uuid`` joins the engine at once (Triton's connector claims the transfer, or recomputes
-per its own load-failure policy), a prefill sends no ``TransferDone``, and the role is fixed by
-the Triton deployment (``SetRole`` to another role is answered with the current ``WorkerInfo``).
+PrfaaS plans. A request with a ``transfer_uuid`` reaches the connector as a ``Plan`` posted beside
+it (``connector/plans.py``): a prefill's plan covers its whole prompt and names the decode's relay
+endpoints; a decode request is the prompt followed by t1, and its plan covers all but that last
+token. A decode request is held here until its transfer has fully arrived in host memory (on every
+tensor-parallel rank), so the connector's load cannot fail once it claimed the tokens; a transfer
+not announced within ``announce_timeout_s``, or one that failed, is computed here instead (or
+fails, per ``fallback``).
+
+Over a remote Triton engine (``WorkerConfig.triton``) the connector runs inside Triton: the engine
+posts plans to the connector's plan endpoint and answers transfer-status queries from it, a
+prefill sends no ``TransferDone``, and the role is fixed by the Triton deployment (``SetRole`` to
+another role is answered with the current ``WorkerInfo``).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import msgspec
 import zmq
 
+from trtllm_prfaas.connector.plans import Plan, tokens_digest
 from trtllm_prfaas.connector.prfaas_runtime import (
     PrfaasConnectorConfig,
     Role,
@@ -66,7 +72,15 @@ class _RoleChange:
 class _PendingDecode:
     identity: bytes
     submit: p.Submit
-    announce_deadline: float
+    announce_deadline: float  # monotonic s: the transfer must be announced by then
+    deadline: float  # monotonic s: the request's own deadline
+
+
+@runtime_checkable
+class _RemoteTransfers(Protocol):
+    """An engine whose connector runs elsewhere and reports its transfers (Triton, LLM API)."""
+
+    def transfer_status(self, transfer_uuid: str) -> InboundStatus | None: ...
 
 
 class WorkerServer:
@@ -222,32 +236,28 @@ class WorkerServer:
                 ),
             )
             return
-        relayed = len(submit.prompt_token_ids) >= 2  # a 1-token prompt has no KV to relay
-        if self.role is WorkerRole.DECODE and submit.transfer_uuid and relayed:
-            if self.runtime is None:  # the connector (and its announces) live in Triton
-                self._add(identity, submit, {"transfer_uuid": submit.transfer_uuid})
-                return
-            deadline = time.monotonic() + submit.announce_timeout_s
-            self._pending.append(_PendingDecode(identity, submit, deadline))
+        if self.role is WorkerRole.DECODE and submit.transfer_uuid:
+            now = time.monotonic()
+            pending = _PendingDecode(
+                identity, submit, now + submit.announce_timeout_s, now + submit.deadline_s
+            )
+            self._pending.append(pending)
             return
-        params = None
+        plan = None
         if self.role is WorkerRole.PREFILL and submit.transfer_uuid:
-            params = {
-                "transfer_uuid": submit.transfer_uuid,
-                "relay_endpoint": submit.relay_endpoint,
-            }
-        self._add(identity, submit, params)
+            plan = _prefill_plan(submit)
+        self._add(identity, submit, plan)
 
-    def _add(self, identity: bytes, submit: p.Submit, params: Mapping[str, object] | None) -> None:
-        exporting = params is not None and self.role is WorkerRole.PREFILL
-        max_tokens = 1 if exporting else submit.max_tokens  # a relayed prefill ends at token 1
+    def _add(self, identity: bytes, submit: p.Submit, plan: Plan | None) -> None:
+        exporting = plan is not None and self.role is WorkerRole.PREFILL
+        max_tokens = 1 if exporting else submit.max_tokens  # a relayed prefill ends at t1
         ignore_eos = submit.ignore_eos or exporting
         try:
-            sampling = SamplingParams(max_tokens, submit.temperature, submit.seed, ignore_eos)
-            engine_id = next(self._ids)
-            self.engine.add_request(
-                submit.prompt_token_ids, sampling, engine_id, dict(params) if params else None
+            sampling = SamplingParams(
+                max_tokens, submit.temperature, submit.seed, ignore_eos, submit.num_skipped_draws
             )
+            engine_id = next(self._ids)
+            self.engine.add_request(submit.prompt_token_ids, sampling, engine_id, plan)
         except PrfaasError as exc:
             self._send(identity, _error_tokens(submit.request_id, type(exc).__name__, str(exc)))
             return
@@ -258,17 +268,28 @@ class WorkerServer:
             self._transfer_owner[engine_id] = (identity, submit.request_id)
 
     def _admit_announced(self) -> None:
-        """Decode requests whose transfer is announced join the engine; if the transfer failed
-        or never shows up in time, they compute the prompt here (or fail, per ``fallback``)."""
+        """Decode requests whose transfer has fully arrived join the engine with their plan; if
+        the transfer failed or was not announced in time, they compute the prompt here (or fail,
+        per ``fallback``); one still arriving at the request's deadline fails."""
         if not self._pending:
             return
         now, waiting = time.monotonic(), []
         for pend in self._pending:
             status = self._transfer_status(pend.submit)
-            if status in (InboundStatus.RECEIVING, InboundStatus.COMPLETE):
-                self._add(pend.identity, pend.submit, {"transfer_uuid": pend.submit.transfer_uuid})
-            elif status is InboundStatus.FAILED or now >= pend.announce_deadline:
-                self._fall_back(pend, "failed" if status else "was not announced in time")
+            if status is InboundStatus.COMPLETE:
+                self._add(pend.identity, pend.submit, _decode_plan(pend.submit))
+            elif status is InboundStatus.FAILED:
+                self._fall_back(pend, "failed")
+            elif status is None and now >= pend.announce_deadline:
+                self._fall_back(pend, "was not announced in time")
+            elif now >= pend.deadline:
+                message = (
+                    f"request {pend.submit.request_id}: relayed KV still arriving at its deadline"
+                )
+                self._send(
+                    pend.identity,
+                    _error_tokens(pend.submit.request_id, "DeadlineExceeded", message),
+                )
             else:
                 waiting.append(pend)
         self._pending = waiting
@@ -285,9 +306,15 @@ class WorkerServer:
             self._add(pend.identity, pend.submit, None)
 
     def _transfer_status(self, submit: p.Submit) -> InboundStatus | None:
+        """The transfer's status on this node: the in-process receiver, or, when the connector
+        runs inside a remote engine, that engine's answer over every rank."""
         assert submit.transfer_uuid is not None
-        assert self.runtime is not None and self.runtime.receiver is not None
-        tid = transfer_id_for(submit.transfer_uuid, submit.prompt_token_ids, self.runtime.key)
+        if self.runtime is None:
+            assert isinstance(self.engine, _RemoteTransfers)
+            return self.engine.transfer_status(submit.transfer_uuid)
+        assert self.runtime.receiver is not None
+        claimed = submit.prompt_token_ids[:-1]  # the prompt without t1
+        tid = transfer_id_for(submit.transfer_uuid, claimed, self.runtime.key)
         return self.runtime.receiver.status(tid)
 
     # ------------------------------------------------------------------------ data plane
@@ -428,6 +455,21 @@ class WorkerServer:
         )
         for identity in self._routers:
             self._send(identity, report)
+
+
+def _prefill_plan(submit: p.Submit) -> Plan:
+    """The plan of a relayed prefill: all L prompt tokens, to the decode's ranks' receivers."""
+    assert submit.transfer_uuid is not None
+    tokens = submit.prompt_token_ids
+    endpoints = [e.strip() for e in (submit.relay_endpoint or "").split(",") if e.strip()]
+    return Plan(submit.transfer_uuid, len(tokens), tokens_digest(tokens), endpoints)
+
+
+def _decode_plan(submit: p.Submit) -> Plan:
+    """The plan of a decode request (the prompt followed by t1): the L tokens before t1."""
+    assert submit.transfer_uuid is not None
+    claimed = submit.prompt_token_ids[:-1]
+    return Plan(submit.transfer_uuid, len(claimed), tokens_digest(claimed))
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:
