@@ -2,15 +2,24 @@
 # PrfaaS prefill and the local decode deployments (TRTLLM_PRFAAS_ROLE picks the repository).
 #
 #   docker build -f docker/triton.Dockerfile -t prfaas-triton \
-#       --build-arg TRITON_TAG=25.12 --build-arg TRTLLM_REF=v1.2.0 .
+#       --build-arg TRITON_TAG=26.07 --build-arg TRTLLM_REF=v1.2.1 .
 #
-# TRTLLM_REF must be the TensorRT-LLM tag of the tensorrt_llm inside the image
-# (python3 -c "import tensorrt_llm; print(tensorrt_llm.__version__)"): the llmapi model.py is
-# taken from that tag, never copied into this project.
-ARG TRITON_TAG=25.12
+# Supported pairs (trtllm_prfaas/deploy/versions.py, from Triton's compatibility matrix):
+# TRITON_TAG 26.04-26.07 with TRTLLM_REF v1.2.1, or 26.03 with v1.2.0. 25.12-26.02 carry
+# TensorRT-LLM 1.1.0 and are refused below. TRTLLM_REF must be the TensorRT-LLM tag of the
+# tensorrt_llm inside the image: NVIDIA's llmapi model.py and helpers.py are taken from that tag,
+# unmodified (the PrfaaS plan travels beside the request, not through model.py).
+ARG TRITON_TAG=26.07
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-trtllm-python-py3
 
-ARG TRTLLM_REF=v1.2.0
+ARG TRTLLM_REF=v1.2.1
+
+# Refuse a tag pair that disagrees: the installed tensorrt_llm (read from its package metadata,
+# without importing it: no GPU at build time) must be the release TRTLLM_REF names.
+RUN python3 -c "import importlib.metadata as m, sys; \
+v = m.version('tensorrt_llm').split('+')[0]; ref = sys.argv[1].removeprefix('v'); \
+sys.exit(0 if v == ref else f'tensorrt_llm {v} in the image, TRTLLM_REF={sys.argv[1]}')" \
+        "${TRTLLM_REF}"
 
 # NVIDIA's llmapi Python-backend model (model.py + helpers.py), from a sparse, blob-less checkout.
 RUN git clone --depth 1 --branch "${TRTLLM_REF}" --filter=blob:none --sparse \
@@ -20,16 +29,16 @@ RUN git clone --depth 1 --branch "${TRTLLM_REF}" --filter=blob:none --sparse \
     && cp /tmp/trtllm/triton_backend/all_models/llmapi/tensorrt_llm/1/*.py /opt/prfaas/llmapi/ \
     && rm -rf /tmp/trtllm
 
-# The project, WITHOUT its pinned dependencies: the image's CUDA torch and tensorrt_llm must stay
-# as they are (the project pins the CPU torch wheel for CPU machines). Only the light runtime
-# dependencies the connector and relay need are added.
+# The project, WITHOUT its pinned torch: the image's CUDA torch and tensorrt_llm must stay as they
+# are (the project pins the CPU torch wheel for CPU machines). The other runtime dependencies are
+# read from pyproject.toml (one list), less torch and matplotlib (plots only).
 WORKDIR /opt/prfaas/src
 COPY pyproject.toml README.md ./
 COPY trtllm_prfaas ./trtllm_prfaas
-RUN pip install --no-cache-dir --no-deps . \
-    && pip install --no-cache-dir "pyzmq>=25" "msgspec>=0.18" "xxhash>=3.4" "structlog>=23" \
-        "prometheus-client>=0.19" "pyyaml>=6" "nvidia-ml-py>=12" "safetensors>=0.4" \
-        "tritonclient[grpc]>=2.40" \
+RUN python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith(('torch', 'matplotlib'))))" > /tmp/prfaas-deps.txt \
+    && pip install --no-cache-dir -r /tmp/prfaas-deps.txt \
+    && pip install --no-cache-dir --no-deps . \
     && python3 -c "import trtllm_prfaas.connector.base"
 
 # Both rendered repositories, completed with NVIDIA's model.py/helpers.py.
@@ -40,8 +49,13 @@ RUN for role in prefill decode; do \
 
 # Curve keys are mounted here (see the compose files); the env files point at this directory.
 VOLUME /etc/prfaas/curve
-EXPOSE 8000 8001 8002 7100
+# 8000 HTTP, 8001 gRPC, 8002 metrics; 7100+ relay receivers (decode, one per TP rank);
+# 7200+ plan endpoints (one per TP rank)
+EXPOSE 8000 8001 8002 7100-7107 7200-7207
 
-# TensorRT-LLM spawns one MPI worker per GPU (tensor_parallel_size in model.yaml); only TRTLLM_*
+# Upstream's launch recipe for llmapi (TensorRT-LLM triton_backend/scripts/launch_triton_server.py,
+# world size 1): tritonserver under `mpirun -n 1`, auto-complete disabled (config.pbtxt therefore
+# states max_batch_size and the decoupled policy itself), a per-rank shm prefix. TensorRT-LLM
+# spawns one MPI worker per GPU (tensor_parallel_size in model.yaml); only TRTLLM_*/TLLM_*
 # variables (the relay's TRTLLM_PRFAAS_*) reach them.
-CMD ["sh", "-c", "exec tritonserver --model-repository=/opt/prfaas/model_repository/${TRTLLM_PRFAAS_ROLE:?set TRTLLM_PRFAAS_ROLE to prefill or decode}"]
+CMD ["sh", "-c", "exec mpirun --allow-run-as-root -n 1 tritonserver --model-repository=/opt/prfaas/model_repository/${TRTLLM_PRFAAS_ROLE:?set TRTLLM_PRFAAS_ROLE to prefill or decode} --disable-auto-complete-config --backend-config=python,shm-region-prefix-name=prefix0_"]

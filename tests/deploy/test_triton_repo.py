@@ -59,7 +59,14 @@ def test_config_pbtxt_parses_as_a_triton_model_config(role: DeployRole) -> None:
     )
     assert config.name == "tensorrt_llm"
     assert config.backend == "python"
-    assert config.max_batch_size == 0  # set by the llmapi model from triton_config
+    # Stated explicitly (upstream's launcher disables auto-complete), equal to triton_config so
+    # the llmapi auto_complete_config does not refuse them when auto-complete is on.
+    model_yaml = REPO_DIR / role.value / "tensorrt_llm" / "1" / "model.yaml"
+    triton = yaml.safe_load(model_yaml.read_text())["triton_config"]
+    assert config.max_batch_size == triton["max_batch_size"] == 0
+    assert config.HasField("model_transaction_policy")
+    assert config.model_transaction_policy.decoupled is triton["decoupled"]
+    assert config.model_transaction_policy.decoupled is (role is DeployRole.DECODE)
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
     inputs = {i.name: i for i in config.input}
     assert inputs["text_input"].data_type == model_config_pb2.TYPE_STRING

@@ -16,6 +16,11 @@ TensorRT-LLM tag that matches the container (``triton_backend/all_models/llmapi`
 Everything is rendered from frozen dataclasses validated without side effects; nothing here
 reads the environment or the disk. ``triton_repo_config(role, model)`` gives the presets of
 ``engines/`` (H200 prefill, H20 decode).
+
+Dense (attention-only) models only: on TensorRT-LLM the connector refuses a hybrid
+(Mamba / linear-attention) model when it starts (upstream refuses connectors on Mamba cache
+managers; on 1.2 hybrids also force block reuse off, so the decode's connector is never asked).
+Serve hybrids with the reference engine, or with local prefill+decode (see docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "CONNECTOR_SCHEDULER_CLASS",
     "CONNECTOR_WORKER_CLASS",
     "DEFAULT_KEY_DIR",
+    "TRITON_MAX_BATCH_SIZE",
     "LlmApiConfig",
     "RelayEnvConfig",
     "TritonRepoConfig",
@@ -49,6 +55,7 @@ CONNECTOR_MODULE = "trtllm_prfaas.connector.prfaas"
 CONNECTOR_SCHEDULER_CLASS = "PrfaasConnectorScheduler"
 CONNECTOR_WORKER_CLASS = "PrfaasConnectorWorker"
 DEFAULT_KEY_DIR = "/etc/prfaas/curve"  # where the compose files mount the Curve key files
+TRITON_MAX_BATCH_SIZE = 0  # the llmapi model batches inside TensorRT-LLM, not in Triton
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,7 @@ def model_yaml_dict(config: TritonRepoConfig) -> dict[str, Any]:
             "connector_worker_class": worker_class,
         },
         "triton_config": {
-            "max_batch_size": 0,  # the llmapi model batches inside TensorRT-LLM, not in Triton
+            "max_batch_size": TRITON_MAX_BATCH_SIZE,
             "decoupled": config.decoupled,
             "cancellation_check_period_ms": config.cancellation_check_period_ms,
         },
@@ -273,6 +280,7 @@ def render_model_yaml(config: TritonRepoConfig) -> str:
         f"# Rendered by `prfaas triton-repo --role {role}`; edit the flags, not this file.\n"
         "# Everything except triton_config is passed to tensorrt_llm.LLM(...).\n"
         "# backend pytorch + kv_connector_config: the PrfaaS connector is loaded in every worker.\n"
+        "# Dense models only: the connector refuses hybrid models on TensorRT-LLM.\n"
         "# The relay itself is configured by the TRTLLM_PRFAAS_* variables in ../prfaas.env,\n"
         "# since only TRTLLM/TLLM-prefixed variables reach TensorRT-LLM's MPI workers.\n"
     )
@@ -303,14 +311,27 @@ _OUTPUTS: tuple[tuple[str, str, str], ...] = (
 def render_config_pbtxt(config: TritonRepoConfig) -> str:
     """``config.pbtxt`` in protobuf text format (parses as ``model_config_pb2.ModelConfig``).
 
-    ``max_batch_size`` and the decoupled policy are deliberately absent: the llmapi model sets
-    them from ``triton_config`` in model.yaml at load time. ``parameters`` carry the PrfaaS role
-    so the router can check, through the ModelConfig RPC, that it talks to the right side.
+    ``max_batch_size`` and the decoupled policy are stated here AND in model.yaml's
+    ``triton_config``, with the same values. Upstream's ``config.pbtxt`` leaves them to
+    ``auto_complete_config`` (llmapi ``model.py``), but upstream's own launcher passes
+    ``--disable-auto-complete-config`` (``triton_backend/scripts/launch_triton_server.py`` @
+    0a2e2c1), which would leave the decode model non-decoupled. Stating them is safe with
+    auto-complete on: the Python backend's ``ModelConfig.set_model_transaction_policy`` refuses
+    only a *different* ``decoupled`` and ``set_max_batch_size`` only a larger configured value
+    (triton-inference-server/python_backend ``src/resources/triton_python_backend_utils.py``).
+    ``parameters`` carry the PrfaaS role so the router can check, through the ModelConfig RPC,
+    that it talks to the right side.
     """
+    decoupled = "true" if config.decoupled else "false"
     lines = [
         f"# PrfaaS {config.role.value} deployment (rendered by `prfaas triton-repo`).",
         f'name: "{config.model_name}"',
         'backend: "python"',
+        "",
+        "# The same values as triton_config in 1/model.yaml (TensorRT-LLM batches, not Triton);",
+        "# stated here so the model loads alike with --disable-auto-complete-config.",
+        f"max_batch_size: {TRITON_MAX_BATCH_SIZE}",
+        f"model_transaction_policy {{ decoupled: {decoupled} }}",
         "",
         "# One Python-backend instance; TensorRT-LLM spawns one MPI worker per GPU itself.",
         "instance_group [ { count: 1, kind: KIND_CPU } ]",

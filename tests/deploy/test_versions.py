@@ -1,0 +1,113 @@
+"""Triton and TensorRT-LLM versions agree everywhere with ``trtllm_prfaas/deploy/versions.py``.
+
+Every file that names a Triton tag or a TensorRT-LLM git tag is grepped: a default, a build
+argument or an image name must be a supported pair (25.12 with v1.2.0, the audit's 6a, fails
+here), the docs' tag table must equal the module's, and the ``trtllm`` extra must admit exactly
+the supported line.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests.deploy.conftest import DEPLOYMENT_DOC, DOCKER_DIR, ROOT
+from trtllm_prfaas.deploy import versions
+from trtllm_prfaas.errors import ConfigError
+
+_TAG = re.compile(r"TRITON_TAG(?:=|:-|\s*=\s*)(\d\d\.\d\d)|tritonserver:(\d\d\.\d\d)-trtllm")
+_REF = re.compile(r"TRTLLM_REF(?:=|:-|\s*=\s*)(v\d+\.\d+\.\d+)")
+_TABLE_ROW = re.compile(r"^\|\s*`?(\d\d\.\d\d)`?\s*\|\s*([\d.]+)\s*\|", re.MULTILINE)
+
+
+def versioned_files() -> list[Path]:
+    """Every file that may name a Triton or TensorRT-LLM tag."""
+    files = [DEPLOYMENT_DOC, ROOT / "README.md", ROOT / "plugins" / "triton" / "README.md"]
+    files += sorted(DOCKER_DIR.iterdir())
+    files += sorted((ROOT / "scripts").glob("*"))
+    files += sorted((ROOT / "trtllm_prfaas" / "deploy").glob("*.py"))
+    return [p for p in files if p.is_file()]
+
+
+def tags_and_refs(text: str) -> list[tuple[int, str | None, str | None]]:
+    """(line number, Triton tag, TensorRT-LLM ref) for each line naming either."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        tags = {a or b for a, b in _TAG.findall(line)}
+        refs = set(_REF.findall(line))
+        assert len(tags) <= 1 and len(refs) <= 1, f"line {number}: {line}"
+        if tags or refs:
+            found.append((number, next(iter(tags), None), next(iter(refs), None)))
+    return found
+
+
+def test_the_defaults_are_a_supported_pair() -> None:
+    assert versions.check_pair(versions.DEFAULT_TRITON_TAG, versions.DEFAULT_TRTLLM_REF) == "1.2.1"
+    assert versions.supported_triton_tags() == ("26.03", "26.04", "26.05", "26.06", "26.07")
+
+
+@pytest.mark.parametrize(
+    ("tag", "ref", "message"),
+    [
+        ("25.12", "v1.2.0", "carries TensorRT-LLM 1.1.0"),  # the old defaults (audit 6a)
+        ("26.03", "v1.2.1", "use v1.2.0"),
+        ("26.07", "v1.2.0", "use v1.2.1"),
+        ("27.01", "v1.2.1", "not in the compatibility table"),
+    ],
+)
+def test_a_mismatched_pair_is_refused_naming_both(tag: str, ref: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        versions.check_pair(tag, ref)
+
+
+@pytest.mark.parametrize("path", versioned_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_named_tag_is_supported_and_pairs_agree(path: Path) -> None:
+    for number, tag, ref in tags_and_refs(path.read_text()):
+        where = f"{path.relative_to(ROOT)}:{number}"
+        if tag is not None and ref is not None:
+            versions.check_pair(tag, ref)
+        elif tag is not None:
+            assert tag in versions.supported_triton_tags(), where
+        else:
+            refs = {versions.trtllm_ref(v) for v in versions.SUPPORTED_TRTLLM_VERSIONS}
+            assert ref in refs, where
+
+
+def test_dockerfile_and_compose_default_to_the_module_defaults() -> None:
+    dockerfile = (DOCKER_DIR / "triton.Dockerfile").read_text()
+    assert f"ARG TRITON_TAG={versions.DEFAULT_TRITON_TAG}\n" in dockerfile
+    assert f"ARG TRTLLM_REF={versions.DEFAULT_TRTLLM_REF}\n" in dockerfile
+    compose = (DOCKER_DIR / "compose.gpu.yml").read_text()
+    assert f"${{TRITON_TAG:-{versions.DEFAULT_TRITON_TAG}}}" in compose
+    assert f"${{TRTLLM_REF:-{versions.DEFAULT_TRTLLM_REF}}}" in compose
+
+
+def test_the_deployment_guide_table_is_the_module_table() -> None:
+    rows = dict(_TABLE_ROW.findall(DEPLOYMENT_DOC.read_text()))
+    assert rows == dict(versions.TRITON_TRTLLM_VERSIONS)
+    guide = DEPLOYMENT_DOC.read_text()
+    assert f"TRITON_TAG={versions.DEFAULT_TRITON_TAG}" in guide
+    assert f"TRTLLM_REF={versions.DEFAULT_TRTLLM_REF}" in guide
+
+
+def test_the_trtllm_extra_admits_exactly_the_supported_line() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["trtllm"] == [versions.TRTLLM_EXTRA]
+    spec = Requirement(versions.TRTLLM_EXTRA).specifier
+    for version in versions.SUPPORTED_TRTLLM_VERSIONS:
+        assert spec.contains(version)
+    for version in {*versions.TRITON_TRTLLM_VERSIONS.values()} - {
+        *versions.SUPPORTED_TRTLLM_VERSIONS
+    }:
+        assert not spec.contains(version), version
+
+
+def test_the_finder_sees_an_old_pair() -> None:
+    found = tags_and_refs("x\n  --build-arg TRITON_TAG=25.12 --build-arg TRTLLM_REF=v1.2.0 .\n")
+    assert found == [(2, "25.12", "v1.2.0")]
+    with pytest.raises(ConfigError):
+        versions.check_pair("25.12", "v1.2.0")
