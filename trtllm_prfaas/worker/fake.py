@@ -9,7 +9,8 @@ ROUTER socket on loopback and, on the router's event loop, answers
   ``prefill_s_per_token`` x prompt length, a decode worker ``max_tokens`` tokens after
   ``decode_delay_s``. Tokens are a pure function of the prompt (``fake_tokens``); a decode leg
   (the prompt followed by t1, ``num_skipped_draws=1``) continues the original prompt's answer, so
-  every route gives the same tokens, as on real workers;
+  every route gives the same tokens, as on real workers (``first_token`` and
+  ``prefill_error`` script a prefill's t1 or its failure; ``submits`` records what arrived);
 - ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
   router sees) and on every ``report_interval_s`` with the last scripted values.
 
@@ -52,6 +53,8 @@ class FakeWorkerSpec:
     num_blocks: int = 512
     prefill_s_per_token: float = 0.0
     decode_delay_s: float = 0.005
+    first_token: int | None = None  # a prefill answers this t1 instead of the fake one
+    prefill_error: str = ""  # a prefill answers with this error kind instead of t1
 
 
 class FakeWorker:
@@ -68,6 +71,7 @@ class FakeWorker:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.routers: set[bytes] = set()
         self.num_submits = 0
+        self.submits: list[p.Submit] = []  # every Submit received, in order
         self.last_report = p.LoadReport(
             spec.name, 0, 0, spec.max_num_seqs, spec.num_blocks, 0, role=spec.role
         )
@@ -141,10 +145,17 @@ class FakeWorker:
         if not isinstance(message, p.Submit):
             return 0.0, []
         self.num_submits += 1
+        self.submits.append(message)
         prompt, rid = message.prompt_token_ids, message.request_id
+        prefill_s = len(prompt) * self.spec.prefill_s_per_token
+        if self.role == "prefill" and self.spec.prefill_error:
+            kind = self.spec.prefill_error
+            return prefill_s, [p.Tokens(rid, [], True, "error", kind, "scripted prefill failure")]
         if self.role == "prefill" and message.transfer_uuid:
-            first = p.Tokens(rid, fake_tokens(prompt, 1), True, "length")
-            return len(prompt) * self.spec.prefill_s_per_token, [first, p.TransferDone(rid)]
+            t1 = (
+                fake_tokens(prompt, 1) if self.spec.first_token is None else [self.spec.first_token]
+            )
+            return prefill_s, [p.Tokens(rid, t1, True, "length"), p.TransferDone(rid)]
         # A decode leg's prompt ends with t1, sampled elsewhere: the answer continues the
         # original prompt's, so every route gives the same tokens.
         skipped = message.num_skipped_draws
