@@ -1,285 +1,942 @@
-"""A fake TensorRT-LLM PyTorch executor that drives a KV cache connector with the real one's
-semantics, as read from ``tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py`` and
-``py_executor.py`` (1.x): no model, deterministic KV bytes, TensorRT-LLM's pool shape.
+"""A fake TensorRT-LLM 1.2 PyTorch executor that drives a KV cache connector as upstream does.
 
-Per iteration (``step``), like ``PyExecutor._executor_loop``:
-  prepare_resources: new requests -> ``get_num_new_matched_tokens`` (async ones recorded as
-      new async loads; every match recorded as an external load) -> blocks for the whole prompt
-      -> ``update_state_after_alloc``; the scheduler output is built like
-      ``KvCacheConnectorSchedulerOutputManager``: context requests that are new async loads are
-      skipped, ``computed_position`` is ``context_current_position`` minus this iteration's
-      external load, first appearance -> ``new_requests``, later -> ``cached_requests``;
-      generation requests: ``computed_position = len(tokens) - 1``, 1 scheduled token.
-  ``_kv_connector_start_batch``: new async loads leave the batch (parked), then
-      ``build_connector_meta`` -> ``bind_connector_meta`` -> ``start_load_kv``.
-  forward (only when the batch is not empty): per layer ``wait_for_layer_load`` / write /
-      ``save_kv_layer``, then ``wait_for_save``.
-  responses: finished requests -> ``request_finished`` (True pins their blocks).
-  ``get_finished``: ids passed in once (new -> pending), results accepted only for pending ids
-      (anything else is a contract violation), loads rejoin as context, saves free their blocks.
+Written from a reading of upstream's source (no code copied; ids are stored copies readable with
+the ``read_file`` tool, commits where known). Each behaviour below names the file and symbol.
 
-Hybrid layout: linear-attention layers keep a per-request state outside the pool, handed to the
-connector through the project's ``register_recurrent_states`` extension (on GPUs this needs a
-hook into TensorRT-LLM's Mamba/linear cache manager: unverified). Chunking: ``split_last_token``
-computes prompt tokens ``[0, L-1)`` in block-aligned chunks and the last one alone (the project's
-rule); False is TensorRT-LLM's plain chunking (chunks of ``chunk_size`` up to ``L``).
+Construction (``py_executor_creator.py`` 1083207948 ``create_py_executor``): the connector module
+is imported by name from ``kv_connector_config``; on every tensor-parallel rank a worker half is
+built with ``(llm_args)`` only, and on rank 0 the scheduler half too, both at once on a two-thread
+pool. Then (``py_executor.py`` 736889464 ``_maybe_init_kv_connector_manager``) each rank's worker
+gets ``register_kv_caches(get_unique_primary_pool())``: its own pool holding its head shard.
+``tensorrt_llm._utils.mpi_rank()`` (what the connector reads its rank from) is a fake module here
+whose value is the simulated rank of the call in progress (a context variable), and the
+``TRTLLM_PRFAAS_*`` environment given to the executor is set while its halves are built.
+
+One iteration (``py_executor.py`` 736889464 ``_executor_loop`` / ``_executor_loop_overlap``):
+  schedule: active requests that are not parked or saving, up to ``max_batch_size``; context
+      requests take a chunk of up to ``chunk_size`` tokens whose end is block-aligned unless it
+      is the prompt's end (TensorRT-LLM's plain chunking; no "last token alone" rule).
+  ``prepare_resources`` (``resource_manager.py`` 3501434665 ``KVCacheManager.prepare_resources``):
+      a context request's first chunk adds its sequence, unless it has finished an async load
+      (``kv_cache_connector.py`` 3277953 ``should_add_sequence``). Adding follows
+      ``kvCacheManager.cpp`` 126178160 ``WindowBlockManager::addSequence``/``loadOrAllocateBlocks``:
+      the prompt minus its last token is cut into blocks, full blocks are matched against the
+      reuse tree (a chain of block contents: a miss ends the match), then
+      ``get_num_new_matched_tokens(request, num_computed_tokens=matched)`` runs on the leader and
+      its result is broadcast; ``setPrepopulatedPromptLen(matched + n)`` enforces
+      ``prepopulatedPromptLen < promptLen`` (``llmRequest.h`` 786144818; raised here as
+      ``TllmCheckError``, which kills the loop as the unwrapped C++ exception does) and moves the
+      chunk start. ``update_state_after_alloc(request, block_ids)`` runs on rank 0 only. A
+      generation request adds a token (a new block when a block fills). Then the scheduler output
+      is built (``KvCacheConnectorSchedulerOutputManager``): new async loads are skipped; context
+      requests report ``computed_position`` = context position, minus this iteration's external
+      load; generation requests ``len(tokens) - 1`` and one token.
+  ``_kv_connector_start_batch``: new async loads leave the batch (parked), the leader's
+      ``build_connector_meta`` is broadcast (a pickle round trip per rank) and bound on every
+      rank, then ``start_load_kv(stream)``.
+  ``_forward_step`` (batch not empty): per rank and layer ``wait_for_layer_load(i, stream)``,
+      the KV writes, ``save_kv_layer(i, stream)``; then ``wait_for_save(stream)``. An exception
+      here fails every active request (``_handle_errors``); one anywhere else kills the loop.
+  sampling and responses: with the overlap scheduler (the default of ``TorchLlmArgs``; the
+      project's ``model.yaml`` leaves it on) a batch's tokens reach the host one iteration later,
+      so a finished request is found (``_handle_responses``) and terminated after the next
+      forward, in which it ran once more. ``_do_terminate_request``: ``request_finished(request,
+      get_cache_indices(request))`` on the leader, broadcast; True pins its blocks. Blocks with
+      computed KV are stored for reuse (``update_resources``/``store_context_blocks``) and stay
+      cached after release until a new allocation evicts them.
+  ``_kv_connector_terminate_requests`` (``kv_cache_connector.py`` 3277953
+      ``KvCacheConnectorManager.get_finished``): each rank passes its new async ids in once,
+      ``extract_by_id`` raises KeyError for an id never passed in, results are allgathered and
+      only the intersection acts: loads return the request to the context state, saves unpin.
+
+Requests: connectors see only fields the 1.2 ``LlmRequest`` binding exposes (``bindings.cpp``
+385050988); ``get_num_new_matched_tokens`` gets the C++ view (no ``py_*`` attributes; see
+``mark_ready_requests`` in 00fdcbf: "the req we get from the C++ call is different"). There is
+no ``connector_params``, no ``py_disaggregated_params`` (absent in 1.2: TRTLLM_AUDIT.md 3a).
+Generation-only requests raise as ``KvCacheConnectorManager.get_num_new_matched_tokens`` does.
+Only upstream's hooks are called: no ``register_recurrent_states``, ``get_failed_loads``,
+``cancel_*``; ``llm_args`` has no ``connector_options``.
+
+Not modelled: partial block reuse (``enable_partial_reuse`` is off here), eviction order beyond
+"never-cached blocks first, then least recently freed", token budgets across requests, beam > 1,
+speculative decoding, pipeline parallelism, and a connector thread calling ``mpi_rank()`` (it
+raises: the fake cannot tell which simulated rank a background thread serves).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import hashlib
+import importlib
 import itertools
+import os
+import pickle
+import sys
+import time
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from trtllm_prfaas.connector.base import RecurrentStates, RequestData, SchedulerOutput
+from tests.connector.fake_device import CpuDevice, Device
 
-__all__ = ["FakeExecutor", "FakeRequest", "Layout", "Recorder", "kv_rows", "state_after"]
+__all__ = [
+    "PRFAAS_CONNECTOR",
+    "ConnectorSpec",
+    "FakeExecutor",
+    "FakeModel",
+    "RequestData",
+    "SchedulerOutput",
+    "TllmCheckError",
+    "drive",
+    "kv_rows",
+    "next_token",
+]
+
+_RANK: contextvars.ContextVar[int] = contextvars.ContextVar("fake_mpi_rank")
+
+
+class TllmCheckError(RuntimeError):
+    """A failed ``TLLM_CHECK`` in TensorRT-LLM's C++ (raised out of the executor loop)."""
 
 
 @dataclass(frozen=True)
-class Layout:
-    layer_kinds: tuple[str, ...] = ("linear", "full", "linear", "full")
-    num_blocks: int = 64
-    tokens_per_block: int = 16
-    num_kv_heads: int = 2
+class ConnectorSpec:
+    """``kv_connector_config``: where the executor finds the two halves."""
+
+    module: str
+    scheduler_class: str
+    worker_class: str
+
+
+PRFAAS_CONNECTOR = ConnectorSpec(
+    "trtllm_prfaas.connector.prfaas", "PrfaasConnectorScheduler", "PrfaasConnectorWorker"
+)
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    """A dense (attention-only) model: every decoder layer has KV in the pool."""
+
+    name: str = "fake-dense-model"
+    num_layers: int = 4
+    num_kv_heads: int = 4
     head_dim: int = 8
-    state_shape: tuple[int, int, int] = (2, 4, 4)  # (heads, d_k, d_v)
-    num_slots: int = 4
+    tokens_per_block: int = 16
+    num_blocks: int = 64
+    dtype: torch.dtype = torch.float16
+    vocab_size: int = 1000
 
-    @property
-    def full(self) -> list[int]:
-        return [i for i, k in enumerate(self.layer_kinds) if k == "full"]
-
-    @property
-    def linear(self) -> list[int]:
-        return [i for i, k in enumerate(self.layer_kinds) if k == "linear"]
-
-    @property
-    def pool_shape(self) -> tuple[int, int, int, int]:
-        """TensorRT-LLM's: [num_blocks, num_layers, kv_factor, heads * tokens_per_block * dim]."""
-        row = self.num_kv_heads * self.tokens_per_block * self.head_dim
-        return (self.num_blocks, len(self.full), 2, row)
+    def pool_shape(self, tp_size: int) -> tuple[int, int, int, int]:
+        """One rank's ``[num_blocks, num_layers, kv_factor, heads/tp * tokens_per_block * dim]``."""
+        row = self.num_kv_heads // tp_size * self.tokens_per_block * self.head_dim
+        return (self.num_blocks, self.num_layers, 2, row)
 
 
-def _gen(*key: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(key) & 0x7FFFFFFF)
+def _digest(tokens: list[int], *salt: int) -> int:
+    data = torch.tensor(list(tokens) + list(salt), dtype=torch.int64).numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def kv_rows(layout: Layout, tokens: list[int], pos: int, layer: int) -> torch.Tensor:
-    """(2, heads, dim): the fake K/V of token ``pos`` in ``layer`` (depends on the prefix)."""
-    shape = (2, layout.num_kv_heads, layout.head_dim)
-    return torch.randn(shape, generator=_gen(tuple(tokens[: pos + 1]), layer))
+def kv_rows(model: FakeModel, tokens: list[int], pos: int, layer: int) -> torch.Tensor:
+    """``(2, num_kv_heads, head_dim)``: K and V of token ``pos`` in ``layer``, all heads (a
+    function of the prefix ``tokens[: pos + 1]``, so equal prefixes give equal KV)."""
+    gen = torch.Generator().manual_seed(_digest(tokens[: pos + 1], layer) & 0x7FFF_FFFF)
+    return torch.randn((2, model.num_kv_heads, model.head_dim), generator=gen).to(model.dtype)
 
 
-def state_after(layout: Layout, tokens: list[int], n: int, layer: int) -> torch.Tensor:
-    """The fake recurrent state of ``layer`` after the first ``n`` tokens."""
-    return torch.randn(layout.state_shape, generator=_gen(tuple(tokens[:n]), layer, "state"))
+def shard(model: FakeModel, rows: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+    """Rank ``rank``'s heads of ``rows`` (heads split evenly across tensor-parallel ranks)."""
+    per_rank = model.num_kv_heads // tp_size
+    return rows[:, rank * per_rank : (rank + 1) * per_rank, :]
 
 
-class Recorder:
-    """Wraps a connector half: every public call is logged (name) before it runs."""
+def next_token(model: FakeModel, tokens: list[int]) -> int:
+    """The fake model's greedy next token after ``tokens``."""
+    return _digest(tokens, -1) % model.vocab_size
 
-    def __init__(self, target: Any, log: list[str]) -> None:
-        self._target, self._log = target, log
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if not callable(attr) or name.startswith("_"):
-            return attr
+# ---------------------------------------------------------------- upstream's connector types
+@dataclass
+class RequestData:
+    """``kv_cache_connector.RequestData`` (same fields)."""
 
-        def call(*args: Any) -> Any:
-            self._log.append(name)
-            return attr(*args)
-
-        return call
+    request_id: int
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int
 
 
 @dataclass
-class FakeRequest:
-    """The slice of TensorRT-LLM's ``LlmRequest`` connectors read."""
+class SchedulerOutput:
+    """``kv_cache_connector.SchedulerOutput`` (same fields)."""
 
-    request_id: int
-    prompt: list[int]
-    max_tokens: int
-    connector_params: dict[str, Any] | None = None
-    state: str = "waiting"  # waiting, context, loading, generation, saving, done
-    output: list[int] = field(default_factory=list)
-    context_current_position: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    slot: int = -1
-    is_generation_only_request: bool = False
+    new_requests: list[RequestData] = field(default_factory=list)
+    cached_requests: list[RequestData] = field(default_factory=list)
 
-    @property
-    def py_request_id(self) -> int:
-        return self.request_id
 
-    def get_tokens(self, beam: int) -> list[int]:
-        return self.prompt + self.output
+class State(Enum):
+    """The ``LlmRequestState`` values this loop uses."""
+
+    CONTEXT_INIT = "context_init"
+    GENERATION_IN_PROGRESS = "generation_in_progress"
+    GENERATION_COMPLETE = "generation_complete"
+    LOADING = "disagg_generation_trans_in_progress"  # parked by an async load
+    SAVING = "disagg_context_trans_in_progress"  # finished, blocks pinned by an async save
+
+
+class CppRequestView:
+    """The C++ ``LlmRequest`` as the binding exposes it: what ``get_num_new_matched_tokens``
+    gets. No ``py_*`` attribute, no project-only field."""
+
+    __slots__ = ("_req",)
+
+    def __init__(self, req: FakeLlmRequest) -> None:
+        self._req = req
+
+    request_id = property(lambda self: self._req.request_id)
+    prompt_len = property(lambda self: self._req.prompt_len)
+    orig_prompt_len = property(lambda self: self._req.prompt_len)
+    max_new_tokens = property(lambda self: self._req.max_new_tokens)
+    context_current_position = property(lambda self: self._req.context_current_position)
+    prepopulated_prompt_len = property(lambda self: self._req.prepopulated_prompt_len)
+    is_generation_only_request = property(lambda self: self._req.is_generation_only_request)
+    is_context_only_request = property(lambda self: False)
+    is_dummy_request = property(lambda self: False)
+    cache_salt_id = property(lambda self: None)
+
+    def get_tokens(self, beam: int | None = None) -> list[int]:
+        tokens = list(self._req.tokens)
+        return tokens if beam is not None else [tokens]
+
+
+class FakeLlmRequest:
+    """The Python ``LlmRequest`` (binding fields plus ``py_request_id`` and friends): what
+    ``update_state_after_alloc`` and ``request_finished`` get."""
+
+    __slots__ = (
+        "context_chunk_size",
+        "context_current_position",
+        "is_generation_only_request",
+        "max_new_tokens",
+        "prepopulated_prompt_len",
+        "prompt_len",
+        "request_id",
+        "state",
+        "tokens",
+    )  # fmt: skip
+
+    def __init__(self, rid: int, prompt: list[int], max_new: int, gen_only: bool) -> None:
+        self.request_id, self.tokens, self.prompt_len = rid, list(prompt), len(prompt)
+        self.max_new_tokens, self.is_generation_only_request = max_new, gen_only
+        self.context_current_position = self.prepopulated_prompt_len = self.context_chunk_size = 0
+        self.state = State.CONTEXT_INIT
+
+    py_request_id = property(lambda self: self.request_id)
+    py_prompt_len = property(lambda self: self.prompt_len)
+    py_orig_prompt_len = property(lambda self: self.prompt_len)
+    py_max_new_tokens = property(lambda self: self.max_new_tokens)
+    orig_prompt_len = py_orig_prompt_len
+    is_context_only_request = property(lambda self: False)
+    is_dummy_request = property(lambda self: False)
+    cache_salt_id = property(lambda self: None)
+    is_first_context_chunk = property(
+        lambda self: self.context_current_position == self.prepopulated_prompt_len
+    )
+    context_remaining_length = property(
+        lambda self: self.prompt_len - self.context_current_position
+    )
+
+    def get_tokens(self, beam: int | None = None) -> list[int]:
+        return list(self.tokens) if beam is not None else [list(self.tokens)]
+
+
+# ------------------------------------------------------------------------ the block manager
+class BlockManager:
+    """One rank's block bookkeeping (identical on every rank: allocation is deterministic).
+
+    Reuse (``kvCacheManager.cpp`` ``loadOrAllocateBlocks``/``storeBlocks``): a block is keyed by
+    its whole token prefix; stored blocks stay matchable after release until evicted."""
+
+    def __init__(self, num_blocks: int, tokens_per_block: int) -> None:
+        self.tpb = tokens_per_block
+        self.refs = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cache: dict[tuple[int, ...], int] = {}
+        self.key_of: dict[int, tuple[int, ...]] = {}
+        self.blocks: dict[int, list[int]] = {}  # request id -> its block ids, in order
+        self.pinned: dict[int, list[int]] = {}  # request id -> blocks pinned by a save
+
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def add_sequence(self, rid: int, tokens: list[int], input_len: int) -> int:
+        """Allocate ``ceil(input_len / tpb)`` blocks, reusing a cached prefix of full blocks of
+        ``tokens[: input_len - 1]``; return the matched token count."""
+        matched: list[int] = []
+        for b in range((input_len - 1) // self.tpb):
+            block = self.cache.get(tuple(tokens[: (b + 1) * self.tpb]))
+            if block is None:
+                break
+            matched.append(block)
+        for block in matched:
+            self._claim(block)
+        fresh = [self._allocate() for _ in range(-(-input_len // self.tpb) - len(matched))]
+        self.blocks[rid] = matched + fresh
+        return len(matched) * self.tpb
+
+    def add_token(self, rid: int, num_tokens: int) -> None:
+        """The sequence now holds ``num_tokens`` tokens: a new block when the last one is full."""
+        if num_tokens > len(self.blocks[rid]) * self.tpb:
+            self.blocks[rid].append(self._allocate())
+
+    def store(self, rid: int, tokens: list[int], num_with_kv: int) -> None:
+        """Make the request's full blocks whose KV is computed matchable (first writer wins)."""
+        for b, block in enumerate(self.blocks.get(rid, [])[: num_with_kv // self.tpb]):
+            key = tuple(tokens[: (b + 1) * self.tpb])
+            if key not in self.cache and block not in self.key_of:
+                self.cache[key], self.key_of[block] = block, key
+
+    def release(self, rid: int, pin: bool) -> None:
+        blocks = self.blocks.pop(rid)
+        if pin:
+            self.pinned[rid] = blocks
+            return
+        for block in blocks:
+            self._unref(block)
+
+    def unpin(self, rid: int) -> None:
+        for block in self.pinned.pop(rid):
+            self._unref(block)
+
+    def _claim(self, block: int) -> None:
+        self.refs[block] += 1
+        self.free.pop(block, None)
+
+    def _unref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free[block] = None  # most recently freed last
+
+    def _allocate(self) -> int:
+        uncached = next((b for b in self.free if b not in self.key_of), None)
+        block = uncached if uncached is not None else next(iter(self.free), None)
+        if block is None:
+            raise TllmCheckError("Can't allocate new blocks. No free blocks left.")
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.cache[key]  # evicted from the reuse tree
+        self._claim(block)
+        return block
+
+
+# --------------------------------------------------------------------------------- the ranks
+@dataclass
+class _Async:
+    """``AsyncRequests``: ids being saved / loaded."""
+
+    saving: dict[int, FakeLlmRequest] = field(default_factory=dict)
+    loading: dict[int, FakeLlmRequest] = field(default_factory=dict)
+
+    def move_to(self, other: _Async) -> None:
+        other.saving.update(self.saving)
+        other.loading.update(self.loading)
+        self.saving, self.loading = {}, {}
+
+    def extract(self, saving: list[int], loading: list[int]) -> _Async:
+        """KeyError for an id that is not here (upstream ``extract_by_id``)."""
+        out = _Async()
+        for rid in saving:
+            out.saving[rid] = self.saving.pop(rid)
+        for rid in loading:
+            out.loading[rid] = self.loading.pop(rid)
+        return out
+
+
+@dataclass
+class Rank:
+    """One tensor-parallel rank: its worker half, pool, stream and connector-manager state."""
+
+    rank: int
+    worker: Any
+    pool: torch.Tensor
+    stream: Any
+    log: list[str] = field(default_factory=list)  # the connector calls made on this rank
+    new: _Async = field(default_factory=_Async)  # not yet passed to get_finished
+    pending: _Async = field(default_factory=_Async)  # passed in, not yet returned
+    local_done: _Async = field(default_factory=_Async)  # returned here, not yet by all ranks
+
+
+@contextlib.contextmanager
+def _as_rank(rank: int) -> Iterator[None]:
+    token = _RANK.set(rank)
+    try:
+        yield
+    finally:
+        _RANK.reset(token)
+
+
+def _mpi_rank() -> int:
+    try:
+        return _RANK.get()
+    except LookupError:
+        raise RuntimeError(
+            "fake tensorrt_llm._utils.mpi_rank() called outside a simulated rank's call (from a "
+            "connector thread?): read the rank when the half is constructed"
+        ) from None
+
+
+_installed: list[int] = [0]  # how many live executors need the fake tensorrt_llm modules
+
+
+def _install_fake_tensorrt_llm(world_size: int) -> None:
+    if _installed[0] == 0:
+        if "tensorrt_llm" in sys.modules:
+            raise RuntimeError("a real tensorrt_llm is loaded: the fake executor cannot run")
+        package, utils = types.ModuleType("tensorrt_llm"), types.ModuleType("tensorrt_llm._utils")
+        package.__path__ = []  # a package, so `import tensorrt_llm._utils` works
+        for module in (package, utils):
+            module.mpi_rank = _mpi_rank  # type: ignore[attr-defined]
+            module.mpi_world_size = lambda: world_size  # type: ignore[attr-defined]
+        package._utils = utils  # type: ignore[attr-defined]
+        sys.modules["tensorrt_llm"], sys.modules["tensorrt_llm._utils"] = package, utils
+    _installed[0] += 1
+
+
+def _uninstall_fake_tensorrt_llm() -> None:
+    _installed[0] -= 1
+    if _installed[0] == 0:
+        sys.modules.pop("tensorrt_llm._utils", None)
+        sys.modules.pop("tensorrt_llm", None)
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _broadcast(obj: Any) -> Any:
+    """``mpi_broadcast``: what every rank receives is a pickle round trip of the root's object."""
+    return pickle.loads(pickle.dumps(obj))
+
+
+@dataclass
+class Result:
+    """What the client of one request sees."""
+
+    tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+    is_finished: bool = False
+
+
+def _llm_args(model: FakeModel, tp_size: int, spec: ConnectorSpec, overlap: bool) -> Any:
+    """What ``TorchLlmArgs`` carries that a connector may read (no ``connector_options``)."""
+    return SimpleNamespace(
+        model=model.name,
+        backend="pytorch",
+        tensor_parallel_size=tp_size,
+        pipeline_parallel_size=1,
+        max_beam_width=1,
+        enable_chunked_prefill=True,
+        disable_overlap_scheduler=not overlap,
+        cuda_graph_config=None,
+        kv_cache_config=SimpleNamespace(
+            tokens_per_block=model.tokens_per_block,
+            dtype="auto",
+            enable_block_reuse=True,
+            enable_partial_reuse=False,
+        ),
+        scheduler_config=SimpleNamespace(capacity_scheduler_policy="GUARANTEED_NO_EVICT"),
+        kv_connector_config=SimpleNamespace(
+            connector_module=spec.module,
+            connector_scheduler_class=spec.scheduler_class,
+            connector_worker_class=spec.worker_class,
+        ),
+    )
+
+
+def _build_in_rank(rank: int, cls: type, llm_args: Any) -> Any:
+    with _as_rank(rank):
+        return cls(llm_args)
 
 
 class FakeExecutor:
-    """Drives one connector pair (tensor parallelism 1) over a CPU pool of TensorRT-LLM's shape."""
+    """One deployment (one ``LLM``): ``tp_size`` ranks driven in lockstep, one KV block layout.
 
-    def __init__(self, layout: Layout, scheduler: Any, worker: Any, *, chunk_size: int = 32,
-                 split_last_token: bool = True) -> None:  # fmt: skip
-        self.layout, self.chunk_size, self.split_last_token = layout, chunk_size, split_last_token
-        self.log: list[str] = []
-        self.scheduler, self.worker = Recorder(scheduler, self.log), Recorder(worker, self.log)
-        self.pool = torch.zeros(layout.pool_shape, dtype=torch.float32)
-        self.states = torch.zeros((layout.num_slots, len(layout.linear), *layout.state_shape))
-        self.free_blocks = list(range(layout.num_blocks))
-        self.free_slots = list(range(layout.num_slots))
-        self.waiting: list[FakeRequest] = []
-        self.active: dict[int, FakeRequest] = {}
-        self.new_loading: dict[int, FakeRequest] = {}  # AsyncRequests, not yet passed in
-        self.new_saving: dict[int, FakeRequest] = {}
-        self.pending_loading: dict[int, FakeRequest] = {}  # passed in, not yet returned
-        self.pending_saving: dict[int, FakeRequest] = {}
-        self.reported: dict[int, tuple[int, int]] = {}  # rid -> (tokens, blocks) reported
-        self.external_loads: dict[int, int] = {}
-        self.iterations: list[list[str]] = []
-        self.loaded_events: list[int] = []
+    A context manager; ``close()`` removes the fake ``tensorrt_llm`` modules once the last
+    executor closes. The connector's own process-wide state is the test's to close."""
+
+    def __init__(
+        self,
+        model: FakeModel | None = None,
+        *,
+        tp_size: int = 1,
+        chunk_size: int = 32,
+        env: Mapping[str, str] | None = None,
+        device: Device | None = None,
+        connector: ConnectorSpec = PRFAAS_CONNECTOR,
+        overlap_scheduler: bool = True,
+        max_batch_size: int = 8,
+    ) -> None:
+        self.model = model = model or FakeModel()
+        if model.num_kv_heads % tp_size or chunk_size % model.tokens_per_block:
+            raise ValueError("heads must split evenly over ranks; chunk_size must be whole blocks")
+        self.tp_size, self.chunk_size, self.overlap = tp_size, chunk_size, overlap_scheduler
+        self.max_batch_size, self.device = max_batch_size, device or CpuDevice()
+        self.llm_args = _llm_args(model, tp_size, connector, overlap_scheduler)
+        self.blocks = BlockManager(model.num_blocks, model.tokens_per_block)
+        self._init_state()
+        _install_fake_tensorrt_llm(tp_size)
+        self._closed = False
+        try:
+            with _environment(env or {}):
+                self.scheduler, workers = self._build_halves(connector)
+            self.ranks = [self._start_rank(rank, worker) for rank, worker in enumerate(workers)]
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_state(self) -> None:
         self._ids = itertools.count(1)
-        self.worker.register_kv_caches(self.pool)
-        self.worker.register_recurrent_states(RecurrentStates(
-            tensor=self.states, slot_of=lambda rid: self.active[rid].slot,
-            state_layer_of={layer: j for j, layer in enumerate(layout.linear)},
-            pool_layer_of={layer: j for j, layer in enumerate(layout.full)},
-        ))  # fmt: skip
-        self.log.clear()
+        self.waiting: list[FakeLlmRequest] = []
+        self.active: list[FakeLlmRequest] = []
+        self.requests: dict[int, FakeLlmRequest] = {}
+        self.results: dict[int, Result] = {}
+        self.claims: dict[int, tuple[int, int, bool]] = {}  # rid -> (device match, claimed, async)
+        self.computed: dict[int, list[tuple[int, int]]] = {}  # rid -> positions it computed
+        self.loaded_snapshots: dict[int, list[torch.Tensor]] = {}  # rid -> per rank blocks
+        self.parked_at: dict[int, float] = {}
+        self.errors: list[str] = []
+        self.iterations: list[list[list[str]]] = []  # per iteration, per rank: connector calls
+        self.dead: BaseException | None = None
+        self._finished_loading: set[int] = set()
+        self._external_loads: dict[int, int] = {}
+        self._reported: dict[int, tuple[int, int]] = {}
+        self._seq_tokens: dict[int, int] = {}
+        self._kv_len: dict[int, int] = {}
+        self._pending_token: dict[int, int] = {}
+        self._previous: list[tuple[FakeLlmRequest, int | None]] | None = None
+        self._previous_batch: list[FakeLlmRequest] = []
 
-    def add_request(self, prompt: list[int], max_tokens: int, params: dict[str, Any] | None) -> int:
+    def _build_halves(self, spec: ConnectorSpec) -> tuple[Any, list[Any]]:
+        module = importlib.import_module(spec.module)
+        worker_cls, scheduler_cls = (
+            getattr(module, spec.worker_class),
+            getattr(module, spec.scheduler_class),
+        )
+        workers, scheduler = [], None
+        for rank in range(self.tp_size):
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                args = copy.deepcopy(self.llm_args)
+                worker = pool.submit(_build_in_rank, rank, worker_cls, args)
+                if rank == 0:
+                    scheduler = pool.submit(_build_in_rank, 0, scheduler_cls, args).result()
+                workers.append(worker.result())
+        return scheduler, workers
+
+    def _start_rank(self, rank: int, worker: Any) -> Rank:
+        pool = self.device.make_pool(self.model.pool_shape(self.tp_size), self.model.dtype)
+        state = Rank(rank, worker, pool, self.device.make_stream())
+        self._call(state, "register_kv_caches", pool)
+        return state
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _uninstall_fake_tensorrt_llm()
+
+    def __enter__(self) -> FakeExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- client side
+    def add_request(
+        self, prompt: list[int], max_tokens: int, *, generation_only: bool = False
+    ) -> int:
+        """Enqueue ``prompt`` for ``max_tokens`` new tokens (``LLM.generate_async``)."""
         rid = next(self._ids)
-        self.waiting.append(FakeRequest(rid, list(prompt), max_tokens, params))
+        req = FakeLlmRequest(rid, prompt, max_tokens, generation_only)
+        self.requests[rid], self.results[rid] = req, Result()
+        self.waiting.append(req)
         return rid
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self.blocks.pinned or self._previous)
 
-    # -------------------------------------------------------------------------- iteration
+    def parked(self) -> list[int]:
+        return [r.request_id for r in self.active if r.state is State.LOADING]
+
+    def leak_report(self) -> list[str]:
+        problems = [f"request {r.request_id} still {r.state.value}" for r in self.active]
+        problems += [f"request {r.request_id} still waiting" for r in self.waiting]
+        problems += [f"blocks pinned for request {rid}" for rid in self.blocks.pinned]
+        problems += [f"block {b} still referenced" for b, n in enumerate(self.blocks.refs) if n]
+        for r in self.ranks:
+            for name, group in (("new", r.new), ("pending", r.pending), ("done", r.local_done)):
+                if group.saving or group.loading:
+                    problems.append(f"rank {r.rank} {name} async: {group}")
+        return problems
+
+    # --------------------------------------------------------------------------- iteration
     def step(self) -> None:
-        start = len(self.log)
-        batch = self._prepare_resources()
+        """One pass of the executor loop on every rank. Raises (and stays dead) where the
+        upstream loop would die."""
+        if self.dead is not None:
+            raise RuntimeError("the executor loop died earlier") from self.dead
+        marks = [len(r.log) for r in self.ranks]
+        try:
+            self._iteration()
+        except BaseException as exc:
+            self.dead = exc
+            raise
+        finally:
+            self.iterations.append([r.log[m:] for r, m in zip(self.ranks, marks, strict=True)])
+
+    def _iteration(self) -> None:
+        batch = self._schedule()
         if batch:
-            output = self._build_scheduler_output(batch)
-            batch = [r for r in batch if r.request_id not in self.new_loading]
-            for req in self.new_loading.values():
-                req.state = "loading"  # parked until get_finished reports the load
-            meta = self.scheduler.build_connector_meta(output)
-            self.worker.bind_connector_meta(meta)
-            self.worker.start_load_kv(None)
-            if batch:
-                chunks = [self._chunk(req) for req in batch]
-                self._forward(batch, chunks)
-                self._responses(batch, chunks)
+            self._prepare_resources(batch)
+            batch = self._start_batch(batch)
+        if batch and self._forward(batch):
+            if self.overlap:
+                if self._previous is not None:
+                    self._apply_samples(self._previous)
+                samples = self._sample(batch)
+                self._update_states(batch)
+                if self._previous is not None:
+                    self._process(self._previous_batch)
+                self._previous, self._previous_batch = samples, batch
+            else:
+                samples = self._sample(batch)
+                self._update_states(batch)
+                self._apply_samples(samples)
+                self._process(batch)
+        elif self._previous is not None and not self.active:
+            self._previous, self._previous_batch = None, []
         self._get_finished()
-        self.iterations.append(self.log[start:])
 
-    def _prepare_resources(self) -> list[FakeRequest]:
-        while self.waiting and self.free_slots:
-            req = self.waiting.pop(0)
-            n, load_async = self.scheduler.get_num_new_matched_tokens(req, 0)
-            assert not (n == 0 and load_async), "load_kv_async must be False when num_tokens is 0"
-            if load_async:
-                self.new_loading[req.request_id] = req
-            self.external_loads[req.request_id] = n
-            req.context_current_position = n
-            num = -(-len(req.prompt) // self.layout.tokens_per_block)
-            req.block_ids = [self.free_blocks.pop(0) for _ in range(num)]
-            req.slot, req.state = self.free_slots.pop(0), "context"
-            self.active[req.request_id] = req
-            self.scheduler.update_state_after_alloc(req, list(req.block_ids))
-        return [r for r in self.active.values() if r.state in ("context", "generation")]
+    # ---- scheduling (GUARANTEED_NO_EVICT capacity, plain chunking) ----
+    def _blocks_to_completion(self, req: FakeLlmRequest) -> int:
+        total = -(-(req.prompt_len + req.max_new_tokens) // self.model.tokens_per_block)
+        return total - len(self.blocks.blocks.get(req.request_id, []))
 
-    def _chunk(self, req: FakeRequest) -> tuple[int, int]:
-        tokens = req.get_tokens(0)
-        if req.state == "generation":
-            return len(tokens) - 1, len(tokens)
-        begin, length = req.context_current_position, len(req.prompt)
-        if not self.split_last_token:
-            return begin, min(begin + self.chunk_size, length)
-        if begin >= length - 1:
-            return begin, length
-        return begin, min(begin + self.chunk_size, length - 1)
+    def _schedule(self) -> list[FakeLlmRequest]:
+        while self.waiting and len(self.active) < self.max_batch_size:
+            reserved = sum(self._blocks_to_completion(r) for r in self.active)
+            if self.blocks.num_free() - reserved < self._blocks_to_completion(self.waiting[0]):
+                break
+            self.active.append(self.waiting.pop(0))
+        runnable = (State.CONTEXT_INIT, State.GENERATION_IN_PROGRESS)
+        batch = [r for r in self.active if r.state in runnable][: self.max_batch_size]
+        for req in batch:
+            if req.state is State.CONTEXT_INIT:
+                req.context_chunk_size = self._chunk(req.context_current_position, req.prompt_len)
+        return batch
 
-    def _build_scheduler_output(self, batch: list[FakeRequest]) -> SchedulerOutput:
+    def _chunk(self, begin: int, length: int) -> int:
+        """Tokens of the next context chunk: up to ``chunk_size``, ending on a block boundary
+        unless it ends the prompt."""
+        end = min(begin + self.chunk_size, length)
+        if end < length:
+            end = max(end // self.model.tokens_per_block * self.model.tokens_per_block, begin + 1)
+        return end - begin
+
+    # ---- calls into the connector ----
+    def _call(self, rank: Rank, name: str, *args: Any) -> Any:
+        """``rank``'s worker half: ``name(*args)``, logged, with ``mpi_rank()`` = its rank."""
+        rank.log.append(name)
+        with _as_rank(rank.rank):
+            return getattr(rank.worker, name)(*args)
+
+    def _leader(self, name: str, *args: Any) -> Any:
+        """``_run_on_leader``: the scheduler half on rank 0, its result broadcast."""
+        self.ranks[0].log.append(name)
+        with _as_rank(0):
+            result = getattr(self.scheduler, name)(*args)
+        return _broadcast(result)
+
+    # ---- prepare_resources ----
+    def _prepare_resources(self, batch: list[FakeLlmRequest]) -> None:
+        for req in batch:
+            rid = req.request_id
+            if req.state is State.GENERATION_IN_PROGRESS:
+                self._seq_tokens[rid] += 1
+                self.blocks.add_token(rid, self._seq_tokens[rid])
+            elif (
+                req.is_first_context_chunk
+                and rid not in self._finished_loading
+                and rid not in self.blocks.blocks
+            ):
+                self._add_sequence(req)
+
+    def _add_sequence(self, req: FakeLlmRequest) -> None:
+        rid = req.request_id
+        matched = self.blocks.add_sequence(rid, req.tokens, req.prompt_len)
+        self._seq_tokens[rid] = req.prompt_len
+        if req.is_generation_only_request:
+            raise RuntimeError("Connector API is not supported for generation-only requests!")
+        num_tokens, load_async = self._leader(
+            "get_num_new_matched_tokens", CppRequestView(req), matched
+        )
+        if num_tokens == 0 and load_async:
+            raise RuntimeError("load_kv_async must be False when num_tokens is 0!")
+        if load_async:
+            for rank in self.ranks:
+                rank.new.loading[rid] = req
+        self._external_loads[rid] = num_tokens
+        self.claims[rid] = (matched, num_tokens, bool(load_async))
+        self._set_prepopulated(req, matched + num_tokens)
+        self.ranks[0].log.append("update_state_after_alloc")
+        with _as_rank(0):
+            self.scheduler.update_state_after_alloc(req, list(self.blocks.blocks[rid]))
+
+    def _set_prepopulated(self, req: FakeLlmRequest, prepopulated: int) -> None:
+        """``LlmRequest::setPrepopulatedPromptLen``: the check, then the chunk moves."""
+        if not prepopulated < req.prompt_len:
+            raise TllmCheckError(
+                f"Invalid state: prepopulatedPromptLen ({prepopulated}) >= promptLen "
+                f"({req.prompt_len}) for request {req.request_id}"
+            )
+        req.prepopulated_prompt_len = prepopulated
+        if prepopulated > 0:
+            tpb, chunk = self.model.tokens_per_block, req.context_chunk_size
+            if prepopulated + chunk < req.prompt_len:
+                chunk = (prepopulated + chunk) // tpb * tpb - prepopulated
+            req.context_current_position = prepopulated
+            req.context_chunk_size = min(chunk, req.prompt_len - prepopulated)
+
+    # ---- _kv_connector_start_batch ----
+    def _start_batch(self, batch: list[FakeLlmRequest]) -> list[FakeLlmRequest]:
+        output = self._scheduler_output(batch)
+        kept = []
+        for req in batch:
+            if req.request_id in self.ranks[0].new.loading and req.state is State.CONTEXT_INIT:
+                req.state = State.LOADING  # take_scheduled_requests_pending_load
+                self.parked_at[req.request_id] = time.monotonic()
+            else:
+                kept.append(req)
+        meta = self._leader("build_connector_meta", output)
+        for rank in self.ranks:
+            self._call(rank, "bind_connector_meta", _broadcast(meta))
+            self._call(rank, "start_load_kv", rank.stream)
+        return kept
+
+    def _scheduler_output(self, batch: list[FakeLlmRequest]) -> SchedulerOutput:
         out = SchedulerOutput()
         for req in batch:
             rid = req.request_id
-            if req.state == "context" and rid in self.new_loading:
-                continue
-            is_new = rid not in self.reported
-            tokens = req.get_tokens(0)
-            n_tok, n_blk = self.reported.get(rid, (0, 0))
-            begin, end = self._chunk(req)
-            if req.state == "context":
-                computed, scheduled = begin - self.external_loads.get(rid, 0), end - begin
+            if req.state is State.CONTEXT_INIT:
+                if rid in self.ranks[0].new.loading:
+                    continue
+                is_new = rid not in self._reported
+                data = self._request_data(req)
+                data.computed_position -= self._external_loads.get(rid, 0)
+                (out.new_requests if is_new else out.cached_requests).append(data)
             else:
-                computed, scheduled = len(tokens) - 1, 1
-            data = RequestData(rid, tokens[n_tok:], req.block_ids[n_blk:], computed, scheduled)
-            self.reported[rid] = (len(tokens), len(req.block_ids))
-            if req.state == "context" and is_new:
-                out.new_requests.append(data)
-            else:
-                out.cached_requests.append(data)
-        self.external_loads = {}
+                out.cached_requests.append(self._request_data(req))
+        self._external_loads = {}
         return out
 
-    def _forward(self, batch: list[FakeRequest], chunks: list[tuple[int, int]]) -> None:
-        lay, tpb = self.layout, self.layout.tokens_per_block
-        for layer, kind in enumerate(lay.layer_kinds):
-            self.worker.wait_for_layer_load(layer, None)
-            for req, (begin, end) in zip(batch, chunks, strict=True):
-                tokens = req.get_tokens(0)
-                if kind == "linear":
-                    j = lay.linear.index(layer)
-                    self.states[req.slot, j] = state_after(lay, tokens, end, layer)
-                    continue
-                j = lay.full.index(layer)
-                for pos in range(begin, end):
-                    view = self.pool[req.block_ids[pos // tpb], j].view(
-                        2, lay.num_kv_heads, tpb, lay.head_dim
-                    )
-                    view[:, :, pos % tpb, :] = kv_rows(lay, tokens, pos, layer)
-            self.worker.save_kv_layer(layer, None)
-        self.worker.wait_for_save(None)
+    def _request_data(self, req: FakeLlmRequest) -> RequestData:
+        rid, tokens = req.request_id, list(req.tokens)
+        block_ids = self.blocks.blocks[rid]
+        num_tokens, num_blocks = self._reported.get(rid, (0, 0))
+        self._reported[rid] = (len(tokens), len(block_ids))
+        if req.state is State.CONTEXT_INIT:
+            computed = req.context_current_position
+            scheduled = min(req.context_remaining_length, req.context_chunk_size)
+        else:
+            computed, scheduled = len(tokens) - 1, 1
+        return RequestData(
+            rid, tokens[num_tokens:], list(block_ids[num_blocks:]), computed, scheduled
+        )
 
-    def _responses(self, batch: list[FakeRequest], chunks: list[tuple[int, int]]) -> None:
-        tpb = self.layout.tokens_per_block
-        for req, (_, end) in zip(batch, chunks, strict=True):
-            req.context_current_position = end
-            if end < len(req.get_tokens(0)):
-                continue  # a context chunk short of the prompt's end
-            req.state = "generation"
-            req.output.append(sum(req.get_tokens(0)) % 256)
-            if len(req.block_ids) * tpb < len(req.get_tokens(0)):
-                req.block_ids.append(self.free_blocks.pop(0))
-            if len(req.output) >= req.max_tokens:
-                if self.scheduler.request_finished(req, list(req.block_ids)):
-                    req.state = "saving"  # blocks pinned until the save is reported
-                    self.new_saving[req.request_id] = req
-                else:
-                    self._free(req)
+    # ---- _forward_step ----
+    def _positions(self, req: FakeLlmRequest) -> tuple[list[int], range]:
+        """(the tokens the device sees, the positions this iteration computes)."""
+        pending = self._pending_token.get(req.request_id)
+        tokens = req.tokens + ([] if pending is None else [pending])
+        if req.state is State.CONTEXT_INIT:
+            begin = req.context_current_position
+            return tokens, range(begin, begin + req.context_chunk_size)
+        return tokens, range(len(tokens) - 1, len(tokens))
 
+    def _forward(self, batch: list[FakeLlmRequest]) -> bool:
+        """Every rank's forward pass with the layer hooks; False when it failed (and every
+        active request with it)."""
+        work = [(req, *self._positions(req)) for req in batch]
+        for req, _, positions in work:
+            self.computed.setdefault(req.request_id, []).append((positions.start, positions.stop))
+        rows: dict[tuple[int, int, int], torch.Tensor] = {}
+        try:
+            for rank in self.ranks:
+                for layer in range(self.model.num_layers):
+                    self._call(rank, "wait_for_layer_load", layer, rank.stream)
+                    for req, tokens, positions in work:
+                        self._write(rank, req, tokens, positions, layer, rows)
+                    self._call(rank, "save_kv_layer", layer, rank.stream)
+                self._call(rank, "wait_for_save", rank.stream)
+            return True
+        except Exception as exc:  # _forward_step: fail every active request
+            self.errors.append(f"forward: {exc!r}")
+            self._handle_errors(f"forward: {exc!r}")
+            if self.overlap:  # _executor_loop_overlap: `assert sample_state is not None`
+                raise RuntimeError("Sampling failed (overlap loop after a failed forward)") from exc
+            return False
+
+    def _write(
+        self,
+        rank: Rank,
+        req: FakeLlmRequest,
+        tokens: list[int],
+        positions: range,
+        layer: int,
+        rows: dict[tuple[int, int, int], torch.Tensor],
+    ) -> None:
+        tpb, block_ids = self.model.tokens_per_block, self.blocks.blocks[req.request_id]
+        for pos in positions:
+            key = (req.request_id, pos, layer)
+            if key not in rows:
+                rows[key] = kv_rows(self.model, tokens, pos, layer)
+            part = shard(self.model, rows[key], rank.rank, self.tp_size)
+            block = block_ids[pos // tpb]
+            self.device.write_token_rows(rank.pool, block, layer, pos % tpb, part, rank.stream)
+
+    def _handle_errors(self, message: str) -> None:
+        failed, self.active = list(self.active), []
+        for req in failed:
+            req.state = State.GENERATION_COMPLETE
+            self.results[req.request_id].error = message
+            self.results[req.request_id].is_finished = True
+        for req in failed:
+            self._terminate(req)
+
+    # ---- sampling, request states, responses ----
+    def _sample(self, batch: list[FakeLlmRequest]) -> list[tuple[FakeLlmRequest, int | None]]:
+        samples: list[tuple[FakeLlmRequest, int | None]] = []
+        for req in batch:
+            tokens, positions = self._positions(req)
+            done = req.state is not State.CONTEXT_INIT or positions.stop == req.prompt_len
+            token = next_token(self.model, tokens) if done else None
+            if token is not None and self.overlap:
+                self._pending_token[req.request_id] = token
+            samples.append((req, token))
+        return samples
+
+    def _update_states(self, batch: list[FakeLlmRequest]) -> None:
+        """``_update_request_states_tp``: context chunks advance; a finished context starts
+        generating. Also records how far each request's KV reaches."""
+        for req in batch:
+            _, positions = self._positions(req)
+            self._kv_len[req.request_id] = positions.stop
+            if req.state is State.CONTEXT_INIT:
+                req.context_current_position = positions.stop
+                if req.context_current_position == req.prompt_len:
+                    req.state = State.GENERATION_IN_PROGRESS
+
+    def _apply_samples(self, samples: list[tuple[FakeLlmRequest, int | None]]) -> None:
+        """``_update_requests``: sampled tokens reach the host; length stops finish requests."""
+        for req, token in samples:
+            self._pending_token.pop(req.request_id, None)
+            if token is None or req.state is not State.GENERATION_IN_PROGRESS:
+                continue
+            req.tokens.append(token)
+            result = self.results[req.request_id]
+            result.tokens.append(token)
+            if len(result.tokens) >= req.max_new_tokens:
+                req.state, result.is_finished = State.GENERATION_COMPLETE, True
+
+    def _process(self, batch: list[FakeLlmRequest]) -> None:
+        """``_handle_responses`` (finished requests are terminated) then ``update_resources``
+        (context blocks become reusable)."""
+        for req in [r for r in self.active if r.state is State.GENERATION_COMPLETE]:
+            self.active.remove(req)
+            self._terminate(req)
+        for req in batch:
+            if req.request_id in self.blocks.blocks:
+                self.blocks.store(req.request_id, req.tokens, self._kv_len[req.request_id])
+
+    def _terminate(self, req: FakeLlmRequest) -> None:
+        """``_do_terminate_request``: ``request_finished`` when the request has blocks; True
+        pins them until every rank reports the save."""
+        rid = req.request_id
+        self._pending_token.pop(rid, None)
+        if rid not in self.blocks.blocks:
+            return
+        saving = self._leader("request_finished", req, list(self.blocks.blocks[rid]))
+        self.blocks.store(rid, req.tokens, self._kv_len.get(rid, 0))
+        self.blocks.release(rid, pin=bool(saving))
+        self._finished_loading.discard(rid)
+        if saving:
+            req.state = State.SAVING
+            for rank in self.ranks:
+                rank.new.saving[rid] = req
+
+    # ---- _kv_connector_terminate_requests ----
     def _get_finished(self) -> None:
-        started, finished_gen = list(self.new_loading), list(self.new_saving)
-        self.pending_loading.update(self.new_loading)
-        self.pending_saving.update(self.new_saving)
-        self.new_loading, self.new_saving = {}, {}
-        done_saving, done_loading = self.worker.get_finished(finished_gen, started)
-        for rid in done_loading:  # extract_by_id: KeyError unless it was passed in
-            req = self.pending_loading.pop(rid)
-            req.state = "context"
-            self.loaded_events.append(rid)
-        for rid in done_saving:
-            self._free(self.pending_saving.pop(rid))
+        for rank in self.ranks:
+            started, finished_gen = list(rank.new.loading), list(rank.new.saving)
+            rank.new.move_to(rank.pending)
+            saving, loading = _broadcast(self._call(rank, "get_finished", finished_gen, started))
+            rank.pending.extract(list(saving), list(loading)).move_to(rank.local_done)
+        all_saving = set.intersection(*(set(r.local_done.saving) for r in self.ranks))
+        all_loading = set.intersection(*(set(r.local_done.loading) for r in self.ranks))
+        for rank in self.ranks:
+            rank.local_done.extract(sorted(all_saving), sorted(all_loading))
+        for rid in sorted(all_loading):
+            req = self.requests[rid]
+            self.loaded_snapshots[rid] = [self._snapshot(r, rid) for r in self.ranks]
+            self.parked_at.pop(rid, None)
+            if req.state is State.LOADING:
+                req.state = State.CONTEXT_INIT
+                self._finished_loading.add(rid)
+        for rid in sorted(all_saving):
+            self.blocks.unpin(rid)
+            self.requests[rid].state = State.GENERATION_COMPLETE
 
-    def _free(self, req: FakeRequest) -> None:
-        req.state = "done"
-        self.free_blocks += req.block_ids
-        self.free_slots.append(req.slot)
-        req.block_ids = []
-        del self.active[req.request_id]
-        self.reported.pop(req.request_id, None)
+    def _snapshot(self, rank: Rank, rid: int) -> torch.Tensor:
+        """The request's blocks holding prepopulated tokens, as the pool has them right when
+        the load is reported (before any forward): ``(blocks, layers, kv_factor, row)``."""
+        req, tpb = self.requests[rid], self.model.tokens_per_block
+        ids = self.blocks.blocks.get(rid, [])[: -(-req.prepopulated_prompt_len // tpb)]
+        return torch.stack([
+            torch.stack([self.device.read_block(rank.pool, b, layer)
+                         for layer in range(self.model.num_layers)])
+            for b in ids
+        ]) if ids else torch.empty(0)  # fmt: skip
+
+
+def drive(
+    *executors: FakeExecutor,
+    until: Callable[[], bool],
+    timeout_s: float = 20.0,
+    what: str = "condition",
+) -> None:
+    """Step every executor in turn until ``until()`` holds; AssertionError past the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout_s} s")
+        for executor in executors:
+            executor.step()
+        time.sleep(0.001)
