@@ -1,41 +1,51 @@
-"""TritonEngine against the project's own KServe front door (a stand-in Triton server) over a
-tiny reference engine on 127.0.0.1 (port 0): same tokens as a direct run, abort, deadlines, and
-a clear error for an unreachable server. Every server and engine is closed in ``finally``."""
+"""TritonEngine against a fake Triton serving TensorRT-LLM's ``llmapi`` model
+(``tests/fakes/llmapi_triton.py``, rebuilt from upstream's source) on 127.0.0.1 (port 0).
+
+The prefill model is non-decoupled (unary), the decode model decoupled (streamed, cumulative
+``text_output``). Tokens must equal what the served model generated, re-encoded with the model's
+own tokenizer; finish reasons must be the model's; requests must carry only the model's declared
+inputs. Every server and engine is closed in ``finally`` / ``with``.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from tritonclient.grpc import InferResult
 
-from tests.router.conftest import make_engine
+from tests.fakes import tokenizer as fake_tokenizer
+from tests.fakes.llmapi_triton import INPUTS, FakeLlmapiTriton
 from trtllm_prfaas.engines.base import Engine
+from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.engines.tokenizer import ByteTokenizer
 from trtllm_prfaas.engines.triton import TritonEngine, TritonEngineConfig
 from trtllm_prfaas.errors import DeadlineExceeded, EngineError
-from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
-from trtllm_prfaas.router.local import LocalEngineOrchestrator
 
-PROMPT = ByteTokenizer().encode("Prefill-as-a-Service streams KV across datacenters.")
+hf_model_dir = fake_tokenizer.hf_model_dir  # the session fixture
+PROMPT_TEXT = "Prefill-as-a-Service streams KV across datacenters: 東京 🚀 naïve"
+
+
+def make_engine(server: FakeLlmapiTriton, model_dir: Path, **config: Any) -> TritonEngine:
+    """A TritonEngine on ``server`` that knows the served model's directory."""
+    cfg = TritonEngineConfig(server.address, tokenizer_dir=str(model_dir), **config)
+    return TritonEngine(cfg)
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[FrontDoor, LocalEngineOrchestrator]]:
-    orchestrator = LocalEngineOrchestrator(make_engine())
-    door = FrontDoor(orchestrator, FrontDoorConfig(port=0))
-    try:
-        door.start()
-        yield door, orchestrator
-        deadline = time.monotonic() + 5  # cancelled requests leave the engine on its next step
-        while orchestrator.leak_report() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert orchestrator.leak_report() == []
-    finally:
-        door.close()
-        orchestrator.close()
+def tokenizer(hf_model_dir: Path) -> HfTokenizer:
+    return HfTokenizer.from_dir(hf_model_dir)
+
+
+@pytest.fixture(params=[False, True], ids=["prefill-unary", "decode-decoupled"])
+def triton(request: pytest.FixtureRequest, hf_model_dir: Path) -> Iterator[FakeLlmapiTriton]:
+    with FakeLlmapiTriton(hf_model_dir, decoupled=request.param) as server:
+        yield server
 
 
 def _run(engine: TritonEngine, timeout_s: float = 20.0) -> dict[int, list[RequestOutput]]:
@@ -48,60 +58,130 @@ def _run(engine: TritonEngine, timeout_s: float = 20.0) -> dict[int, list[Reques
     return outputs
 
 
-def _direct(prompt: list[int], sampling: SamplingParams) -> list[int]:
-    engine = make_engine()
-    (tokens,) = engine.generate([prompt], sampling)
-    return tokens
+def _tokens(outputs: list[RequestOutput]) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
 
 
-@pytest.mark.parametrize("send_token_ids", [True, False])
-def test_tokens_equal_a_direct_engine_run(server, send_token_ids: bool) -> None:
-    door, _ = server
-    config = TritonEngineConfig(door.address, send_token_ids=send_token_ids)
+def test_tokens_and_finish_reasons_are_the_models(
+    triton: FakeLlmapiTriton,
+    hf_model_dir: Path,
+    tokenizer: HfTokenizer,
+) -> None:
+    prompt = tokenizer.encode(PROMPT_TEXT)
     greedy, sampled = SamplingParams(12), SamplingParams(9, temperature=0.8, seed=1234)
-    with TritonEngine(config, ByteTokenizer()) as engine:
+    with make_engine(triton, hf_model_dir) as engine:
         assert isinstance(engine, Engine)
-        a = engine.add_request(PROMPT, greedy)
-        b = engine.add_request(PROMPT[:20], sampled, request_id=77)
+        a = engine.add_request(prompt, greedy)
+        b = engine.add_request(prompt[:9], sampled, request_id=77)
         assert b == 77 and len(engine.running) == 2
         outputs = _run(engine)
-        assert not engine.running and engine.slots.num_free == config.max_batch_size
-    for rid, prompt, sampling in ((a, PROMPT, greedy), (b, PROMPT[:20], sampled)):
+        assert not engine.running
+    for rid, ids, sampling in ((a, prompt, greedy), (b, prompt[:9], sampled)):
+        temperature = sampling.temperature or None
+        ref = triton.llm.reference(
+            tokenizer.decode(ids), sampling.max_tokens, temperature, sampling.seed
+        )
         streamed = outputs[rid]
         assert [o.finished for o in streamed] == [False] * (len(streamed) - 1) + [True]
-        assert streamed[-1].finish_reason in ("length", "stop") and streamed[-1].error is None
-        assert [t for o in streamed for t in o.new_token_ids] == _direct(prompt, sampling)
+        assert streamed[-1].finish_reason == ref.finish_reason == "length"
+        assert streamed[-1].error is None
+        assert _tokens(streamed) == tokenizer.encode(ref.text, add_special_tokens=False)
+        if "\ufffd" not in ref.text:  # whole characters: text I/O carries the exact ids
+            assert _tokens(streamed) == ref.token_ids
 
 
-def test_connector_params_are_sent_and_ignored_by_a_plain_server(server) -> None:
-    door, _ = server
-    params = {"transfer_uuid": "u1", "relay_endpoint": "tcp://127.0.0.1:7100"}
-    with TritonEngine(TritonEngineConfig(door.address)) as engine:
-        rid = engine.add_request(PROMPT, SamplingParams(4), connector_params=params)
-        tokens = [t for o in _run(engine)[rid] for t in o.new_token_ids]
-    assert tokens == _direct(PROMPT, SamplingParams(4))
+def test_eos_ends_with_stop(hf_model_dir: Path, tokenizer: HfTokenizer) -> None:
+    with FakeLlmapiTriton(hf_model_dir, decoupled=True, eos_rate=0.3) as triton:
+        with make_engine(triton, hf_model_dir) as engine:
+            prompts = [tokenizer.encode(f"{PROMPT_TEXT} {i}") for i in range(6)]
+            rids = [engine.add_request(p, SamplingParams(40)) for p in prompts]
+            outputs = _run(engine)
+        for rid, prompt in zip(rids, prompts, strict=True):
+            ref = triton.llm.reference(tokenizer.decode(prompt), 40)
+            assert outputs[rid][-1].finish_reason == ref.finish_reason == "stop"
+            assert _tokens(outputs[rid]) == ref.token_ids
 
 
-def test_abort_cancels_on_the_server(server) -> None:
-    door, _ = server
-    with TritonEngine(TritonEngineConfig(door.address)) as engine:
-        sampling = SamplingParams(1500, temperature=1.0, seed=3, ignore_eos=True)
-        rid = engine.add_request(PROMPT, sampling)
-        deadline = time.monotonic() + 10
-        while not any(o.new_token_ids for o in engine.step()):
-            assert time.monotonic() < deadline
-        final = engine.abort(rid)
-        assert final == RequestOutput(rid, [], True, "aborted")
-        assert engine.abort(rid) is None and not engine.has_unfinished()
-        time.sleep(0.1)
-        assert all(o.request_id != rid for o in engine.step())
+def test_streamed_outputs_carry_only_new_tokens(
+    hf_model_dir: Path,
+    tokenizer: HfTokenizer,
+) -> None:
+    with FakeLlmapiTriton(hf_model_dir, decoupled=True) as triton:
+        prompt = tokenizer.encode(PROMPT_TEXT)
+        with make_engine(triton, hf_model_dir) as engine:
+            rid = engine.add_request(prompt, SamplingParams(40))
+            streamed = _run(engine)[rid]
+        ref = triton.llm.reference(tokenizer.decode(prompt), 40)
+    assert len(streamed) > 3  # streamed, not one unary answer
+    assert _tokens(streamed) == ref.token_ids  # no token repeated from a cumulative text
+    assert tokenizer.decode(_tokens(streamed)) == ref.text
 
 
-def test_request_deadline_ends_it_with_deadline_exceeded(server) -> None:
-    door, _ = server
-    config = TritonEngineConfig(door.address, request_timeout_s=0.3)
-    with TritonEngine(config) as engine:
-        rid = engine.add_request(PROMPT, SamplingParams(1500, temperature=1.0, ignore_eos=True))
+def test_requests_follow_the_llmapi_contract(
+    triton: FakeLlmapiTriton,
+    hf_model_dir: Path,
+    tokenizer: HfTokenizer,
+) -> None:
+    prompt = tokenizer.encode(PROMPT_TEXT)
+    with make_engine(triton, hf_model_dir) as engine:
+        engine.add_request(prompt, SamplingParams(3, temperature=0.5, seed=9))
+        _run(engine)
+    (request,) = triton.stats.requests
+    declared = {name: dtype for name, dtype, _, _ in INPUTS}
+    sent = {t.name: t for t in request.inputs}
+    assert set(sent) <= set(declared)
+    assert not request.parameters  # llmapi's model.py never reads request parameters
+    values = {name: _input(request, name) for name in sent}
+    assert values["text_input"] == [tokenizer.decode(prompt).encode()]
+    assert values["sampling_param_max_tokens"] == [3]
+    assert values["sampling_param_seed"] == [9] and values["return_finish_reason"] == [True]
+    decoupled = triton.config.model_transaction_policy.decoupled
+    assert values.get("streaming", [False]) == [decoupled]
+
+
+def _input(request: Any, name: str) -> list[Any]:
+    """One input's values, decoded as Triton would."""
+    response = InferResult(_as_response(request)).as_numpy(name)
+    assert response is not None
+    return [v.item() if isinstance(v, np.generic) else v for v in response.reshape(-1)]
+
+
+def _as_response(request: Any) -> Any:
+    """A ModelInferResponse holding the request's inputs (to reuse tritonclient's decoder)."""
+    from tritonclient.grpc import service_pb2
+
+    response = service_pb2.ModelInferResponse()
+    for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def test_abort_cancels_on_the_server(hf_model_dir: Path, tokenizer: HfTokenizer) -> None:
+    with FakeLlmapiTriton(hf_model_dir, decoupled=True, token_delay_s=0.01) as triton:
+        with make_engine(triton, hf_model_dir) as engine:
+            rid = engine.add_request(tokenizer.encode(PROMPT_TEXT), SamplingParams(1500))
+            deadline = time.monotonic() + 10
+            while not any(o.new_token_ids for o in engine.step()):
+                assert time.monotonic() < deadline
+            assert engine.abort(rid) == RequestOutput(rid, [], True, "aborted")
+            assert engine.abort(rid) is None and not engine.has_unfinished()
+            time.sleep(0.1)
+            assert all(o.request_id != rid for o in engine.step())
+        deadline = time.monotonic() + 5
+        while triton.stats.num_cancelled < 1:
+            assert time.monotonic() < deadline, "the server never saw the cancel"
+            time.sleep(0.02)
+
+
+def test_request_deadline_ends_it_with_deadline_exceeded(
+    triton: FakeLlmapiTriton,
+    hf_model_dir: Path,
+    tokenizer: HfTokenizer,
+) -> None:
+    triton.llm.token_delay_s = 0.01
+    with make_engine(triton, hf_model_dir, request_timeout_s=0.3) as engine:
+        rid = engine.add_request(tokenizer.encode(PROMPT_TEXT), SamplingParams(1500))
         started = time.monotonic()
         final = _run(engine)[rid][-1]
         assert time.monotonic() - started < 5
@@ -109,26 +189,33 @@ def test_request_deadline_ends_it_with_deadline_exceeded(server) -> None:
     assert isinstance(final.error, DeadlineExceeded)
 
 
-def test_server_side_refusal_is_an_error_output(server) -> None:
-    door, _ = server
-    with TritonEngine(TritonEngineConfig(door.address)) as engine:
-        rid = engine.add_request([1, 2, 3], SamplingParams(10**6))  # longer than max_seq_len
+def test_model_refusal_is_an_error_output(
+    triton: FakeLlmapiTriton,
+    hf_model_dir: Path,
+    tokenizer: HfTokenizer,
+) -> None:
+    with make_engine(triton, hf_model_dir) as engine:
+        rid = engine.add_request(tokenizer.encode("hi"), SamplingParams(10**6))
         (final,) = _run(engine)[rid]
     assert final.finish_reason == "error" and isinstance(final.error, EngineError)
-    assert "exceeds the max length" in str(final.error)
+    assert "should not exceed max_seq_len" in str(final.error)
 
 
-def test_unreachable_server_fails_fast_and_clearly() -> None:
+def test_unreachable_server_fails_fast_and_clearly(hf_model_dir: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
+    config = TritonEngineConfig(f"127.0.0.1:{port}", connect_timeout_s=0.5,
+                                tokenizer_dir=str(hf_model_dir))  # fmt: skip
     with pytest.raises(EngineError, match=rf"127\.0\.0\.1:{port} is unreachable within 0\.5s"):
-        TritonEngine(TritonEngineConfig(f"127.0.0.1:{port}", connect_timeout_s=0.5))
+        TritonEngine(config)
     assert time.monotonic() - started < 3.0
 
 
-def test_unknown_model_is_refused_at_start(server) -> None:
-    door, _ = server
+def test_unknown_model_is_refused_at_start(
+    triton: FakeLlmapiTriton,
+    hf_model_dir: Path,
+) -> None:
     with pytest.raises(EngineError, match="does not serve a ready 'nope'"):
-        TritonEngine(TritonEngineConfig(door.address, model_name="nope"))
+        make_engine(triton, hf_model_dir, model_name="nope")

@@ -1,53 +1,60 @@
-"""An engine whose work is done by a remote Triton server (TensorRT-LLM ``llmapi`` model).
+"""An engine whose work is done by a remote Triton serving TensorRT-LLM's ``llmapi`` model.
 
 ``TritonEngine`` gives a worker the engine surface of ``engines/base.py`` over KServe v2 gRPC,
-using the stubs and result parser shipped in ``tritonclient.grpc``. The PrfaaS connector runs
-inside that Triton (loaded by TensorRT-LLM from ``model.yaml``) and does the relay itself; this
-process only sends requests and streams tokens back.
+speaking the ``llmapi`` model's own tensor contract (NVIDIA/TensorRT-LLM
+``triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt`` and ``1/model.py``; the test fake
+``tests/fakes/llmapi_triton.py`` records file, commit and symbol for each rule):
 
-Each request is its own decoupled ``ModelStreamInfer`` call on one shared channel, so it has its
-own gRPC deadline (``request_timeout_s``) and is cancelled alone (``abort`` cancels the call; the
-server cancels the request in its engine). Inputs are the ``llmapi`` model's: ``input_ids``
-(INT32) or ``text_input`` (BYTES, via ``tokenizer.decode``), ``sampling_param_max_tokens``,
-``sampling_param_temperature``, ``sampling_param_seed``, ``streaming=True``. Outputs: ``output_ids``
-when the server sends them (the project's front door does), else ``text_output`` re-encoded with
-``tokenizer.encode``; the last response carries ``triton_final_response``.
+- in: ``text_input`` (BYTES [1]: the prompt ids decoded with the served model's tokenizer, which
+  Triton's TensorRT-LLM re-encodes with ``add_special_tokens=True``), ``sampling_param_max_tokens``
+  (INT32), ``sampling_param_temperature`` (FP32) and ``sampling_param_seed`` (UINT64) when
+  sampling (greedy sends neither: TensorRT-LLM's default), ``return_finish_reason=True``, and
+  ``streaming=True`` only to a decoupled model. The model's decoupled policy is read from Triton
+  (``ModelConfig``) at start: the prefill model is not decoupled, so each request is one unary
+  ``ModelInfer``; the decode model is, so each request is its own ``ModelStreamInfer`` call.
+  There is no ``input_ids``/``output_ids``, and request parameters are never read by the model.
+- out: ``text_output`` is the CUMULATIVE generated text; ``CumulativeText`` turns it into exact new
+  token ids with the same tokenizer (tokens of completed words stream; the rest comes with the
+  final response). ``finish_reason``: "stop"/"length" as sent, "cancelled" -> "aborted",
+  "timeout" -> an error output (``DeadlineExceeded``); the final streamed response carries
+  ``triton_final_response``.
+- plans: a request with a ``Plan`` has it posted to the connector inside Triton (its plan server,
+  per ``docs/design/trtllm_path.md`` section 3) and acknowledged before the request is sent,
+  checked against the tokens Triton will see: ``encode(decode(ids))`` (``engines/remote_plans.py``
+  says when a plan is skipped, counted and logged). ``transfer_status`` asks every rank.
+
+Limits of text I/O (documented, not fixable here): output ids are the re-encoding of the model's
+text, so a non-canonical tokenization by the model, or a multi-byte character cut by
+``max_tokens``, yields ids other than the model's; ``ignore_eos`` and ``num_skipped_draws`` have
+no ``llmapi`` input, so they are not honoured (seeded sampling is TensorRT-LLM's own, not the
+reference engine's).
 
 Errors: an unreachable or not-ready server fails the constructor with ``EngineError`` within
-``connect_timeout_s``; a request's failure (in-stream ``error_message``, gRPC status, deadline)
-ends that request with an error output (``DeadlineExceeded`` for deadlines) and never raises
-from ``step()``.
-
-Per-request PrfaaS params travel as the request parameter ``prfaas_connector_params`` (base64 of
-``encode_connector_params``). Unverified without a GPU, and a required change there: NVIDIA's
-``llmapi`` ``model.py`` ignores request parameters; it must pass this one to ``generate_async`` as
-``DisaggregatedParams(opaque_state=...)`` (see ``engines/trtllm.py``). Re-encoding streamed text
-chunks is exact only for tokenizers whose text round-trips per chunk (the byte tokenizer does).
+``connect_timeout_s``; a request's failure (gRPC status, in-stream ``error_message``, deadline)
+ends that request with an error output (``DeadlineExceeded`` for deadlines) and never raises from
+``step()``. Each call has its own gRPC deadline (``request_timeout_s``); ``abort`` cancels the call
+and Triton's ``llmapi`` model aborts the request in TensorRT-LLM.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
-from trtllm_prfaas.engines.base import (
-    EngineDescriptor,
-    LoopBridge,
-    RemoteFlights,
-    remaining_s,
-)
+from trtllm_prfaas.connector.plans import Plan
+from trtllm_prfaas.engines.base import EngineDescriptor, LoopBridge, RemoteFlights, remaining_s
+from trtllm_prfaas.engines.hf_tokenizer import CumulativeText, HfTokenizer
+from trtllm_prfaas.engines.remote_plans import RemotePlans
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.engines.trtllm import encode_connector_params
 from trtllm_prfaas.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -55,28 +62,28 @@ from trtllm_prfaas.errors import (
     InvalidRequestError,
     PrfaasError,
 )
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport import InboundStatus
+from trtllm_prfaas.transport.config import RelaySecurity
 
-__all__ = ["CONNECTOR_PARAMS_PARAMETER", "TritonEngine", "TritonEngineConfig"]
+__all__ = ["TritonEngine", "TritonEngineConfig"]
 
-CONNECTOR_PARAMS_PARAMETER = "prfaas_connector_params"
+log = get_logger(__name__)
+
 _FINAL = "triton_final_response"
 _MAX_MESSAGE_BYTES = 2**31 - 1
 _DEADLINE_SLACK_S = 0.05  # an in-stream error this close to the deadline is the deadline
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, token_ids: list[int]) -> str: ...
+_REASONS = {"stop": "stop", "length": "length", "cancelled": "aborted"}  # upstream -> ours
 
 
 @dataclass(frozen=True)
 class TritonEngineConfig:
     url: str  # "host:port" of Triton's gRPC endpoint
+    tokenizer_dir: str = ""  # the served model's Hugging Face directory (model.yaml ``model``)
     model_name: str = "tensorrt_llm"
     model_version: str = ""
     connect_timeout_s: float = 5.0  # the constructor's readiness check
     request_timeout_s: float = 300.0  # each request's gRPC deadline
-    send_token_ids: bool = True  # input_ids; False: text_input (needs a tokenizer)
     max_batch_size: int = 20  # for load reports: the server's batch slots
     num_blocks_hint: int = 0  # for load reports only
     tokens_per_block: int = 32
@@ -87,18 +94,24 @@ class TritonEngineConfig:
     kv_state_bytes: int = 0
     max_in_flight: int = 1024
     poll_interval_s: float = 0.01
+    # The connector's plan servers inside Triton, in rank order (empty: plans are not carried).
+    plan_endpoints: tuple[str, ...] = ()
+    plan_security: RelaySecurity | None = field(default=None, repr=False)
+    plan_timeout_s: float = 2.0  # a post's acknowledgement, a status query's answers
 
     def __post_init__(self) -> None:
         if not self.url:
             raise ConfigError("TritonEngineConfig.url must be host:port")
         for name in ("connect_timeout_s", "request_timeout_s", "max_batch_size",
                      "tokens_per_block", "max_in_flight", "poll_interval_s",
-                     "max_seq_len"):  # fmt: skip
+                     "max_seq_len", "plan_timeout_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ConfigError(f"TritonEngineConfig.{name} must be > 0")
         for name in ("num_blocks_hint", "kv_bytes_per_token", "kv_state_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TritonEngineConfig.{name} must be >= 0")
+        if self.plan_endpoints and self.plan_security is None:
+            raise ConfigError("TritonEngineConfig.plan_endpoints need plan_security")
 
 
 @dataclass
@@ -106,23 +119,31 @@ class _Flight:
     request_id: int
     num_blocks: int
     deadline: float
+    text: CumulativeText
     task: Future[None] | None = None  # the request's coroutine on the loop
     num_seen: int = 0
 
 
 class TritonEngine(RemoteFlights):
-    """Requests to a remote Triton, tokens back; a context manager (``close()`` joins)."""
+    """Requests to a remote Triton ``llmapi`` model, tokens back; a context manager."""
 
-    def __init__(self, config: TritonEngineConfig, tokenizer: Tokenizer | None = None) -> None:
-        if not config.send_token_ids and tokenizer is None:
-            raise ConfigError("send_token_ids=False needs a tokenizer for text_input")
-        self.config, self.tokenizer = config, tokenizer
+    def __init__(self, config: TritonEngineConfig) -> None:
+        if not config.tokenizer_dir:
+            raise ConfigError(
+                "TritonEngine needs tokenizer_dir: the served model's Hugging Face directory "
+                "(the llmapi model speaks text; ids are turned into text and back with it)"
+            )
+        self.config = config
+        self.tokenizer = HfTokenizer.from_dir(config.tokenizer_dir)
         self._control_timeout_s = config.connect_timeout_s
         self.connector = None  # the connector runs inside Triton
+        self.decoupled = False  # read from Triton's model config by _connect
         self._flights: dict[int, _Flight] = {}
         self._ids = itertools.count(1)
-        self._bridge = LoopBridge("triton-engine")
+        self._calls: dict[int, Any] = {}
         self._channel: Any = None
+        self.plans = RemotePlans(config.plan_endpoints, config.plan_security, config.plan_timeout_s)
+        self._bridge = LoopBridge("triton-engine")
         try:
             self._bridge.call(self._connect(), config.connect_timeout_s + 5.0)
         except BaseException:
@@ -148,25 +169,38 @@ class TritonEngine(RemoteFlights):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         request_id: int | None = None,
-        connector_params: dict[str, Any] | None = None,
+        plan: Plan | None = None,
     ) -> int:
-        """Start the request's stream; the server's refusals arrive as an error output."""
+        """Post the plan (if any, acknowledged first), then start the request; the server's
+        refusals arrive as an error output."""
         rid, num_blocks = self._admit(prompt_token_ids, sampling, request_id)
-        request = self._infer_request(rid, prompt_token_ids, sampling, connector_params)
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"request {rid}: a token id is outside the vocabulary")
+        text = self.tokenizer.decode(prompt_token_ids)
+        if plan is not None:
+            self.plans.submit(plan, self.tokenizer.encode(text), rid)
+        request = self._infer_request(rid, text, sampling)
         deadline = time.monotonic() + self.config.request_timeout_s
-        flight = _Flight(rid, num_blocks, deadline)
+        flight = _Flight(rid, num_blocks, deadline, CumulativeText(self.tokenizer))
         self._flights[rid] = flight
-        flight.task = self._bridge.submit(self._run(flight, request))
+        run = self._stream(flight, request) if self.decoupled else self._unary(flight, request)
+        flight.task = self._bridge.submit(run)
         return rid
 
+    def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None:
+        """The transfer of ``num_tokens`` claimed tokens, over every rank of the connector inside
+        Triton (None: unknown everywhere, or the ranks cannot be asked)."""
+        return self.plans.transfer_status(transfer_uuid, num_tokens)
+
     def close(self) -> None:
-        """Cancel every call, close the channel, stop and join the loop thread. Idempotent."""
+        """Cancel every call, close the channel and plan client, join the loop. Idempotent."""
         for request_id in list(self._flights):
             self.abort(request_id)
         if self._channel is not None:
             channel, self._channel = self._channel, None
             self._bridge.call(channel.close(), self.config.connect_timeout_s)
         self._bridge.close()
+        self.plans.close()
 
     def __enter__(self) -> TritonEngine:
         return self
@@ -175,33 +209,22 @@ class TritonEngine(RemoteFlights):
         self.close()
 
     # ---------------------------------------------------------------- request encoding
-    def _infer_request(
-        self,
-        rid: int,
-        prompt: list[int],
-        sampling: SamplingParams,
-        connector_params: dict[str, Any] | None,
-    ) -> Any:
+    def _infer_request(self, rid: int, text: str, sampling: SamplingParams) -> Any:
         cfg = self.config
         request = service_pb2.ModelInferRequest(
             model_name=cfg.model_name, model_version=cfg.model_version, id=str(rid)
         )
-        if cfg.send_token_ids:
-            _add_input(request, "input_ids", "INT32", np.asarray(prompt, dtype=np.int32))
-        else:
-            assert self.tokenizer is not None
-            text = np.asarray([self.tokenizer.decode(prompt).encode()], dtype=np.object_)
-            _add_input(request, "text_input", "BYTES", text)
+        _add_input(request, "text_input", "BYTES", np.asarray([text.encode()], dtype=np.object_))
         _add_input(request, "sampling_param_max_tokens", "INT32",
                    np.asarray([sampling.max_tokens], dtype=np.int32))  # fmt: skip
-        _add_input(request, "sampling_param_temperature", "FP32",
-                   np.asarray([sampling.temperature], dtype=np.float32))  # fmt: skip
-        _add_input(request, "sampling_param_seed", "UINT64",
-                   np.asarray([sampling.seed], dtype=np.uint64))  # fmt: skip
-        _add_input(request, "streaming", "BOOL", np.asarray([True], dtype=np.bool_))
-        if connector_params:
-            blob = base64.b64encode(encode_connector_params(connector_params)).decode()
-            request.parameters[CONNECTOR_PARAMS_PARAMETER].string_param = blob
+        if sampling.temperature > 0:  # greedy is TensorRT-LLM's default: send nothing
+            _add_input(request, "sampling_param_temperature", "FP32",
+                       np.asarray([sampling.temperature], dtype=np.float32))  # fmt: skip
+            _add_input(request, "sampling_param_seed", "UINT64",
+                       np.asarray([sampling.seed], dtype=np.uint64))  # fmt: skip
+        _add_input(request, "return_finish_reason", "BOOL", np.asarray([True], dtype=np.bool_))
+        if self.decoupled:
+            _add_input(request, "streaming", "BOOL", np.asarray([True], dtype=np.bool_))
         return request
 
     # ---------------------------------------------------------------- on the loop thread
@@ -213,7 +236,6 @@ class TritonEngine(RemoteFlights):
                      ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)],
         )  # fmt: skip
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._calls: dict[int, Any] = {}
         timeout = cfg.connect_timeout_s
         try:
             ready = await self._stub.ModelReady(
@@ -221,6 +243,11 @@ class TritonEngine(RemoteFlights):
                 timeout=timeout,
                 wait_for_ready=True,  # ride out a server still starting, up to the timeout
             )
+            if ready.ready:
+                answer = await self._stub.ModelConfig(
+                    service_pb2.ModelConfigRequest(name=cfg.model_name, version=cfg.model_version),
+                    timeout=timeout,
+                )
         except grpc.aio.AioRpcError as exc:
             raise EngineError(
                 f"Triton at {cfg.url} is unreachable within {timeout}s: "
@@ -228,20 +255,47 @@ class TritonEngine(RemoteFlights):
             ) from exc
         if not ready.ready:
             raise EngineError(f"Triton at {cfg.url} does not serve a ready {cfg.model_name!r}")
+        self.decoupled = bool(answer.config.model_transaction_policy.decoupled)
 
-    async def _run(self, flight: _Flight, request: Any) -> None:
-        rid = flight.request_id
+    async def _unary(self, flight: _Flight, request: Any) -> None:
+        """A non-decoupled model: one ``ModelInfer``, one final output."""
+        call = self._stub.ModelInfer(request, timeout=remaining_s(flight.deadline))
+        await self._guard(flight, call, self._answer(flight, call))
+
+    async def _answer(self, flight: _Flight, call: Any) -> None:
+        self._finish(flight, InferResult(await call))
+
+    async def _stream(self, flight: _Flight, request: Any) -> None:
+        """A decoupled model: one ``ModelStreamInfer`` call; streamed outputs."""
         call = self._stub.ModelStreamInfer(timeout=remaining_s(flight.deadline))
+        await self._guard(flight, call, self._read(flight, call, request))
+
+    async def _read(self, flight: _Flight, call: Any, request: Any) -> None:
+        await call.write(request)
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise EngineError(f"request {flight.request_id}: stream ended without a final")
+            if response.error_message:
+                late = remaining_s(flight.deadline) < _DEADLINE_SLACK_S
+                kind = DeadlineExceeded if late else EngineError
+                raise kind(f"request {flight.request_id}: Triton: {response.error_message}")
+            infer = response.infer_response
+            if _FINAL in infer.parameters and infer.parameters[_FINAL].bool_param:
+                self._finish(flight, InferResult(infer))
+                await call.done_writing()
+                return
+            new = flight.text.push(_text_of(InferResult(infer)))
+            if new:
+                flight.num_seen += len(new)
+                self._bridge.put(RequestOutput(flight.request_id, new))
+
+    async def _guard(self, flight: _Flight, call: Any, body: Any) -> None:
+        """Run one request's call; any failure ends the request with an error output."""
+        rid = flight.request_id
         self._calls[rid] = call
         try:
-            await call.write(request)
-            while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    raise EngineError(f"request {rid}: Triton ended the stream without a final")
-                if self._handle(flight, response):
-                    await call.done_writing()
-                    return
+            await body
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
@@ -256,37 +310,22 @@ class TritonEngine(RemoteFlights):
         finally:
             self._calls.pop(rid, None)
 
-    def _handle(self, flight: _Flight, response: Any) -> bool:
-        """Turn one stream response into an output; True when it was the final one."""
+    def _finish(self, flight: _Flight, result: InferResult) -> None:
+        """The final response: the remaining tokens and why the request ended."""
         rid = flight.request_id
-        if response.error_message:
-            # A server that enforces our gRPC deadline itself answers in-stream just before it.
-            late = remaining_s(flight.deadline) < _DEADLINE_SLACK_S
-            kind = DeadlineExceeded if late else EngineError
-            raise kind(f"request {rid}: Triton: {response.error_message}")
-        infer = response.infer_response
-        final = bool(infer.parameters[_FINAL].bool_param) if _FINAL in infer.parameters else False
-        new = self._tokens_of(InferResult(infer))
+        reason = _finish_reason(result)
+        if reason == "timeout":
+            raise DeadlineExceeded(f"request {rid}: TensorRT-LLM timed the request out")
+        if reason not in _REASONS:
+            raise EngineError(f"request {rid}: unknown finish_reason {reason!r} from Triton")
+        new, exact = flight.text.finish(_text_of(result))
+        if not exact:
+            log.warning("triton_retokenization_diverged", request_id=rid)
         flight.num_seen += len(new)
-        if final:
-            self._bridge.put(RequestOutput(rid, new, True, _finish_reason(InferResult(infer))))
-        elif new:
-            self._bridge.put(RequestOutput(rid, new))
-        return final
-
-    def _tokens_of(self, result: InferResult) -> list[int]:
-        ids = result.as_numpy("output_ids")
-        if ids is not None:
-            return [int(t) for t in ids.reshape(-1)]
-        text = result.as_numpy("text_output")
-        if text is None:
-            return []
-        if self.tokenizer is None:
-            raise EngineError("Triton sent text_output only; TritonEngine needs a tokenizer")
-        return self.tokenizer.encode("".join(bytes(t).decode() for t in text.reshape(-1)))
+        self._bridge.put(RequestOutput(rid, new, True, _REASONS[reason]))
 
     async def _abort_remote(self, flight: _Flight) -> None:
-        """Cancel the request's call (the server cancels it in its engine)."""
+        """Cancel the request's call (Triton's llmapi model then aborts it in TensorRT-LLM)."""
         call = self._calls.get(flight.request_id)
         if call is not None:
             call.cancel()
@@ -297,18 +336,24 @@ def _add_input(request: Any, name: str, datatype: str, array: np.ndarray[Any, An
     tensor.name, tensor.datatype = name, datatype
     tensor.shape.extend(array.shape)
     if datatype == "BYTES":  # length-prefixed elements, as tritonclient sends them
-        serialized = serialize_byte_tensor(array)
-        request.raw_input_contents.append(serialized.item() if serialized.size else b"")
+        request.raw_input_contents.append(serialize_byte_tensor(array).item())
     else:
         request.raw_input_contents.append(array.tobytes())
 
 
+def _text_of(result: InferResult) -> str:
+    text = result.as_numpy("text_output")
+    if text is None or text.size == 0:
+        raise EngineError("Triton's response has no text_output")
+    return bytes(text.reshape(-1)[0]).decode("utf-8")
+
+
 def _finish_reason(result: InferResult) -> str:
+    """The final response's ``finish_reason`` (sent because ``return_finish_reason`` is set)."""
     reason = result.as_numpy("finish_reason")
     if reason is None or reason.size == 0:
-        return "stop"
-    text = bytes(reason.reshape(-1)[0]).decode()
-    return text or "stop"
+        raise EngineError("Triton's final response has no finish_reason")
+    return bytes(reason.reshape(-1)[0]).decode()
 
 
 def _error_for(rid: int, exc: grpc.aio.AioRpcError) -> PrfaasError:
