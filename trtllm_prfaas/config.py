@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role, rank_endpoint
 from trtllm_prfaas.deploy.env import ENV_PREFIX, ENV_VARS
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.errors import ConfigError
@@ -167,13 +167,41 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
     except ConfigError as exc:  # name the variables, not the dataclass field
         raise ConfigError(f"TRTLLM_PRFAAS_NUM_STREAMS / TRTLLM_PRFAAS_LINK_GBPS: {exc}") from exc
     timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float)
+    is_decode = role is Role.DECODE
     return PrfaasConnectorConfig(
         role,
         relay,
-        receiver_endpoint=_env(env, "RELAY_BIND") if role is Role.DECODE else "tcp://127.0.0.1:0",
+        receiver_endpoint=_env(env, "RELAY_BIND") if is_decode else "tcp://127.0.0.1:0",
         transfer_timeout_s=timeout_s,
         load_timeout_s=timeout_s,
+        plan_endpoint=_endpoint(env, "PLAN_BIND"),
+        plan_security=_plan_security(env, own_public, own_secret),
+        relay_advertise=_endpoint(env, "RELAY_ADVERTISE") if is_decode else None,
     )
+
+
+def _endpoint(env: Mapping[str, str], name: str) -> str | None:
+    """An optional ``transport://host:port`` variable (a required one must be set)."""
+    value = _value(env, name)
+    required = any(v.is_required for v in ENV_VARS if v.name == ENV_PREFIX + name)
+    if value is None and not required:
+        return None
+    text = _env(env, name)
+    try:
+        rank_endpoint(text, 0)
+    except ConfigError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name}: {exc}") from exc
+    return text
+
+
+def _plan_security(env: Mapping[str, str], public: bytes, secret: bytes) -> RelaySecurity:
+    """The plan server: this connector's own key pair, the listed worker keys as clients."""
+    listed = _env(env, "PLAN_CLIENT_KEY_FILE")
+    if listed == "plaintext":
+        return RelaySecurity.insecure_plaintext()
+    paths = [p.strip() for p in listed.split(",") if p.strip()]
+    clients = frozenset(_key_file(Path(p), "PLAN_CLIENT_KEY_FILE") for p in paths)
+    return RelaySecurity(CurveKeys(public, secret, allowed_client_public_keys=clients))
 
 
 def _env(env: Mapping[str, str], name: str) -> str:

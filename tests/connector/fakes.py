@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trtllm_prfaas.connector.base import KvCacheConnectorScheduler, KvCacheConnectorWorker
+from trtllm_prfaas.connector.base import (
+    KvCacheConnectorScheduler,
+    KvCacheConnectorWorker,
+    SupportsCancel,
+)
 from trtllm_prfaas.connector.host_memory import (
     HostMemoryConnectorScheduler,
     HostMemoryConnectorWorker,
@@ -97,7 +101,7 @@ class AsyncHostMemoryScheduler(HostMemoryConnectorScheduler):
     load_async = True
 
 
-class AsyncHostMemoryWorker(HostMemoryConnectorWorker):
+class AsyncHostMemoryWorker(HostMemoryConnectorWorker, SupportsCancel):
     """Copies in start_load_kv like its parent, but reports loads done only after a few polls."""
 
     def __init__(self, llm_args: Any, load_polls: int = 2) -> None:
@@ -121,3 +125,6 @@ class AsyncHostMemoryWorker(HostMemoryConnectorWorker):
     def cancel_load(self, request_id: int) -> None:
         self.cancelled.append(request_id)
         self.loading.pop(request_id, None)
+
+    def cancel_save(self, request_id: int) -> None:
+        return None  # saves complete inside the forward pass

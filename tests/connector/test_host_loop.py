@@ -58,7 +58,7 @@ def test_per_iteration_call_order_matches_tensorrt_llm(make_engine: EngineFactor
 def test_scheduler_output_reports_tokens_blocks_and_positions(make_engine: EngineFactory) -> None:
     pair, _ = _recording()
     engine = make_engine(connector=pair, chunk_size=16)
-    prompt = list(range(1, 41))  # 40 tokens: chunks [0,16) [16,32) [32,39) then [39,40)
+    prompt = list(range(1, 41))  # 40 tokens: TensorRT-LLM's chunks [0,16) [16,32) [32,40)
     engine.generate([prompt], GREEDY)
     outputs = pair.scheduler.outputs
     first = outputs[0].new_requests[0]
@@ -67,8 +67,8 @@ def test_scheduler_output_reports_tokens_blocks_and_positions(make_engine: Engin
     positions = [
         (d.computed_position, d.num_scheduled_tokens) for o in outputs for d in o.cached_requests
     ]
-    assert positions[:3] == [(16, 16), (32, 7), (39, 1)]
-    assert positions[3] == (40, 1)  # generation: computed_position = len(tokens) - 1
+    assert positions[:2] == [(16, 16), (32, 8)]
+    assert positions[2] == (40, 1)  # generation: computed_position = len(tokens) - 1
     assert all(not o.new_requests for o in outputs[1:])
 
 

@@ -37,13 +37,16 @@ itself), the halves subclass its real base classes, found at the 1.1/1.2 module 
 one; otherwise they subclass this module's ABCs, which have the same names and signatures. This
 module never imports ``tensorrt_llm`` on its own, so CPU processes never pay for or need it.
 
-Hybrid-state extension (``register_recurrent_states``)
-    TensorRT-LLM's pool holds only full-attention KV. A hybrid model's linear-attention layers keep
-    a fixed-size recurrent state per request outside it. A worker that defines
-    ``register_recurrent_states(states: RecurrentStates)`` receives, once at start, the state
-    tensor and the layer map; it may read a request's state in ``save_kv_layer`` (for a linear
-    layer, the state after this iteration's tokens) and write it in ``start_load_kv``. Engines
-    that host connectors call it when the method exists; connectors without it still work.
+Optional capabilities (the reference engine only; TensorRT-LLM never calls them)
+    Small classes a worker half inherits and a host checks with ``isinstance``, never probes:
+    ``SupportsRecurrentStates`` (a hybrid model's linear-attention states, which TensorRT-LLM's
+    pool does not hold: ``register_recurrent_states(states)`` once at start);
+    ``SupportsLoadFailures`` (``get_failed_loads()``: loads that failed, as data, so the host can
+    fail or recompute the request instead of leaving it parked); ``SupportsCancel``
+    (``cancel_load`` / ``cancel_save`` when the host gives up on a request). Upstream's
+    ``KvCacheConnectorManager`` knows only the hooks above (``kv_cache_connector.py``, commit
+    00fdcbf, and the 2026 ``connectors/kv_cache_connector.py``, 035ab91), so a connector must be
+    correct without any of them.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ __all__ = [
     "RecurrentStates",
     "RequestData",
     "SchedulerOutput",
+    "SupportsCancel",
+    "SupportsLoadFailures",
+    "SupportsRecurrentStates",
     "resolve_base_classes",
 ]
 
@@ -121,6 +127,32 @@ class RecurrentStates:
     def state_bytes(self) -> int:
         """Bytes of one request's states over all linear layers."""
         return int(self.tensor[0].numel() * self.tensor.element_size())
+
+
+class SupportsRecurrentStates(ABC):
+    """Capability: the host hands the worker its linear-attention states once at start."""
+
+    @abstractmethod
+    def register_recurrent_states(self, states: RecurrentStates) -> None: ...
+
+
+class SupportsLoadFailures(ABC):
+    """Capability: loads that failed since the last call, as ``(request id, reason)``; the host
+    then fails or recomputes each request (its policy) instead of waiting for it."""
+
+    @abstractmethod
+    def get_failed_loads(self) -> list[tuple[int, str]]: ...
+
+
+class SupportsCancel(ABC):
+    """Capability: the host gave up on a request's load or save (deadline or abort); after the
+    call returns the worker never touches the request's blocks again."""
+
+    @abstractmethod
+    def cancel_load(self, request_id: int) -> None: ...
+
+    @abstractmethod
+    def cancel_save(self, request_id: int) -> None: ...
 
 
 @dataclass

@@ -6,8 +6,8 @@ loads, and runs the ``get_finished`` bookkeeping (ids passed in once, returned l
 loads rejoining, pinned saves releasing). It also enforces what TensorRT-LLM leaves implicit:
 connector calls are timed (``hook_seconds``), exceptions from a connector become
 ``ConnectorError`` naming the call, an id returned before it was passed in is a contract
-violation, and loads or saves that outlive ``connector_timeout_s`` are ended (extension hooks
-``cancel_load(request_id)`` / ``cancel_save(request_id)`` tell the worker, when it defines them).
+violation, and loads or saves that outlive ``connector_timeout_s`` are ended (a worker with the
+``SupportsCancel`` capability is told; one with ``SupportsLoadFailures`` reports failed loads).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from trtllm_prfaas.connector.base import RequestData, SchedulerOutput
+from trtllm_prfaas.connector.base import (
+    RequestData,
+    SchedulerOutput,
+    SupportsCancel,
+    SupportsLoadFailures,
+)
 from trtllm_prfaas.errors import ConnectorError, PrfaasError, TransferTimeout, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
 
@@ -115,11 +120,13 @@ class ConnectorHost:
         return outputs
 
     def _handle_failed_loads(self) -> list[RequestOutput]:
-        """Extension ``get_failed_loads``: failures as data; ``on_load_failure`` decides."""
+        """Capability ``SupportsLoadFailures``: failures as data; ``on_load_failure`` decides."""
         assert self.connector is not None
-        poll = getattr(self.connector.worker, "get_failed_loads", None)
+        worker = self.connector.worker
         outputs: list[RequestOutput] = []
-        for rid, reason in self._connector_call(poll) if poll is not None else []:
+        if not isinstance(worker, SupportsLoadFailures):
+            return outputs
+        for rid, reason in self._connector_call(worker.get_failed_loads):
             self._passed.discard(rid)
             req = self.running.get(rid)
             if req is None or req.state is not _state("LOADING"):
@@ -171,8 +178,9 @@ class ConnectorHost:
         self._deadlines.pop(request_id, None)
         if request_id in self._new_loading:
             self._new_loading.remove(request_id)
-        hook = getattr(self.connector.worker if self.connector else None, name, None)
-        if hook is not None:
+        worker = self.connector.worker if self.connector else None
+        if isinstance(worker, SupportsCancel):
+            hook = worker.cancel_load if name == "cancel_load" else worker.cancel_save
             self._connector_call(hook, request_id)
 
     def _forget(self, request_id: int) -> None:

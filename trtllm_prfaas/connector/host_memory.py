@@ -29,6 +29,7 @@ from trtllm_prfaas.connector.base import (
     KvCacheConnectorWorker,
     RecurrentStates,
     SchedulerOutput,
+    SupportsRecurrentStates,
 )
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
@@ -198,7 +199,7 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
         return False  # saves complete inside the forward pass (wait_for_save)
 
 
-class HostMemoryConnectorWorker(KvCacheConnectorWorker):  # type: ignore[misc]
+class HostMemoryConnectorWorker(KvCacheConnectorWorker, SupportsRecurrentStates):  # type: ignore[misc]
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
         self.store = _store_of(llm_args)

@@ -1,40 +1,53 @@
-"""Process-wide state of the PrfaaS connector: its config, relay senders, receiver, and loads.
+"""Per-rank state of the PrfaaS connector: config, plan book and server, relay sockets, sends.
 
-Both connector halves of one process share one ``PrfaasRuntime`` (TensorRT-LLM constructs them
-separately with ``llm_args`` only): the reference engine passes it in
-``llm_args.connector_options["prfaas_runtime"]``; inside TensorRT-LLM, ``runtime_for(config,
-key)`` starts one per process from the ``TRTLLM_PRFAAS_*`` variables, read at the edge
-(``config.connector_config_from_env``).
+TensorRT-LLM builds a worker half in every tensor-parallel rank and the scheduler half on rank 0
+only, each with ``llm_args`` alone (``py_executor_creator.py`` ``create_py_executor``, 000429d).
+Both halves of one rank share one ``PrfaasRuntime``: the reference engine passes it in
+``llm_args.connector_options["prfaas_runtime"]``; inside TensorRT-LLM ``runtime_for(config, key)``
+starts one per ``(role, CacheKey)`` from the ``TRTLLM_PRFAAS_*`` variables, read at the edge
+(``config.connector_config_from_env``). The key includes the rank, so one test process can host
+a prefill and a decode deployment of several ranks each.
 
-Transfer identity. The router names a transfer with an opaque ``transfer_uuid``; both sides
-derive the full transfer id from it and the content they agree on::
+Per rank r: a decode runtime binds its relay receiver at ``receiver_endpoint``'s port + r and
+advertises ``relay_advertise``'s port + r; a runtime with a ``plan_endpoint`` serves plans at its
+port + r (rank 0 stores posted plans in ``plans``; every rank answers status queries about its
+own receiver). A port of 0 stays 0 (ephemeral, for tests).
 
-    transfer_id = f"{uuid}.{prefix_hash(prompt[:L-1], cache_key):016x}.{L-1}"
+Transfer identity (each rank computes its own; the scheduler's metadata carries the uuid and the
+claimed tokens, never a rank-0 id)::
 
-so a decode node only ever claims a transfer whose blocks were computed for exactly its own
-prompt prefix, model, layout, dtype and TP rank; anything else simply is not found, and the
-prompt is computed locally.
+    transfer_id = f"{uuid}.{prefix_hash(claimed_tokens, key):016x}.{len(claimed_tokens)}"
+
+so a decode rank only ever claims a transfer computed for exactly its own tokens, model, layout,
+dtype and rank; anything else is not found, and the prompt is computed locally.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from trtllm_prfaas.errors import ConfigError, PrfaasError, TransportError
+from trtllm_prfaas.connector.device import DeviceEvent
+from trtllm_prfaas.connector.plans import Plan, PlanBook, PlanServer
+from trtllm_prfaas.errors import ConfigError, TransportError
 from trtllm_prfaas.kv.hashing import CacheKey, prefix_hash
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport import RelayConfig, RelayReceiver, RelaySender
+from trtllm_prfaas.transport import RelayConfig, RelayReceiver, RelaySecurity, RelaySender
 
 __all__ = [
-    "LoadResult",
     "PrfaasConnectorConfig",
     "PrfaasRuntime",
     "Role",
+    "SendPump",
     "cache_key_of",
+    "close_runtimes",
+    "rank_endpoint",
     "runtime_for",
     "transfer_id_for",
 ]
@@ -51,60 +64,181 @@ class Role(Enum):
 class PrfaasConnectorConfig:
     role: Role
     relay: RelayConfig
-    receiver_endpoint: str = "tcp://127.0.0.1:0"  # decode side: where the relay receiver binds
+    receiver_endpoint: str = "tcp://127.0.0.1:0"  # decode: where rank 0's receiver binds
     transfer_timeout_s: float = 120.0  # prefill side: the whole transfer is acknowledged by then
-    load_timeout_s: float = 120.0  # decode side: every layer has arrived by then
+    load_timeout_s: float = 120.0  # decode side: a claimed load is in the pool by then
+    plan_endpoint: str | None = None  # where rank 0's plan server binds; None: no plan server
+    plan_security: RelaySecurity | None = None  # the plan server's Curve keys (or plaintext)
+    relay_advertise: str | None = None  # decode: rank 0's receiver as prefill ranks reach it
+    plan_ttl_s: float = 600.0  # a posted plan not taken by then expires (counted)
 
     def __post_init__(self) -> None:
-        for name in ("transfer_timeout_s", "load_timeout_s"):
+        for name in ("transfer_timeout_s", "load_timeout_s", "plan_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"PrfaasConnectorConfig.{name} must be > 0")
+        if self.plan_endpoint is not None and self.plan_security is None:
+            raise ConfigError("PrfaasConnectorConfig.plan_security: required with plan_endpoint")
 
 
-def transfer_id_for(uuid: str, prompt: list[int], key: CacheKey) -> str:
-    """The content-bound transfer id (see module docstring); ``prompt`` is the whole prompt."""
+def transfer_id_for(uuid: str, claimed_tokens: Sequence[int], key: CacheKey) -> str:
+    """The content-bound transfer id of one rank (module docstring): the prefill passes its
+    whole prompt, the decode its tokens without the last one."""
     if "." in uuid or not uuid:
         raise ConfigError(f"transfer uuid {uuid!r} must be non-empty and contain no '.'")
-    claimed = len(prompt) - 1
-    return f"{uuid}.{prefix_hash(prompt[:claimed], key):016x}.{claimed}"
+    n = len(claimed_tokens)
+    return f"{uuid}.{prefix_hash(list(claimed_tokens), key):016x}.{n}"
 
 
-@dataclass
-class LoadResult:
-    """Outcome of one asynchronous load on the decode side (``error`` None when it worked)."""
+_PORT = re.compile(r"^(?P<head>.*):(?P<port>\d+)$")
 
-    request_id: int
-    error: PrfaasError | None = None
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """``endpoint`` with its port + ``rank`` (port 0 stays 0: ephemeral)."""
+    match = _PORT.match(endpoint)
+    if match is None:
+        raise ConfigError(f"endpoint {endpoint!r}: expected transport://host:port")
+    port = int(match["port"])
+    return endpoint if port == 0 else f"{match['head']}:{port + rank}"
+
+
+class SendPump:
+    """Runs relay sends in order once their device event completed, off the executor's thread.
+
+    ``submit(event, fn)``: with nothing queued and the event already complete, ``fn`` runs at once
+    (host pools); otherwise it is queued and the pump thread waits for the event, then runs it.
+    Errors are logged and counted by the caller's ``fn``; the pump never dies of one."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[DeviceEvent, Callable[[], object]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._num_queued = 0
+        self._thread: threading.Thread | None = None
+        self._name = name
+
+    def submit(self, event: DeviceEvent, fn: Callable[[], object]) -> None:
+        with self._lock:
+            if self._num_queued == 0 and event.query():
+                _run(fn)
+                return
+            self._num_queued += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put((event, fn))
+
+    def _loop(self) -> None:
+        while (work := self._queue.get()) is not None:
+            event, fn = work
+            try:
+                event.synchronize()  # this thread only: the executor never waits here
+            except Exception as exc:  # the device failed: the send's own error path reports it
+                log.error("prfaas_staging_failed", error=repr(exc))
+            with self._lock:
+                _run(fn)
+                self._num_queued -= 1
+
+    def close(self, timeout_s: float) -> None:
+        """Run what is queued, then stop and join the thread. Idempotent."""
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout_s)
+            self._thread = None
+
+
+def _run(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # never silent, never fatal to the pump
+        log.error("prfaas_send_failed", error=repr(exc))
 
 
 @dataclass
 class PrfaasRuntime:
-    """Owns the sockets: one receiver (decode role) or senders by endpoint (prefill role)."""
+    """One rank's sockets and books. ``counts``: plans_missed, plans_refused, loads_failed,
+    transfers_incomplete, sends_failed, ... (read by tests and metrics)."""
 
     config: PrfaasConnectorConfig
     key: CacheKey
+    tp_size: int = 1
+    plans: PlanBook = field(default_factory=PlanBook)
     receiver: RelayReceiver | None = None
+    plan_server: PlanServer | None = None
     senders: dict[str, RelaySender] = field(default_factory=dict)
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    pump: SendPump = field(default_factory=lambda: SendPump("prfaas-sends"))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _loads: dict[int, threading.Thread] = field(default_factory=dict)
-    _results: list[LoadResult] = field(default_factory=list)
     _closed: bool = False
 
+    @property
+    def rank(self) -> int:
+        return self.key.tp_rank
+
     @classmethod
-    def start(cls, config: PrfaasConnectorConfig, key: CacheKey) -> PrfaasRuntime:
-        runtime = cls(config, key)
-        if config.role is Role.DECODE:
-            runtime.receiver = RelayReceiver(config.relay, config.receiver_endpoint)
+    def start(cls, config: PrfaasConnectorConfig, key: CacheKey, tp_size: int = 1) -> PrfaasRuntime:
+        """Bind this rank's receiver (decode) and plan server (when configured)."""
+        if not 0 <= key.tp_rank < tp_size:
+            raise ConfigError(f"tensor-parallel rank {key.tp_rank} outside size {tp_size}")
+        runtime = cls(config, key, tp_size, PlanBook(config.plan_ttl_s))
+        try:
+            if config.role is Role.DECODE:
+                endpoint = rank_endpoint(config.receiver_endpoint, key.tp_rank)
+                runtime.receiver = RelayReceiver(config.relay, endpoint)
+            if config.plan_endpoint is not None:
+                assert config.plan_security is not None
+                runtime.plan_server = PlanServer(
+                    rank_endpoint(config.plan_endpoint, key.tp_rank),
+                    config.plan_security,
+                    key.tp_rank,
+                    book=runtime.plans if key.tp_rank == 0 else None,
+                    status_of=runtime.status_of,
+                    check=runtime.refusal,
+                )
+        except BaseException:
+            runtime.close()
+            raise
         return runtime
 
     @property
     def receiver_endpoint(self) -> str:
+        """Where prefill rank ``rank`` sends: the advertised address, else the bound one."""
         if self.receiver is None:
             raise ConfigError("only a decode-role PrfaaS runtime has a relay receiver")
+        if self.config.relay_advertise:
+            return rank_endpoint(self.config.relay_advertise, self.rank)
         return self.receiver.endpoint
 
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def refusal(self, plan: Plan) -> str | None:
+        """Why this deployment cannot carry ``plan`` (None: it can)."""
+        if self.config.role is Role.PREFILL and len(plan.relay_endpoints) != self.tp_size:
+            return (
+                f"the plan names {len(plan.relay_endpoints)} decode relay endpoint(s) but this "
+                f"prefill deployment has tensor-parallel size {self.tp_size}: prefill and "
+                "decode must have the same tensor-parallel size (rank r sends to rank r)"
+            )
+        return None
+
+    def status_of(self, transfer_uuid: str, num_tokens: int) -> str:
+        """This rank's receiver status of the transfer ("" when unknown or not a decode rank)."""
+        if self.receiver is None:
+            return ""
+        head, tail = f"{transfer_uuid}.", f".{num_tokens}"
+        receiver = self.receiver
+        with receiver.cond:  # the receiver's own lock; its maps are keyed by full transfer id
+            for tid, inbound in receiver.transfers.items():
+                if tid.startswith(head) and tid.endswith(tail):
+                    return str(inbound.status.value)
+            failed = any(t.startswith(head) and t.endswith(tail) for t in receiver.finished)
+        return "failed" if failed else ""
+
     def sender_for(self, endpoint: str) -> RelaySender:
-        """The sender to one decode node's receiver, created on first use and kept."""
+        """The sender to one decode rank's receiver, created on first use and kept."""
         with self._lock:
             if self._closed:
                 raise TransportError("PrfaaS runtime is closed")
@@ -114,40 +248,13 @@ class PrfaasRuntime:
                 self.senders[endpoint] = sender
             return sender
 
-    def start_load(self, request_id: int, work: Callable[[], None]) -> None:
-        """Run ``work`` (one request's layer-by-layer load) on its own thread."""
-
-        def run() -> None:
-            error: PrfaasError | None = None
-            try:
-                work()
-            except PrfaasError as exc:
-                error = exc
-            except Exception as exc:  # never silent: the request fails with the cause
-                error = TransportError(f"load of request {request_id} failed: {exc!r}")
-            if error is not None:
-                log.warning("relay_load_failed", request_id=request_id, error=str(error))
-            with self._lock:
-                self._results.append(LoadResult(request_id, error))
-                self._loads.pop(request_id, None)
-
-        thread = threading.Thread(target=run, name=f"prfaas-load-{request_id}", daemon=True)
-        with self._lock:
-            self._loads[request_id] = thread
-        thread.start()
-
-    def take_results(self) -> list[LoadResult]:
-        with self._lock:
-            results, self._results = self._results, []
-            return results
-
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop: join loads (they end by their own deadlines), close sockets. Idempotent."""
+        """Stop: drain the send pump, close the plan server and sockets. Idempotent."""
         with self._lock:
             self._closed = True
-            loads = list(self._loads.values())
-        for thread in loads:
-            thread.join(timeout_s)
+        self.pump.close(timeout_s)
+        if self.plan_server is not None:
+            self.plan_server.close(timeout_s)
         for sender in self.senders.values():
             sender.close()
         self.senders.clear()
@@ -161,22 +268,33 @@ class PrfaasRuntime:
         self.close()
 
 
-_process_runtime: PrfaasRuntime | None = None
-_process_lock = threading.Lock()
+_runtimes: dict[tuple[Role, CacheKey], PrfaasRuntime] = {}
+_runtimes_lock = threading.Lock()
 
 
-def runtime_for(config: PrfaasConnectorConfig, key: CacheKey) -> PrfaasRuntime:
-    """This process's runtime, started on the first call (the scheduler half) and returned to
-    the next (the worker half). A call with another configuration raises ConfigError; a closed
-    runtime is replaced."""
-    global _process_runtime
-    with _process_lock:
-        current = _process_runtime
+def runtime_for(config: PrfaasConnectorConfig, key: CacheKey, tp_size: int = 1) -> PrfaasRuntime:
+    """This process's runtime for ``(config.role, key)``, started on the first call (either
+    half) and returned to the next. Another configuration for the same role and key raises
+    ConfigError; a closed runtime is replaced."""
+    with _runtimes_lock:
+        current = _runtimes.get((config.role, key))
         if current is None or current._closed:
-            current = _process_runtime = PrfaasRuntime.start(config, key)
-        elif (current.config, current.key) != (config, key):
-            raise ConfigError("a PrfaaS runtime with another configuration runs in this process")
+            current = _runtimes[(config.role, key)] = PrfaasRuntime.start(config, key, tp_size)
+        elif (current.config, current.tp_size) != (config, tp_size):
+            raise ConfigError(
+                f"a PrfaaS {config.role.value} runtime with another configuration runs in this "
+                f"process for rank {key.tp_rank}"
+            )
         return current
+
+
+def close_runtimes() -> None:
+    """Close every runtime ``runtime_for`` started (tests; process shutdown)."""
+    with _runtimes_lock:
+        runtimes = list(_runtimes.values())
+        _runtimes.clear()
+    for runtime in runtimes:
+        runtime.close()
 
 
 def cache_key_of(llm_args: Any) -> CacheKey:
@@ -187,6 +305,11 @@ def cache_key_of(llm_args: Any) -> CacheKey:
         raise ConfigError("llm_args.model: needed to key relayed KV to the served model")
     dtype = str(getattr(getattr(llm_args, "kv_cache_config", None), "dtype", None) or "auto")
     return CacheKey(model, "HND", dtype, tp_rank=_tp_rank())
+
+
+def tp_size_of(llm_args: Any) -> int:
+    """``llm_args.tensor_parallel_size`` (a ``TorchLlmArgs`` field), 1 when absent."""
+    return int(getattr(llm_args, "tensor_parallel_size", None) or 1)
 
 
 def _tp_rank() -> int:

@@ -59,7 +59,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         frozenset({DeployRole.DECODE}),
         True,
         None,
-        "decode: where the relay receiver binds, e.g. tcp://0.0.0.0:7100",
+        "decode: where rank 0's relay receiver binds (rank r: port + r), e.g. tcp://0.0.0.0:7100",
     ),
     EnvVar("TRTLLM_PRFAAS_NUM_STREAMS", _BOTH, False, "4", "parallel TCP streams per relay link"),
     EnvVar(
@@ -96,6 +96,29 @@ ENV_VARS: tuple[EnvVar, ...] = (
         False,
         None,
         "prefill: optional sender pacing in Gbit/s (unset: no pacing)",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_PLAN_BIND",
+        _BOTH,
+        True,
+        None,
+        "where the connector's plan server binds (tensor-parallel rank r: port + r), e.g. "
+        "tcp://127.0.0.1:7200; the worker fronting this server posts each request's plan there",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE",
+        _BOTH,
+        True,
+        None,
+        "Curve public key file(s) of the workers allowed to post plans (comma-separated); the "
+        "literal 'plaintext' runs the plan server without Curve (loopback tests only)",
+    ),
+    EnvVar(
+        "TRTLLM_PRFAAS_RELAY_ADVERTISE",
+        frozenset({DeployRole.DECODE}),
+        False,
+        None,
+        "decode: the relay address prefill ranks reach (rank r: port + r); unset: the bound one",
     ),
     EnvVar(
         "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S",
