@@ -32,7 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trtllm_prfaas.connector.base import ConnectorPair, RecurrentStates
+from trtllm_prfaas.connector.base import (
+    ConnectorPair,
+    RecurrentStates,
+    SupportsRecurrentStates,
+)
 from trtllm_prfaas.connector.host import ConnectorHost
 from trtllm_prfaas.engines.batch import SequenceChunk
 from trtllm_prfaas.engines.blocks import BlockManager, SlotAllocator
@@ -107,12 +111,11 @@ class ReferenceEngine(ConnectorHost):
 
     def _register_connector(self, connector: ConnectorPair) -> None:
         connector.worker.register_kv_caches(self.pool)
-        register_states = getattr(connector.worker, "register_recurrent_states", None)
-        if register_states is not None:
+        if isinstance(connector.worker, SupportsRecurrentStates):
             kinds = self.cfg.layer_kinds
             full = [i for i, k in enumerate(kinds) if k is LayerKind.FULL]
             linear = [i for i, k in enumerate(kinds) if k is LayerKind.LINEAR]
-            register_states(
+            connector.worker.register_recurrent_states(
                 RecurrentStates(
                     tensor=self.states,
                     slot_of=lambda rid: self.running[rid].state_slot,
