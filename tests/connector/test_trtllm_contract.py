@@ -1,210 +1,360 @@
-"""Contract test: the REAL PrfaaS connector halves driven by a fake executor that follows
-TensorRT-LLM's KvCacheConnectorManager semantics and pool shape (``trtllm_fake_executor.py``),
-one prefill-role pair and one decode-role pair over a real loopback relay (plaintext).
+"""Contract: the REAL PrfaaS connector inside the fake TensorRT-LLM 1.2 executor
+(``trtllm_fake_executor.py``, rebuilt from upstream's source), one prefill and one decode
+deployment of 1 or 2 tensor-parallel ranks each, in one process, over real loopback relays.
 
-Checks: the prefill's KV lands byte-identical in the decode pool at the right logical blocks
-(and the linear layers' states in the decode's state slot); the decode request is parked until
-loaded; the prefill's blocks stay pinned until the save is reported; nothing leaks; every
-iteration's connector calls come in the real executor's order. Also pins down a GPU-path gap:
-with TensorRT-LLM's plain chunking (the last prompt token not computed alone) the connector
-exports nothing. The recurrent-state extension is unverified on GPUs (it needs a hook into
-TensorRT-LLM's Mamba/linear cache manager).
+Everything reaches the connector as it would on a GPU: halves built from ``llm_args`` alone with
+the ``TRTLLM_PRFAAS_*`` environment (Curve keys, ports), ``mpi_rank()`` from the fake
+``tensorrt_llm._utils``, plans posted by a ``PlanClient`` to the connector's plan servers (the
+worker's side channel, docs/design/trtllm_path.md section 3), the handoff of section 1 (the
+prefill runs the prompt with ``max_tokens=1`` and samples t1; the decode request is the prompt
+plus t1 and is submitted once every decode rank holds the transfer, section 4).
+
+Checks: the relayed KV lands byte-identical in the decode pool at the right blocks, each rank
+its head shard, before the decode computes anything but t1; the decode request is parked until
+loaded; the prefill's blocks stay pinned until the save is reported; a warm prefix on the decode
+is honoured (claims L minus ``num_computed_tokens``; reused blocks untouched; TensorRT-LLM's
+``prepopulatedPromptLen < promptLen`` check passes); a dense model needs no project-only hook; a
+transfer that never arrives, or stops half way, never parks a request; each iteration's calls
+come in upstream's order; nothing leaks. Tokens equal a single-engine run of the fake model.
+
+The device under the pools is the ``fake_device`` fixture when a conftest provides one (the
+``--device`` option), else the plain CPU device.
 """
 
 from __future__ import annotations
 
 import re
-import time
+import socket
 import uuid
 from collections.abc import Iterator
-from types import SimpleNamespace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.connector.trtllm_fake_executor import FakeExecutor, Layout, kv_rows, state_after
-from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
-from trtllm_prfaas.connector.prfaas_runtime import (
-    PrfaasConnectorConfig,
-    PrfaasRuntime,
-    Role,
-    transfer_id_for,
+from tests.connector.fake_device import CpuDevice, Device
+from tests.connector.trtllm_fake_executor import (
+    FakeExecutor,
+    FakeModel,
+    drive,
+    kv_rows,
+    next_token,
+    shard,
 )
-from trtllm_prfaas.kv.hashing import CacheKey
-from trtllm_prfaas.transport import InboundStatus, RelayConfig, RelaySecurity
+from trtllm_prfaas.connector import prfaas_runtime
+from trtllm_prfaas.transport import CurveKeys, RelaySecurity, generate_keypair
 
-LAYOUT = Layout()
-KEY = CacheKey("fake-hybrid", "HND", "float32", tp_rank=0)
-PROMPT = [(i * 31 + 7) % 256 for i in range(70)]  # L-1 = 69: 4 full blocks and a 5-token tail
-
-_ITERATION = re.compile(
-    r"^(get_num_new_matched_tokens update_state_after_alloc )*"
-    r"(build_connector_meta bind_connector_meta start_load_kv "
-    r"((wait_for_layer_load save_kv_layer ){%d}wait_for_save )?)?"
-    r"(request_finished )*get_finished $".replace("{%d}", f"{{{len(LAYOUT.layer_kinds)}}}")
+MODEL = FakeModel(num_layers=4, num_kv_heads=4, head_dim=8, tokens_per_block=16, num_blocks=64)
+PROMPT = [(i * 31 + 7) % 1000 for i in range(70)]  # 4 full blocks and a 6-token tail
+TIMEOUT_S = 3  # TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S: every failure path ends well within a test
+UPSTREAM_WORKER_HOOKS = {
+    "register_kv_caches", "bind_connector_meta", "start_load_kv", "wait_for_layer_load",
+    "save_kv_layer", "wait_for_save", "get_finished",
+}  # fmt: skip
+_HOOKS = f"(wait_for_layer_load save_kv_layer ){{{MODEL.num_layers}}}wait_for_save "
+RANK0_ITERATION = re.compile(
+    r"^((get_num_new_matched_tokens update_state_after_alloc )*build_connector_meta "
+    rf"bind_connector_meta start_load_kv ({_HOOKS})?)?(request_finished )*get_finished $"
 )
+OTHER_RANK_ITERATION = re.compile(
+    rf"^(bind_connector_meta start_load_kv ({_HOOKS})?)?get_finished $"
+)
+
+
+# ------------------------------------------------------------------------------ deployments
+@dataclass
+class Keys:
+    """Z85 key files: each side's relay pair, and the worker's (plan client) pair."""
+
+    files: dict[str, Path]
+    worker_public: bytes
+    worker_secret: bytes
+
+    @classmethod
+    def make(cls, directory: Path) -> Keys:
+        files = {}
+        for side in ("prefill", "decode", "worker"):
+            public, secret = generate_keypair()
+            for kind, key in (("public", public), ("secret", secret)):
+                files[f"{side}.{kind}"] = directory / f"{side}.{kind}"
+                files[f"{side}.{kind}"].write_bytes(key + b"\n")
+        worker = files["worker.public"].read_bytes().strip()
+        return cls(files, worker, files["worker.secret"].read_bytes().strip())
+
+    def plan_security(self, side: str) -> RelaySecurity:
+        server = self.files[f"{side}.public"].read_bytes().strip()
+        return RelaySecurity(curve=CurveKeys(server, None, self.worker_public, self.worker_secret))
+
+
+def _free_port_base(count: int) -> int:
+    """A port p with p .. p + count - 1 free on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count < 65000 and all(_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _env(role: str, keys: Keys, plan_port: int, relay_port: int) -> dict[str, str]:
+    f = {name: str(path) for name, path in keys.files.items()}
+    env = {
+        "TRTLLM_PRFAAS_ROLE": role,
+        "TRTLLM_PRFAAS_CURVE_PUBLIC_KEY_FILE": f[f"{role}.public"],
+        "TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE": f[f"{role}.secret"],
+        "TRTLLM_PRFAAS_PLAN_BIND": f"tcp://127.0.0.1:{plan_port}",
+        "TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE": f["worker.public"],
+        "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S": str(TIMEOUT_S),
+        "TRTLLM_PRFAAS_NUM_STREAMS": "2",
+    }
+    if role == "prefill":
+        env["TRTLLM_PRFAAS_CURVE_SERVER_KEY_FILE"] = f["decode.public"]
+    else:
+        env["TRTLLM_PRFAAS_CURVE_CLIENT_KEY_FILE"] = f["prefill.public"]
+        env["TRTLLM_PRFAAS_RELAY_BIND"] = f"tcp://127.0.0.1:{relay_port}"
+        env["TRTLLM_PRFAAS_RELAY_ADVERTISE"] = f"tcp://127.0.0.1:{relay_port}"
+    return env
+
+
+@dataclass
+class Deployments:
+    """A prefill and a decode deployment with the same tensor-parallel size."""
+
+    prefill: FakeExecutor
+    decode: FakeExecutor
+    keys: Keys
+    plan_ports: dict[str, int]
+    relay_endpoints: list[str]  # decode rank r's receiver, as prefill rank r reaches it
+
+    def post(self, side: str, plan: Any) -> None:
+        """What the worker fronting ``side`` does before submitting: post the plan to rank 0's
+        plan server and wait for the acknowledgement."""
+        from trtllm_prfaas.connector.plans import PlanClient
+
+        endpoint = f"tcp://127.0.0.1:{self.plan_ports[side]}"
+        with PlanClient([endpoint], self.keys.plan_security(side)) as client:
+            client.post(plan, timeout_s=5)
+
+    def statuses(self, transfer_uuid: str, num_tokens: int) -> list[str]:
+        """Every decode rank's status of the transfer (the worker's query, section 4)."""
+        from trtllm_prfaas.connector.plans import PlanClient
+
+        base, tp = self.plan_ports["decode"], self.decode.tp_size
+        endpoints = [f"tcp://127.0.0.1:{base + r}" for r in range(tp)]
+        with PlanClient(endpoints, self.keys.plan_security("decode")) as client:
+            return client.statuses(transfer_uuid, num_tokens, timeout_s=5)
+
+
+def _device(request: pytest.FixtureRequest) -> Device:
+    try:
+        device: Device = request.getfixturevalue("fake_device")
+    except pytest.FixtureLookupError:
+        return CpuDevice()
+    return device
+
+
+def _close_connector_runtimes() -> None:
+    """The connector's process-wide runtimes (upstream never closes a connector)."""
+    close = getattr(prfaas_runtime, "close_runtimes", None)
+    if close is not None:
+        close()
+        return
+    runtime = getattr(prfaas_runtime, "_process_runtime", None)  # the connector before issue 12
+    if runtime is not None:
+        runtime.close()
 
 
 @pytest.fixture
-def runtimes(request: pytest.FixtureRequest) -> Iterator[tuple[PrfaasRuntime, PrfaasRuntime]]:
-    chunk_bytes = getattr(request, "param", RelayConfig.chunk_bytes)
-    relay = RelayConfig(RelaySecurity.insecure_plaintext(), num_streams=2, chunk_bytes=chunk_bytes)
-    decode = PrfaasRuntime.start(PrfaasConnectorConfig(Role.DECODE, relay), KEY)
-    prefill = PrfaasRuntime.start(PrfaasConnectorConfig(Role.PREFILL, relay), KEY)
+def deployments(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployments]:
+    tp = getattr(request, "param", 1)
+    keys, device = Keys.make(tmp_path), _device(request)
+    plan_ports = {side: _free_port_base(tp) for side in ("prefill", "decode")}
+    relay_port = _free_port_base(tp)
+    built: list[FakeExecutor] = []
     try:
-        yield prefill, decode
+        for side in ("decode", "prefill"):
+            env = _env(side, keys, plan_ports[side], relay_port)
+            built.append(FakeExecutor(MODEL, tp_size=tp, env=env, device=device, chunk_size=32))
+        endpoints = [f"tcp://127.0.0.1:{relay_port + r}" for r in range(tp)]
+        yield Deployments(built[1], built[0], keys, plan_ports, endpoints)
     finally:
-        prefill.close()
-        decode.close()
+        for executor in built:
+            executor.close()
+        _close_connector_runtimes()
 
 
-def _executor(runtime: PrfaasRuntime, **options: Any) -> FakeExecutor:
-    args = SimpleNamespace(
-        kv_cache_config=SimpleNamespace(tokens_per_block=LAYOUT.tokens_per_block),
-        connector_options={"prfaas_runtime": runtime},
-    )
-    scheduler, worker = PrfaasConnectorScheduler(args), PrfaasConnectorWorker(args)
-    return FakeExecutor(LAYOUT, scheduler, worker, **options)
-
-
-def _expected_block(block: int, layer: int, claimed: int) -> torch.Tensor:
-    """Logical block ``block`` of ``layer`` holding the KV of tokens < ``claimed`` only."""
-    tpb = LAYOUT.tokens_per_block
-    out = torch.zeros(LAYOUT.pool_shape[2:])
-    view = out.view(2, LAYOUT.num_kv_heads, tpb, LAYOUT.head_dim)
-    for pos in range(block * tpb, min((block + 1) * tpb, claimed)):
-        view[:, :, pos % tpb, :] = kv_rows(LAYOUT, PROMPT, pos, layer)
+# -------------------------------------------------------------------------------- the flow
+def _reference(prompt: list[int], n: int) -> list[int]:
+    """The tokens a single engine generates: the fake model is greedy and deterministic."""
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        out.append(next_token(MODEL, tokens))
+        tokens.append(out[-1])
     return out
 
 
-def _assert_order(executor: FakeExecutor) -> None:
-    for calls in executor.iterations:
-        assert _ITERATION.match(" ".join(calls) + " "), calls
+def _plan(transfer: str, prompt: list[int], endpoints: list[str]) -> Any:
+    from trtllm_prfaas.connector.plans import Plan, tokens_digest
+
+    return Plan(transfer, len(prompt), tokens_digest(prompt), list(endpoints))
 
 
-def _assert_no_leaks(executor: FakeExecutor) -> None:
-    assert not executor.active and not executor.waiting
-    assert sorted(executor.free_blocks) == list(range(LAYOUT.num_blocks))
-    assert sorted(executor.free_slots) == list(range(LAYOUT.num_slots))
-    assert not (executor.new_loading or executor.new_saving)
-    assert not (executor.pending_loading or executor.pending_saving)
+@dataclass
+class Relayed:
+    prefill_id: int
+    decode_id: int
+    transfer: str
 
 
-def _until(condition: Any, *executors: FakeExecutor, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        for executor in executors:
-            executor.step()
-        time.sleep(0.002)
-
-
-# A block of one layer is 2 KiB here and items carry 1 to 2 blocks: one chunk per item, one
-# block per chunk (placed straight from each frame), or misaligned chunks (assembled first).
-@pytest.mark.parametrize(
-    "runtimes", [1 << 20, 2048, 3000], indirect=True, ids=["1-chunk", "aligned", "misaligned"]
-)
-def test_relayed_kv_lands_byte_identical_in_the_decode_pool(runtimes) -> None:
-    prefill_rt, decode_rt = runtimes
-    prefill, decode = _executor(prefill_rt), _executor(decode_rt)
+def _relay(d: Deployments, prompt: list[int], max_tokens: int) -> Relayed:
+    """The router and the two workers: prefill (max_tokens=1) -> t1 -> wait until every decode
+    rank holds the whole transfer -> decode ``prompt + [t1]`` for ``max_tokens - 1`` tokens."""
     transfer = uuid.uuid4().hex
-    tid = transfer_id_for(transfer, PROMPT, KEY)
-    params = {"transfer_uuid": transfer, "relay_endpoint": decode_rt.receiver_endpoint}
-    p_rid = prefill.add_request(PROMPT, 1, params)
-    receiver = decode_rt.receiver
-    assert receiver is not None
-
-    # Prefill: chunks [0,32) [32,64) [64,69) then the last token; blocks stream per layer.
-    _until(lambda: receiver.status(tid) is not None, prefill)
-    # Decode: the worker submits once the transfer is announced; it claims L-1 tokens, async.
-    d_rid = decode.add_request(PROMPT, 3, {"transfer_uuid": transfer})
-    decode.step()
-    d_req = decode.active[d_rid]
-    assert d_req.state == "loading" and decode.pending_loading == {d_rid: d_req}
-    assert "wait_for_layer_load" not in decode.iterations[-1]  # parked: no forward for it
-    pinned: set[int] = set()
-    deadline = time.monotonic() + 20
-    while d_rid not in decode.loaded_events:
-        assert time.monotonic() < deadline, "decode load never reported"
-        assert d_req.state == "loading" and d_req.output == []  # parked until loaded
-        prefill.step()
-        p_req = prefill.active.get(p_rid)
-        if p_req is not None and p_req.state == "saving":
-            pinned = set(p_req.block_ids)
-            assert not pinned & set(prefill.free_blocks), "pinned blocks were freed early"
-        decode.step()
-
-    # Loaded, not yet computed on: the decode pool holds exactly the prefill's KV of L-1 tokens.
-    claimed = len(PROMPT) - 1
-    for j, layer in enumerate(LAYOUT.full):
-        for block in range(-(-claimed // LAYOUT.tokens_per_block)):
-            got = decode.pool[d_req.block_ids[block], j]
-            assert torch.equal(got, _expected_block(block, layer, claimed)), (layer, block)
-    for j, layer in enumerate(LAYOUT.linear):
-        assert torch.equal(
-            decode.states[d_req.slot, j], state_after(LAYOUT, PROMPT, claimed, layer)
-        )
-    assert d_req.context_current_position == claimed
-
-    _until(lambda: not (prefill.has_work() or decode.has_work()), prefill, decode)
-    assert d_req.output and len(d_req.output) == 3  # decoded after computing the last token
-    # The decode request's first scheduled appearance computes exactly the last prompt token.
-    assert any("wait_for_layer_load" in calls for calls in decode.iterations)
-    for executor in (prefill, decode):
-        _assert_order(executor)
-        _assert_no_leaks(executor)
-    assert prefill.scheduler._target._exports == {}
-    assert prefill.worker._target._handles == {} and not prefill.worker._target._saving
-    assert not decode.worker._target._loading and not decode.worker._target._loaded
-    assert decode.worker._target.get_failed_loads() == []
+    d.post("prefill", _plan(transfer, prompt, d.relay_endpoints))
+    p_rid = d.prefill.add_request(prompt, 1)
+    drive(d.prefill, until=lambda: d.prefill.results[p_rid].is_finished, what="prefill")
+    assert d.prefill.results[p_rid].error is None, d.prefill.results[p_rid].error
+    t1 = d.prefill.results[p_rid].tokens[0]
+    complete = ["complete"] * d.decode.tp_size
+    drive(d.prefill, until=lambda: d.statuses(transfer, len(prompt)) == complete, what="transfer")
+    d.post("decode", _plan(transfer, prompt, []))
+    d_rid = d.decode.add_request([*prompt, t1], max_tokens - 1)
+    done = lambda: not (d.prefill.has_work() or d.decode.has_work())  # noqa: E731
+    drive(d.prefill, d.decode, until=done, what="relay")
+    return Relayed(p_rid, d_rid, transfer)
 
 
-def test_first_scheduler_output_excludes_the_external_load(runtimes) -> None:
-    """A sync match's tokens are subtracted from computed_position once (and only once)."""
-    prefill_rt, _ = runtimes
-    seen: list[Any] = []
-    executor = _executor(prefill_rt)
-    scheduler = executor.scheduler._target
-    scheduler.get_num_new_matched_tokens = lambda request, n: (32, False)
-    build = scheduler.build_connector_meta
-    scheduler.build_connector_meta = lambda out: (seen.append(out), build(out))[1]
-    executor.add_request(PROMPT, 1, None)
-    _until(lambda: not executor.has_work(), executor)
-    first, second = seen[0], seen[1]
-    assert [(d.computed_position, d.num_scheduled_tokens) for d in first.new_requests] == [(0, 32)]
-    assert first.new_requests[0].new_block_ids == list(range(5))
-    assert [(d.computed_position, d.num_scheduled_tokens) for d in second.cached_requests] == [
-        (64, 5)
-    ]
-    _assert_order(executor)
-    _assert_no_leaks(executor)
+def _assert_rows(snapshot: torch.Tensor, tokens: list[int], positions: range, rank: int,
+                 tp: int) -> None:  # fmt: skip
+    """``snapshot`` (blocks, layers, kv, row) holds rank ``rank``'s shard of the KV of
+    ``tokens`` at ``positions`` (logical positions of the request)."""
+    tpb, heads = MODEL.tokens_per_block, MODEL.num_kv_heads // tp
+    for layer in range(MODEL.num_layers):
+        for pos in positions:
+            block = snapshot[pos // tpb, layer].view(2, heads, tpb, MODEL.head_dim)
+            want = shard(MODEL, kv_rows(MODEL, tokens, pos, layer), rank, tp)
+            assert torch.equal(block[:, :, pos % tpb, :], want), (rank, layer, pos)
 
 
-def test_plain_trtllm_chunking_never_ships_a_wrong_state(runtimes) -> None:
-    """GPU path: TensorRT-LLM's last chunk ends at L, not L-1, so the recurrent state after
-    exactly L-1 tokens never exists there. The connector still exports the blocks of the L-1
-    prefix from that chunk, but for a hybrid model it cancels the transfer rather than ship the
-    state of the wrong length: the decode side never claims it and computes the prompt itself.
-    (A pure-attention model needs no state and its transfer completes.)"""
-    prefill_rt, decode_rt = runtimes
-    prefill = _executor(prefill_rt, split_last_token=False, chunk_size=128)
+def _assert_order_and_no_leaks(*executors: FakeExecutor) -> None:
+    for executor in executors:
+        for iteration in executor.iterations:
+            for rank, calls in enumerate(iteration):
+                pattern = RANK0_ITERATION if rank == 0 else OTHER_RANK_ITERATION
+                assert pattern.match(" ".join(calls) + " "), (rank, calls)
+        assert executor.leak_report() == []
+        assert executor.errors == [] and executor.dead is None
+
+
+# ----------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("deployments", [1, 2], indirect=True, ids=["tp1", "tp2"])
+@pytest.mark.parametrize("prompt", [PROMPT, PROMPT[:64]], ids=["L70", "L64-aligned"])
+def test_relayed_kv_lands_byte_identical_in_the_decode_pool(deployments, prompt) -> None:
+    d, tp, length = deployments, deployments.decode.tp_size, len(prompt)
+    run = _relay(d, prompt, max_tokens=4)
+
+    assert d.decode.claims[run.decode_id] == (0, length, True)  # L tokens, async
+    assert d.decode.computed[run.decode_id][0] == (length, length + 1)  # computes t1 only
+    assert run.decode_id in d.decode.ever_parked  # parked by its load, computed after it
+    assert run.prefill_id in d.prefill.ever_pinned  # blocks pinned until the save was reported
+    for rank, snapshot in enumerate(d.decode.loaded_snapshots[run.decode_id]):
+        _assert_rows(snapshot, prompt, range(length), rank, tp)  # as the prefill computed it
+    reference = _reference(prompt, 4)
+    assert d.prefill.results[run.prefill_id].tokens == reference[:1]
+    assert d.decode.results[run.decode_id].tokens == reference[1:]
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+def test_a_dense_model_relays_with_upstream_hooks_only(deployments) -> None:
+    """TensorRT-LLM calls only its own hooks (no ``register_recurrent_states``, no
+    ``get_failed_loads``/``cancel_*``) and has no ``connector_options``: that is enough."""
+    d = deployments
+    run = _relay(d, PROMPT, max_tokens=2)
+    assert d.decode.claims[run.decode_id] == (0, len(PROMPT), True)
+    for executor in (d.prefill, d.decode):
+        called = {name for rank in executor.ranks for name in rank.log}
+        worker_calls = called - {
+            "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+            "request_finished",
+        }  # fmt: skip
+        assert worker_calls <= UPSTREAM_WORKER_HOOKS
+    assert not hasattr(d.decode.llm_args, "connector_options")
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+POISON = 3.0  # what the test writes into the decode's cached prefix blocks
+
+
+def test_a_warm_prefix_on_the_decode_is_honoured(deployments) -> None:
+    """The decode already holds the first 2 blocks (a shared system prompt): TensorRT-LLM
+    passes ``num_computed_tokens=32``; the connector claims the other L - 32 tokens, loads only
+    their blocks, and the ``prepopulatedPromptLen < promptLen`` check passes."""
+    d, tpb = deployments, MODEL.tokens_per_block
+    warm = d.decode.add_request([*PROMPT[:32], 5, 6, 7, 8], 2)
+    drive(d.decode, until=lambda: not d.decode.has_work(), what="warm-up")
+    cached = [d.decode.blocks.cache[tuple(PROMPT[: (b + 1) * tpb])] for b in range(2)]
+    poison = torch.full((2, MODEL.num_kv_heads, MODEL.head_dim), POISON, dtype=MODEL.dtype)
+    for rank in d.decode.ranks:  # mark them, so a write over them cannot go unseen
+        for block in cached:
+            for layer in range(MODEL.num_layers):
+                for pos in range(tpb):
+                    d.decode.device.write_token_rows(
+                        rank.pool, block, layer, pos, poison, rank.stream
+                    )
+
+    run = _relay(d, PROMPT, max_tokens=3)
+    assert d.decode.results[warm].error is None
+    assert d.decode.claims[run.decode_id] == (32, len(PROMPT) - 32, True)
+    snapshot = d.decode.loaded_snapshots[run.decode_id][0]
+    assert torch.all(snapshot[:2] == POISON), "the connector wrote over reused blocks"
+    _assert_rows(snapshot, PROMPT, range(32, len(PROMPT)), 0, 1)
+    assert d.decode.results[run.decode_id].tokens == _reference(PROMPT, 3)[1:]
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+def test_a_transfer_that_never_arrives_parks_nothing(deployments) -> None:
+    """The decode's plan names a transfer no prefill ever sends: the request is computed
+    locally (never claimed) or fails by a deadline; it is never parked for good."""
+    d = deployments
     transfer = uuid.uuid4().hex
-    params = {"transfer_uuid": transfer, "relay_endpoint": decode_rt.receiver_endpoint}
-    prefill.add_request(PROMPT, 1, params)
-    _until(lambda: not prefill.has_work(), prefill)
-    assert decode_rt.receiver is not None
-    tid = transfer_id_for(transfer, PROMPT, KEY)
-    _until(lambda: decode_rt.receiver.status(tid) in (InboundStatus.FAILED, None), prefill)
-    assert decode_rt.receiver.status(tid) is not InboundStatus.COMPLETE
-    _assert_order(prefill)
-    _assert_no_leaks(prefill)
+    d.post("decode", _plan(transfer, PROMPT, []))
+    rid = d.decode.add_request([*PROMPT, 42], 3)
+    drive(d.decode, until=lambda: d.decode.results[rid].is_finished, timeout_s=TIMEOUT_S + 10,
+          what="decode of a missing transfer")  # fmt: skip
+    result = d.decode.results[rid]
+    assert result.error is not None or result.tokens == _reference([*PROMPT, 42], 3)
+    drive(d.decode, until=lambda: not d.decode.has_work(), what="drain")
+    assert d.decode.leak_report() == []
 
 
-def test_get_finished_results_are_accepted_only_after_being_passed_in(runtimes) -> None:
-    prefill_rt, _ = runtimes
-    executor = _executor(prefill_rt)
-    executor.worker._target.get_finished = lambda saving, loading: ([], [12345])
-    executor.add_request(PROMPT[:5], 1, None)
-    with pytest.raises(KeyError):
-        executor.step()
+def test_a_transfer_that_stops_half_way_parks_nothing(deployments) -> None:
+    """The prefill sends its first chunk's blocks, then stalls (its node hangs): a decode
+    submitted early must not stay parked on the half transfer past the transfer deadline."""
+    d = deployments
+    transfer = uuid.uuid4().hex
+    prompt = PROMPT
+    d.post("prefill", _plan(transfer, prompt, d.relay_endpoints))
+    d.prefill.add_request(prompt, 1)
+    drive(d.prefill, until=lambda: d.statuses(transfer, len(prompt)) != [""],
+          what="first chunk on the wire")  # fmt: skip
+    d.post("decode", _plan(transfer, prompt, []))
+    rid = d.decode.add_request([*prompt, 42], 3)
+    drive(d.decode, until=lambda: d.decode.results[rid].is_finished, timeout_s=TIMEOUT_S + 10,
+          what="decode of a stalled transfer")  # fmt: skip
+    result = d.decode.results[rid]
+    assert result.error is not None or result.tokens == _reference([*prompt, 42], 3)
+    drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
+          timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
+    assert d.decode.leak_report() == [] and d.prefill.leak_report() == []

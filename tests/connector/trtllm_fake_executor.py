@@ -523,7 +523,9 @@ class FakeExecutor:
         self.claims: dict[int, tuple[int, int, bool]] = {}  # rid -> (device match, claimed, async)
         self.computed: dict[int, list[tuple[int, int]]] = {}  # rid -> positions it computed
         self.loaded_snapshots: dict[int, list[torch.Tensor]] = {}  # rid -> per rank blocks
-        self.parked_at: dict[int, float] = {}
+        self.parked_at: dict[int, float] = {}  # rid -> when its async load parked it (live)
+        self.ever_parked: set[int] = set()  # requests an async load parked at some point
+        self.ever_pinned: set[int] = set()  # requests whose save pinned their blocks
         self.errors: list[str] = []
         self.iterations: list[list[list[str]]] = []  # per iteration, per rank: connector calls
         self.dead: BaseException | None = None
@@ -733,6 +735,7 @@ class FakeExecutor:
             if req.request_id in self.ranks[0].new.loading and req.state is State.CONTEXT_INIT:
                 req.state = State.LOADING  # take_scheduled_requests_pending_load
                 self.parked_at[req.request_id] = time.monotonic()
+                self.ever_parked.add(req.request_id)
             else:
                 kept.append(req)
         meta = self._leader("build_connector_meta", output)
@@ -889,6 +892,7 @@ class FakeExecutor:
         self._finished_loading.discard(rid)
         if saving:
             req.state = State.SAVING
+            self.ever_pinned.add(rid)
             for rank in self.ranks:
                 rank.new.saving[rid] = req
 
