@@ -21,11 +21,14 @@ from tritonclient.grpc import InferResult
 
 from tests.fakes import tokenizer as fake_tokenizer
 from tests.fakes.llmapi_triton import INPUTS, FakeLlmapiTriton
+from trtllm_prfaas.connector.plans import Plan, PlanBook, PlanServer, tokens_digest
 from trtllm_prfaas.engines.base import Engine
 from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.engines.triton import TritonEngine, TritonEngineConfig
 from trtllm_prfaas.errors import DeadlineExceeded, EngineError
+from trtllm_prfaas.transport import InboundStatus
+from trtllm_prfaas.transport.config import RelaySecurity
 
 hf_model_dir = fake_tokenizer.hf_model_dir  # the session fixture
 PROMPT_TEXT = "Prefill-as-a-Service streams KV across datacenters: 東京 🚀 naïve"
@@ -91,11 +94,13 @@ def test_tokens_and_finish_reasons_are_the_models(
 
 
 def test_eos_ends_with_stop(hf_model_dir: Path, tokenizer: HfTokenizer) -> None:
-    with FakeLlmapiTriton(hf_model_dir, decoupled=True, eos_rate=0.3) as triton:
-        with make_engine(triton, hf_model_dir) as engine:
-            prompts = [tokenizer.encode(f"{PROMPT_TEXT} {i}") for i in range(6)]
-            rids = [engine.add_request(p, SamplingParams(40)) for p in prompts]
-            outputs = _run(engine)
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True, eos_rate=0.3) as triton,
+        make_engine(triton, hf_model_dir) as engine,
+    ):
+        prompts = [tokenizer.encode(f"{PROMPT_TEXT} {i}") for i in range(6)]
+        rids = [engine.add_request(p, SamplingParams(40)) for p in prompts]
+        outputs = _run(engine)
         for rid, prompt in zip(rids, prompts, strict=True):
             ref = triton.llm.reference(tokenizer.decode(prompt), 40)
             assert outputs[rid][-1].finish_reason == ref.finish_reason == "stop"
@@ -158,16 +163,18 @@ def _as_response(request: Any) -> Any:
 
 
 def test_abort_cancels_on_the_server(hf_model_dir: Path, tokenizer: HfTokenizer) -> None:
-    with FakeLlmapiTriton(hf_model_dir, decoupled=True, token_delay_s=0.01) as triton:
-        with make_engine(triton, hf_model_dir) as engine:
-            rid = engine.add_request(tokenizer.encode(PROMPT_TEXT), SamplingParams(1500))
-            deadline = time.monotonic() + 10
-            while not any(o.new_token_ids for o in engine.step()):
-                assert time.monotonic() < deadline
-            assert engine.abort(rid) == RequestOutput(rid, [], True, "aborted")
-            assert engine.abort(rid) is None and not engine.has_unfinished()
-            time.sleep(0.1)
-            assert all(o.request_id != rid for o in engine.step())
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True, token_delay_s=0.01) as triton,
+        make_engine(triton, hf_model_dir) as engine,
+    ):
+        rid = engine.add_request(tokenizer.encode(PROMPT_TEXT), SamplingParams(1500))
+        deadline = time.monotonic() + 10
+        while not any(o.new_token_ids for o in engine.step()):
+            assert time.monotonic() < deadline
+        assert engine.abort(rid) == RequestOutput(rid, [], True, "aborted")
+        assert engine.abort(rid) is None and not engine.has_unfinished()
+        time.sleep(0.1)
+        assert all(o.request_id != rid for o in engine.step())
         deadline = time.monotonic() + 5
         while triton.stats.num_cancelled < 1:
             assert time.monotonic() < deadline, "the server never saw the cancel"
@@ -219,3 +226,135 @@ def test_unknown_model_is_refused_at_start(
 ) -> None:
     with pytest.raises(EngineError, match="does not serve a ready 'nope'"):
         make_engine(triton, hf_model_dir, model_name="nope")
+
+
+# ------------------------------------------------------------------------------- plans
+PLAIN = RelaySecurity.insecure_plaintext()
+
+
+@pytest.fixture
+def plan_servers() -> Iterator[tuple[PlanBook, dict[tuple[str, int], list[str]], list[str]]]:
+    """Two connector ranks' plan servers (rank 0 holds the book); statuses[(uuid, n)] lists each
+    rank's answer. Yields (book, statuses, endpoints in rank order)."""
+    book, statuses = PlanBook(), {}
+
+    def status_of(rank: int) -> Any:
+        return lambda uuid, n: statuses.get((uuid, n), ["", ""])[rank]
+
+    with (
+        PlanServer("tcp://127.0.0.1:0", PLAIN, 0, book=book, status_of=status_of(0)) as s0,
+        PlanServer("tcp://127.0.0.1:0", PLAIN, 1, book=None, status_of=status_of(1)) as s1,
+    ):
+        yield book, statuses, [s0.endpoint, s1.endpoint]
+
+
+def _plan_engine(server: FakeLlmapiTriton, model_dir: Path, endpoints: list[str]) -> TritonEngine:
+    return make_engine(server, model_dir, plan_endpoints=tuple(endpoints), plan_security=PLAIN)
+
+
+def test_plans_are_posted_before_the_request_on_the_tokens_triton_sees(
+    hf_model_dir: Path, tokenizer: HfTokenizer, plan_servers: Any
+) -> None:
+    book, _, endpoints = plan_servers
+    prompt = tokenizer.encode(PROMPT_TEXT)  # canonical ids: Triton re-encodes them alike
+    prefill = Plan(
+        "u-prefill", len(prompt), tokens_digest(prompt), ["tcp://d:7100", "tcp://d:7101"]
+    )
+    decode = Plan("u-decode", len(prompt), tokens_digest(prompt))
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=False) as triton,
+        _plan_engine(triton, hf_model_dir, endpoints) as engine,
+    ):
+        engine.add_request(prompt, SamplingParams(1), plan=prefill)
+        assert book.counts().posted == 1  # acknowledged before add_request returned
+        _run(engine)
+        words = [tokenizer.encode(w, add_special_tokens=False) for w in (" the", " and", " t")]
+        t1 = next(ids[0] for ids in words if len(ids) == 1)  # a whole-word first token
+        engine.add_request([*prompt, t1], SamplingParams(4), plan=decode)
+        _run(engine)
+        assert dict(engine.plans.counts) == {"plans_posted": 2}
+    # What the connector's scheduler looks up: prefill all tokens, decode all but t1.
+    assert book.take(prompt) == prefill and book.take(prompt) == decode
+    assert len(triton.stats.requests) == 2
+
+
+def test_a_plan_whose_tokens_triton_would_see_differently_is_skipped_and_counted(
+    hf_model_dir: Path, tokenizer: HfTokenizer, plan_servers: Any
+) -> None:
+    book, _, endpoints = plan_servers
+    word = tokenizer.encode(" datacenters", add_special_tokens=False)
+    assert len(word) > 1
+    spelled = [tokenizer.bos_id or 0] + [t for c in " datacenters" for t in _char_ids(tokenizer, c)]
+    assert tokenizer.decode(spelled) == " datacenters" and spelled != tokenizer.encode(
+        " datacenters"
+    )
+    plan = Plan("u1", len(spelled), tokens_digest(spelled), ["tcp://d:7100", "tcp://d:7101"])
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True) as triton,
+        _plan_engine(triton, hf_model_dir, endpoints) as engine,
+    ):
+        rid = engine.add_request(spelled, SamplingParams(2), plan=plan)
+        final = _run(engine)[rid][-1]
+        assert dict(engine.plans.counts) == {"plans_skipped": 1}
+    assert final.error is None  # the request still runs, without its plan
+    assert book.counts().posted == 0
+
+
+def _char_ids(tokenizer: HfTokenizer, char: str) -> list[int]:
+    return tokenizer.encode(char, add_special_tokens=False)
+
+
+def test_a_plan_without_a_plan_endpoint_is_counted_not_silent(
+    hf_model_dir: Path, tokenizer: HfTokenizer
+) -> None:
+    prompt = tokenizer.encode(PROMPT_TEXT)
+    plan = Plan("u1", len(prompt) - 1, tokens_digest(prompt[:-1]))
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True) as triton,
+        make_engine(triton, hf_model_dir) as engine,
+    ):
+        rid = engine.add_request(prompt, SamplingParams(2), plan=plan)
+        assert _run(engine)[rid][-1].error is None
+        assert dict(engine.plans.counts) == {"plans_unconfigured": 1}
+        assert engine.transfer_status("u1", len(prompt) - 1) is None
+
+
+def test_transfer_status_is_complete_only_on_every_rank(
+    hf_model_dir: Path, plan_servers: Any
+) -> None:
+    _, statuses, endpoints = plan_servers
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True) as triton,
+        _plan_engine(triton, hf_model_dir, endpoints) as engine,
+    ):
+        assert engine.transfer_status("u", 40) is None  # announced nowhere yet
+        statuses[("u", 40)] = ["complete", ""]
+        assert engine.transfer_status("u", 40) is InboundStatus.RECEIVING
+        statuses[("u", 40)] = ["complete", "receiving"]
+        assert engine.transfer_status("u", 40) is InboundStatus.RECEIVING
+        statuses[("u", 40)] = ["complete", "complete"]
+        assert engine.transfer_status("u", 40) is InboundStatus.COMPLETE
+        assert engine.transfer_status("u", 41) is None  # another claim length
+        statuses[("u", 40)] = ["complete", "failed"]
+        assert engine.transfer_status("u", 40) is InboundStatus.FAILED
+
+
+def test_a_plan_server_that_does_not_answer_is_counted(
+    hf_model_dir: Path, tokenizer: HfTokenizer
+) -> None:
+    with socket.socket() as sock:  # nothing listens here
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    prompt = tokenizer.encode(PROMPT_TEXT)
+    plan = Plan("u1", len(prompt), tokens_digest(prompt), ["tcp://d:7100"])
+    with FakeLlmapiTriton(hf_model_dir, decoupled=False) as triton:
+        engine = make_engine(triton, hf_model_dir, plan_endpoints=(endpoint,),
+                             plan_security=PLAIN, plan_timeout_s=0.2)  # fmt: skip
+        with engine:
+            started = time.monotonic()
+            rid = engine.add_request(prompt, SamplingParams(1), plan=plan)
+            assert time.monotonic() - started < 2.0
+            assert _run(engine)[rid][-1].error is None
+            assert dict(engine.plans.counts) == {"plans_failed": 1}
+            assert engine.transfer_status("u1", len(prompt)) is None
+            assert engine.plans.counts["status_failed"] == 1
