@@ -1,10 +1,13 @@
-"""Write CurveZMQ key pairs for the relay's two sides, once (existing keys are kept).
+"""Write CurveZMQ key pairs for the relay's two sides and the workers, once (existing keys kept).
 
     python gen_curve_keys.py DIR  ->  DIR/prefill.public, DIR/prefill.secret,
-                                      DIR/decode.public,  DIR/decode.secret   (Z85 text)
+                                      DIR/decode.public,  DIR/decode.secret,
+                                      DIR/worker.public,  DIR/worker.secret   (Z85 text)
 
-The names are those the rendered ``prfaas.env`` files point at (``/etc/prfaas/curve``). The
-secret files are written mode 0600. Used by the compose testbeds' one-shot ``curve-keys`` service.
+The names are those the rendered ``prfaas.env`` files point at (``/etc/prfaas/curve``): the
+worker pair is what a ``prfaas worker`` signs its plan posts with (the connector's plan server
+accepts ``worker.public``, ``TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE``). The secret files are written
+mode 0600. Used by the compose testbeds' one-shot ``curve-keys`` service.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import zmq
 
 def main(key_dir: Path) -> int:
     key_dir.mkdir(parents=True, exist_ok=True)
-    for role in ("prefill", "decode"):
+    for role in ("prefill", "decode", "worker"):
         public_path, secret_path = key_dir / f"{role}.public", key_dir / f"{role}.secret"
         if secret_path.exists() and public_path.exists():
             continue

@@ -1,6 +1,7 @@
 """``prfaas triton-repo``: write a PrfaaS prefill or decode Triton model repository.
 
     prfaas triton-repo --role prefill|decode --model PATH --out DIR [--relay-bind tcp://...]
+        [--relay-advertise tcp://...] [--plan-bind tcp://...]
 
 writes ``DIR/<model-name>/config.pbtxt``, ``DIR/<model-name>/1/model.yaml`` and
 ``DIR/<model-name>/prfaas.env`` (see ``trtllm_prfaas.deploy.triton_repo``) and prints their paths.
@@ -16,6 +17,7 @@ from typing import Any
 from trtllm_prfaas.deploy.env import DeployRole
 from trtllm_prfaas.deploy.triton_repo import (
     DEFAULT_KEY_DIR,
+    DEFAULT_PLAN_BIND,
     RelayEnvConfig,
     triton_repo_config,
     write_repository,
@@ -42,6 +44,12 @@ def add_arguments(command_name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--relay-bind", default=None, help="decode: relay bind (default tcp://0.0.0.0:7100)"
     )
+    parser.add_argument(
+        "--relay-advertise", default=None, help="decode: relay address prefill ranks reach"
+    )
+    parser.add_argument(
+        "--plan-bind", default=DEFAULT_PLAN_BIND, help="the connector's plan server (rank r: +r)"
+    )
     parser.add_argument("--num-streams", type=int, default=4, help="TCP streams per link")
     parser.add_argument("--link-gbps", type=float, default=None, help="prefill: pacing, Gbit/s")
     parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
@@ -65,6 +73,8 @@ def run(command_name: str, args: argparse.Namespace) -> int:
         role,
         args.key_dir,
         relay_bind=bind,
+        relay_advertise=args.relay_advertise,
+        plan_bind=args.plan_bind,
         num_streams=args.num_streams,
         link_gbps=args.link_gbps,
         transfer_timeout_s=args.transfer_timeout_s,

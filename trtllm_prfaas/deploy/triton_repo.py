@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from trtllm_prfaas.deploy.env import DeployRole
+from trtllm_prfaas.deploy.env import ENV_VARS, DeployRole
 from trtllm_prfaas.errors import ConfigError
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "CONNECTOR_SCHEDULER_CLASS",
     "CONNECTOR_WORKER_CLASS",
     "DEFAULT_KEY_DIR",
+    "DEFAULT_PLAN_BIND",
     "TRITON_MAX_BATCH_SIZE",
     "LlmApiConfig",
     "RelayEnvConfig",
@@ -55,6 +56,7 @@ CONNECTOR_MODULE = "trtllm_prfaas.connector.prfaas"
 CONNECTOR_SCHEDULER_CLASS = "PrfaasConnectorScheduler"
 CONNECTOR_WORKER_CLASS = "PrfaasConnectorWorker"
 DEFAULT_KEY_DIR = "/etc/prfaas/curve"  # where the compose files mount the Curve key files
+DEFAULT_PLAN_BIND = "tcp://0.0.0.0:7200"  # the connector's plan server, rank r on port + r
 TRITON_MAX_BATCH_SIZE = 0  # the llmapi model batches inside TensorRT-LLM, not in Triton
 
 
@@ -63,16 +65,20 @@ class RelayEnvConfig:
     """The relay half of a deployment, as the ``TRTLLM_PRFAAS_*`` variables carry it.
 
     Curve is mandatory on this path (a cross-datacenter link): both sides name their own key pair;
-    the prefill side also names the decode relay's public key. Paths are as seen inside the
-    container.
+    the prefill side also names the decode relay's public key. The plan server (one per
+    tensor-parallel rank, rank r on ``plan_bind``'s port + r) accepts plans only from the worker
+    keys in ``plan_client_key_file``. Paths are as seen inside the container.
     """
 
     role: DeployRole
     curve_secret_key_file: str
     curve_public_key_file: str
+    plan_client_key_file: str  # the worker public key(s) allowed to post plans
     curve_server_key_file: str | None = None
     curve_client_key_file: str | None = None  # decode: the prefill public key(s) it accepts
-    relay_bind: str | None = None
+    relay_bind: str | None = None  # decode: rank r binds port + r
+    relay_advertise: str | None = None  # decode: what prefill ranks reach (unset: relay_bind)
+    plan_bind: str = DEFAULT_PLAN_BIND
     num_streams: int = 4
     link_gbps: float | None = None
     transfer_timeout_s: float = 30.0
@@ -82,8 +88,14 @@ class RelayEnvConfig:
             raise ConfigError("relay_bind: required on the decode side, e.g. tcp://0.0.0.0:7100")
         if self.role is DeployRole.PREFILL and self.relay_bind is not None:
             raise ConfigError("relay_bind: only the decode side binds a relay receiver")
-        if self.relay_bind is not None and not self.relay_bind.startswith("tcp://"):
-            raise ConfigError(f"relay_bind: expected tcp://HOST:PORT, got {self.relay_bind!r}")
+        for name in ("relay_bind", "relay_advertise", "plan_bind"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith("tcp://"):
+                raise ConfigError(f"{name}: expected tcp://HOST:PORT, got {value!r}")
+        if self.role is DeployRole.PREFILL and self.relay_advertise is not None:
+            raise ConfigError("relay_advertise: only the decode side has a relay receiver")
+        if not self.plan_client_key_file:
+            raise ConfigError("plan_client_key_file: name the worker keys allowed to post plans")
         if self.role is DeployRole.PREFILL and not self.curve_server_key_file:
             raise ConfigError("curve_server_key_file: the prefill side must authenticate decode")
         if self.role is DeployRole.DECODE and not self.curve_client_key_file:
@@ -101,32 +113,41 @@ class RelayEnvConfig:
     def with_key_dir(
         cls, role: DeployRole, key_dir: str = DEFAULT_KEY_DIR, **fields: Any
     ) -> RelayEnvConfig:
-        """Key files named ``<key_dir>/<role>.secret|.public`` (and the peer's ``.public``)."""
+        """Key files named ``<key_dir>/<role>.secret|.public`` (and the peer's ``.public``); the
+        worker allowed to post plans is ``<key_dir>/worker.public``."""
         server = f"{key_dir}/decode.public" if role is DeployRole.PREFILL else None
         client = f"{key_dir}/prefill.public" if role is DeployRole.DECODE else None
         return cls(
             role=role,
             curve_secret_key_file=f"{key_dir}/{role.value}.secret",
             curve_public_key_file=f"{key_dir}/{role.value}.public",
+            plan_client_key_file=f"{key_dir}/worker.public",
             curve_server_key_file=server,
             curve_client_key_file=client,
             **fields,
         )
 
     def env(self) -> dict[str, str]:
-        """The variables to set on ``tritonserver``, in documentation order; unset ones left out."""
+        """The variables to set on ``tritonserver``, in ``deploy.env.ENV_VARS`` order (the
+        contract); unset ones left out. ConfigError if a value has no documented variable."""
         values: dict[str, str | None] = {
             "TRTLLM_PRFAAS_ROLE": self.role.value,
             "TRTLLM_PRFAAS_RELAY_BIND": self.relay_bind,
+            "TRTLLM_PRFAAS_RELAY_ADVERTISE": self.relay_advertise,
             "TRTLLM_PRFAAS_NUM_STREAMS": str(self.num_streams),
             "TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE": self.curve_secret_key_file,
             "TRTLLM_PRFAAS_CURVE_PUBLIC_KEY_FILE": self.curve_public_key_file,
             "TRTLLM_PRFAAS_CURVE_SERVER_KEY_FILE": self.curve_server_key_file,
             "TRTLLM_PRFAAS_CURVE_CLIENT_KEY_FILE": self.curve_client_key_file,
+            "TRTLLM_PRFAAS_PLAN_BIND": self.plan_bind,
+            "TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE": self.plan_client_key_file,
             "TRTLLM_PRFAAS_LINK_GBPS": None if self.link_gbps is None else f"{self.link_gbps:g}",
             "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S": f"{self.transfer_timeout_s:g}",
         }
-        return {k: v for k, v in values.items() if v is not None}
+        undocumented = set(values) - {var.name for var in ENV_VARS}
+        if undocumented:
+            raise ConfigError(f"not in deploy/env.py's ENV_VARS: {sorted(undocumented)}")
+        return {var.name: value for var in ENV_VARS if (value := values.get(var.name)) is not None}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,310 @@
+"""The GPU check's CPU-side parts: arguments, the check list and line format, the skip logic
+without a GPU or TensorRT-LLM, the rendered repositories and environments it would start, the
+worker flags (parsed by the real ``prfaas worker`` parser), the runner's deadline and cleanup,
+and the dry run. Nothing here needs a GPU; no test starts a server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import ROOT
+from trtllm_prfaas.deploy import gpu_check, gpu_steps
+from trtllm_prfaas.deploy.contract import parse_model_config
+from trtllm_prfaas.deploy.env import DeployRole
+from trtllm_prfaas.deploy.gpu_check import (
+    CHECKS,
+    Check,
+    CheckResult,
+    Environment,
+    Session,
+    Status,
+    parse_args,
+    skip_reason,
+)
+from trtllm_prfaas.deploy.gpu_serving import warm_prefix_prompts, worker_args
+from trtllm_prfaas.deploy.gpu_stack import StackLayout, render
+from trtllm_prfaas.worker import command as worker_command
+
+LINE = re.compile(r"^(PASS|FAIL|SKIP) [a-z0-9_]+: \S.*$")
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+NO_GPU = Environment(None, None, 0, False, False, False)
+FULL = Environment("1.2.1", "26.07", 2, True, True, True)
+
+
+@pytest.fixture
+def llmapi_dir(tmp_path: Path) -> Path:
+    """Stand-ins for NVIDIA's model.py/helpers.py (the image has the real ones)."""
+    directory = tmp_path / "llmapi"
+    directory.mkdir()
+    for name in ("model.py", "helpers.py"):
+        (directory / name).write_text("# NVIDIA's llmapi file stands here\n")
+    return directory
+
+
+def config_for(tmp_path: Path, llmapi_dir: Path, *extra: str) -> gpu_check.GpuCheckConfig:
+    return parse_args([
+        "--model", str(tmp_path / "model"), "--workdir", str(tmp_path / "work"),
+        "--repo-root", str(ROOT), "--llmapi-dir", str(llmapi_dir), *extra,
+    ])  # fmt: skip
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+def test_arguments_and_their_bounds(tmp_path: Path) -> None:
+    config = parse_args(["--model", "/m"])
+    assert (config.model, config.deadline_s, config.max_tokens, config.dry_run) == (
+        Path("/m"), 570.0, 16, False,
+    )  # fmt: skip
+    assert config.workdir.is_dir() and config.workdir.name.startswith("prfaas-gpu-check-")
+    config.workdir.rmdir()
+    assert parse_args(["--model", "/m", "--workdir", str(tmp_path), "--dry-run"]).dry_run
+    for bad in (["--deadline-s", "600"], ["--deadline-s", "0"], ["--max-tokens", "1"], []):
+        argv = bad if not bad else ["--model", "/m", *bad]
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+# ---- the check list ----------------------------------------------------------------------------
+def test_the_checks_cover_the_audits_first_gpu_checks_in_a_runnable_order() -> None:
+    names = [check.name for check in CHECKS]
+    assert len(set(names)) == len(names)
+    assert set(gpu_steps.STEPS) == set(names)  # every check has a body
+    # the audit's "What to check first on a GPU", items 1-6, and the issue's extra items
+    for name in ("versions", "relayed_equals_local", "tp2_relayed_equals_local", "warm_prefix",
+                 "cross_device_index_put", "genai_perf_front_door", "connector_contract_cuda",
+                 "decoupled_policy", "prefill_refuses_streaming"):  # fmt: skip
+        assert name in names
+    environment_needs = {"trtllm", "cuda", "gpus2", "triton", "contract_tests", "genai_perf"}
+    for index, check in enumerate(CHECKS):
+        for need in check.needs:
+            assert need in environment_needs or need in names[:index], (check.name, need)
+    assert sum(check.cap_s for check in CHECKS) > gpu_check.DEFAULT_DEADLINE_S  # total binds
+
+
+def test_one_line_per_result() -> None:
+    assert CheckResult("cuda", Status.PASS, "2 device(s)").line() == "PASS cuda: 2 device(s)"
+    folded = CheckResult("x", Status.FAIL, "Traceback:\n  line 1\n\nboom").line()
+    assert folded == "FAIL x: Traceback: | line 1 | boom"
+    long = CheckResult("x", Status.SKIP, "y" * 1000).line()
+    assert len(long) < 420 and long.endswith("...") and LINE.match(long)
+
+
+# ---- skip logic --------------------------------------------------------------------------------
+def test_without_gpu_or_tensorrt_llm_every_gpu_check_says_why_it_skips() -> None:
+    results: dict[str, CheckResult] = {}
+    for check in CHECKS:
+        reason = skip_reason(check, NO_GPU, results)
+        status = Status.SKIP if reason else Status.PASS
+        results[check.name] = CheckResult(check.name, status, reason or "")
+    assert results["repositories"].status is Status.PASS  # renders anywhere
+    assert "tensorrt_llm is not installed" in results["versions"].detail
+    assert results["cuda"].detail == "no CUDA device visible to torch"
+    assert results["cross_device_index_put"].detail == "needs cuda (SKIP)"
+    assert results["warm_prefix"].detail == "needs relayed_equals_local (SKIP)"
+    assert all(r.status is Status.SKIP for n, r in results.items() if n != "repositories")
+
+
+def test_skip_reasons_with_a_gpu() -> None:
+    by_name = {check.name: check for check in CHECKS}
+    one_gpu = Environment("1.2.1", "26.07", 1, True, False, False)
+    tp2 = by_name["tp2_relayed_equals_local"]
+    passed = {n: CheckResult(n, Status.PASS, "") for n in ("repositories", "serving_tp1")}
+    assert skip_reason(tp2, one_gpu, passed) == "TP=2 needs 2 GPUs, found 1"
+    assert skip_reason(tp2, FULL, passed) is None
+    assert "--device" in str(skip_reason(by_name["connector_contract_cuda"], one_gpu, {}))
+    assert skip_reason(by_name["genai_perf_front_door"], one_gpu, passed) == (
+        "genai-perf is not installed"
+    )
+    failed = {"triton_tp1": CheckResult("triton_tp1", Status.FAIL, "boom")}
+    assert skip_reason(by_name["decoupled_policy"], FULL, failed) == "needs triton_tp1 (FAIL)"
+
+
+# ---- what it would start -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("num_gpus", "tp", "prefill", "decode", "fraction"),
+    [(1, 1, "0", "0", 0.35), (2, 1, "0", "1", 0.8), (2, 2, "0,1", "0,1", 0.35),
+     (4, 2, "0,1", "2,3", 0.8)],
+)  # fmt: skip
+def test_rendered_stack(
+    tmp_path: Path, llmapi_dir: Path, num_gpus: int, tp: int, prefill: str, decode: str,
+    fraction: float,
+) -> None:  # fmt: skip
+    layout = StackLayout(tmp_path / "model", tmp_path, tp, num_gpus, 18000, llmapi_dir)
+    plan = render(layout)
+    for role, gpus in ((DeployRole.PREFILL, prefill), (DeployRole.DECODE, decode)):
+        triton = plan.tritons[role]
+        model_dir = triton.repo_dir / "tensorrt_llm"
+        config = parse_model_config((model_dir / "config.pbtxt").read_text())
+        assert config.model_transaction_policy.decoupled is (role is DeployRole.DECODE)
+        doc = yaml.safe_load((model_dir / "1" / "model.yaml").read_text())
+        assert doc["tensor_parallel_size"] == tp
+        assert doc["model"] == str(tmp_path / "model")
+        assert doc["kv_cache_config"]["free_gpu_memory_fraction"] == fraction
+        assert (model_dir / "1" / "model.py").read_text().startswith("# NVIDIA")
+        env_file = dict(
+            line.split("=", 1)
+            for line in (model_dir / "prfaas.env").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+        assert {**env_file, "CUDA_VISIBLE_DEVICES": gpus} == triton.env
+        for path in (triton.env[k] for k in triton.env if k.endswith("_KEY_FILE")):
+            assert Path(path).is_file() and len(Path(path).read_bytes()) == 40
+        secret = Path(triton.env["TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE"])
+        assert secret.stat().st_mode & 0o777 == 0o600
+        # upstream's llmapi launch: mpirun -n 1, auto-complete off, this server's own shm prefix
+        assert triton.command[:5] == ["mpirun", "--allow-run-as-root", "-n", "1", "tritonserver"]
+        assert "--disable-auto-complete-config" in triton.command
+        assert f"--model-repository={triton.repo_dir}" in triton.command
+    assert plan.tritons[DeployRole.DECODE].env["TRTLLM_PRFAAS_RELAY_BIND"].startswith("tcp://127")
+    ports = [arg for t in plan.tritons.values() for arg in t.command if "-port=" in arg]
+    assert len({p.split("=")[1] for p in ports}) == 6  # no two servers share a port
+
+
+@pytest.mark.parametrize("role", list(DeployRole), ids=lambda r: r.value)
+def test_worker_flags_parse_with_the_real_worker_parser(
+    tmp_path: Path, llmapi_dir: Path, role: DeployRole
+) -> None:
+    plan = render(StackLayout(tmp_path / "model", tmp_path, 1, 2, 18000, llmapi_dir))
+    parser = argparse.ArgumentParser()
+    worker_command.add_arguments("worker", parser)
+    args = parser.parse_args(worker_args(plan, role))
+    config = worker_command.build_config(args)
+    assert config.triton is not None
+    assert config.triton.url == plan.tritons[role].grpc_url
+    assert args.role == role.value and args.engine == "triton"
+    if role is DeployRole.DECODE:
+        assert args.advertise_relay == plan.tritons[role].env["TRTLLM_PRFAAS_RELAY_BIND"]
+
+
+def test_warm_prefix_prompts_share_several_blocks_of_prefix() -> None:
+    first, second = warm_prefix_prompts()
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert first != second and shared > 32 * 4 * 4  # > 4 blocks even at 4 chars/token
+
+
+# ---- runner ------------------------------------------------------------------------------------
+class FakeServing:
+    closed = 0
+
+    def close(self) -> None:
+        FakeServing.closed += 1
+
+
+def test_runner_bounds_every_check_and_stops_what_it_started(
+    tmp_path: Path, llmapi_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    deadlines: dict[str, float] = {}
+
+    def step(name: str):
+        def run(session: Session, deadline: float) -> str:
+            deadlines[name] = deadline
+            session.serving = FakeServing()
+            now[0] += 100.0  # each step takes 100 s of the fake clock
+            if name == "cuda":
+                raise RuntimeError("driver gone")
+            return "ok"
+
+        return run
+
+    checks = (Check("versions", "v", ("trtllm",)), Check("cuda", "c", ("cuda",), cap_s=30.0),
+              Check("repositories", "r", ()), Check("a", "a", ()), Check("b", "b", ()),
+              Check("c", "c", ()), Check("d", "d", ()), Check("e", "e", ()))  # fmt: skip
+    monkeypatch.setattr(gpu_check, "CHECKS", checks)
+    monkeypatch.setattr(gpu_steps, "STEPS", {c.name: step(c.name) for c in checks})
+    session = Session(config_for(tmp_path, llmapi_dir, "--deadline-s", "450"), FULL)
+    lines: list[str] = []
+    results = gpu_check.run_checks(session, lambda r: lines.append(r.line()), lambda: now[0])
+    assert [r.status for r in results] == [Status.PASS, Status.FAIL, *[Status.PASS] * 3,
+                                           Status.SKIP, Status.SKIP, Status.SKIP]  # fmt: skip
+    assert lines[1] == "FAIL cuda: RuntimeError: driver gone"
+    assert lines[-1] == "SKIP e: the total deadline was reached"
+    assert deadlines["cuda"] == 130.0  # its own cap
+    assert deadlines["b"] == 450.0  # the total deadline is shorter than its cap
+    assert FakeServing.closed >= 1 and session.serving is None  # stopped on the way out
+    assert all(LINE.match(line) for line in lines)
+    assert gpu_check.summary(results) == ("summary: 4 pass, 1 fail, 3 skip", 1)
+
+
+def test_summary_exit_status() -> None:
+    def result(name: str, status: Status) -> CheckResult:
+        return CheckResult(name, status, "")
+
+    ok = [result("versions", Status.PASS), result("cuda", Status.PASS)]
+    assert gpu_check.summary(ok)[1] == 0
+    no_gpu = [result("versions", Status.SKIP), result("cuda", Status.SKIP)]
+    assert gpu_check.summary(no_gpu)[1] == 2
+    assert gpu_check.summary([*ok, result("x", Status.FAIL)])[1] == 1
+
+
+# ---- the whole command on this CPU machine -----------------------------------------------------
+def test_main_without_a_gpu_skips_and_says_so(
+    tmp_path: Path, llmapi_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setattr(gpu_check, "probe_environment", lambda root: NO_GPU)
+    argv = ["--model", str(tmp_path), "--workdir", str(tmp_path / "w"), "--llmapi-dir",
+            str(llmapi_dir)]  # fmt: skip
+    assert gpu_check.main(argv) == 2
+    lines = capsys.readouterr().out.splitlines()
+    checks = [line for line in lines if LINE.match(line)]
+    assert [line.split()[1].rstrip(":") for line in checks] == [c.name for c in CHECKS]
+    assert "PASS repositories:" in "\n".join(checks)
+    assert lines[-1].startswith("summary: 1 pass, 0 fail, 14 skip; no GPU path was checked")
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(
+    tmp_path: Path, llmapi_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run started a process")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setattr(gpu_check, "probe_environment", lambda root: FULL)
+    argv = ["--model", "/models/small", "--workdir", str(tmp_path / "w"), "--llmapi-dir",
+            str(llmapi_dir), "--dry-run"]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    out = capsys.readouterr().out
+    for check in CHECKS:
+        assert f"PLAN {check.name}: " in out
+    assert "would SKIP" not in out  # everything can run with FULL
+    commands = [line for line in out.splitlines() if " triton: mpirun " in line]
+    assert len(commands) == 4  # two servers, TP 1 and TP 2
+    assert all("--disable-auto-complete-config" in line for line in commands)
+    assert "tp2 decode env: " in out and "TRTLLM_PRFAAS_ROLE=decode" in out
+    assert "tp1 decode worker: prfaas worker --role decode" in out
+    assert "tp1 repositories: ok" in out and "tp2 repositories: ok" in out
+    assert (tmp_path / "w" / "tp2" / "decode" / "tensorrt_llm" / "config.pbtxt").is_file()
+
+
+def test_the_shell_wrapper(tmp_path: Path) -> None:
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=10)
+    assert os.access(SCRIPT, os.X_OK)
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        [str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert done.returncode == 0 and "--dry-run" in done.stdout
+    done = subprocess.run(
+        [str(SCRIPT), "--model", str(tmp_path), "--workdir", str(tmp_path / "w"), "--dry-run"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "PLAN tp2_relayed_equals_local: " in done.stdout
+    assert "import tensorrt_llm" not in SCRIPT.read_text()
+
+
+def test_no_module_imports_tensorrt_llm_at_import_time() -> None:
+    code = (
+        "import sys; import trtllm_prfaas.deploy.gpu_check, trtllm_prfaas.deploy.gpu_steps; "
+        "sys.exit(any(m.startswith('tensorrt_llm') for m in sys.modules))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)

@@ -1,0 +1,459 @@
+"""The full GPU check of the TensorRT-LLM path, in one command (``scripts/gpu_check.sh``).
+
+Run inside the project's Triton image (``docker/triton.Dockerfile``) with this checkout mounted
+and a small dense Hugging Face checkpoint, e.g. Qwen/Qwen2.5-0.5B-Instruct or
+TinyLlama/TinyLlama-1.1B-Chat-v1.0 (any dense model whose KV heads divide by 2, with a
+``tokenizer.json``)::
+
+    scripts/gpu_check.sh --model /models/qwen2.5-0.5b-instruct [--workdir DIR] [--dry-run]
+
+It prints one line per check, ``PASS|FAIL|SKIP name: detail``, then a summary; every wait has a
+deadline and the whole run one (``--deadline-s``, default 570 s; the shell wrapper adds a hard
+600 s ``timeout``). Exit status: 0 every check that could run passed and a GPU and TensorRT-LLM
+were present; 1 a check failed; 2 nothing failed but the GPU prerequisites were missing (so
+nothing on the GPU path was checked). ``--dry-run`` renders the repositories and prints the
+plan (checks, what each would skip, the exact commands and environments) and starts nothing.
+
+The checks cover the audit's "What to check first on a GPU" list (../shared/TRTLLM_AUDIT.md):
+versions (6a), the connector's bases, the cross-device write (2c), prefill and decode Triton
+servers with the connector, a relayed request equal to a local one (3a; the plan carrier), a
+warm prefix on the decode (1e), TP=2 (1f) and genai-perf against the front door (4e); plus the
+connector contract tests on ``cuda`` (issue 12 item 7a) and the decoupled policy with
+auto-complete disabled (5b). ``tensorrt_llm`` is never imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from trtllm_prfaas.deploy.contract import connector_contract_problems, parse_model_config
+from trtllm_prfaas.deploy.env import DeployRole
+from trtllm_prfaas.deploy.gpu_serving import worker_args
+from trtllm_prfaas.deploy.gpu_stack import MODEL_NAME, Stack, StackLayout, StackPlan, render
+from trtllm_prfaas.deploy.triton_repo import model_yaml_dict
+from trtllm_prfaas.errors import PrfaasError
+
+__all__ = [
+    "CHECKS",
+    "LOG_PROBLEMS",
+    "Check",
+    "CheckResult",
+    "Environment",
+    "GpuCheckConfig",
+    "Status",
+    "main",
+    "parse_args",
+    "probe_environment",
+    "skip_reason",
+]
+
+DEFAULT_DEADLINE_S = 570.0
+LOG_PROBLEMS = (
+    "prfaas_plan_missing",  # a request found no plan: the relay was inert for it
+    "There must be at least one uncomputed token",  # kvCacheManager.cpp (audit 1e)
+    "prepopulatedPromptLen",  # llmRequest.h setPrepopulatedPromptLen check (audit 1e)
+    "relay receiver cannot bind",  # one bind for all TP ranks (audit 1f)
+    "duplicate transfer id",  # every prefill rank sent rank 0's id (audit 1f)
+    "Traceback (most recent call last)",
+)
+
+
+class Status(Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check: its name, what it shows (with the audit item), and what it needs first:
+    environment needs (``trtllm``, ``cuda``, ``gpus2``, ``triton``, ``contract_tests``,
+    ``genai_perf``) or the names of earlier checks that must have passed."""
+
+    name: str
+    what: str
+    needs: tuple[str, ...] = ()
+    cap_s: float = 60.0  # this check's own bound (the total deadline may cut it shorter)
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("versions", "tensorrt_llm is 1.2.x and matches the Triton tag (audit 6a)", ("trtllm",)),
+    Check("cuda", "torch sees CUDA devices", ("cuda",)),
+    Check(
+        "cross_device_index_put",
+        "a CUDA pool indexed with CPU values raises: loads must copy host-to-device (audit 2c)",
+        ("cuda",),
+    ),
+    Check(
+        "connector_bases",
+        "the connector halves subclass TensorRT-LLM's KvCacheConnector bases (audit 1a)",
+        ("trtllm", "cuda"),
+    ),
+    Check(
+        "connector_contract_cuda",
+        "tests/connector with the pool on cuda: staging, streams, events real (issue 12, 7a)",
+        ("cuda", "contract_tests"),
+        cap_s=240.0,
+    ),
+    Check("repositories", "both rendered repositories pass the contract checks (audit 5a-5c)"),
+    Check(
+        "triton_tp1",
+        "prefill and decode tritonserver load the model with the connector, launched as "
+        "upstream (mpirun -n 1, --disable-auto-complete-config)",
+        ("trtllm", "cuda", "triton", "repositories"),
+        cap_s=300.0,
+    ),
+    Check(
+        "decoupled_policy",
+        "decode decoupled, prefill not, with auto-complete disabled (audit 5b)",
+        ("triton_tp1",),
+    ),
+    Check(
+        "prefill_refuses_streaming",
+        "the non-decoupled prefill refuses streaming=True, so workers must call it unary "
+        "(audit 4c)",
+        ("triton_tp1",),
+    ),
+    Check(
+        "serving_tp1",
+        "prfaas workers (--engine triton) and the router start against both servers",
+        ("triton_tp1",),
+        cap_s=90.0,
+    ),
+    Check(
+        "relayed_equals_local",
+        "a relayed request's text equals the decode's local answer and the router counts it "
+        "relayed, not recomputed (audit 3a, 1g: the plan carrier works)",
+        ("serving_tp1",),
+        cap_s=90.0,
+    ),
+    Check(
+        "warm_prefix",
+        "with the prompt's prefix already cached on the decode (block reuse), a relayed "
+        "request still equals local and the decode stays up (audit 1e)",
+        ("relayed_equals_local",),
+        cap_s=90.0,
+    ),
+    Check(
+        "genai_perf_front_door",
+        "genai-perf --service-kind triton --backend tensorrtllm against the router (audit 4e)",
+        ("serving_tp1", "genai_perf"),
+        cap_s=90.0,
+    ),
+    Check(
+        "triton_logs_tp1",
+        "no plan miss, prepopulatedPromptLen check, bind error, duplicate transfer id or "
+        "traceback in the Triton logs",
+        ("triton_tp1",),
+        cap_s=10.0,
+    ),
+    Check(
+        "tp2_relayed_equals_local",
+        "TP=2 on both sides: every rank binds its own relay and plan port, sends its own "
+        "transfer id, and a relayed request equals local (audit 1f)",
+        ("trtllm", "cuda", "gpus2", "triton", "repositories"),
+        cap_s=300.0,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    detail: str
+
+    def line(self) -> str:
+        """``STATUS name: detail`` on one line (newlines folded, at most 400 characters)."""
+        detail = " | ".join(part.strip() for part in self.detail.splitlines() if part.strip())
+        if len(detail) > 400:
+            detail = detail[:397] + "..."
+        return f"{self.status.value} {self.name}: {detail}"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What this machine has, probed once without importing ``tensorrt_llm``."""
+
+    trtllm_version: str | None
+    triton_tag: str | None  # NVIDIA_TRITON_SERVER_VERSION, set in Triton's containers
+    num_gpus: int
+    has_triton: bool  # tritonserver and mpirun on PATH
+    has_contract_tests: bool  # tests/connector with a --device option in this checkout
+    has_genai_perf: bool
+
+
+def probe_environment(repo_root: Path) -> Environment:
+    """The environment of this process (imports torch, never tensorrt_llm)."""
+    try:
+        trtllm: str | None = importlib.metadata.version("tensorrt_llm")
+    except importlib.metadata.PackageNotFoundError:
+        trtllm = None
+    return Environment(
+        trtllm_version=trtllm,
+        triton_tag=os.environ.get("NVIDIA_TRITON_SERVER_VERSION"),
+        num_gpus=_num_gpus(),
+        has_triton=bool(shutil.which("tritonserver") and shutil.which("mpirun")),
+        has_contract_tests=_has_device_option(repo_root / "tests"),
+        has_genai_perf=shutil.which("genai-perf") is not None,
+    )
+
+
+def _num_gpus() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _has_device_option(tests: Path) -> bool:
+    files = [*tests.glob("conftest.py"), *(tests / "connector").glob("*.py")]
+    return any('"--device"' in p.read_text(errors="replace") for p in files if p.is_file())
+
+
+def _environment_gap(need: str, env: Environment) -> str | None:
+    gaps: dict[str, tuple[bool, str]] = {
+        "trtllm": (
+            env.trtllm_version is not None,
+            "tensorrt_llm is not installed (run in the Triton image, docker/triton.Dockerfile)",
+        ),
+        "cuda": (env.num_gpus > 0, "no CUDA device visible to torch"),
+        "gpus2": (env.num_gpus >= 2, f"TP=2 needs 2 GPUs, found {env.num_gpus}"),
+        "triton": (env.has_triton, "tritonserver or mpirun is not on PATH"),
+        "contract_tests": (
+            env.has_contract_tests,
+            "this checkout's tests/connector has no --device option (issue 12, 7a)",
+        ),
+        "genai_perf": (env.has_genai_perf, "genai-perf is not installed"),
+    }
+    ok, reason = gaps[need]
+    return None if ok else reason
+
+
+def skip_reason(check: Check, env: Environment, results: dict[str, CheckResult]) -> str | None:
+    """Why ``check`` cannot run here (a missing need or an earlier check that did not pass)."""
+    for need in check.needs:
+        if need in results:
+            if results[need].status is not Status.PASS:
+                return f"needs {need} ({results[need].status.value})"
+        elif (gap := _environment_gap(need, env)) is not None:
+            return gap
+    return None
+
+
+@dataclass(frozen=True)
+class GpuCheckConfig:
+    model: Path
+    workdir: Path
+    repo_root: Path
+    deadline_s: float = DEFAULT_DEADLINE_S
+    base_port: int = 18000
+    llmapi_dir: Path = Path("/opt/prfaas/llmapi")
+    max_tokens: int = 16
+    dry_run: bool = False
+
+    def layout(self, tensor_parallel_size: int, num_gpus: int) -> StackLayout:
+        return StackLayout(
+            self.model,
+            self.workdir,
+            tensor_parallel_size,
+            num_gpus,
+            self.base_port + (1000 if tensor_parallel_size > 1 else 0),
+            self.llmapi_dir,
+        )
+
+
+def parse_args(argv: Sequence[str]) -> GpuCheckConfig:
+    """The command line (``scripts/gpu_check.sh`` passes ``--repo-root``)."""
+    parser = argparse.ArgumentParser(prog="gpu_check.sh", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="small dense HF checkpoint dir")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
+    parser.add_argument("--repo-root", type=Path, default=Path.cwd(), help="this checkout")
+    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S)
+    parser.add_argument("--base-port", type=int, default=18000)
+    parser.add_argument("--llmapi-dir", type=Path, default=Path("/opt/prfaas/llmapi"))
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    args = parser.parse_args(list(argv))
+    if not 0 < args.deadline_s <= 590:
+        parser.error("--deadline-s must be in (0, 590]: the whole check stays under ten minutes")
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be >= 2 (a relayed request has a decode leg)")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prfaas-gpu-check-"))
+    return GpuCheckConfig(
+        model=args.model,
+        workdir=workdir,
+        repo_root=args.repo_root,
+        deadline_s=args.deadline_s,
+        base_port=args.base_port,
+        llmapi_dir=args.llmapi_dir,
+        max_tokens=args.max_tokens,
+        dry_run=args.dry_run,
+    )
+
+
+class CheckFailed(PrfaasError):
+    """A check's assertion did not hold; its message is the FAIL line's detail."""
+
+
+@dataclass
+class Session:
+    """One run: the checks' shared state (stacks, serving, tokenizer); ``close`` stops it all."""
+
+    config: GpuCheckConfig
+    env: Environment
+    plans: dict[int, StackPlan] = field(default_factory=dict)
+    stack: Stack | None = None
+    serving: Any = None
+
+    def plan(self, tensor_parallel_size: int) -> StackPlan:
+        if tensor_parallel_size not in self.plans:
+            layout = self.config.layout(tensor_parallel_size, self.env.num_gpus)
+            self.plans[tensor_parallel_size] = render(layout)
+        return self.plans[tensor_parallel_size]
+
+    def stop(self) -> None:
+        """Stop the serving side, then the Triton servers (children by process group)."""
+        try:
+            if self.serving is not None:
+                self.serving.close()
+        finally:
+            self.serving = None
+            if self.stack is not None:
+                self.stack.close()
+            self.stack = None
+
+
+def run_checks(
+    session: Session, report: Callable[[CheckResult], None], clock: Callable[[], float]
+) -> list[CheckResult]:
+    """Every check in order, each bounded by its cap and the total deadline; ``report`` gets
+    each result as soon as it is known. Stops everything it started before returning."""
+    from trtllm_prfaas.deploy import gpu_steps
+
+    end = clock() + session.config.deadline_s
+    results: dict[str, CheckResult] = {}
+    try:
+        for check in CHECKS:
+            reason = skip_reason(check, session.env, results)
+            if reason is None and clock() >= end:
+                reason = "the total deadline was reached"
+            if reason is not None:
+                result = CheckResult(check.name, Status.SKIP, reason)
+            else:
+                result = _run_one(
+                    check, gpu_steps.STEPS[check.name], session, min(end, clock() + check.cap_s)
+                )
+            results[check.name] = result
+            report(result)
+    finally:
+        session.stop()
+    return list(results.values())
+
+
+def _run_one(
+    check: Check, step: Callable[[Session, float], str], session: Session, deadline: float
+) -> CheckResult:
+    try:
+        return CheckResult(check.name, Status.PASS, step(session, deadline))
+    except Exception as exc:  # every failure becomes this check's FAIL line, never a crash
+        return CheckResult(check.name, Status.FAIL, f"{type(exc).__name__}: {exc}")
+
+
+def dry_run(session: Session) -> list[str]:
+    """The plan: each check with what it shows and what it would skip, then the commands."""
+    lines = [f"workdir: {session.config.workdir}", f"model: {session.config.model}"]
+    pending: dict[str, CheckResult] = {}
+    for check in CHECKS:
+        reason = skip_reason(check, session.env, pending)
+        note = f" (would SKIP: {reason})" if reason else ""
+        lines.append(f"PLAN {check.name}: {check.what}{note}")
+        status = Status.SKIP if reason else Status.PASS  # assume what can run passes
+        pending[check.name] = CheckResult(check.name, status, "")
+    sizes = (1, 2) if session.env.num_gpus >= 2 else (1,)
+    for tp in sizes:
+        plan = session.plan(tp)
+        lines += plan.describe()
+        for role in plan.tritons:
+            lines.append(
+                f"tp{tp} {role.value} worker: prfaas worker {' '.join(worker_args(plan, role))}"
+            )
+        problems = repository_problems(plan)
+        lines.append(f"tp{tp} repositories: {'ok' if not problems else '; '.join(problems)}")
+    return lines
+
+
+def repository_problems(plan: StackPlan) -> list[str]:
+    """What is wrong with a rendered stack: contract breaches, a bad config.pbtxt, a missing
+    NVIDIA model.py (the image puts it in ``/opt/prfaas/llmapi``)."""
+    problems: list[str] = []
+    for role, config in plan.repo_configs.items():
+        model_dir = plan.layout.repo_dir(role) / MODEL_NAME
+        problems += [
+            f"{role.value}: {p}" for p in connector_contract_problems(model_yaml_dict(config))
+        ]
+        parsed = parse_model_config((model_dir / "config.pbtxt").read_text())
+        if parsed.model_transaction_policy.decoupled is not (role is DeployRole.DECODE):
+            problems.append(f"{role.value}: config.pbtxt decoupled policy is wrong")
+        if not (model_dir / "1" / "model.py").is_file():
+            problems.append(f"{role.value}: no 1/model.py (NVIDIA's llmapi model, --llmapi-dir)")
+    return problems
+
+
+def summary(results: Sequence[CheckResult]) -> tuple[str, int]:
+    """The summary line and the exit status (see the module docstring)."""
+    counts = {s: sum(r.status is s for r in results) for s in Status}
+    line = ", ".join(f"{counts[s]} {s.value.lower()}" for s in Status)
+    by_name = {r.name: r for r in results}
+    if counts[Status.FAIL]:
+        return f"summary: {line}", 1
+    prerequisites = ("versions", "cuda")
+    if any(by_name[n].status is Status.SKIP for n in prerequisites if n in by_name):
+        return f"summary: {line}; no GPU path was checked (GPU or TensorRT-LLM missing)", 2
+    return f"summary: {line}", 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    session = Session(config, probe_environment(config.repo_root))
+    if config.dry_run:
+        for line in dry_run(session):
+            print(line, flush=True)
+        return 0
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # the wrapper's timeout: clean up, then exit
+    print(f"workdir: {config.workdir}", flush=True)
+    results = run_checks(session, lambda r: print(r.line(), flush=True), time.monotonic)
+    line, code = summary(results)
+    print(line, flush=True)
+    return code
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_pytest(
+    repo_root: Path, args: Sequence[str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pytest ARGS`` in ``repo_root`` with a timeout (used by the contract check)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=repo_root, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
