@@ -1,6 +1,9 @@
 """TrtllmEngine on CPU against a fake ``tensorrt_llm`` package injected into ``sys.modules``: the
-exact ``LLM(...)`` arguments, per-request PrfaaS params reaching the connector's request view,
-streaming, abort, failures, and the DependencyMissing message when TensorRT-LLM is absent."""
+exact ``LLM(...)`` arguments, PrfaaS plans posted to the connector's plan server before the
+request (the only carrier that exists on 1.2: ``opaque_state`` of a context request never reaches
+the connector, so the fake has no ``DisaggregatedParams`` and ``generate_async`` records any it is
+given as a failure), streaming, abort, failures, and the DependencyMissing message when
+TensorRT-LLM is absent."""
 
 from __future__ import annotations
 
@@ -14,18 +17,21 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.deploy.llm_api_fields import LLM_API_FIELDS
+from trtllm_prfaas.connector.plans import Plan, PlanBook, PlanServer, tokens_digest
 from trtllm_prfaas.engines.base import Engine
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.engines.trtllm import (
-    TrtllmEngine,
-    TrtllmEngineConfig,
-    connector_params_of,
-    decode_connector_params,
-    encode_connector_params,
+from trtllm_prfaas.engines.trtllm import TrtllmEngine, TrtllmEngineConfig
+from trtllm_prfaas.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    DependencyMissing,
+    EngineError,
+    InvalidRequestError,
 )
-from trtllm_prfaas.errors import ConfigError, DependencyMissing, EngineError, InvalidRequestError
+from trtllm_prfaas.transport import InboundStatus
+from trtllm_prfaas.transport.config import RelaySecurity
 
-PARAMS = {"transfer_uuid": "7f3a", "relay_endpoint": "tcp://10.0.0.2:7100"}
+PLAIN = RelaySecurity.insecure_plaintext()
 
 
 @dataclass
@@ -38,18 +44,13 @@ def _model(name: str) -> type:
 
 
 @dataclass
-class FakeDisaggregatedParams:
-    request_type: str
-    opaque_state: bytes | None = None
-
-
-@dataclass
 class FakeResult:
     """A streaming GenerationResult: cumulative token ids, then finished."""
 
     prompt: list[int]
     max_tokens: int
     fail_after: int | None = None
+    final_reason: str = "length"
     aborted: bool = False
     outputs: list[Any] = field(default_factory=list)
     finished: bool = False
@@ -73,26 +74,34 @@ class FakeResult:
             raise RuntimeError("CUDA error: an illegal memory access")
         out.token_ids = [*out.token_ids, (sum(self.prompt) + len(out.token_ids)) % 256]
         if len(out.token_ids) == self.max_tokens:
-            out.finish_reason, self.finished = "length", True
+            out.finish_reason, self.finished = self.final_reason, True
         return self
 
 
 class FakeLLM:
     instances: ClassVar[list[FakeLLM]] = []
 
+    on_generate: ClassVar[Any] = None  # called with the inputs when a request is submitted
+
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs, self.calls, self.results, self.is_shut_down = kwargs, [], [], False
         self.fail_after: int | None = None
+        self.final_reason = "length"
         FakeLLM.instances.append(self)
 
-    def generate_async(self, inputs: list[int], sampling_params: Any, streaming: bool,
-                       disaggregated_params: Any) -> FakeResult:  # fmt: skip
+    def generate_async(self, inputs: list[int], sampling_params: Any = None,
+                       streaming: bool = False, **options: Any) -> FakeResult:  # fmt: skip
+        """``LLM.generate_async(inputs, sampling_params, ..., streaming, ...)``; ``options`` are
+        the other keyword arguments upstream takes (recorded: the engine must pass none)."""
         asyncio.get_running_loop()  # TensorRT-LLM's async queue needs a running loop
         if any(t >= 256 for t in inputs):
             raise ValueError("token id out of vocabulary")
-        call = dict(inputs=inputs, sampling_params=sampling_params, streaming=streaming)
-        self.calls.append({**call, "disaggregated_params": disaggregated_params})
-        result = FakeResult(inputs, sampling_params.kwargs["max_tokens"], self.fail_after)
+        if FakeLLM.on_generate is not None:
+            FakeLLM.on_generate(inputs)
+        self.calls.append(dict(inputs=inputs, sampling_params=sampling_params,
+                               streaming=streaming, options=options))  # fmt: skip
+        result = FakeResult(inputs, sampling_params.kwargs["max_tokens"], self.fail_after,
+                            self.final_reason)  # fmt: skip
         self.results.append(result)
         return result
 
@@ -107,11 +116,11 @@ def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
     root.LLM = FakeLLM  # type: ignore[attr-defined]
     llmapi.KvCacheConfig = _model("KvCacheConfig")  # type: ignore[attr-defined]
     llmapi.SamplingParams = _model("SamplingParams")  # type: ignore[attr-defined]
-    llmapi.DisaggregatedParams = FakeDisaggregatedParams  # type: ignore[attr-defined]
     llm_args.KvCacheConnectorConfig = _model("KvCacheConnectorConfig")  # type: ignore[attr-defined]
     for module in (root, llmapi, llm_args):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     FakeLLM.instances = []
+    FakeLLM.on_generate = None
     return FakeLLM
 
 
@@ -174,28 +183,54 @@ def test_streams_tokens_and_sampling_params(fake_trtllm) -> None:
     greedy, sampled = (call["sampling_params"].kwargs for call in llm.calls)
     assert greedy == dict(max_tokens=5, ignore_eos=False)  # no temperature: greedy
     assert sampled == dict(max_tokens=3, ignore_eos=False, temperature=0.7, seed=11)
-    assert all(call["streaming"] and call["disaggregated_params"] is None for call in llm.calls)
+    assert all(call["streaming"] and call["options"] == {} for call in llm.calls)
 
 
-def test_connector_params_round_trip_to_the_connector_view(fake_trtllm) -> None:
+def test_plans_are_posted_and_acknowledged_before_the_request(fake_trtllm) -> None:
+    book, statuses = PlanBook(), {("u1", 3): "complete"}
+    seen_at_submit: list[int] = []
+    fake_trtllm.on_generate = lambda inputs: seen_at_submit.append(book.counts().posted)
+    prefill = Plan("u1", 3, tokens_digest([5, 6, 7]), ["tcp://10.0.0.2:7100"])
+    decode = Plan("u1", 3, tokens_digest([5, 6, 7]))
+    status_of = lambda uuid, n: statuses.get((uuid, n), "")  # noqa: E731
+    with PlanServer("tcp://127.0.0.1:0", PLAIN, 0, book=book, status_of=status_of) as server:
+        config = TrtllmEngineConfig("/m", plan_endpoints=(server.endpoint,), plan_security=PLAIN)
+        with TrtllmEngine(config) as engine:
+            engine.add_request([5, 6, 7], SamplingParams(1), plan=prefill)
+            engine.add_request([5, 6, 7, 9], SamplingParams(2), plan=decode)
+            engine.add_request([5, 6], SamplingParams(2), plan=decode)  # not its tokens: skipped
+            _run(engine)
+            assert engine.transfer_status("u1", 3) is InboundStatus.COMPLETE
+            assert engine.transfer_status("u2", 3) is None
+            assert dict(engine.plans.counts) == {"plans_posted": 2, "plans_skipped": 1}
+    assert seen_at_submit == [1, 2, 2]  # each plan was stored before its request started
+    assert book.take([5, 6, 7]) == prefill and book.take([5, 6, 7]) == decode
+    assert all(call["options"] == {} for call in fake_trtllm.instances[0].calls)
+
+
+def test_a_plan_without_a_plan_endpoint_is_counted(fake_trtllm) -> None:
     with TrtllmEngine(TrtllmEngineConfig("/m")) as engine:
-        rid = engine.add_request([5, 6, 7], SamplingParams(1), connector_params=PARAMS)
+        rid = engine.add_request([5, 6, 7], SamplingParams(1), plan=Plan("u", 2, "00"))
+        assert _run(engine)[rid][-1].finish_reason == "length"
+        assert dict(engine.plans.counts) == {"plans_skipped": 1}
+        plan = Plan("u", 2, tokens_digest([5, 6]))
+        engine.add_request([5, 6, 7], SamplingParams(1), plan=plan)
         _run(engine)
-        (call,) = fake_trtllm.instances[0].calls
-    disagg = call["disaggregated_params"]
-    assert disagg.request_type == "context_and_generation"
-    assert decode_connector_params(disagg.opaque_state) == PARAMS
-    # What the connector sees inside TensorRT-LLM: an LlmRequest carrying the params.
-    llm_request = types.SimpleNamespace(request_id=rid, py_disaggregated_params=disagg)
-    assert connector_params_of(llm_request) == PARAMS
-    # The reference engine's attribute wins; foreign or missing payloads give {}.
-    assert connector_params_of(types.SimpleNamespace(connector_params={"transfer_uuid": "x"})) == {
-        "transfer_uuid": "x"
-    }
-    foreign = FakeDisaggregatedParams("context_only", b"\x93\x01\x02\x03")
-    assert connector_params_of(types.SimpleNamespace(py_disaggregated_params=foreign)) == {}
-    assert connector_params_of(object()) == {}
-    assert decode_connector_params(encode_connector_params({"a": "b", "none": None})) == {"a": "b"}
+        assert engine.plans.counts["plans_unconfigured"] == 1
+    with pytest.raises(ConfigError, match="plan_security"):
+        TrtllmEngineConfig("/m", plan_endpoints=("tcp://127.0.0.1:1",))
+
+
+def test_timeout_and_unknown_finish_reasons_are_errors(fake_trtllm) -> None:
+    with TrtllmEngine(TrtllmEngineConfig("/m")) as engine:
+        fake_trtllm.instances[0].final_reason = "timeout"
+        rid = engine.add_request([1, 2], SamplingParams(2))
+        final = _run(engine)[rid][-1]
+        assert final.finish_reason == "error" and isinstance(final.error, DeadlineExceeded)
+        fake_trtllm.instances[0].final_reason = "bogus"
+        rid = engine.add_request([1, 2], SamplingParams(2))
+        final = _run(engine)[rid][-1]
+        assert final.finish_reason == "error" and "bogus" in str(final.error)
 
 
 def test_abort_stops_the_request(fake_trtllm) -> None:

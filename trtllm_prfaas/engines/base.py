@@ -3,10 +3,17 @@
 ``Engine`` is the surface ``worker/server.py`` drives (structural: ``ReferenceEngine``,
 ``TrtllmEngine`` and ``TritonEngine`` all satisfy it without inheriting from it):
 
-``add_request(prompt_token_ids, sampling, request_id, connector_params) -> int``
+``add_request(prompt_token_ids, sampling, request_id=None, plan=None) -> int``
     Validate and queue; raises ``InvalidRequestError`` / ``AdmissionRejected`` at once for input
-    that can never run. ``connector_params`` is opaque to the engine and reaches the KV cache
-    connector of that request (``{"transfer_uuid", "relay_endpoint"}`` for PrfaaS).
+    that can never run. ``plan`` (``connector.plans.Plan``) is the request's PrfaaS transfer; the
+    engine makes it reachable by its KV cache connector BEFORE the request can be scheduled: the
+    reference engine posts it into its in-process runtime's ``PlanBook``; engines whose connector
+    runs in another process (``TritonEngine``, ``TrtllmEngine``) post it to the connector's plan
+    server and wait for the acknowledgement (``engines/remote_plans.py``), skipping (counted,
+    logged) a plan whose claimed tokens differ from the tokens that engine will actually run.
+``transfer_status(transfer_uuid, num_tokens) -> InboundStatus | None`` (remote engines only)
+    The transfer of ``num_tokens`` claimed tokens over every rank of the remote connector:
+    COMPLETE only when complete on all ranks, None when no rank knows it.
 ``step() -> list[RequestOutput]``
     One iteration's outputs. Never raises for one request's failure: that request ends with a
     ``RequestOutput`` whose ``finish_reason`` is ``"error"``. Blocks at most a short poll interval.
@@ -35,10 +42,13 @@ import time
 from collections.abc import Coroutine, Iterator, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import AdmissionRejected, InvalidRequestError
+
+if TYPE_CHECKING:
+    from trtllm_prfaas.connector.plans import Plan
 
 __all__ = [
     "BlocksView",
@@ -91,7 +101,7 @@ class Engine(Protocol):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         request_id: int | None = None,
-        connector_params: dict[str, Any] | None = None,
+        plan: Plan | None = None,
     ) -> int: ...
 
     def step(self) -> list[RequestOutput]: ...

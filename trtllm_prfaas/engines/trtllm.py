@@ -9,21 +9,22 @@ pool and hosts the connector (``kv_connector_config``) in every worker process i
 ``tensorrt_llm`` is imported only when an engine is built; without it ``DependencyMissing`` says
 so. ``llm_kwargs(config)`` is the exact ``LLM(...)`` argument set (pure, testable on CPU).
 
-Per-request PrfaaS params on GPUs (``{"transfer_uuid", "relay_endpoint"}``). The connector runs in
-TensorRT-LLM's MPI worker processes, not in this one, so a side registry keyed by request id in
-this process cannot reach it. The params therefore ride on the request itself:
-``DisaggregatedParams(request_type="context_and_generation", opaque_state=encode_connector_params(
-params))`` is passed to ``generate_async``; the executor's ``LlmRequest`` carries it as
-``py_disaggregated_params``; the connector reads it with ``connector_params_of(request)``, which
-prefers ``request.connector_params`` (the reference engine's attribute) and falls back to the
-decoded ``opaque_state``. What must change in ``connector/prfaas.py`` for the GPU path: its
-``_params_of`` must call ``connector_params_of`` (today it reads only ``connector_params``).
+PrfaaS plans. On TensorRT-LLM 1.2 no request-level field reaches the connector for a context
+request: ``DisaggregatedParams.opaque_state`` is forwarded only for generation-only requests
+(``tensorrt_llm/executor/base_worker.py`` ``BaseWorker._enqueue_request``, stored copy
+1131391427; ``../shared/TRTLLM_AUDIT.md`` 3a), so the former ``opaque_state`` carrier never
+reached it and is gone. Instead the plan travels beside the request (``docs/design/
+trtllm_path.md`` section 3): ``add_request(..., plan=)`` posts it to the connector's plan server
+(rank 0 of the ranks TensorRT-LLM spawned, ``plan_endpoints``) and waits for the acknowledgement
+before ``generate_async``; the connector's scheduler takes it by the digest of the prompt token
+ids, which ``generate_async`` passes to the executor unchanged. ``transfer_status`` asks every
+rank. The connector inside the spawned workers is configured by the ``TRTLLM_PRFAAS_*`` variables
+(``deploy/env.py``: ``TRTLLM_PRFAAS_PLAN_BIND`` and its key files), which must be in this
+process's environment before the engine is built (only ``TRTLLM``/``TLLM`` variables reach them).
 
-Unverified without a GPU: that TensorRT-LLM 1.2 accepts ``disaggregated_params`` with
-``request_type="context_and_generation"`` when no cache transceiver is configured and copies
-``opaque_state`` onto ``LlmRequest.py_disaggregated_params`` before ``get_num_new_matched_tokens``;
-that ``GenerationResult`` streams cumulative ``outputs[0].token_ids`` under ``async for``; the
-``finish_reason`` strings; ``GenerationResult.abort()`` freeing the request's blocks.
+Unverified without a GPU: that ``GenerationResult`` streams cumulative ``outputs[0].token_ids``
+under ``async for``; the ``finish_reason`` strings; ``GenerationResult.abort()`` freeing the
+request's blocks.
 """
 
 from __future__ import annotations
@@ -36,17 +37,20 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
-
+from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.engines.base import LoopBridge, RemoteFlights
+from trtllm_prfaas.engines.remote_plans import RemotePlans
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import (
     ConfigError,
+    DeadlineExceeded,
     DependencyMissing,
     EngineError,
     InvalidRequestError,
     PrfaasError,
 )
+from trtllm_prfaas.transport import InboundStatus
+from trtllm_prfaas.transport.config import RelaySecurity
 
 __all__ = [
     "CONNECTOR_MODULE",
@@ -54,9 +58,6 @@ __all__ = [
     "CONNECTOR_WORKER_CLASS",
     "TrtllmEngine",
     "TrtllmEngineConfig",
-    "connector_params_of",
-    "decode_connector_params",
-    "encode_connector_params",
     "import_tensorrt_llm",
     "llm_kwargs",
 ]
@@ -65,41 +66,7 @@ CONNECTOR_MODULE = "trtllm_prfaas.connector.prfaas"
 CONNECTOR_SCHEDULER_CLASS = "PrfaasConnectorScheduler"
 CONNECTOR_WORKER_CLASS = "PrfaasConnectorWorker"
 _PIP_HINT = "tensorrt-llm  (GPU machines only; see docs/deployment.md)"
-_PARAMS_TAG = "prfaas/1"  # versions the opaque_state payload; anything else is not ours
-_FINISH_REASONS = {"length": "length", "stop": "stop", "cancelled": "aborted"}
-
-
-# ------------------------------------------------------------------ per-request params codec
-def encode_connector_params(params: Mapping[str, Any]) -> bytes:
-    """The bytes put in ``DisaggregatedParams.opaque_state``: msgpack ``[tag, {str: str}]``."""
-    plain = {str(key): str(value) for key, value in params.items() if value is not None}
-    return msgspec.msgpack.encode([_PARAMS_TAG, plain])
-
-
-def decode_connector_params(blob: bytes | None) -> dict[str, str] | None:
-    """Inverse of ``encode_connector_params``; None for empty or foreign payloads."""
-    if not blob:
-        return None
-    try:
-        tag, params = msgspec.msgpack.decode(blob, type=tuple[str, dict[str, str]])
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return params if tag == _PARAMS_TAG else None
-
-
-def connector_params_of(request: Any) -> dict[str, Any]:
-    """A request's PrfaaS params as the connector must read them on both hosts.
-
-    ``request.connector_params`` (reference engine) wins; else the decoded
-    ``request.py_disaggregated_params.opaque_state`` (TensorRT-LLM's ``LlmRequest``); else ``{}``.
-    Never raises and never does I/O (it runs inside ``get_num_new_matched_tokens``).
-    """
-    params = getattr(request, "connector_params", None)
-    if params:
-        return dict(params)
-    disagg = getattr(request, "py_disaggregated_params", None)
-    decoded = decode_connector_params(getattr(disagg, "opaque_state", None))
-    return dict(decoded) if decoded else {}
+_FINISH_REASONS = {"length": "length", "stop": "stop", "cancelled": "aborted"}  # "timeout": error
 
 
 # --------------------------------------------------------------------------------- config
@@ -121,6 +88,10 @@ class TrtllmEngineConfig:
     start_timeout_s: float = 30.0  # generate_async must accept a request within this
     poll_interval_s: float = 0.01  # step() waits at most this long for an output
     extra_llm_args: Mapping[str, Any] = field(default_factory=dict)  # more LLM-API fields
+    # The connector ranks' plan servers (TRTLLM_PRFAAS_PLAN_BIND, port + rank), in rank order.
+    plan_endpoints: tuple[str, ...] = ()
+    plan_security: RelaySecurity | None = field(default=None, repr=False)
+    plan_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -129,6 +100,8 @@ class TrtllmEngineConfig:
                      "max_num_tokens", "max_in_flight"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrtllmEngineConfig.{name} must be > 0")
+        if self.plan_endpoints and self.plan_security is None:
+            raise ConfigError("TrtllmEngineConfig.plan_endpoints need plan_security")
         if not 0 < self.free_gpu_memory_fraction <= 1:
             raise ConfigError("TrtllmEngineConfig.free_gpu_memory_fraction must be in (0, 1]")
         clash = set(self.extra_llm_args) & _OWNED_ARGS
@@ -143,8 +116,8 @@ _OWNED_ARGS = frozenset(
 
 
 def import_tensorrt_llm() -> SimpleNamespace:
-    """``LLM``, ``KvCacheConfig``, ``KvCacheConnectorConfig``, ``SamplingParams`` and
-    ``DisaggregatedParams``, imported now; ``DependencyMissing`` when TensorRT-LLM is absent."""
+    """``LLM``, ``KvCacheConfig``, ``KvCacheConnectorConfig`` and ``SamplingParams``, imported
+    now; ``DependencyMissing`` when TensorRT-LLM is absent."""
     try:
         root = importlib.import_module("tensorrt_llm")
         llmapi = importlib.import_module("tensorrt_llm.llmapi")
@@ -156,7 +129,6 @@ def import_tensorrt_llm() -> SimpleNamespace:
         KvCacheConfig=llmapi.KvCacheConfig,
         KvCacheConnectorConfig=llm_args.KvCacheConnectorConfig,
         SamplingParams=llmapi.SamplingParams,
-        DisaggregatedParams=llmapi.DisaggregatedParams,
     )
 
 
@@ -214,7 +186,12 @@ class TrtllmEngine(RemoteFlights):
         self._control_timeout_s = config.start_timeout_s
         self.connector = None  # the connector lives in TensorRT-LLM's worker processes
         self._trt = import_tensorrt_llm()
-        self.llm = self._trt.LLM(**llm_kwargs(config, self._trt))
+        self.plans = RemotePlans(config.plan_endpoints, config.plan_security, config.plan_timeout_s)
+        try:
+            self.llm = self._trt.LLM(**llm_kwargs(config, self._trt))
+        except BaseException:
+            self.plans.close()
+            raise
         self._bridge = LoopBridge("trtllm-results")
         self._flights: dict[int, _Flight] = {}
         self._ids = itertools.count(1)
@@ -225,12 +202,15 @@ class TrtllmEngine(RemoteFlights):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         request_id: int | None = None,
-        connector_params: dict[str, Any] | None = None,
+        plan: Plan | None = None,
     ) -> int:
-        """Hand one request to TensorRT-LLM; raises at once when it is refused."""
+        """Post the plan (if any; acknowledged first), then hand the request to TensorRT-LLM;
+        raises at once when it is refused."""
         rid, num_blocks = self._admit(prompt_token_ids, sampling, request_id)
+        if plan is not None:  # generate_async runs exactly these ids: they are the claim
+            self.plans.submit(plan, prompt_token_ids, rid)
         flight = _Flight(rid, num_blocks)
-        start = self._start(flight, list(prompt_token_ids), sampling, connector_params)
+        start = self._start(flight, list(prompt_token_ids), sampling)
         try:
             self._bridge.call(start, self.config.start_timeout_s)
         except PrfaasError:
@@ -242,14 +222,21 @@ class TrtllmEngine(RemoteFlights):
         self._flights[rid] = flight
         return rid
 
+    def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None:
+        """The transfer of ``num_tokens`` claimed tokens over every connector rank (None:
+        unknown everywhere, or the ranks cannot be asked)."""
+        return self.plans.transfer_status(transfer_uuid, num_tokens)
+
     def close(self) -> None:
-        """Abort what is in flight, stop the loop thread, shut TensorRT-LLM down. Idempotent."""
+        """Abort what is in flight, stop the loop thread, shut TensorRT-LLM down, close the plan
+        client. Idempotent."""
         for request_id in list(self._flights):
             self.abort(request_id)
         self._bridge.close()
         shutdown = getattr(self.llm, "shutdown", None)
         if shutdown is not None:
             shutdown()
+        self.plans.close()
 
     def __enter__(self) -> TrtllmEngine:
         return self
@@ -263,7 +250,6 @@ class TrtllmEngine(RemoteFlights):
         flight: _Flight,
         prompt: list[int],
         sampling: SamplingParams,
-        connector_params: dict[str, Any] | None,
     ) -> None:
         trt = self._trt
         options: dict[str, Any] = dict(
@@ -271,17 +257,8 @@ class TrtllmEngine(RemoteFlights):
         )
         if sampling.temperature > 0:  # TensorRT-LLM samples greedily when none is given
             options.update(temperature=sampling.temperature, seed=sampling.seed)
-        disagg = None
-        if connector_params:
-            disagg = trt.DisaggregatedParams(
-                request_type="context_and_generation",
-                opaque_state=encode_connector_params(connector_params),
-            )
         flight.result = self.llm.generate_async(
-            prompt,
-            sampling_params=trt.SamplingParams(**options),
-            streaming=True,
-            disaggregated_params=disagg,
+            prompt, sampling_params=trt.SamplingParams(**options), streaming=True
         )
         flight.task = asyncio.get_running_loop().create_task(self._consume(flight))
 
@@ -293,8 +270,7 @@ class TrtllmEngine(RemoteFlights):
                 token_ids = list(completion.token_ids)  # cumulative in streaming mode
                 new, flight.num_seen = token_ids[flight.num_seen :], len(token_ids)
                 if result.finished:
-                    reason = _FINISH_REASONS.get(str(completion.finish_reason), "stop")
-                    self._bridge.put(RequestOutput(rid, new, True, reason))
+                    self._bridge.put(self._final(rid, new, str(completion.finish_reason)))
                     return
                 if new:
                     self._bridge.put(RequestOutput(rid, new))
@@ -306,6 +282,17 @@ class TrtllmEngine(RemoteFlights):
         except Exception as exc:  # never silent: the request ends with the cause
             error = EngineError(f"request {rid} failed in TensorRT-LLM: {exc!r}")
         self._bridge.put(RequestOutput(rid, [], True, "error", error))
+
+    @staticmethod
+    def _final(rid: int, new: list[int], reason: str) -> RequestOutput:
+        """The finishing output; "timeout" and unknown reasons end the request as an error."""
+        if reason == "timeout":
+            error: PrfaasError = DeadlineExceeded(f"request {rid}: TensorRT-LLM timed it out")
+            return RequestOutput(rid, new, True, "error", error)
+        if reason not in _FINISH_REASONS:
+            error = EngineError(f"request {rid}: unknown finish_reason {reason!r}")
+            return RequestOutput(rid, new, True, "error", error)
+        return RequestOutput(rid, new, True, _FINISH_REASONS[reason])
 
     async def _abort_remote(self, flight: _Flight) -> None:
         """Abort in TensorRT-LLM (which frees its blocks, or keeps them pinned for a save)."""
