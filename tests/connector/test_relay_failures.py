@@ -1,4 +1,5 @@
-"""Failure paths of the PrfaaS connector: corrupt chunks are caught and recomputed (or failed),
+"""Failure paths of the PrfaaS connector: a corrupt chunk fails the transfer and the decode computes
+the prompt itself, a load that fails after its claim never parks the request,
 a vanished decode peer fails the prefill's transfer by its deadline and frees its blocks, and a
 restarted receiver is reconnected to."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from tests.connector.test_relay_e2e import _prompt, relay_generate
 from tests.harness import collect, new_uuid, spawn_worker, wait_for
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.plans import Plan, tokens_digest
 from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
 from trtllm_prfaas.connector.prfaas_runtime import (
     PrfaasConnectorConfig,
@@ -24,9 +27,8 @@ from trtllm_prfaas.connector.prfaas_runtime import (
 )
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
-from trtllm_prfaas.errors import TransportError
 from trtllm_prfaas.kv.hashing import CacheKey
-from trtllm_prfaas.transport import RelayConfig, RelaySecurity, RelaySender
+from trtllm_prfaas.transport import InboundStatus, RelayConfig, RelaySecurity, RelaySender
 from trtllm_prfaas.worker import protocol as p
 
 MODEL = model_preset("tiny")
@@ -43,7 +45,7 @@ def _engine(role: Role, fallback: str = "recompute") -> tuple[ReferenceEngine, P
     engine_config = EngineConfig(
         model=MODEL, num_blocks=256, chunk_size=64, on_load_failure=fallback
     )
-    return ReferenceEngine(engine_config, pair), runtime
+    return ReferenceEngine(engine_config, pair, runtime.plans), runtime
 
 
 def _flip_layer_one(header: Any, payload: memoryview) -> bytes | memoryview:
@@ -61,41 +63,91 @@ def _wait(predicate: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("fallback", ["recompute", "fail"])
-def test_corrupt_chunk_is_detected_then_recomputed_or_failed(fallback: str) -> None:
+def _relay_plans(prompt: list[int], t1: int, endpoint: str) -> tuple[str, Plan, Plan]:
+    """The prefill's plan (all L tokens, to the decode's receiver) and the decode's (the L
+    tokens before t1), under one fresh transfer uuid."""
+    uuid = new_uuid()
+    digest = tokens_digest(prompt)
+    return uuid, Plan(uuid, len(prompt), digest, [endpoint]), Plan(uuid, len(prompt), digest)
+
+
+def _run(*engines: ReferenceEngine, timeout_s: float = 30.0) -> list[Any]:
+    outputs: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while any(e.has_unfinished() for e in engines):
+        assert time.monotonic() < deadline, "engines did not finish in time"
+        for engine in engines:
+            outputs += engine.step()
+    return outputs
+
+
+def test_corrupt_chunk_fails_the_transfer_and_the_decode_computes_the_prompt() -> None:
     prefill, prefill_rt = _engine(Role.PREFILL)
-    decode, decode_rt = _engine(Role.DECODE, fallback)
+    decode, decode_rt = _engine(Role.DECODE)
     try:
         endpoint = decode_rt.receiver_endpoint
         prefill_rt.senders[endpoint] = RelaySender(
             endpoint, prefill_rt.config.relay, chunk_hook=_flip_layer_one
         )
-        prompt, uuid = _prompt(200), new_uuid()
-        tid = transfer_id_for(uuid, prompt, decode_rt.key)
+        prompt = _prompt(200)
+        want = ReferenceEngine(EngineConfig(model=MODEL)).generate([prompt], SAMPLING)[0]
+        uuid, prefill_plan, decode_plan = _relay_plans(prompt, want[0], endpoint)
         prefill.add_request(
-            prompt,
-            SamplingParams(max_tokens=1, ignore_eos=True),
-            connector_params={"transfer_uuid": uuid, "relay_endpoint": endpoint},
+            prompt, SamplingParams(max_tokens=1, ignore_eos=True), plan=prefill_plan
         )
-        prefill.step()  # the first chunk opens (announces) the transfer
-        _wait(lambda: decode_rt.receiver.status(tid) is not None)
-        rid = decode.add_request(prompt, SAMPLING, connector_params={"transfer_uuid": uuid})
-        outputs = []
-        deadline = time.monotonic() + 30
-        while (prefill.has_unfinished() or decode.has_unfinished()) and time.monotonic() < deadline:
-            prefill.step()
-            outputs += [o for o in decode.step() if o.request_id == rid]
+        _run(prefill)
         errors = prefill.connector.worker.transfer_errors
         assert len(errors) == 1 and "corrupt" in next(iter(errors.values()))
-        if fallback == "recompute":
-            want = ReferenceEngine(EngineConfig(model=MODEL)).generate([prompt], SAMPLING)[0]
-            assert [t for o in outputs for t in o.new_token_ids] == want
-            assert decode.stats.num_connector_tokens == 0  # everything was recomputed
-        else:
-            assert outputs[-1].finish_reason == "error"
-            assert isinstance(outputs[-1].error, TransportError)
-            assert "corrupt" in str(outputs[-1].error)
+        tid = transfer_id_for(uuid, prompt, decode_rt.key)
+        _wait(lambda: decode_rt.receiver.status(tid) is InboundStatus.FAILED)
+        sampling = replace(SAMPLING, max_tokens=SAMPLING.max_tokens - 1, num_skipped_draws=1)
+        rid = decode.add_request([*prompt, want[0]], sampling, plan=decode_plan)
+        outputs = [o for o in _run(decode) if o.request_id == rid]
+        assert [t for o in outputs for t in o.new_token_ids] == want[1:]
+        assert decode.stats.num_connector_tokens == 0  # nothing claimed: computed here
+        assert decode_rt.counts["transfers_unclaimed"] == 1
         assert prefill.leak_report() == [] and decode.leak_report() == []
+    finally:
+        prefill_rt.close()
+        decode_rt.close()
+
+
+@pytest.mark.parametrize("fallback", ["recompute", "fail"])
+def test_a_load_that_fails_after_its_claim_never_parks_the_request(fallback: str) -> None:
+    """The claimed transfer vanishes between the claim and ``start_load_kv`` (a bug's shape):
+    the error is logged and counted, and the reference engine recomputes or fails the request
+    through ``SupportsLoadFailures`` instead of leaving it parked."""
+    prefill, prefill_rt = _engine(Role.PREFILL)
+    decode, decode_rt = _engine(Role.DECODE, fallback)
+    try:
+        prompt = _prompt(150)
+        want = ReferenceEngine(EngineConfig(model=MODEL)).generate([prompt], SAMPLING)[0]
+        uuid, prefill_plan, decode_plan = _relay_plans(prompt, want[0], decode_rt.receiver_endpoint)
+        prefill.add_request(
+            prompt, SamplingParams(max_tokens=1, ignore_eos=True), plan=prefill_plan
+        )
+        _run(prefill)
+        tid = transfer_id_for(uuid, prompt, decode_rt.key)
+        _wait(lambda: decode_rt.receiver.status(tid) is InboundStatus.COMPLETE)
+        worker = decode.connector.worker
+        start_load = worker.start_load_kv
+
+        def vanish_then_load(stream: Any) -> None:
+            decode_rt.receiver.release(tid)  # the data is gone after the claim
+            start_load(stream)
+
+        worker.start_load_kv = vanish_then_load
+        sampling = replace(SAMPLING, max_tokens=SAMPLING.max_tokens - 1, num_skipped_draws=1)
+        rid = decode.add_request([*prompt, want[0]], sampling, plan=decode_plan)
+        outputs = [o for o in _run(decode) if o.request_id == rid]
+        assert decode_rt.counts["loads_failed"] == 1
+        if fallback == "recompute":
+            assert [t for o in outputs for t in o.new_token_ids] == want[1:]
+        else:
+            assert outputs[-1].finish_reason == "error" and "only whole transfers" in str(
+                outputs[-1].error
+            )
+        assert decode.leak_report() == []
     finally:
         prefill_rt.close()
         decode_rt.close()
@@ -150,7 +202,7 @@ def test_restarted_receiver_is_reconnected(patient_prefill_worker: Any) -> None:
     for _ in range(2):  # the second decode worker binds the same relay port
         decode = spawn_worker("decode", "dc-local", *args)
         try:
-            _, decoded = relay_generate(prefill_worker, decode, _prompt(100), SAMPLING)
-            assert decoded.token_ids == want
+            tokens, decoded = relay_generate(prefill_worker, decode, _prompt(100), SAMPLING)
+            assert tokens == want and decoded.num_connector_tokens == 100
         finally:
             assert decode.stop() == 0
