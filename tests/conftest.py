@@ -34,3 +34,13 @@ def make_engine() -> Iterator[EngineFactory]:
     yield build
     for engine in engines:
         assert engine.leak_report() == [], engine.leak_report()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=("cpu", "strict", "cuda"),
+        default="cpu",
+        help="the fake executor's KV pool in the connector contract tests: plain CPU, the strict "
+        "CPU shim (no host access, lazy streams and events), or a real CUDA device",
+    )
