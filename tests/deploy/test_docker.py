@@ -88,3 +88,29 @@ def test_cpu_testbed_runs_reference_workers_in_both_datacenters() -> None:
     dockerfile = (DOCKER_DIR / "cpu.Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in dockerfile
+
+
+def test_gpu_testbed_workers_reach_their_tritons_plan_servers() -> None:
+    """Each worker posts plans where its Triton's connector binds them, for every rank, signed
+    with the key pair the rendered env file's plan server accepts, and tokenizes with the served
+    model's directory."""
+    services = load(DOCKER_DIR / "compose.gpu.yml")["services"]
+    for role in ("prefill", "decode"):
+        command = services[f"worker-{role}"]["command"]
+        flags = dict(zip(command[1::2], command[2::2], strict=False))
+        model_dir = ROOT / f"plugins/triton/model_repository/{role}/tensorrt_llm"
+        env = dict(
+            line.split("=", 1)
+            for line in (model_dir / "prfaas.env").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+        model = yaml.safe_load((model_dir / "1" / "model.yaml").read_text())
+        plan_port = env["TRTLLM_PRFAAS_PLAN_BIND"].rsplit(":", 1)[1]
+        assert flags["--triton-plan-endpoint"] == f"tcp://triton-{role}:{plan_port}"
+        assert int(flags["--triton-tp-size"]) == model["tensor_parallel_size"]
+        assert flags["--tokenizer"] == model["model"]
+        key_dir = flags["--triton-plan-keys"]
+        assert env["TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE"] == f"{key_dir}/worker.public"
+        mounts = services[f"worker-{role}"]["volumes"]
+        assert any(m.endswith(f":{key_dir}:ro") for m in mounts)
+        assert any(m.endswith(f":{model['model']}:ro") for m in mounts)

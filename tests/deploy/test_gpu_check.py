@@ -163,8 +163,17 @@ def test_rendered_stack(
         assert "--disable-auto-complete-config" in triton.command
         assert f"--model-repository={triton.repo_dir}" in triton.command
     assert plan.tritons[DeployRole.DECODE].env["TRTLLM_PRFAAS_RELAY_BIND"].startswith("tcp://127")
-    ports = [arg for t in plan.tritons.values() for arg in t.command if "-port=" in arg]
-    assert len({p.split("=")[1] for p in ports}) == 6  # no two servers share a port
+    ports = [
+        arg.split("=")[1] for t in plan.tritons.values() for arg in t.command if "-port=" in arg
+    ]
+    for role in DeployRole:
+        ports += [e.rsplit(":", 1)[1] for e in layout.plan_endpoints(role)]
+        assert plan.tritons[role].env["TRTLLM_PRFAAS_PLAN_BIND"] == layout.plan_endpoints(role)[0]
+    relay_port = int(
+        plan.tritons[DeployRole.DECODE].env["TRTLLM_PRFAAS_RELAY_BIND"].rsplit(":")[-1]
+    )
+    ports += [str(relay_port + rank) for rank in range(tp)]
+    assert len(set(ports)) == len(ports) == 6 + 3 * tp  # no two listeners share a port
 
 
 @pytest.mark.parametrize("role", list(DeployRole), ids=lambda r: r.value)
@@ -178,6 +187,10 @@ def test_worker_flags_parse_with_the_real_worker_parser(
     config = worker_command.build_config(args)
     assert config.triton is not None
     assert config.triton.url == plan.tritons[role].grpc_url
+    # the worker posts plans to every rank's plan server, the ones this Triton's connector binds
+    assert list(config.triton.plan_endpoints) == plan.layout.plan_endpoints(role)
+    assert plan.tritons[role].env["TRTLLM_PRFAAS_PLAN_BIND"] == plan.layout.plan_endpoints(role)[0]
+    assert config.triton.tokenizer_dir == str(plan.layout.model)
     assert args.role == role.value and args.engine == "triton"
     if role is DeployRole.DECODE:
         assert args.advertise_relay == plan.tritons[role].env["TRTLLM_PRFAAS_RELAY_BIND"]

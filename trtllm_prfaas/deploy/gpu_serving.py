@@ -51,6 +51,10 @@ def worker_args(plan: StackPlan, role: DeployRole) -> list[str]:
         "--triton-max-seq-len", str(config.max_seq_len),
         "--triton-tokens-per-block", str(config.tokens_per_block),
         "--triton-connect-timeout-s", "60",
+        "--tokenizer", str(layout.model),
+        "--triton-plan-endpoint", layout.plan_bind(role),
+        "--triton-tp-size", str(layout.tensor_parallel_size),
+        "--triton-plan-keys", str(layout.key_dir),
     ]  # fmt: skip
     if role is DeployRole.DECODE:
         args += ["--advertise-relay", layout.relay_bind]

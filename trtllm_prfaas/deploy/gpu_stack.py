@@ -71,6 +71,11 @@ class StackLayout:
         offset = 300 if role is DeployRole.DECODE else 200  # rank r binds port + r
         return f"tcp://127.0.0.1:{self.base_port + offset}"
 
+    def plan_endpoints(self, role: DeployRole) -> list[str]:
+        """The plan servers of ``role``'s ranks, in rank order (port + rank)."""
+        host, port = self.plan_bind(role).rsplit(":", 1)
+        return [f"{host}:{int(port) + rank}" for rank in range(self.tensor_parallel_size)]
+
     def control(self, role: DeployRole) -> str:
         return f"tcp://127.0.0.1:{self.base_port + (21 if role is DeployRole.DECODE else 20)}"
 
@@ -123,7 +128,11 @@ def repo_config(layout: StackLayout, role: DeployRole) -> TritonRepoConfig:
     """The rendered repository of ``role``: the presets, sized for a small model on loopback."""
     bind = layout.relay_bind if role is DeployRole.DECODE else None
     relay = RelayEnvConfig.with_key_dir(
-        role, str(layout.key_dir), relay_bind=bind, transfer_timeout_s=30.0
+        role,
+        str(layout.key_dir),
+        relay_bind=bind,
+        plan_bind=layout.plan_bind(role),
+        transfer_timeout_s=30.0,
     )
     return triton_repo_config(
         role,
