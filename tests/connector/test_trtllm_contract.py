@@ -178,7 +178,10 @@ def _close_connector_runtimes() -> None:
 
 @pytest.fixture
 def deployments(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployments]:
-    tp = getattr(request, "param", 1)
+    options = getattr(request, "param", 1)
+    options = {"tp_size": options} if isinstance(options, int) else dict(options)
+    tp = options.setdefault("tp_size", 1)
+    options.setdefault("chunk_size", 32)
     keys, device = Keys.make(tmp_path), _device(request)
     plan_ports = {side: _free_port_base(tp) for side in ("prefill", "decode")}
     relay_port = _free_port_base(tp)
@@ -186,7 +189,7 @@ def deployments(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Depl
     try:
         for side in ("decode", "prefill"):
             env = _env(side, keys, plan_ports[side], relay_port)
-            built.append(FakeExecutor(MODEL, tp_size=tp, env=env, device=device, chunk_size=32))
+            built.append(FakeExecutor(MODEL, env=env, device=device, **options))
         endpoints = [f"tcp://127.0.0.1:{relay_port + r}" for r in range(tp)]
         yield Deployments(built[1], built[0], keys, plan_ports, endpoints)
     finally:
@@ -355,6 +358,104 @@ def test_a_transfer_that_stops_half_way_parks_nothing(deployments) -> None:
           what="decode of a stalled transfer")  # fmt: skip
     result = d.decode.results[rid]
     assert result.error is not None or result.tokens == _reference([*prompt, 42], 3)
+    drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
+          timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
+    assert d.decode.leak_report() == [] and d.prefill.leak_report() == []
+
+
+@pytest.mark.parametrize(
+    "deployments",
+    [{"chunk_size": 16}, {"chunk_size": 128}, {"overlap_scheduler": False}],
+    indirect=True,
+    ids=["chunk16", "chunk128", "no-overlap"],
+)
+def test_relay_under_other_chunkings_and_the_plain_loop(deployments) -> None:
+    """One block per chunk, the whole prompt in one chunk, and ``disable_overlap_scheduler``
+    (the executor loop without the extra step of a finished request)."""
+    d = deployments
+    run = _relay(d, PROMPT, max_tokens=3)
+    assert d.decode.claims[run.decode_id] == (0, len(PROMPT), True)
+    _assert_rows(d.decode.loaded_snapshots[run.decode_id][0], PROMPT, range(len(PROMPT)), 0, 1)
+    assert d.decode.results[run.decode_id].tokens == _reference(PROMPT, 3)[1:]
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+@pytest.mark.parametrize("deployments", [1, 2], indirect=True, ids=["tp1", "tp2"])
+def test_a_warm_prefix_on_the_prefill_is_still_exported(deployments) -> None:
+    """The prefill reuses 2 cached blocks (``num_computed_tokens=32`` there): it never
+    computes them in this request, yet the decode needs them: they are sent from the pool."""
+    d, tp = deployments, deployments.prefill.tp_size
+    d.prefill.add_request([*PROMPT[:32], 9, 9, 9], 1)
+    drive(d.prefill, until=lambda: not d.prefill.has_work(), what="prefill warm-up")
+    run = _relay(d, PROMPT, max_tokens=2)
+    assert d.prefill.claims[run.prefill_id][0] == 32  # the prefill matched 2 blocks on device
+    assert d.prefill.computed[run.prefill_id][0][0] == 32  # and computed from token 32 on
+    assert d.decode.claims[run.decode_id] == (0, len(PROMPT), True)
+    for rank, snapshot in enumerate(d.decode.loaded_snapshots[run.decode_id]):
+        _assert_rows(snapshot, PROMPT, range(len(PROMPT)), rank, tp)
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+def test_a_decode_prefix_covering_the_whole_prompt_claims_nothing(deployments) -> None:
+    """A block-aligned prompt (L = 64) whose 4 blocks the decode already holds: there is
+    nothing to load (``num_computed_tokens = L``); the decode computes t1 only."""
+    d, prompt = deployments, PROMPT[:64]
+    d.decode.add_request([*prompt, 1, 2], 1)
+    drive(d.decode, until=lambda: not d.decode.has_work(), what="warm-up")
+    run = _relay(d, prompt, max_tokens=3)
+    matched, claimed, _ = d.decode.claims[run.decode_id]
+    assert (matched, claimed) == (64, 0)
+    assert d.decode.computed[run.decode_id][0] == (64, 65)
+    assert d.decode.results[run.decode_id].tokens == _reference(prompt, 3)[1:]
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+@pytest.mark.parametrize("deployments", [2], indirect=True, ids=["tp2"])
+def test_two_relays_in_one_batch(deployments) -> None:
+    """Two prompts in flight together on both sides: each decode claims its own transfer."""
+    d, prompts = deployments, [PROMPT, [(t + 500) % 1000 for t in PROMPT[:50]]]
+    transfers = [uuid.uuid4().hex for _ in prompts]
+    for transfer, prompt in zip(transfers, prompts, strict=True):
+        d.post("prefill", _plan(transfer, prompt, d.relay_endpoints))
+    p_ids = [d.prefill.add_request(prompt, 1) for prompt in prompts]
+    drive(d.prefill, until=lambda: all(d.prefill.results[i].is_finished for i in p_ids))
+    for transfer, prompt in zip(transfers, prompts, strict=True):
+        want = ["complete"] * d.decode.tp_size
+        drive(d.prefill, until=lambda: d.statuses(transfer, len(prompt)) == want)  # noqa: B023
+        d.post("decode", _plan(transfer, prompt, []))
+    d_ids = [
+        d.decode.add_request([*prompt, d.prefill.results[p].tokens[0]], 2)
+        for prompt, p in zip(prompts, p_ids, strict=True)
+    ]
+    drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()))
+    for prompt, rid in zip(prompts, d_ids, strict=True):
+        assert d.decode.claims[rid] == (0, len(prompt), True)
+        for rank, snapshot in enumerate(d.decode.loaded_snapshots[rid]):
+            _assert_rows(snapshot, prompt, range(len(prompt)), rank, 2)
+        assert d.decode.results[rid].tokens == _reference(prompt, 3)[1:]
+    _assert_order_and_no_leaks(d.prefill, d.decode)
+
+
+@pytest.mark.parametrize("deployments", [2], indirect=True, ids=["tp2"])
+def test_a_transfer_missing_on_one_rank_parks_nothing(deployments) -> None:
+    """Prefill rank 1 cannot reach decode rank 1 (a wrong endpoint), so only rank 0's shard
+    arrives; a decode submitted once rank 0 holds its transfer (a worker that checked one rank
+    only) must not stay parked: TensorRT-LLM resumes it only when every rank reports the load.
+    (Rank 1 then holds no relayed KV: the connector logs that output as suspect; the fake's
+    tokens do not depend on KV, so only the parking contract is checked here.)"""
+    d = deployments
+    transfer, dead = uuid.uuid4().hex, f"tcp://127.0.0.1:{_free_port_base(1)}"
+    d.post("prefill", _plan(transfer, PROMPT, [d.relay_endpoints[0], dead]))
+    p_rid = d.prefill.add_request(PROMPT, 1)
+    drive(d.prefill, until=lambda: d.prefill.results[p_rid].is_finished, what="prefill")
+    drive(d.prefill, until=lambda: d.statuses(transfer, len(PROMPT))[0] == "complete")
+    d.post("decode", _plan(transfer, PROMPT, []))
+    t1 = d.prefill.results[p_rid].tokens[0]
+    rid = d.decode.add_request([*PROMPT, t1], 3)
+    drive(d.decode, until=lambda: d.decode.results[rid].is_finished, timeout_s=TIMEOUT_S + 10,
+          what="decode with rank 1's shard missing")  # fmt: skip
+    result = d.decode.results[rid]
+    assert result.error is not None or result.tokens == _reference(PROMPT, 4)[1:]
     drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
           timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
     assert d.decode.leak_report() == [] and d.prefill.leak_report() == []
