@@ -8,8 +8,10 @@ keeps the security it was started with.
 
 A worker whose engine is a remote Triton server (``WorkerConfig.triton`` set) has no runtime in
 this process: the connector runs inside that Triton (TensorRT-LLM loads it from ``model.yaml``)
-and does the relay itself. Such a worker's engine is a :class:`TritonEngine`, and a decode worker
-advertises its Triton connector's relay receiver (``advertise_relay``) instead of binding one.
+and does the relay itself. Such a worker's engine is a :class:`TritonEngine` (text in and out with
+the served model's tokenizer, ``TritonEngineConfig.tokenizer_dir``; each request's plan posted to
+the connector's plan servers inside Triton, ``plan_endpoints``), and a decode worker advertises
+its Triton connector's relay receiver (``advertise_relay``) instead of binding one.
 """
 
 from __future__ import annotations

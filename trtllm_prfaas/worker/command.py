@@ -10,6 +10,13 @@ gRPC instead; the connector runs inside that Triton, so the relay flags (``--rel
 timeouts) and the reference model flags do not apply, and a decode worker must name its Triton's
 relay receiver with ``--advertise-relay`` (what prefill nodes connect to). The ``--triton-*``
 sizes are what the worker advertises to routers; give the served ``model.yaml``'s values.
+Triton's ``llmapi`` model speaks text, so ``--tokenizer DIR`` (the served model's Hugging Face
+directory, ``model.yaml``'s ``model``) is required. Plans reach the connector inside Triton through
+its plan server: ``--triton-plan-endpoint`` (rank 0, ``TRTLLM_PRFAAS_PLAN_BIND`` as this worker
+reaches it; rank r at port + r, ``--triton-tp-size`` ranks), signed with ``--triton-plan-keys DIR``
+(``docker/gen_curve_keys.py``'s directory: ``worker.public``/``worker.secret`` and the Triton
+role's ``<role>.public``) or, explicitly, ``--plaintext``. Without a plan endpoint a relayed
+request runs without its plan (counted and logged as ``plans_unconfigured``).
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from trtllm_prfaas.config import MODEL_PRESETS, load_relay_security, model_preset
+from trtllm_prfaas.connector.prfaas_runtime import rank_endpoint
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.engines.triton import TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+from trtllm_prfaas.transport.config import CurveKeys
 from trtllm_prfaas.transport.pinning import parse_cpus
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
@@ -86,6 +95,29 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                         help="KV pool blocks to advertise (0: unknown)")  # fmt: skip
     triton.add_argument("--triton-kv-bytes-per-token", type=int, default=0)
     triton.add_argument("--triton-kv-state-bytes", type=int, default=0)
+    triton.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="the served model's Hugging Face directory (model.yaml model)",
+    )
+    triton.add_argument(
+        "--triton-plan-endpoint",
+        default=None,
+        help="rank 0's plan server, e.g. tcp://triton-prefill:7200",
+    )
+    triton.add_argument(
+        "--triton-tp-size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of the Triton model (plan servers)",
+    )
+    triton.add_argument(
+        "--triton-plan-keys",
+        type=Path,
+        default=None,
+        help="Curve key directory (worker.public/.secret, <role>.public)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
@@ -102,7 +134,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         max_num_tokens=max(chunk, 4096),
         num_threads=args.num_threads,
     )
-    if args.engine == "triton" and args.curve_keys is None and not args.plaintext:
+    if args.engine == "triton" and args.curve_keys is None:
         # Never used: this process opens no relay socket (Triton's connector does the relay,
         # secured by its TRTLLM_PRFAAS_CURVE_* variables).
         security = RelaySecurity.insecure_plaintext()
@@ -120,8 +152,17 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     if args.engine == "triton":
         if not args.triton_url:
             raise ConfigError("--engine triton needs --triton-url HOST:PORT")
+        if args.tokenizer is None:
+            raise ConfigError(
+                "--engine triton needs --tokenizer DIR: the served model's Hugging Face "
+                "directory (Triton's llmapi model takes and returns text)"
+            )
+        endpoints, plan_security = _plan_carrier(args)
         triton = TritonEngineConfig(
             args.triton_url,
+            tokenizer_dir=str(args.tokenizer),
+            plan_endpoints=endpoints,
+            plan_security=plan_security,
             model_name=args.triton_model,
             connect_timeout_s=args.triton_connect_timeout_s,
             request_timeout_s=args.triton_request_timeout_s,
@@ -132,8 +173,10 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
             kv_bytes_per_token=args.triton_kv_bytes_per_token,
             kv_state_bytes=args.triton_kv_state_bytes,
         )
-    elif args.triton_url or args.advertise_relay:
-        raise ConfigError("--triton-url / --advertise-relay need --engine triton")
+    elif args.triton_url or args.advertise_relay or args.triton_plan_endpoint:
+        raise ConfigError(
+            "--triton-url / --advertise-relay / --triton-plan-endpoint need --engine triton"
+        )
     return WorkerConfig(
         worker_id,
         WorkerRole(args.role),
@@ -148,6 +191,33 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         triton=triton,
         advertise_relay=args.advertise_relay,
     )
+
+
+def _plan_carrier(args: argparse.Namespace) -> tuple[tuple[str, ...], RelaySecurity | None]:
+    """The connector ranks' plan servers and how to reach them (files are read here)."""
+    if not args.triton_plan_endpoint:
+        return (), None
+    if args.triton_tp_size < 1:
+        raise ConfigError(f"--triton-tp-size must be >= 1, got {args.triton_tp_size}")
+    endpoints = tuple(
+        rank_endpoint(args.triton_plan_endpoint, rank) for rank in range(args.triton_tp_size)
+    )
+    if args.triton_plan_keys is not None and args.plaintext:
+        raise ConfigError("--triton-plan-keys and --plaintext are mutually exclusive")
+    if args.plaintext:
+        return endpoints, RelaySecurity.insecure_plaintext()
+    if args.triton_plan_keys is None:
+        raise ConfigError("--triton-plan-endpoint needs --triton-plan-keys DIR (or --plaintext)")
+    keys = args.triton_plan_keys
+    try:
+        curve = CurveKeys(
+            server_public_key=(keys / f"{args.role}.public").read_bytes().strip(),
+            client_public_key=(keys / "worker.public").read_bytes().strip(),
+            client_secret_key=(keys / "worker.secret").read_bytes().strip(),
+        )
+    except OSError as exc:
+        raise ConfigError(f"--triton-plan-keys {keys}: {exc}") from exc
+    return endpoints, RelaySecurity(curve=curve)
 
 
 def _warm_up(server: WorkerServer) -> None:

@@ -80,7 +80,7 @@ class _PendingDecode:
 class _RemoteTransfers(Protocol):
     """An engine whose connector runs elsewhere and reports its transfers (Triton, LLM API)."""
 
-    def transfer_status(self, transfer_uuid: str) -> InboundStatus | None: ...
+    def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None: ...
 
 
 class WorkerServer:
@@ -311,7 +311,8 @@ class WorkerServer:
         assert submit.transfer_uuid is not None
         if self.runtime is None:
             assert isinstance(self.engine, _RemoteTransfers)
-            return self.engine.transfer_status(submit.transfer_uuid)
+            claimed_len = len(submit.prompt_token_ids) - 1  # the prompt without t1
+            return self.engine.transfer_status(submit.transfer_uuid, claimed_len)
         assert self.runtime.receiver is not None
         claimed = submit.prompt_token_ids[:-1]  # the prompt without t1
         tid = transfer_id_for(submit.transfer_uuid, claimed, self.runtime.key)
