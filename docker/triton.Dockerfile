@@ -6,20 +6,13 @@
 #
 # Supported pairs (trtllm_prfaas/deploy/versions.py, from Triton's compatibility matrix):
 # TRITON_TAG 26.04-26.07 with TRTLLM_REF v1.2.1, or 26.03 with v1.2.0. 25.12-26.02 carry
-# TensorRT-LLM 1.1.0 and are refused below. TRTLLM_REF must be the TensorRT-LLM tag of the
+# TensorRT-LLM 1.1.0 and are refused by the build. TRTLLM_REF must be the TensorRT-LLM tag of the
 # tensorrt_llm inside the image: NVIDIA's llmapi model.py and helpers.py are taken from that tag,
 # unmodified (the PrfaaS plan travels beside the request, not through model.py).
 ARG TRITON_TAG=26.07
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-trtllm-python-py3
 
 ARG TRTLLM_REF=v1.2.1
-
-# Refuse a tag pair that disagrees: the installed tensorrt_llm (read from its package metadata,
-# without importing it: no GPU at build time) must be the release TRTLLM_REF names.
-RUN python3 -c "import importlib.metadata as m, sys; \
-v = m.version('tensorrt_llm').split('+')[0]; ref = sys.argv[1].removeprefix('v'); \
-sys.exit(0 if v == ref else f'tensorrt_llm {v} in the image, TRTLLM_REF={sys.argv[1]}')" \
-        "${TRTLLM_REF}"
 
 # NVIDIA's llmapi Python-backend model (model.py + helpers.py), from a sparse, blob-less checkout.
 RUN git clone --depth 1 --branch "${TRTLLM_REF}" --filter=blob:none --sparse \
@@ -40,6 +33,11 @@ print('\n'.join(d for d in deps if not d.startswith(('torch', 'matplotlib'))))" 
     && pip install --no-cache-dir -r /tmp/prfaas-deps.txt \
     && pip install --no-cache-dir --no-deps . \
     && python3 -c "import trtllm_prfaas.connector.base"
+
+# Refuse an unsupported or mismatched pair (trtllm_prfaas/deploy/versions.py): the installed
+# tensorrt_llm (package metadata; nothing is imported, no GPU at build time) must be 1.2.x, the
+# release TRTLLM_REF names, and the one this Triton tag carries (NVIDIA_TRITON_SERVER_VERSION).
+RUN python3 -m trtllm_prfaas.deploy.versions "${TRTLLM_REF}"
 
 # Both rendered repositories, completed with NVIDIA's model.py/helpers.py.
 COPY plugins/triton/model_repository /opt/prfaas/model_repository

@@ -8,6 +8,7 @@ the supported line.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import tomllib
 from pathlib import Path
@@ -111,3 +112,46 @@ def test_the_finder_sees_an_old_pair() -> None:
     assert found == [(2, "25.12", "v1.2.0")]
     with pytest.raises(ConfigError):
         versions.check_pair("25.12", "v1.2.0")
+
+
+@pytest.mark.parametrize(
+    ("ref", "installed", "tag", "message"),
+    [
+        ("v1.2.1", "1.2.1", "26.07", None),
+        ("v1.2.1", "1.2.1+cu13", None, None),
+        ("v1.1.0", "1.1.0", "25.12", "not supported"),  # a consistent but unsupported pair
+        ("v1.2.1", "1.2.0", "26.03", "but tensorrt_llm 1.2.0 is installed"),
+        ("v1.2.0", "1.2.0", "26.07", "use v1.2.1"),
+    ],
+)
+def test_the_image_build_check(ref: str, installed: str, tag: str | None, message: str) -> None:
+    if message is None:
+        assert versions.check_installed(ref, installed, tag) == installed.split("+")[0]
+    else:
+        with pytest.raises(ConfigError, match=message):
+            versions.check_installed(ref, installed, tag)
+
+
+def test_the_image_build_runs_the_check_as_a_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dockerfile = (DOCKER_DIR / "triton.Dockerfile").read_text()
+    assert 'RUN python3 -m trtllm_prfaas.deploy.versions "${TRTLLM_REF}"' in dockerfile
+    assert versions.main([]) == 2
+
+    def installed(version: str | None):
+        def lookup(name: str) -> str:
+            assert name == "tensorrt_llm"
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+
+        return lookup
+
+    monkeypatch.setattr(importlib.metadata, "version", installed(None))
+    assert versions.main(["v1.2.1"], {}) == 1
+    assert "tensorrt_llm is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.metadata, "version", installed("1.2.1"))
+    assert versions.main(["v1.2.1"], {"NVIDIA_TRITON_SERVER_VERSION": "26.07"}) == 0
+    assert versions.main(["v1.2.1"], {"NVIDIA_TRITON_SERVER_VERSION": "26.03"}) == 1
+    assert "26.03" in capsys.readouterr().err

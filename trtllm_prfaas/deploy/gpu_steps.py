@@ -44,16 +44,12 @@ def _left(deadline: float) -> float:
 
 
 def versions_step(session: Session, deadline: float) -> str:
-    installed = (session.env.trtllm_version or "").split("+")[0]
-    if installed not in versions.SUPPORTED_TRTLLM_VERSIONS:
-        raise CheckFailed(
-            f"tensorrt_llm {installed} is not supported ({versions.SUPPORTED_TRTLLM_VERSIONS})"
-        )
+    installed = session.env.trtllm_version or ""
+    version = installed.split("+")[0]
     tag = session.env.triton_tag
-    if tag is None:
-        return f"tensorrt_llm {installed}; not in a Triton container (no Triton tag to match)"
-    versions.check_pair(tag, versions.trtllm_ref(installed))
-    return f"tensorrt_llm {installed} in Triton {tag}"
+    versions.check_installed(versions.trtllm_ref(version), installed, tag)
+    where = f"in Triton {tag}" if tag else "not in a Triton container (no tag to match)"
+    return f"tensorrt_llm {version} {where}"
 
 
 def cuda_step(session: Session, deadline: float) -> str:

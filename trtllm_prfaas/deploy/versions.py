@@ -14,6 +14,10 @@ and no Triton container: it is not supported (the connector only keeps its modul
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from trtllm_prfaas.errors import ConfigError
@@ -24,7 +28,9 @@ __all__ = [
     "SUPPORTED_TRTLLM_VERSIONS",
     "TRITON_TRTLLM_VERSIONS",
     "TRTLLM_EXTRA",
+    "check_installed",
     "check_pair",
+    "main",
     "supported_triton_tags",
     "trtllm_ref",
 ]
@@ -84,3 +90,47 @@ def check_pair(triton_tag: str, ref: str) -> str:
             f"(use {trtllm_ref(version)})"
         )
     return version
+
+
+def check_installed(ref: str, installed: str, triton_tag: str | None = None) -> str:
+    """The supported release ``installed`` is (a ``tensorrt_llm`` package version, local suffix
+    ignored), when ``ref`` is its git tag and, if given, ``triton_tag`` carries it.
+
+    Raises ConfigError naming the values otherwise. This is what the image build runs.
+    """
+    version = installed.split("+")[0]
+    if version not in SUPPORTED_TRTLLM_VERSIONS:
+        raise ConfigError(
+            f"tensorrt_llm {installed} is not supported ({', '.join(SUPPORTED_TRTLLM_VERSIONS)})"
+        )
+    if ref != trtllm_ref(version):
+        raise ConfigError(f"TRTLLM_REF {ref} but tensorrt_llm {version} is installed")
+    if triton_tag is not None:
+        check_pair(triton_tag, ref)
+    return version
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """``python -m trtllm_prfaas.deploy.versions TRTLLM_REF``: exit 0 when the installed
+    ``tensorrt_llm`` (package metadata; nothing is imported) is supported and matches TRTLLM_REF
+    and the container's ``NVIDIA_TRITON_SERVER_VERSION``; else 1 with the reason on stderr."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if environ is None else environ
+    if len(args) != 1:
+        print("usage: python -m trtllm_prfaas.deploy.versions TRTLLM_REF", file=sys.stderr)
+        return 2
+    try:
+        installed = importlib.metadata.version("tensorrt_llm")
+        version = check_installed(args[0], installed, env.get("NVIDIA_TRITON_SERVER_VERSION"))
+    except importlib.metadata.PackageNotFoundError:
+        print("tensorrt_llm is not installed", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"unsupported TensorRT-LLM / Triton pair: {exc}", file=sys.stderr)
+        return 1
+    print(f"tensorrt_llm {version} matches {args[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
