@@ -251,6 +251,16 @@ def _assert_rows(snapshot: torch.Tensor, tokens: list[int], positions: range, ra
             assert torch.equal(block[:, :, pos % tpb, :], want), (rank, layer, pos)
 
 
+def _assert_claimed_right_or_failed(d: Deployments, rid: int, prompt: list[int]) -> None:
+    """A request the connector claimed for holds the right KV on every rank when the load is
+    reported, unless it ended with an error: a claim must never deliver missing KV silently."""
+    matched, claimed, _ = d.decode.claims[rid]
+    if d.decode.results[rid].error is None and claimed:
+        for rank, snapshot in enumerate(d.decode.loaded_snapshots[rid]):
+            positions = range(matched, matched + claimed)
+            _assert_rows(snapshot, prompt, positions, rank, d.decode.tp_size)
+
+
 def _assert_order_and_no_leaks(*executors: FakeExecutor) -> None:
     for executor in executors:
         for iteration in executor.iterations:
@@ -338,6 +348,7 @@ def test_a_transfer_that_never_arrives_parks_nothing(deployments) -> None:
           what="decode of a missing transfer")  # fmt: skip
     result = d.decode.results[rid]
     assert result.error is not None or result.tokens == _reference([*PROMPT, 42], 3)
+    _assert_claimed_right_or_failed(d, rid, PROMPT)
     drive(d.decode, until=lambda: not d.decode.has_work(), what="drain")
     assert d.decode.leak_report() == []
 
@@ -358,6 +369,7 @@ def test_a_transfer_that_stops_half_way_parks_nothing(deployments) -> None:
           what="decode of a stalled transfer")  # fmt: skip
     result = d.decode.results[rid]
     assert result.error is not None or result.tokens == _reference([*prompt, 42], 3)
+    _assert_claimed_right_or_failed(d, rid, prompt)
     drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
           timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
     assert d.decode.leak_report() == [] and d.prefill.leak_report() == []
