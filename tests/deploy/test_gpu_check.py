@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,8 @@ from trtllm_prfaas.deploy.gpu_check import (
     parse_args,
     skip_reason,
 )
-from trtllm_prfaas.deploy.gpu_serving import warm_prefix_prompts, worker_args
-from trtllm_prfaas.deploy.gpu_stack import StackLayout, render
+from trtllm_prfaas.deploy.gpu_serving import RelayCounts, warm_prefix_prompts, worker_args
+from trtllm_prfaas.deploy.gpu_stack import Stack, StackLayout, render
 from trtllm_prfaas.worker import command as worker_command
 
 LINE = re.compile(r"^(PASS|FAIL|SKIP) [a-z0-9_]+: \S.*$")
@@ -321,3 +322,74 @@ def test_no_module_imports_tensorrt_llm_at_import_time() -> None:
         "sys.exit(any(m.startswith('tensorrt_llm') for m in sys.modules))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
+
+
+def test_log_check_flags_known_failures_but_not_the_decodes_planless_baselines(
+    tmp_path: Path, llmapi_dir: Path
+) -> None:
+    plan = render(StackLayout(tmp_path / "model", tmp_path, 1, 1, 18000, llmapi_dir))
+    stack = Stack(plan)  # never started: only its log files are read
+    prefill_log = plan.tritons[DeployRole.PREFILL].log_path
+    decode_log = plan.tritons[DeployRole.DECODE].log_path
+    decode_log.write_text("I1206 model loaded\nprfaas_plan_missing request_id=3 num_tokens=9\n")
+    prefill_log.write_text("I1206 model loaded\n")
+    session = Session(config_for(tmp_path, llmapi_dir), FULL, stack=stack)
+    assert "known failure patterns" in gpu_steps.logs_step(session, 0.0)
+    prefill_log.write_text("prfaas_plan_missing request_id=1\n")
+    decode_log.write_text(
+        "RuntimeError: [TensorRT-LLM][ERROR] Assertion failed: There must be at least one "
+        "uncomputed token in the prompt!\n"
+    )
+    with pytest.raises(gpu_check.CheckFailed) as failed:
+        gpu_steps.logs_step(session, 0.0)
+    assert "prefill: prfaas_plan_missing" in str(failed.value)
+    assert "decode: RuntimeError" in str(failed.value)
+
+
+class FakeTokenizer:
+    """ids are characters' code points (enough to test the comparison logic)."""
+
+    class _Encoding:
+        def __init__(self, ids: list[int]) -> None:
+            self.ids = ids
+
+    def encode(self, text: str) -> FakeTokenizer._Encoding:
+        return self._Encoding([ord(c) for c in text])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("relayed", "counted", "error"),
+    [
+        (" 125.", (1, 0), None),
+        (" 125.", (0, 1), "did not use the relay"),  # the audit's silent recompute (3a)
+        (" 126.", (1, 0), "relayed ' 126.' != local ' 125.'"),
+    ],
+)
+def test_relayed_equals_local_demands_equal_text_and_a_counted_relay(
+    tmp_path: Path, llmapi_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    relayed: str, counted: tuple[int, int], error: str | None,
+) -> None:  # fmt: skip
+    counts = iter([RelayCounts(0, 0), RelayCounts(*counted)])
+
+    class Serving:
+        url = "127.0.0.1:1"
+
+        def relay_counts(self) -> RelayCounts:
+            return next(counts)
+
+    monkeypatch.setattr(gpu_steps, "_tokenizer", lambda model: FakeTokenizer())
+    monkeypatch.setattr(
+        gpu_steps, "generate_relayed", lambda url, ids, n, t: [ord(c) for c in relayed]
+    )
+    monkeypatch.setattr(gpu_steps, "generate_local", lambda plan, prompt, n, t: " 125.")
+    session = Session(config_for(tmp_path, llmapi_dir), FULL, serving=Serving())
+    deadline = time.monotonic() + 30
+    if error is None:
+        detail = gpu_steps.relayed_step(session, deadline)
+        assert "tokens equal, counted relayed" in detail
+    else:
+        with pytest.raises(gpu_check.CheckFailed, match=re.escape(error)):
+            gpu_steps.relayed_step(session, deadline)

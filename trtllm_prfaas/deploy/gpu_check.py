@@ -49,6 +49,7 @@ from trtllm_prfaas.errors import PrfaasError
 __all__ = [
     "CHECKS",
     "LOG_PROBLEMS",
+    "PLAN_MISSING",
     "Check",
     "CheckResult",
     "Environment",
@@ -61,8 +62,10 @@ __all__ = [
 ]
 
 DEFAULT_DEADLINE_S = 570.0
+# Lines that mean failure in either Triton log; PLAN_MISSING only in the prefill's (the check's
+# local baseline requests reach the decode without a plan on purpose, and are logged so).
+PLAN_MISSING = "prfaas_plan_missing"  # a request found no plan: the relay was inert for it
 LOG_PROBLEMS = (
-    "prfaas_plan_missing",  # a request found no plan: the relay was inert for it
     "There must be at least one uncomputed token",  # kvCacheManager.cpp (audit 1e)
     "prepopulatedPromptLen",  # llmRequest.h setPrepopulatedPromptLen check (audit 1e)
     "relay receiver cannot bind",  # one bind for all TP ranks (audit 1f)

@@ -88,7 +88,7 @@ class Serving:
         from trtllm_prfaas.testbed.processes import start_workers
 
         specs = {_CLUSTERS[r] + "-" + r.value: worker_args(plan, r) for r in plan.tritons}
-        self.workers = start_workers(specs, timeout_s=timeout_s, log_level="INFO")
+        self.workers = start_workers(specs, timeout_s=timeout_s, log_level="WARNING")
         try:
             router = RouterConfig(
                 tuple(

@@ -242,12 +242,10 @@ class Stack:
             finally:
                 client.close()
 
-    def log_text(self) -> str:
-        return "".join(
-            t.log_path.read_text(errors="replace")
-            for t in self.plan.tritons.values()
-            if t.log_path.exists()
-        )
+    def log_text(self, role: DeployRole) -> str:
+        """What ``role``'s tritonserver (and the MPI workers under it) printed so far."""
+        path = self.plan.tritons[role].log_path
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def close(self, timeout_s: float = 30.0) -> None:
         """SIGTERM each process group, wait, SIGKILL what is left. Idempotent."""

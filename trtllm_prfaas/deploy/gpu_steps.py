@@ -18,6 +18,7 @@ from trtllm_prfaas.deploy import versions
 from trtllm_prfaas.deploy.env import DeployRole
 from trtllm_prfaas.deploy.gpu_check import (
     LOG_PROBLEMS,
+    PLAN_MISSING,
     CheckFailed,
     Session,
     repository_problems,
@@ -219,13 +220,15 @@ def genai_perf_step(session: Session, deadline: float) -> str:
 
 
 def _log_problems(stack: Stack) -> list[str]:
-    text = stack.log_text()
-    return [
-        line.strip()[:160]
-        for problem in LOG_PROBLEMS
-        for line in text.splitlines()[:1_000_000]
-        if problem in line
-    ][:5]
+    """Up to five log lines that show a known failure (see ``gpu_check.LOG_PROBLEMS``)."""
+    found: list[str] = []
+    for role in stack.plan.tritons:
+        patterns = (*LOG_PROBLEMS, PLAN_MISSING) if role is DeployRole.PREFILL else LOG_PROBLEMS
+        lines = stack.log_text(role).splitlines()
+        found += [
+            f"{role.value}: {ln.strip()[:150]}" for ln in lines if any(p in ln for p in patterns)
+        ]
+    return found[:5]
 
 
 def logs_step(session: Session, deadline: float) -> str:
@@ -233,7 +236,7 @@ def logs_step(session: Session, deadline: float) -> str:
     problems = _log_problems(session.stack)
     if problems:
         raise CheckFailed("; ".join(problems))
-    return f"none of {len(LOG_PROBLEMS)} known failure patterns in the Triton logs"
+    return f"none of {len(LOG_PROBLEMS) + 1} known failure patterns in the Triton logs"
 
 
 def tp2_step(session: Session, deadline: float) -> str:
