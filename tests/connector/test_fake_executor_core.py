@@ -77,6 +77,8 @@ class ScriptedWorker:
 
     def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
         CALLS.append(("post", self.rank, layer_idx, stream))
+        if SCRIPT.get("save_raises"):
+            raise RuntimeError("connector failure in a forward hook")
 
     def wait_for_save(self, stream: Any) -> None:
         CALLS.append(("wait_save", self.rank, stream))
@@ -239,3 +241,26 @@ def test_without_overlap_the_request_finishes_with_its_context(executor) -> None
     drive(executor, until=lambda: not executor.has_work())
     assert executor.computed[rid] == [(0, 32), (32, 64), (64, 70)]
     assert len(executor.results[rid].tokens) == 1
+
+
+@pytest.mark.parametrize("executor", [{"overlap_scheduler": True}], indirect=True)
+def test_a_hook_exception_fails_every_request_and_kills_the_overlap_loop(executor) -> None:
+    SCRIPT["save_raises"] = True
+    rids = [executor.add_request(PROMPT, 2), executor.add_request(PROMPT[:20], 2)]
+    with pytest.raises(RuntimeError, match="Sampling failed"):
+        executor.step()
+    assert all("connector failure" in str(executor.results[r].error) for r in rids)
+    assert [c[1] for c in _calls("finished")] == rids  # terminated: request_finished ran
+
+
+@pytest.mark.parametrize("executor", [{"overlap_scheduler": False}], indirect=True)
+def test_a_hook_exception_fails_every_request_and_the_plain_loop_goes_on(executor) -> None:
+    SCRIPT["save_raises"] = True
+    failed = executor.add_request(PROMPT, 2)
+    executor.step()
+    assert "connector failure" in str(executor.results[failed].error)
+    SCRIPT["save_raises"] = False
+    ok = executor.add_request(PROMPT[:20], 2)
+    drive(executor, until=lambda: not executor.has_work())
+    assert executor.results[ok].error is None and len(executor.results[ok].tokens) == 2
+    assert executor.leak_report() == []
