@@ -16,14 +16,8 @@ from typing import Any
 
 from trtllm_prfaas.deploy import versions
 from trtllm_prfaas.deploy.env import DeployRole
-from trtllm_prfaas.deploy.gpu_check import (
-    LOG_PROBLEMS,
-    PLAN_MISSING,
-    CheckFailed,
-    Session,
-    repository_problems,
-    run_pytest,
-)
+from trtllm_prfaas.deploy.gpu_check import CheckFailed, Session, repository_problems, run_pytest
+from trtllm_prfaas.deploy.gpu_checklist import LOG_PROBLEMS, PLAN_MISSING
 from trtllm_prfaas.deploy.gpu_serving import (
     Serving,
     generate_local,
