@@ -271,7 +271,7 @@ def test_main_without_a_gpu_skips_and_says_so(
     checks = [line for line in lines if LINE.match(line)]
     assert [line.split()[1].rstrip(":") for line in checks] == [c.name for c in CHECKS]
     assert "PASS repositories:" in "\n".join(checks)
-    assert lines[-1].startswith("summary: 1 pass, 0 fail, 14 skip; no GPU path was checked")
+    assert lines[-1].startswith("summary: 1 pass, 0 fail, 15 skip; no GPU path was checked")
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(
@@ -393,3 +393,20 @@ def test_relayed_equals_local_demands_equal_text_and_a_counted_relay(
     else:
         with pytest.raises(gpu_check.CheckFailed, match=re.escape(error)):
             gpu_steps.relayed_step(session, deadline)
+
+
+def test_the_installed_project_is_compared_with_the_checkout(
+    tmp_path: Path, llmapi_dir: Path
+) -> None:
+    # this venv installs the checkout (editable), so they are equal here
+    session = Session(config_for(tmp_path, llmapi_dir), FULL)
+    assert "equals" in gpu_steps.installed_project_step(session, time.monotonic() + 60)
+    other = tmp_path / "other"
+    (other / "trtllm_prfaas").mkdir(parents=True)
+    (other / "trtllm_prfaas" / "__init__.py").write_text("# a different checkout\n")
+    stale = Session(
+        parse_args(["--model", "/m", "--workdir", str(tmp_path / "w"), "--repo-root", str(other)]),
+        FULL,
+    )
+    with pytest.raises(gpu_check.CheckFailed, match="rebuild the image from this checkout"):
+        gpu_steps.installed_project_step(stale, time.monotonic() + 60)

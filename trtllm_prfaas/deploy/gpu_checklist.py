@@ -59,6 +59,13 @@ class Check:
 
 CHECKS: tuple[Check, ...] = (
     Check("versions", "tensorrt_llm is 1.2.x and matches the Triton tag (audit 6a)", ("trtllm",)),
+    Check(
+        "image_has_this_checkout",
+        "the trtllm_prfaas installed in the image (what TensorRT-LLM's spawned MPI workers "
+        "import: only TRTLLM*/TLLM* variables reach them, not PYTHONPATH) equals this checkout",
+        ("trtllm",),
+        cap_s=30.0,
+    ),
     Check("cuda", "torch sees CUDA devices", ("cuda",)),
     Check(
         "cross_device_index_put",

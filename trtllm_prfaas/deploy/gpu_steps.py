@@ -8,7 +8,10 @@ connector, tritonclient calls) happen inside the steps, never at import time.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +48,33 @@ def versions_step(session: Session, deadline: float) -> str:
     versions.check_installed(versions.trtllm_ref(version), installed, tag)
     where = f"in Triton {tag}" if tag else "not in a Triton container (no tag to match)"
     return f"tensorrt_llm {version} {where}"
+
+
+def _package_digest(package_dir: Path) -> str:
+    """sha256 over the package's ``.py`` files (relative path and content), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def installed_project_step(session: Session, deadline: float) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import os, trtllm_prfaas; print(os.path.dirname(trtllm_prfaas.__file__))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+        timeout=_left(deadline), check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise CheckFailed("trtllm_prfaas is not installed outside this checkout")
+    installed = Path(done.stdout.strip())
+    checkout = session.config.repo_root / "trtllm_prfaas"
+    if _package_digest(installed) != _package_digest(checkout):
+        raise CheckFailed(
+            f"{installed} differs from {checkout}: rebuild the image from this checkout "
+            "(docker build -f docker/triton.Dockerfile ...)"
+        )
+    return f"{installed} equals {checkout}"
 
 
 def cuda_step(session: Session, deadline: float) -> str:
@@ -254,6 +284,7 @@ def tp2_step(session: Session, deadline: float) -> str:
 
 STEPS: dict[str, Callable[[Session, float], str]] = {
     "versions": versions_step,
+    "image_has_this_checkout": installed_project_step,
     "cuda": cuda_step,
     "cross_device_index_put": cross_device_step,
     "connector_bases": connector_bases_step,
