@@ -29,7 +29,7 @@ def versioned_files() -> list[Path]:
     """Every file that may name a Triton or TensorRT-LLM tag."""
     files = [DEPLOYMENT_DOC, ROOT / "README.md", ROOT / "plugins" / "triton" / "README.md"]
     files += sorted(DOCKER_DIR.iterdir())
-    files += sorted((ROOT / "scripts").glob("*"))
+    files += sorted((ROOT / "scripts").glob("*")) + sorted((ROOT / "engines").glob("*"))
     files += sorted((ROOT / "trtllm_prfaas" / "deploy").glob("*.py"))
     return [p for p in files if p.is_file()]
 
@@ -155,3 +155,29 @@ def test_the_image_build_runs_the_check_as_a_command(
     assert versions.main(["v1.2.1"], {"NVIDIA_TRITON_SERVER_VERSION": "26.07"}) == 0
     assert versions.main(["v1.2.1"], {"NVIDIA_TRITON_SERVER_VERSION": "26.03"}) == 1
     assert "26.03" in capsys.readouterr().err
+
+
+MATRIX_FEATURES = (
+    "connector load", "layer-wise save", "block reuse with a cached prefix", "TP>1",
+    "plan carrier", "hybrid", "prompt-plus-first-token", "Curve", "streaming via the decoupled",
+    "unary prefill",
+)  # fmt: skip
+STATUSES = ("verified on CPU contract", "needs a GPU", "not supported")
+
+
+def test_the_support_matrix_gives_each_feature_a_status_per_version_and_its_sources() -> None:
+    guide = DEPLOYMENT_DOC.read_text()
+    table = guide[guide.index("## Support matrix") :].split("\n## ")[0]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| feature")
+    ]
+    for feature in MATRIX_FEATURES:
+        matching = [row for row in rows if feature in row[0]]
+        assert len(matching) == 1, feature
+        _, v12, v2026, sources, _ = matching[0]
+        assert v12.startswith(STATUSES) and v2026.startswith(STATUSES), feature
+        assert "`" in sources, feature  # names the upstream file
+    hybrid = next(row for row in rows if "hybrid" in row[0])
+    assert hybrid[1].startswith("not supported") and hybrid[2].startswith("not supported")
