@@ -318,9 +318,12 @@ class TritonEngine(RemoteFlights):
             raise DeadlineExceeded(f"request {rid}: TensorRT-LLM timed the request out")
         if reason not in _REASONS:
             raise EngineError(f"request {rid}: unknown finish_reason {reason!r} from Triton")
-        new, exact = flight.text.finish(_text_of(result))
+        text = _text_of(result)
+        new, exact = flight.text.finish(text)
         if not exact:
             log.warning("triton_retokenization_diverged", request_id=rid)
+        if text.endswith("\ufffd"):  # max_tokens cut a character: its ids cannot travel as text
+            log.warning("triton_text_ends_inside_a_character", request_id=rid)
         flight.num_seen += len(new)
         self._bridge.put(RequestOutput(rid, new, True, _REASONS[reason]))
 
