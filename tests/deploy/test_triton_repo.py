@@ -19,6 +19,7 @@ from trtllm_prfaas.deploy.contract import (
 )
 from trtllm_prfaas.deploy.env import ENV_VARS, DeployRole
 from trtllm_prfaas.deploy.triton_repo import (
+    DEFAULT_KEY_DIR,
     RelayEnvConfig,
     render_config_pbtxt,
     render_env_file,
@@ -195,3 +196,26 @@ def test_rendering_is_pure_and_deterministic(tmp_path: Path) -> None:
     )
     written = write_repository(config, tmp_path / "new" / "repo")
     assert [p.name for p in written] == ["config.pbtxt", "model.yaml", "prfaas.env"]
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda r: r.value)
+def test_the_connector_accepts_each_committed_env_file(role: DeployRole, tmp_path: Path) -> None:
+    """The rendered ``prfaas.env`` is what the connector inside TensorRT-LLM reads
+    (``config.connector_config_from_env``): with the key files in place it configures the
+    role's relay and plan server, nothing missing or misnamed."""
+    from trtllm_prfaas.config import connector_config_from_env
+    from trtllm_prfaas.deploy.gpu_stack import write_keys
+
+    write_keys(tmp_path)  # prefill/decode/worker key pairs, the names the env files use
+    env = {
+        name: value.replace(DEFAULT_KEY_DIR, str(tmp_path))
+        for name, value in read_env_file(
+            REPO_DIR / role.value / "tensorrt_llm" / "prfaas.env"
+        ).items()
+    }
+    config = connector_config_from_env(env)
+    assert config.role.value == role.value
+    assert config.plan_endpoint == env["TRTLLM_PRFAAS_PLAN_BIND"]
+    assert config.relay.security.curve is not None
+    if role is DeployRole.DECODE:
+        assert config.receiver_endpoint == env["TRTLLM_PRFAAS_RELAY_BIND"]
