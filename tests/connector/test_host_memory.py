@@ -23,19 +23,38 @@ def _prompt(n: int, seed: int = 1) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("length", [2, 16, 17, 40, 129])
-def test_second_run_reuses_kv_and_computes_only_the_last_token(
-    make_engine: EngineFactory, dtype: str, length: int
+@pytest.mark.parametrize(("length", "reused"), [(2, 0), (16, 0), (17, 0), (40, 32), (129, 128)])
+def test_a_repeat_reuses_the_last_block_aligned_chunk_end(
+    make_engine: EngineFactory, dtype: str, length: int, reused: int
 ) -> None:
+    """Chunks of 32 run to L: the state exists at 32, 64, ... and L; a repeat may claim at
+    most L-1 tokens, so it resumes at the last block-aligned chunk end below L."""
     model = tiny_model(dtype=dtype)
     pair, store = host_memory_connector(model, num_blocks=64, num_states=16)
-    engine = make_engine(model, connector=pair)
-    want = make_engine(model).generate([_prompt(length)], SAMPLING)
+    engine = make_engine(model, connector=pair, chunk_size=32)
+    want = make_engine(model, chunk_size=32).generate([_prompt(length)], SAMPLING)
     assert engine.generate([_prompt(length)], SAMPLING) == want
     computed = engine.stats.num_prompt_tokens_computed
     assert engine.generate([_prompt(length)], SAMPLING) == want
-    assert engine.stats.num_connector_tokens == length - 1
-    assert engine.stats.num_prompt_tokens_computed - computed == 1
+    assert engine.stats.num_connector_tokens == reused
+    assert engine.stats.num_prompt_tokens_computed - computed == length - reused
+    store.pool.assert_no_leaks()
+
+
+def test_the_prompt_followed_by_its_first_token_claims_the_whole_prompt(
+    make_engine: EngineFactory,
+) -> None:
+    """The state after all L prompt tokens is saved with the partial tail block, so a request
+    of the prompt followed by one more token (the decode's shape) claims exactly L tokens."""
+    model = tiny_model()
+    pair, store = host_memory_connector(model, num_blocks=64, num_states=16)
+    engine = make_engine(model, connector=pair, chunk_size=32)
+    first = _prompt(45)
+    engine.generate([first], SAMPLING)
+    follow_up = [*first, 9]
+    got = engine.generate([follow_up], SAMPLING)
+    assert engine.stats.num_connector_tokens == 45
+    assert got == make_engine(model, chunk_size=32).generate([follow_up], SAMPLING)
     store.pool.assert_no_leaks()
 
 

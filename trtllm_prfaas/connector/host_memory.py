@@ -5,13 +5,17 @@ Like TensorRT-LLM's persistent example connector, but over the project's hybrid 
 
 - full prompt blocks are saved layer by layer from ``save_kv_layer`` as prefix-cache blocks
   named by their chained hash, committed in ``wait_for_save``;
-- the recurrent state is saved at every chunk end that is block aligned, and at exactly L-1
-  tokens (with the partial tail block), each entry reusable only on an exact-length match;
+- the recurrent state is saved where the engine has it exactly: at every chunk end that is block
+  aligned, and at the prompt's end L (with the partial tail block); each entry is reusable only
+  on an exact-length match (chunks run as TensorRT-LLM runs them, so no state exists at L-1);
 - ``get_num_new_matched_tokens`` (no I/O: a dictionary look-up in this process) claims the
-  longest prefix that has both its full blocks and a state snapshot of exactly that length,
-  pins them, and returns ``(n, False)``: ``start_load_kv`` copies them in synchronously.
+  longest prefix, at most L-1 tokens, that has both its full blocks and a state snapshot of
+  exactly that length, pins them, and returns ``(n, False)``: ``start_load_kv`` copies them in
+  synchronously.
 
-So a second run of the same prompt computes only its last token and yields identical tokens.
+So a repeat of a prompt computes only what follows its last block-aligned chunk end, and a
+follow-up turn that extends an earlier prompt (multi-turn chat) claims that whole earlier prompt;
+tokens stay identical to a run without the connector.
 Both halves share one :class:`HostKVStore` passed in ``llm_args.connector_options["store"]``
 (one process, tensor parallelism 1).
 """
@@ -130,7 +134,9 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
         return matched, self.load_async and matched > 0
 
     def _match(self, request_id: int, tokens: list[int]) -> _Load | None:
-        """Longest prefix with all its full blocks and an exact-length state entry; pinned."""
+        """Longest prefix (at most L-1 tokens) with all its full blocks and an exact-length state
+        entry; pinned. Candidates: exactly L-1 (a snapshot at an earlier prompt's end, e.g. the
+        prompt before its first token), then block boundaries (what the engine allows)."""
         pool, key, tpb = self.store.pool, self.store.key, self.store.spec.tokens_per_block
         last = len(tokens) - 1
         hashes = block_hashes(tokens[:last], tpb, key)
@@ -170,14 +176,15 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
 
     def _plan_save(self, request_id: int, tracked: _Tracked, end: int) -> _Save | None:
         """What a chunk ending at ``end`` adds to the store: its new full blocks, and the state
-        if ``end`` is a snapshot point. Host-pool exhaustion skips the save (logged)."""
+        if ``end`` is a snapshot point (block aligned, or the prompt's end). Host-pool
+        exhaustion skips the save (logged)."""
         spec, pool, key = self.store.spec, self.store.pool, self.store.key
-        last, tpb = tracked.prompt_len - 1, spec.tokens_per_block
-        if end > last or end <= tracked.matched:
-            return None  # the last-token step and decode steps add nothing to the store
+        prompt_len, tpb = tracked.prompt_len, spec.tokens_per_block
+        if end > prompt_len or end <= tracked.matched:
+            return None  # decode steps add nothing to the store
         hashes = block_hashes(tracked.tokens[:end], tpb, key)
         first = max(tracked.num_saved_blocks, tracked.matched // tpb)
-        state_point = end % tpb == 0 or end == last
+        state_point = end % tpb == 0 or end == prompt_len
         try:
             host_blocks = pool.allocate_prefix_blocks(hashes[first:])
             slot = (
