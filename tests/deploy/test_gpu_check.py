@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.deploy.conftest import ROOT
+from trtllm_prfaas.config import connector_config_from_env
 from trtllm_prfaas.deploy import gpu_check, gpu_steps
 from trtllm_prfaas.deploy.contract import parse_model_config
 from trtllm_prfaas.deploy.env import DeployRole
@@ -159,6 +160,7 @@ def test_rendered_stack(
             assert Path(path).is_file() and len(Path(path).read_bytes()) == 40
         secret = Path(triton.env["TRTLLM_PRFAAS_CURVE_SECRET_KEY_FILE"])
         assert secret.stat().st_mode & 0o777 == 0o600
+        assert connector_config_from_env(triton.env).role.value == role.value  # as Triton reads
         # upstream's llmapi launch: mpirun -n 1, auto-complete off, this server's own shm prefix
         assert triton.command[:5] == ["mpirun", "--allow-run-as-root", "-n", "1", "tritonserver"]
         assert "--disable-auto-complete-config" in triton.command
