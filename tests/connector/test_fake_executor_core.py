@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from tests.connector.trtllm_fake_executor import (
     ConnectorSpec,
@@ -22,6 +23,7 @@ from tests.connector.trtllm_fake_executor import (
     State,
     TllmCheckError,
     drive,
+    kv_rows,
 )
 
 SPEC = ConnectorSpec(__name__, "ScriptedScheduler", "ScriptedWorker")
@@ -175,18 +177,29 @@ def test_the_scheduler_sees_only_fields_of_the_pinned_llm_request(executor) -> N
         assert not hasattr(request, name), name
 
 
-def test_block_reuse_passes_full_matched_blocks_as_num_computed_tokens(executor) -> None:
+@pytest.mark.parametrize(
+    ("executor", "want"),
+    [({"partial_reuse": False}, [0, 32, 64]), ({"partial_reuse": True}, [0, 40, 69])],
+    indirect=["executor"],
+    ids=["full-blocks", "partial-reuse"],
+)
+def test_block_reuse_passes_the_device_match_as_num_computed_tokens(executor, want) -> None:
     first = executor.add_request(PROMPT, 2)
     drive(executor, until=lambda: not executor.has_work())
-    second = executor.add_request([*PROMPT[:40], 1, 2, 3], 2)  # shares blocks 0 and 1
-    third = executor.add_request(PROMPT, 2)  # shares all 4 full blocks of its first 69 tokens
+    second = executor.add_request([*PROMPT[:40], 1, 2, 3], 2)  # shares 2 blocks and 8 tokens
+    third = executor.add_request(PROMPT, 2)  # shares 4 blocks (and 5 of the released tail)
     drive(executor, until=lambda: not executor.has_work())
-    matches = [c[2] for c in _calls("match")]
-    assert matches == [0, 32, 64]
-    assert executor.claims[second] == (32, 0, False)
+    assert [c[2] for c in _calls("match")] == want
+    assert executor.claims[second] == (want[1], 0, False)
     blocks = {c[1]: c[2] for c in _calls("alloc")}
     assert blocks[second][:2] == blocks[first][:2] and blocks[third][:4] == blocks[first][:4]
-    assert executor.computed[second][0] == (32, 43)  # computes only the unmatched tokens
+    assert blocks[second][2] != blocks[first][2]  # never shared: a private block or a copy
+    assert executor.computed[second][0] == (want[1], 43)  # computes only what did not match
+    block = executor.device.read_block(executor.ranks[0].pool, blocks[second][2], 0)
+    rows = block.view(2, MODEL.num_kv_heads, MODEL.tokens_per_block, MODEL.head_dim)
+    for pos in range(32, 43):  # copied (partial reuse) or computed: the KV of these tokens
+        want_rows = kv_rows(MODEL, [*PROMPT[:40], 1, 2, 3], pos, 0)
+        assert torch.equal(rows[:, :, pos - 32, :], want_rows), pos
     assert executor.leak_report() == []
 
 

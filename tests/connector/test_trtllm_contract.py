@@ -310,17 +310,20 @@ def test_a_dense_model_relays_with_upstream_hooks_only(deployments) -> None:
 POISON = 3.0  # what the test writes into the decode's cached prefix blocks
 
 
-def test_a_warm_prefix_on_the_decode_is_honoured(deployments) -> None:
-    """The decode already holds the first 2 blocks (a shared system prompt): TensorRT-LLM
-    passes ``num_computed_tokens=32``; the connector claims the other L - 32 tokens, loads only
-    their blocks, and the ``prepopulatedPromptLen < promptLen`` check passes."""
+@pytest.mark.parametrize("warm", [32, 40], ids=["2-blocks", "2-blocks-and-8-tokens"])
+def test_a_warm_prefix_on_the_decode_is_honoured(deployments, warm) -> None:
+    """The decode already holds the start of the prompt (a shared system prompt): TensorRT-LLM
+    passes ``num_computed_tokens`` (32, or 40 with partial reuse, the default); the connector
+    claims the other L - k tokens, never writes the shared (fully matched) blocks, and the
+    ``prepopulatedPromptLen < promptLen`` check passes."""
     d, tpb = deployments, MODEL.tokens_per_block
-    warm = d.decode.add_request([*PROMPT[:32], 5, 6, 7, 8], 2)
+    warm_id = d.decode.add_request([*PROMPT[:warm], 5, 6, 7, 8], 2)
     drive(d.decode, until=lambda: not d.decode.has_work(), what="warm-up")
-    cached = [d.decode.blocks.cache[tuple(PROMPT[: (b + 1) * tpb])] for b in range(2)]
+    shared = [d.decode.blocks.cached_block(PROMPT[: (b + 1) * tpb]) for b in range(2)]
+    assert None not in shared
     poison = torch.full((2, MODEL.num_kv_heads, MODEL.head_dim), POISON, dtype=MODEL.dtype)
     for rank in d.decode.ranks:  # mark them, so a write over them cannot go unseen
-        for block in cached:
+        for block in shared:
             for layer in range(MODEL.num_layers):
                 for pos in range(tpb):
                     d.decode.device.write_token_rows(
@@ -328,11 +331,11 @@ def test_a_warm_prefix_on_the_decode_is_honoured(deployments) -> None:
                     )
 
     run = _relay(d, PROMPT, max_tokens=3)
-    assert d.decode.results[warm].error is None
-    assert d.decode.claims[run.decode_id] == (32, len(PROMPT) - 32, True)
+    assert d.decode.results[warm_id].error is None
+    assert d.decode.claims[run.decode_id] == (warm, len(PROMPT) - warm, True)
     snapshot = d.decode.loaded_snapshots[run.decode_id][0]
-    assert torch.all(snapshot[:2] == POISON), "the connector wrote over reused blocks"
-    _assert_rows(snapshot, PROMPT, range(32, len(PROMPT)), 0, 1)
+    assert torch.all(snapshot[:2] == POISON), "the connector wrote over shared blocks"
+    _assert_rows(snapshot, PROMPT, range(32, len(PROMPT)), 0, 1)  # matched part or relayed
     assert d.decode.results[run.decode_id].tokens == _reference(PROMPT, 3)[1:]
     _assert_order_and_no_leaks(d.prefill, d.decode)
 

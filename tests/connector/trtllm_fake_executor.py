@@ -20,8 +20,8 @@ One iteration (``py_executor.py`` 736889464 ``_executor_loop`` / ``_executor_loo
       a context request's first chunk adds its sequence, unless it has finished an async load
       (``kv_cache_connector.py`` 3277953 ``should_add_sequence``). Adding follows
       ``kvCacheManager.cpp`` 126178160 ``WindowBlockManager::addSequence``/``loadOrAllocateBlocks``:
-      the prompt minus its last token is cut into blocks, full blocks are matched against the
-      reuse tree (a chain of block contents: a miss ends the match), then
+      the prompt minus its last token is cut into blocks and matched against the reuse tree
+      (``BlockManager`` below: full blocks, then one partial match with partial reuse on), then
       ``get_num_new_matched_tokens(request, num_computed_tokens=matched)`` runs on the leader and
       its result is broadcast; ``setPrepopulatedPromptLen(matched + n)`` enforces
       ``prepopulatedPromptLen < promptLen`` (``llmRequest.h`` 786144818; raised here as
@@ -57,10 +57,10 @@ Generation-only requests raise as ``KvCacheConnectorManager.get_num_new_matched_
 Only upstream's hooks are called: no ``register_recurrent_states``, ``get_failed_loads``,
 ``cancel_*``; ``llm_args`` has no ``connector_options``.
 
-Not modelled: partial block reuse (``enable_partial_reuse`` is off here), eviction order beyond
-"never-cached blocks first, then least recently freed", token budgets across requests, beam > 1,
-speculative decoding, pipeline parallelism, and a connector thread calling ``mpi_rank()`` (it
-raises: the fake cannot tell which simulated rank a background thread serves).
+Not modelled: eviction order beyond "never-stored blocks first, then least recently freed",
+token budgets across requests, beam > 1, speculative decoding, pipeline parallelism, and a
+connector thread calling ``mpi_rank()`` (it raises: the fake cannot tell which simulated rank a
+background thread serves).
 """
 
 from __future__ import annotations
@@ -264,47 +264,89 @@ class FakeLlmRequest:
 class BlockManager:
     """One rank's block bookkeeping (identical on every rank: allocation is deterministic).
 
-    Reuse (``kvCacheManager.cpp`` ``loadOrAllocateBlocks``/``storeBlocks``): a block is keyed by
-    its whole token prefix; stored blocks stay matchable after release until evicted."""
+    Reuse (``kvCacheManager.cpp`` 126178160 ``loadOrAllocateBlocks``, ``storeBlocks``,
+    ``storeContextBlocks``): a stored block is keyed by (the tokens before it, its own tokens);
+    matching walks the prompt minus its last token block by block, a full match continues, and
+    with partial reuse (``enable_partial_reuse``, on by default in ``KvCacheConfig``) the best
+    common prefix with a stored block ends the match: a block in use or with children is copied
+    into a private block (``copy_on_partial_reuse``), a free leaf leaves the tree and is reused.
+    Stored blocks stay matchable after release until an allocation evicts them (never-stored
+    free blocks go first)."""
 
-    def __init__(self, num_blocks: int, tokens_per_block: int) -> None:
-        self.tpb = tokens_per_block
+    def __init__(
+        self, num_blocks: int, tpb: int, partial_reuse: bool, copy: Callable[[int, int, int], None]
+    ) -> None:
+        self.tpb, self.partial_reuse, self._copy = tpb, partial_reuse, copy
         self.refs = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cache: dict[tuple[int, ...], int] = {}
-        self.key_of: dict[int, tuple[int, ...]] = {}
+        self.children: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+        self.key_of: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.blocks: dict[int, list[int]] = {}  # request id -> its block ids, in order
         self.pinned: dict[int, list[int]] = {}  # request id -> blocks pinned by a save
 
     def num_free(self) -> int:
         return len(self.free)
 
+    def cached_block(self, tokens: list[int]) -> int | None:
+        """The stored block whose key ends exactly at the end of ``tokens`` (None if absent)."""
+        start = (len(tokens) - 1) // self.tpb * self.tpb
+        return self.children.get(tuple(tokens[:start]), {}).get(tuple(tokens[start:]))
+
     def add_sequence(self, rid: int, tokens: list[int], input_len: int) -> int:
-        """Allocate ``ceil(input_len / tpb)`` blocks, reusing a cached prefix of full blocks of
+        """Allocate ``ceil(input_len / tpb)`` blocks, reusing what matches of
         ``tokens[: input_len - 1]``; return the matched token count."""
-        matched: list[int] = []
-        for b in range((input_len - 1) // self.tpb):
-            block = self.cache.get(tuple(tokens[: (b + 1) * self.tpb]))
-            if block is None:
-                break
-            matched.append(block)
-        for block in matched:
-            self._claim(block)
+        limit, matched, num_matched = input_len - 1, [], 0
+        for start in range(0, limit, self.tpb):
+            parent, own = tuple(tokens[:start]), tuple(tokens[start : min(start + self.tpb, limit)])
+            stored = self.children.get(parent, {})
+            block = stored.get(own) if len(own) == self.tpb else None
+            if block is not None:
+                self._claim(block)
+                matched.append(block)
+                num_matched += self.tpb
+                continue
+            best = max(((_common(own, key), b) for key, b in stored.items()), default=(0, -1))
+            if self.partial_reuse and best[0] > 0:
+                matched.append(self._reuse_partly(best[1], best[0]))
+                num_matched += best[0]
+            break
         fresh = [self._allocate() for _ in range(-(-input_len // self.tpb) - len(matched))]
         self.blocks[rid] = matched + fresh
-        return len(matched) * self.tpb
+        return num_matched
+
+    def _reuse_partly(self, block: int, num_tokens: int) -> int:
+        parent, own = self.key_of[block]
+        if self.refs[block] == 0 and not self.children.get(parent + own):
+            self._forget(block)  # a free leaf: out of the tree, reused privately
+            self._claim(block)
+            return block
+        self._claim(block)  # in use or has children: copy its matched tokens
+        copy = self._allocate()
+        self._copy(block, copy, num_tokens)
+        self._unref(block)
+        return copy
 
     def add_token(self, rid: int, num_tokens: int) -> None:
         """The sequence now holds ``num_tokens`` tokens: a new block when the last one is full."""
         if num_tokens > len(self.blocks[rid]) * self.tpb:
             self.blocks[rid].append(self._allocate())
 
-    def store(self, rid: int, tokens: list[int], num_with_kv: int) -> None:
-        """Make the request's full blocks whose KV is computed matchable (first writer wins)."""
-        for b, block in enumerate(self.blocks.get(rid, [])[: num_with_kv // self.tpb]):
-            key = tuple(tokens[: (b + 1) * self.tpb])
-            if key not in self.cache and block not in self.key_of:
-                self.cache[key], self.key_of[block] = block, key
+    def store(self, rid: int, tokens: list[int], num_with_kv: int, partial: bool) -> None:
+        """Make the request's blocks holding computed KV matchable: full ones, and with
+        ``partial`` (a released request) the last partly filled one; first writer wins."""
+        for b, block in enumerate(self.blocks.get(rid, [])):
+            start, end = b * self.tpb, min((b + 1) * self.tpb, num_with_kv)
+            if end <= start or (end - start < self.tpb and not partial):
+                return
+            parent, own = tuple(tokens[:start]), tuple(tokens[start:end])
+            old = self.key_of.get(block)
+            if old is not None and (old[0] != parent or own[: len(old[1])] != old[1]):
+                continue  # the block holds another prefix (a shared or stale key)
+            if old is not None:
+                self._forget(block)  # grown since it was stored: re-key it
+            self.children.setdefault(parent, {}).setdefault(own, block)
+            if self.children[parent][own] == block:
+                self.key_of[block] = (parent, own)
 
     def release(self, rid: int, pin: bool) -> None:
         blocks = self.blocks.pop(rid)
@@ -327,16 +369,27 @@ class BlockManager:
         if self.refs[block] == 0:
             self.free[block] = None  # most recently freed last
 
+    def _forget(self, block: int) -> None:
+        parent, own = self.key_of.pop(block)
+        del self.children[parent][own]
+
     def _allocate(self) -> int:
         uncached = next((b for b in self.free if b not in self.key_of), None)
         block = uncached if uncached is not None else next(iter(self.free), None)
         if block is None:
             raise TllmCheckError("Can't allocate new blocks. No free blocks left.")
-        key = self.key_of.pop(block, None)
-        if key is not None:
-            del self.cache[key]  # evicted from the reuse tree
+        if block in self.key_of:
+            self._forget(block)  # evicted from the reuse tree
         self._claim(block)
         return block
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix of ``a`` and ``b``."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------- the ranks
@@ -447,7 +500,9 @@ class Result:
     is_finished: bool = False
 
 
-def _llm_args(model: FakeModel, tp_size: int, spec: ConnectorSpec, overlap: bool) -> Any:
+def _llm_args(
+    model: FakeModel, tp_size: int, spec: ConnectorSpec, overlap: bool, partial_reuse: bool
+) -> Any:
     """What ``TorchLlmArgs`` carries that a connector may read (no ``connector_options``)."""
     return SimpleNamespace(
         model=model.name,
@@ -462,7 +517,8 @@ def _llm_args(model: FakeModel, tp_size: int, spec: ConnectorSpec, overlap: bool
             tokens_per_block=model.tokens_per_block,
             dtype="auto",
             enable_block_reuse=True,
-            enable_partial_reuse=False,
+            enable_partial_reuse=partial_reuse,
+            copy_on_partial_reuse=True,
         ),
         scheduler_config=SimpleNamespace(capacity_scheduler_policy="GUARANTEED_NO_EVICT"),
         kv_connector_config=SimpleNamespace(
@@ -494,6 +550,7 @@ class FakeExecutor:
         device: Device | None = None,
         connector: ConnectorSpec = PRFAAS_CONNECTOR,
         overlap_scheduler: bool = True,
+        partial_reuse: bool = True,
         max_batch_size: int = 8,
     ) -> None:
         self.model = model = model or FakeModel()
@@ -501,8 +558,10 @@ class FakeExecutor:
             raise ValueError("heads must split evenly over ranks; chunk_size must be whole blocks")
         self.tp_size, self.chunk_size, self.overlap = tp_size, chunk_size, overlap_scheduler
         self.max_batch_size, self.device = max_batch_size, device or CpuDevice()
-        self.llm_args = _llm_args(model, tp_size, connector, overlap_scheduler)
-        self.blocks = BlockManager(model.num_blocks, model.tokens_per_block)
+        self.llm_args = _llm_args(model, tp_size, connector, overlap_scheduler, partial_reuse)
+        self.blocks = BlockManager(
+            model.num_blocks, model.tokens_per_block, partial_reuse, self._copy_tokens
+        )
         self._init_state()
         _install_fake_tensorrt_llm(tp_size)
         self._closed = False
@@ -825,6 +884,19 @@ class FakeExecutor:
             block = block_ids[pos // tpb]
             self.device.write_token_rows(rank.pool, block, layer, pos % tpb, part, rank.stream)
 
+    def _copy_tokens(self, source: int, target: int, num_tokens: int) -> None:
+        """The block manager's device copy of a partly matched block's first tokens."""
+        model = self.model
+        heads = model.num_kv_heads // self.tp_size
+        for rank in self.ranks:
+            for layer in range(model.num_layers):
+                data = self.device.read_block(rank.pool, source, layer)
+                rows = data.view(2, heads, model.tokens_per_block, model.head_dim)
+                for pos in range(num_tokens):
+                    self.device.write_token_rows(
+                        rank.pool, target, layer, pos, rows[:, :, pos, :], rank.stream
+                    )
+
     def _handle_errors(self, message: str) -> None:
         failed, self.active = list(self.active), []
         for req in failed:
@@ -875,9 +947,10 @@ class FakeExecutor:
         for req in [r for r in self.active if r.state is State.GENERATION_COMPLETE]:
             self.active.remove(req)
             self._terminate(req)
-        for req in batch:
-            if req.request_id in self.blocks.blocks:
-                self.blocks.store(req.request_id, req.tokens, self._kv_len[req.request_id])
+        for req in batch:  # storeContextBlocks: full blocks of computed prompt KV
+            if req.request_id in self.blocks.blocks and req.state is not State.LOADING:
+                upto = min(self._kv_len[req.request_id], len(req.tokens) - 1)
+                self.blocks.store(req.request_id, req.tokens, upto, partial=False)
 
     def _terminate(self, req: FakeLlmRequest) -> None:
         """``_do_terminate_request``: ``request_finished`` when the request has blocks; True
@@ -887,7 +960,8 @@ class FakeExecutor:
         if rid not in self.blocks.blocks:
             return
         saving = self._leader("request_finished", req, list(self.blocks.blocks[rid]))
-        self.blocks.store(rid, req.tokens, self._kv_len.get(rid, 0))
+        upto = min(self._kv_len.get(rid, 0), len(req.tokens) - 1)
+        self.blocks.store(rid, req.tokens, upto, partial=True)  # storeBlocksForReuse
         self.blocks.release(rid, pin=bool(saving))
         self._finished_loading.discard(rid)
         if saving:
