@@ -55,6 +55,10 @@ __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 log = get_logger(__name__)
 
 
+_HELD_POLL_S = 0.001  # held decodes, in-process receiver: a dictionary look-up per check
+_REMOTE_HELD_POLL_S = 0.01  # held decodes, remote engine: one round trip per rank per check
+
+
 @dataclass
 class _Tracked:
     identity: bytes
@@ -110,6 +114,7 @@ class WorkerServer:
         self._routers: set[bytes] = set()
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
+        self._next_status_at = 0.0  # remote engines: when held decodes' transfers are next asked
         self._stop = threading.Event()
 
     def _assemble(self, role: WorkerRole) -> None:
@@ -142,8 +147,12 @@ class WorkerServer:
             relay=self.relay_endpoint,
         )
         while not self._stop.is_set():
-            busy = self.engine.has_unfinished() or bool(self._pending)
-            self._poll_control(0 if busy else self.config.idle_poll_s)
+            wait_s = self.config.idle_poll_s
+            if self.engine.has_unfinished():
+                wait_s = 0.0
+            elif self._pending:  # held decodes only: check their transfers, do not spin
+                wait_s = _HELD_POLL_S if self.runtime is not None else _REMOTE_HELD_POLL_S
+            self._poll_control(wait_s)
             self._admit_announced()
             self._expire_deadlines()
             if self.engine.has_unfinished():
@@ -271,9 +280,12 @@ class WorkerServer:
         """Decode requests whose transfer has fully arrived join the engine with their plan; if
         the transfer failed or was not announced in time, they compute the prompt here (or fail,
         per ``fallback``); one still arriving at the request's deadline fails."""
-        if not self._pending:
+        now = time.monotonic()
+        if not self._pending or now < self._next_status_at:
             return
-        now, waiting = time.monotonic(), []
+        if self.runtime is None:  # each status check is a round trip to every remote rank
+            self._next_status_at = now + _REMOTE_HELD_POLL_S
+        waiting = []
         for pend in self._pending:
             status = self._transfer_status(pend.submit)
             if status is InboundStatus.COMPLETE:
