@@ -10,7 +10,8 @@ import torch
 
 from trtllm_prfaas.connector.base import RecurrentStates
 from trtllm_prfaas.connector.device import backend_for
-from trtllm_prfaas.connector.prfaas import PrfaasConnectorWorker, _LoadPlan
+from trtllm_prfaas.connector.prfaas import PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_meta import LoadPlan
 from trtllm_prfaas.transport import ItemKey, Kind
 
 ROW = 8  # num_kv_heads * tokens_per_block * head_dim of this toy pool
@@ -64,7 +65,7 @@ def test_blocks_land_in_the_planned_pool_rows(
     worker = _worker()
     blocks = torch.arange(7 * 2 * ROW, dtype=torch.float32).view(7, 2, ROW) + 1
     device_blocks = [9, 4, 11, 0, 2, 15, 7, 5]
-    plan = _LoadPlan(3, "t", [1, 2, 3], skip_blocks, device_blocks)
+    plan = LoadPlan(3, "t", [1, 2, 3], skip_blocks, device_blocks)
     key = ItemKey("t", layer=2, item_index=0, kind=Kind.FULL_BLOCK, block_start=1, block_end=8)
     item = FakeItem(key, blocks.numpy().tobytes(), chunk_bytes, assemble)
     landings = worker._place(plan, 2, item, None)  # type: ignore[arg-type]

@@ -1,0 +1,131 @@
+"""The PrfaaS connector's scheduler half (rank 0; see ``connector/prfaas.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtllm_prfaas.connector.base import KvCacheConnectorScheduler, SchedulerOutput
+from trtllm_prfaas.connector.plans import Plan
+from trtllm_prfaas.connector.prfaas_meta import Drop, LoadPlan, PrfaasMeta, SendPlan, runtime_of
+from trtllm_prfaas.connector.prfaas_runtime import Role, transfer_id_for
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport import InboundStatus
+
+__all__ = ["PrfaasConnectorScheduler"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class _Export:
+    plan: Plan
+    tokens: list[int]
+    blocks: list[int] = field(default_factory=list)
+    num_sent_blocks: int = 0
+    is_announced: bool = False
+    is_done: bool = False
+
+
+class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
+    """Rank 0 only. No I/O in any method: plans and receiver status are in-process look-ups."""
+
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self.runtime = runtime_of(llm_args)
+        self.tokens_per_block = int(llm_args.kv_cache_config.tokens_per_block)
+        self._exports: dict[int, _Export] = {}
+        self._pending_loads: dict[int, LoadPlan] = {}
+        self._drops: list[Drop] = []
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        tokens = list(request.get_tokens(0))
+        is_prefill = self.runtime.config.role is Role.PREFILL
+        claimed = tokens if is_prefill else tokens[:-1]
+        plan = self.runtime.plans.take(claimed) if claimed else None
+        if plan is None:
+            self.runtime.count("plans_missed")
+            log.info("prfaas_plan_missing", request_id=request.request_id, num_tokens=len(claimed))
+            return 0, False
+        if is_prefill:
+            return self._export(request.request_id, plan, claimed)
+        return self._claim(request.request_id, plan, claimed, num_computed_tokens)
+
+    def _export(self, request_id: int, plan: Plan, tokens: list[int]) -> tuple[int, bool]:
+        reason = self.runtime.refusal(plan)
+        if reason is not None:
+            self.runtime.count("plans_refused")
+            log.error("prfaas_plan_refused", request_id=request_id, reason=reason)
+        else:
+            self._exports[request_id] = _Export(plan, tokens)
+        return 0, False
+
+    def _claim(
+        self, request_id: int, plan: Plan, tokens: list[int], num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        """Claim ``L - num_computed_tokens`` tokens if rank 0's transfer is whole in host memory."""
+        receiver = self.runtime.receiver
+        assert receiver is not None
+        status = receiver.status(transfer_id_for(plan.transfer_uuid, tokens, self.runtime.key))
+        num_claimed = len(tokens) - num_computed_tokens
+        if status is not InboundStatus.COMPLETE or num_claimed <= 0:
+            self.runtime.count("transfers_unclaimed")
+            log.warning(
+                "prfaas_transfer_unclaimed",
+                request_id=request_id,
+                status=None if status is None else status.value,
+                num_computed_tokens=num_computed_tokens,
+            )
+            self._drops.append(Drop(plan.transfer_uuid, tokens))
+            return 0, False
+        skip = num_computed_tokens // self.tokens_per_block
+        self._pending_loads[request_id] = LoadPlan(request_id, plan.transfer_uuid, tokens, skip)
+        return num_claimed, True
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        load = self._pending_loads.get(request.request_id)
+        if load is not None:
+            load.device_blocks = list(block_ids)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PrfaasMeta:
+        meta = PrfaasMeta(loads=list(self._pending_loads.values()), drops=self._drops)
+        self._pending_loads, self._drops = {}, []
+        for data in scheduler_output.new_requests + scheduler_output.cached_requests:
+            export = self._exports.get(data.request_id)
+            if export is None:
+                continue
+            export.blocks += data.new_block_ids
+            end = data.computed_position + data.num_scheduled_tokens
+            plan = self._plan_send(data.request_id, export, end)
+            if plan is not None:
+                meta.sends.append(plan)
+        return meta
+
+    def _plan_send(self, request_id: int, export: _Export, end: int) -> SendPlan | None:
+        """Blocks completed by a chunk ending at ``end``; the chunk that ends at L also sends the
+        partial tail block and closes every layer."""
+        if export.is_done:
+            return None
+        tpb, num_tokens = self.tokens_per_block, export.plan.num_tokens
+        is_last = end >= num_tokens
+        stop = -(-num_tokens // tpb) if is_last else end // tpb
+        start = export.num_sent_blocks
+        if stop <= start:
+            if not is_last:
+                return None
+            start = stop - 1  # every layer needs a closing item: resend the last block
+        tokens = None if export.is_announced else export.tokens
+        export.num_sent_blocks, export.is_done, export.is_announced = stop, is_last, True
+        blocks = export.blocks[start:stop]
+        plan = export.plan
+        return SendPlan(
+            request_id, plan.transfer_uuid, plan.relay_endpoints, tokens, blocks, start, is_last
+        )
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        """True (blocks stay pinned) while a started export may still be reading them."""
+        self._pending_loads.pop(request.request_id, None)
+        export = self._exports.pop(request.request_id, None)
+        return export is not None and export.is_announced
