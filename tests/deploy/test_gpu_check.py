@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from tests.deploy.conftest import ROOT
+from tests.fakes import tokenizer as fake_tokenizer
+from tests.fakes.llmapi_triton import FakeLlmapiTriton
 from trtllm_prfaas.config import connector_config_from_env
 from trtllm_prfaas.deploy import gpu_check, gpu_steps
 from trtllm_prfaas.deploy.contract import parse_model_config
@@ -31,8 +33,15 @@ from trtllm_prfaas.deploy.gpu_check import (
     parse_args,
     skip_reason,
 )
-from trtllm_prfaas.deploy.gpu_serving import RelayCounts, warm_prefix_prompts, worker_args
+from trtllm_prfaas.deploy.gpu_serving import (
+    RelayCounts,
+    generate_relayed,
+    stream_text,
+    warm_prefix_prompts,
+    worker_args,
+)
 from trtllm_prfaas.deploy.gpu_stack import Stack, StackLayout, render
+from trtllm_prfaas.errors import EngineError
 from trtllm_prfaas.worker import command as worker_command
 
 LINE = re.compile(r"^(PASS|FAIL|SKIP) [a-z0-9_]+: \S.*$")
@@ -412,3 +421,47 @@ def test_the_installed_project_is_compared_with_the_checkout(
     )
     with pytest.raises(gpu_check.CheckFailed, match="rebuild the image from this checkout"):
         gpu_steps.installed_project_step(stale, time.monotonic() + 60)
+
+
+# ---- the request helpers against the llmapi Triton fake (tests/fakes, rebuilt from upstream) ---
+hf_model_dir = fake_tokenizer.hf_model_dir  # the session fixture
+
+
+def test_requests_to_the_llmapi_model_as_the_gpu_check_sends_them(hf_model_dir: Path) -> None:
+    prompt = "Fact 1: 1 squared is 1. Fact 2: 2 squared is 4."
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=True) as decode,
+        FakeLlmapiTriton(hf_model_dir, decoupled=False) as prefill,
+    ):
+        # the decode's local answer: ModelStreamInfer, streaming false, the final text
+        text = stream_text(decode.address, prompt, 12, streaming=False, timeout_s=20)
+        assert text == decode.llm.reference(prompt, 12).text and text
+        # cumulative streamed text: the last response is the whole answer too
+        assert stream_text(decode.address, prompt, 12, streaming=True, timeout_s=20) == text
+        # the non-decoupled prefill refuses streaming (upstream model.py), as the check expects
+        with pytest.raises(EngineError, match="Streaming is only supported in decoupled mode"):
+            stream_text(prefill.address, prompt, 2, streaming=True, timeout_s=20)
+        policies = {
+            url: gpu_steps._model_config(url).get("model_transaction_policy", {})
+            for url in (decode.address, prefill.address)
+        }
+        assert policies[decode.address].get("decoupled") is True
+        assert not policies[prefill.address].get("decoupled", False)
+
+
+def test_relayed_request_helper_against_the_router_front_door() -> None:
+    """``generate_relayed`` as the check calls the router: ``input_ids`` in, ``output_ids`` out,
+    here against the project's front door over a reference engine (greedy, so deterministic)."""
+    from tests.router.conftest import make_engine
+    from trtllm_prfaas.engines.request import SamplingParams
+    from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
+    from trtllm_prfaas.router.local import LocalEngineOrchestrator
+
+    prompt = [5, 17, 42, 7, 99, 3, 11, 64, 21, 8]
+    expected = make_engine().generate([prompt], SamplingParams(max_tokens=6))[0]
+    with (
+        LocalEngineOrchestrator(make_engine()) as orchestrator,
+        FrontDoor(orchestrator, FrontDoorConfig(port=0)) as door,
+    ):
+        ids = generate_relayed(door.address, prompt, 6, timeout_s=60)
+    assert ids == list(expected) and len(ids) == 6
