@@ -35,6 +35,7 @@ from trtllm_prfaas.deploy.gpu_check import (
 )
 from trtllm_prfaas.deploy.gpu_serving import (
     RelayCounts,
+    Serving,
     generate_relayed,
     stream_text,
     warm_prefix_prompts,
@@ -465,3 +466,34 @@ def test_relayed_request_helper_against_the_router_front_door() -> None:
     ):
         ids = generate_relayed(door.address, prompt, 6, timeout_s=60)
     assert ids == list(expected) and len(ids) == 6
+
+
+def test_serving_starts_both_workers_and_the_router_and_stops_them(
+    hf_model_dir: Path, tmp_path: Path, llmapi_dir: Path
+) -> None:
+    """``Serving`` against two llmapi Triton fakes standing in for the GPU servers: both
+    ``prfaas worker --engine triton`` processes come up with the check's flags, the router
+    connects to them and serves, the relay counters start at zero, and ``close`` stops it all."""
+    import dataclasses
+
+    import tritonclient.grpc as grpcclient
+
+    layout = StackLayout(hf_model_dir, tmp_path, 1, 1, 18500, llmapi_dir)
+    plan = render(layout)
+    with (
+        FakeLlmapiTriton(hf_model_dir, decoupled=False) as prefill,
+        FakeLlmapiTriton(hf_model_dir, decoupled=True) as decode,
+    ):
+        urls = {DeployRole.PREFILL: prefill.address, DeployRole.DECODE: decode.address}
+        tritons = {r: dataclasses.replace(t, grpc_url=urls[r]) for r, t in plan.tritons.items()}
+        plan = dataclasses.replace(plan, tritons=tritons)
+        with Serving(plan, timeout_s=90) as serving:
+            assert serving.relay_counts() == RelayCounts(0.0, 0.0)
+            client = grpcclient.InferenceServerClient(serving.url)
+            try:
+                assert client.is_model_ready("tensorrt_llm")
+            finally:
+                client.close()
+            processes = [w.process for w in serving.workers.values()]
+            assert len(processes) == 2 and all(p.poll() is None for p in processes)
+        assert all(p.poll() is not None for p in processes)  # stopped by close()
