@@ -10,12 +10,17 @@ prefill runs the prompt with ``max_tokens=1`` and samples t1; the decode request
 plus t1 and is submitted once every decode rank holds the transfer, section 4).
 
 Checks: the relayed KV lands byte-identical in the decode pool at the right blocks, each rank
-its head shard, before the decode computes anything but t1; the decode request is parked until
-loaded; the prefill's blocks stay pinned until the save is reported; a warm prefix on the decode
-is honoured (claims L minus ``num_computed_tokens``; reused blocks untouched; TensorRT-LLM's
-``prepopulatedPromptLen < promptLen`` check passes); a dense model needs no project-only hook; a
-transfer that never arrives, or stops half way, never parks a request; each iteration's calls
-come in upstream's order; nothing leaks. Tokens equal a single-engine run of the fake model.
+its head shard, before the decode computes anything but t1 (TP 1 and 2, L across a block
+boundary and block-aligned, chunks of 1, 2 and 8 blocks, with and without the overlap
+scheduler, two relays in one batch); the decode request is parked until loaded; the prefill's
+blocks stay pinned until the save is reported; a warm prefix on the decode is honoured (claims
+L minus ``num_computed_tokens``, also when partial reuse ends the match inside a block; shared
+blocks untouched; TensorRT-LLM's ``prepopulatedPromptLen < promptLen`` check passes), and one
+covering the whole prompt claims nothing; a warm prefix on the prefill is still exported; a
+dense model needs no project-only hook; a transfer that never arrives, stops half way, or is
+missing on one rank never parks a request, and a claimed load delivers the right KV or fails;
+each iteration's calls come in upstream's order; nothing leaks. Tokens equal a single-engine run
+of the fake model.
 
 The device under the pools is the ``fake_device`` fixture when a conftest provides one (the
 ``--device`` option), else the plain CPU device.

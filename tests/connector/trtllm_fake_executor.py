@@ -36,7 +36,9 @@ One iteration (``py_executor.py`` 736889464 ``_executor_loop`` / ``_executor_loo
       rank, then ``start_load_kv(stream)``.
   ``_forward_step`` (batch not empty): per rank and layer ``wait_for_layer_load(i, stream)``,
       the KV writes, ``save_kv_layer(i, stream)``; then ``wait_for_save(stream)``. An exception
-      here fails every active request (``_handle_errors``); one anywhere else kills the loop.
+      here fails every active request (``_handle_errors``); with the overlap scheduler the loop
+      then dies too (``assert sample_state is not None`` after the failed forward). An exception
+      from any other connector call kills the loop.
   sampling and responses: with the overlap scheduler (the default of ``TorchLlmArgs``; the
       project's ``model.yaml`` leaves it on) a batch's tokens reach the host one iteration later,
       so a finished request is found (``_handle_responses``) and terminated after the next
@@ -56,6 +58,13 @@ no ``connector_params``, no ``py_disaggregated_params`` (absent in 1.2: TRTLLM_A
 Generation-only requests raise as ``KvCacheConnectorManager.get_num_new_matched_tokens`` does.
 Only upstream's hooks are called: no ``register_recurrent_states``, ``get_failed_loads``,
 ``cancel_*``; ``llm_args`` has no ``connector_options``.
+
+Versions: the stored copies span several upstream versions, some without a commit. Where they
+differ the fake keeps what they share: a saving request's blocks stay allocated until every rank
+reports the save (older loops keep the request and free it then; newer ones pin its blocks with
+``store_blocks_for_reuse(request, True)`` and ``unpin_blocks_by_id``), and the prepopulated
+check is the one both ``llmRequest.h`` (786144818) and the older ``addSequence`` (1277673704,
+"There must be at least one uncomputed token in the prompt!") enforce.
 
 Not modelled: eviction order beyond "never-stored blocks first, then least recently freed",
 token budgets across requests, beam > 1, speculative decoding, pipeline parallelism, and a
