@@ -130,7 +130,7 @@ def test_skip_reasons_with_a_gpu() -> None:
     passed = {n: CheckResult(n, Status.PASS, "") for n in ("repositories", "serving_tp1")}
     assert skip_reason(tp2, one_gpu, passed) == "TP=2 needs 2 GPUs, found 1"
     assert skip_reason(tp2, FULL, passed) is None
-    assert "--device" in str(skip_reason(by_name["connector_contract_cuda"], one_gpu, {}))
+    assert "gpu_contract.py" in str(skip_reason(by_name["connector_contract_cuda"], one_gpu, {}))
     assert skip_reason(by_name["genai_perf_front_door"], one_gpu, passed) == (
         "genai-perf is not installed"
     )
@@ -497,3 +497,31 @@ def test_serving_starts_both_workers_and_the_router_and_stops_them(
             processes = [w.process for w in serving.workers.values()]
             assert len(processes) == 2 and all(p.poll() is None for p in processes)
         assert all(p.poll() is not None for p in processes)  # stopped by close()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_contract_check_runs_the_7a_runner_and_names_its_failures(
+    tmp_path: Path, llmapi_dir: Path, fails: bool
+) -> None:
+    """A stand-in for ``tests/connector/gpu_contract.py`` with its output format (one
+    ``PASS|FAIL|SKIP  name (s) detail`` line per check, ``DONE  N failed`` last)."""
+    runner = tmp_path / "repo" / "tests" / "connector"
+    runner.mkdir(parents=True)
+    for package in (runner.parent, runner):
+        (package / "__init__.py").write_text("")
+    lines = ["INFO  torch x, H100", "PASS  device_pool_is_cuda (0.01s)"]
+    lines += ["FAIL  test_warm_prefix (0.20s) AssertionError: x"] if fails else []
+    lines += [f"DONE  {int(fails)} failed"]
+    (runner / "gpu_contract.py").write_text(
+        f"import sys\nprint({chr(10).join(lines)!r})\nsys.exit({int(fails)})\n"
+    )
+    config = parse_args(["--model", "/m", "--workdir", str(tmp_path / "w"),
+                         "--repo-root", str(tmp_path / "repo")])  # fmt: skip
+    session = Session(config, FULL)
+    if fails:
+        with pytest.raises(gpu_check.CheckFailed, match=r"DONE  1 failed; \['test_warm_prefix'\]"):
+            gpu_steps.contract_step(session, time.monotonic() + 60)
+    else:
+        assert gpu_steps.contract_step(session, time.monotonic() + 60) == (
+            "DONE  0 failed (1 passed)"
+        )

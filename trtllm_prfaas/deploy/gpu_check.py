@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -259,16 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def run_pytest(
-    repo_root: Path, args: Sequence[str], timeout_s: float
-) -> subprocess.CompletedProcess[str]:
-    """``python -m pytest ARGS`` in ``repo_root`` with a timeout (used by the contract check)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", *args],
-        cwd=repo_root, capture_output=True, text=True, timeout=timeout_s, check=False,
-    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 __all__ = [
     "CHECKS",
+    "CONTRACT_RUNNER",
     "LOG_PROBLEMS",
     "PLAN_MISSING",
     "Check",
@@ -27,6 +28,7 @@ __all__ = [
     "skip_reason",
 ]
 
+CONTRACT_RUNNER = Path("tests/connector/gpu_contract.py")  # runs without pytest (7a)
 # Lines that mean failure in either Triton log; PLAN_MISSING only in the prefill's (the check's
 # local baseline requests reach the decode without a plan on purpose, and are logged so).
 PLAN_MISSING = "prfaas_plan_missing"  # a request found no plan: the relay was inert for it
@@ -79,7 +81,8 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "connector_contract_cuda",
-        "tests/connector with the pool on cuda: staging, streams, events real (issue 12, 7a)",
+        "the connector contract with the fake executor's pools on cuda: staging, streams, "
+        "events real (python -m tests.connector.gpu_contract, no pytest; issue 12, 7a)",
         ("cuda", "contract_tests"),
         cap_s=240.0,
     ),
@@ -167,7 +170,7 @@ class Environment:
     triton_tag: str | None  # NVIDIA_TRITON_SERVER_VERSION, set in Triton's containers
     num_gpus: int
     has_triton: bool  # tritonserver and mpirun on PATH
-    has_contract_tests: bool  # tests/connector with a --device option in this checkout
+    has_contract_tests: bool  # tests/connector/gpu_contract.py in this checkout
     has_genai_perf: bool
 
 
@@ -182,7 +185,7 @@ def probe_environment(repo_root: Path) -> Environment:
         triton_tag=os.environ.get("NVIDIA_TRITON_SERVER_VERSION"),
         num_gpus=_num_gpus(),
         has_triton=bool(shutil.which("tritonserver") and shutil.which("mpirun")),
-        has_contract_tests=_has_device_option(repo_root / "tests"),
+        has_contract_tests=(repo_root / CONTRACT_RUNNER).is_file(),
         has_genai_perf=shutil.which("genai-perf") is not None,
     )
 
@@ -191,11 +194,6 @@ def _num_gpus() -> int:
     import torch
 
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-
-
-def _has_device_option(tests: Path) -> bool:
-    files = [*tests.glob("conftest.py"), *(tests / "connector").glob("*.py")]
-    return any('"--device"' in p.read_text(errors="replace") for p in files if p.is_file())
 
 
 def _environment_gap(need: str, env: Environment) -> str | None:
@@ -209,7 +207,7 @@ def _environment_gap(need: str, env: Environment) -> str | None:
         "triton": (env.has_triton, "tritonserver or mpirun is not on PATH"),
         "contract_tests": (
             env.has_contract_tests,
-            "this checkout's tests/connector has no --device option (issue 12, 7a)",
+            f"this checkout has no {CONTRACT_RUNNER} (issue 12, 7a)",
         ),
         "genai_perf": (env.has_genai_perf, "genai-perf is not installed"),
     }

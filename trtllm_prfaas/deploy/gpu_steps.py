@@ -19,8 +19,8 @@ from typing import Any
 
 from trtllm_prfaas.deploy import versions
 from trtllm_prfaas.deploy.env import DeployRole
-from trtllm_prfaas.deploy.gpu_check import CheckFailed, Session, repository_problems, run_pytest
-from trtllm_prfaas.deploy.gpu_checklist import LOG_PROBLEMS, PLAN_MISSING
+from trtllm_prfaas.deploy.gpu_check import CheckFailed, Session, repository_problems
+from trtllm_prfaas.deploy.gpu_checklist import CONTRACT_RUNNER, LOG_PROBLEMS, PLAN_MISSING
 from trtllm_prfaas.deploy.gpu_serving import (
     Serving,
     generate_local,
@@ -108,12 +108,18 @@ def connector_bases_step(session: Session, deadline: float) -> str:
 
 
 def contract_step(session: Session, deadline: float) -> str:
-    args = ["-q", "-x", "tests/connector", "-p", "no:cacheprovider", "--device", "cuda"]
-    done = run_pytest(session.config.repo_root, args, _left(deadline))
-    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
+    """The 7a runner (one line per check, ``DONE  N failed`` last); its FAIL lines are named."""
+    module = ".".join(CONTRACT_RUNNER.with_suffix("").parts)
+    done = subprocess.run(
+        [sys.executable, "-m", module], cwd=session.config.repo_root, capture_output=True,
+        text=True, timeout=_left(deadline), check=False,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    failed = [line.split()[1] for line in lines if line.startswith("FAIL")]
+    summary = lines[-1] if lines else "(no output)"
     if done.returncode != 0:
-        raise CheckFailed(f"pytest {' '.join(args)} exited {done.returncode}: {tail[0]}")
-    return tail[0]
+        raise CheckFailed(f"python -m {module} exited {done.returncode}: {summary}; {failed[:5]}")
+    return f"{summary} ({sum(ln.startswith('PASS') for ln in lines)} passed)"
 
 
 def repositories_step(session: Session, deadline: float) -> str:
