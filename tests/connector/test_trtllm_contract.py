@@ -479,3 +479,15 @@ def test_a_transfer_missing_on_one_rank_parks_nothing(deployments) -> None:
     drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
           timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
     assert d.decode.leak_report() == [] and d.prefill.leak_report() == []
+
+
+@pytest.mark.parametrize("deployments", [2], indirect=True, ids=["tp2"])
+def test_a_plan_for_another_tensor_parallel_size_is_refused(deployments) -> None:
+    """Prefill rank r sends to decode rank r: a plan naming one decode endpoint for a prefill
+    of tensor-parallel size 2 is refused when posted, naming both sizes."""
+    from trtllm_prfaas.errors import ConfigError
+
+    d = deployments
+    with pytest.raises(ConfigError, match=r"(?s)(?=.*\b1\b)(?=.*\b2\b)"):
+        d.post("prefill", _plan(uuid.uuid4().hex, PROMPT, d.relay_endpoints[:1]))
+    assert d.prefill.leak_report() == []
