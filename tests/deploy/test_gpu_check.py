@@ -525,3 +525,19 @@ def test_contract_check_runs_the_7a_runner_and_names_its_failures(
         assert gpu_steps.contract_step(session, time.monotonic() + 60) == (
             "DONE  0 failed (1 passed)"
         )
+
+
+def test_skip_flag(tmp_path: Path, llmapi_dir: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    config = config_for(tmp_path, llmapi_dir, "--skip", "connector_contract_cuda",
+                        "--skip", "genai_perf_front_door")  # fmt: skip
+    assert config.skip == {"connector_contract_cuda", "genai_perf_front_door"}
+    with pytest.raises(SystemExit):
+        config_for(tmp_path, llmapi_dir, "--skip", "no_such_check")
+    monkeypatch.setattr(gpu_check, "probe_environment", lambda root: FULL)
+    argv = ["--model", "/m", "--workdir", str(tmp_path / "w"), "--llmapi-dir", str(llmapi_dir),
+            "--skip", "connector_contract_cuda", "--dry-run"]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PLAN connector_contract_cuda: " in out and "(would SKIP: --skip)" in out
+    assert out.count("would SKIP") == 1

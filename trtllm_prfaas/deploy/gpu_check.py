@@ -78,6 +78,7 @@ class GpuCheckConfig:
     llmapi_dir: Path = Path("/opt/prfaas/llmapi")
     max_tokens: int = 16
     dry_run: bool = False
+    skip: frozenset[str] = frozenset()  # check names not to run
 
     def layout(self, tensor_parallel_size: int, num_gpus: int) -> StackLayout:
         return StackLayout(
@@ -101,6 +102,10 @@ def parse_args(argv: Sequence[str]) -> GpuCheckConfig:
     parser.add_argument("--llmapi-dir", type=Path, default=Path("/opt/prfaas/llmapi"))
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=[c.name for c in CHECKS], metavar="CHECK",
+        help="do not run CHECK (repeatable), e.g. connector_contract_cuda when run apart",
+    )  # fmt: skip
     args = parser.parse_args(list(argv))
     if not 0 < args.deadline_s <= 590:
         parser.error("--deadline-s must be in (0, 590]: the whole check stays under ten minutes")
@@ -116,6 +121,7 @@ def parse_args(argv: Sequence[str]) -> GpuCheckConfig:
         llmapi_dir=args.llmapi_dir,
         max_tokens=args.max_tokens,
         dry_run=args.dry_run,
+        skip=frozenset(args.skip),
     )
 
 
@@ -162,7 +168,7 @@ def run_checks(
     results: dict[str, CheckResult] = {}
     try:
         for check in CHECKS:
-            reason = skip_reason(check, session.env, results)
+            reason = _skip_reason(check, session, results)
             if reason is None and clock() >= end:
                 reason = "the total deadline was reached"
             if reason is not None:
@@ -187,12 +193,18 @@ def _run_one(
         return CheckResult(check.name, Status.FAIL, f"{type(exc).__name__}: {exc}")
 
 
+def _skip_reason(check: Check, session: Session, results: dict[str, CheckResult]) -> str | None:
+    if check.name in session.config.skip:
+        return "--skip"
+    return skip_reason(check, session.env, results)
+
+
 def dry_run(session: Session) -> list[str]:
     """The plan: each check with what it shows and what it would skip, then the commands."""
     lines = [f"workdir: {session.config.workdir}", f"model: {session.config.model}"]
     pending: dict[str, CheckResult] = {}
     for check in CHECKS:
-        reason = skip_reason(check, session.env, pending)
+        reason = _skip_reason(check, session, pending)
         note = f" (would SKIP: {reason})" if reason else ""
         lines.append(f"PLAN {check.name}: {check.what}{note}")
         status = Status.SKIP if reason else Status.PASS  # assume what can run passes
