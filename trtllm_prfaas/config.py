@@ -162,10 +162,19 @@ def connector_config_from_env(environ: Mapping[str, str] | None = None) -> Prfaa
     streams = _number(env, "NUM_STREAMS", int)
     has_link = role is Role.PREFILL and _value(env, "LINK_GBPS") is not None
     link_gbps = _number(env, "LINK_GBPS", float) if has_link else None
+    credit_bytes = _number(env, "RECV_BUFFER_BYTES", int)
     try:
-        relay = RelayConfig(RelaySecurity(curve=curve), num_streams=streams, link_gbps=link_gbps)
+        relay = RelayConfig(
+            RelaySecurity(curve=curve),
+            num_streams=streams,
+            link_gbps=link_gbps,
+            credit_bytes=credit_bytes,
+        )
     except ConfigError as exc:  # name the variables, not the dataclass field
-        raise ConfigError(f"TRTLLM_PRFAAS_NUM_STREAMS / TRTLLM_PRFAAS_LINK_GBPS: {exc}") from exc
+        raise ConfigError(
+            "TRTLLM_PRFAAS_NUM_STREAMS / TRTLLM_PRFAAS_LINK_GBPS / "
+            f"TRTLLM_PRFAAS_RECV_BUFFER_BYTES: {exc}"
+        ) from exc
     timeout_s = _number(env, "TRANSFER_TIMEOUT_S", float)
     is_decode = role is Role.DECODE
     return PrfaasConnectorConfig(

@@ -84,6 +84,11 @@ def test_values_land_in_the_connector_config(tmp_path: Path) -> None:
     assert plan_curve is not None  # the plan server: the connector's own keys, workers allowed
     assert plan_curve.server_public_key == keys["prefill.public"].read_bytes().strip()
     assert plan_curve.allowed_client_public_keys == {keys["worker.public"].read_bytes().strip()}
+    assert decode.relay.credit_bytes == 256 << 20  # the documented default
+    wide = connector_config_from_env(_env("decode", keys, recv_buffer_bytes=str(4 << 30)))
+    assert wide.relay.credit_bytes == 4 << 30
+    with pytest.raises(ConfigError, match="TRTLLM_PRFAAS_RECV_BUFFER_BYTES"):
+        connector_config_from_env(_env("decode", keys, recv_buffer_bytes="lots"))
     advertised = connector_config_from_env(_env("decode", keys, relay_advertise="tcp://dc:7100"))
     assert advertised.relay_advertise == "tcp://dc:7100"
     plain = connector_config_from_env(_env("decode", keys, plan_client_key_file="plaintext"))

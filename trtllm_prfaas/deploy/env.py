@@ -121,6 +121,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "decode: the relay address prefill ranks reach (rank r: port + r); unset: the bound one",
     ),
     EnvVar(
+        "TRTLLM_PRFAAS_RECV_BUFFER_BYTES",
+        frozenset({DeployRole.DECODE}),
+        False,
+        str(256 << 20),
+        "decode: host bytes each rank's relay receiver may hold; a decode is submitted only once "
+        "its whole transfer arrived, so this must exceed one rank's KV shard of the longest "
+        "relayed prompt times the decodes waiting at once",
+    ),
+    EnvVar(
         "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S",
         _BOTH,
         False,
