@@ -541,3 +541,21 @@ def test_skip_flag(tmp_path: Path, llmapi_dir: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "PLAN connector_contract_cuda: " in out and "(would SKIP: --skip)" in out
     assert out.count("would SKIP") == 1
+
+
+def test_connector_bases_probe_runs_apart_and_sees_the_project_bases_without_tensorrt_llm(
+    tmp_path: Path, llmapi_dir: Path
+) -> None:
+    session = Session(config_for(tmp_path, llmapi_dir), FULL)
+    with pytest.raises(gpu_check.CheckFailed, match="no TensorRT-LLM base class") as failed:
+        gpu_steps.connector_bases_step(session, time.monotonic() + 120)
+    assert "trtllm_prfaas.connector" in str(failed.value)
+    assert "tensorrt_llm" not in sys.modules  # the probe ran in a child process
+
+
+def test_cross_device_probe_runs_apart_and_reports_a_probe_failure(
+    tmp_path: Path, llmapi_dir: Path
+) -> None:
+    session = Session(config_for(tmp_path, llmapi_dir), FULL)
+    with pytest.raises(gpu_check.CheckFailed, match="the probe failed: .*CUDA"):
+        gpu_steps.cross_device_step(session, time.monotonic() + 120)  # CPU torch: no CUDA

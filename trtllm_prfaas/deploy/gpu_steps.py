@@ -9,6 +9,7 @@ connector, tritonclient calls) happen inside the steps, never at import time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -84,23 +85,50 @@ def cuda_step(session: Session, deadline: float) -> str:
     return f"{len(names)} device(s): {', '.join(names)}; torch {torch.__version__}"
 
 
-def cross_device_step(session: Session, deadline: float) -> str:
-    import torch
+_INDEX_PUT_PROBE = (
+    "import torch; pool = torch.zeros(4, 3, device='cuda')\n"
+    "try:\n"
+    "    pool[torch.tensor([0, 1])] = torch.ones(2, 3); torch.cuda.synchronize()\n"
+    "    print('WROTE')\n"
+    "except RuntimeError as exc:\n"
+    "    print('RAISED', str(exc).splitlines()[0])\n"
+)
 
-    pool = torch.zeros(4, 3, device="cuda")
-    try:
-        pool[torch.tensor([0, 1])] = torch.ones(2, 3)
-        torch.cuda.synchronize()
-    except RuntimeError as exc:
-        return f"raises as read from source: {str(exc).splitlines()[0]}"
-    raise CheckFailed("the write succeeded: the audit's 2c reading is wrong (loads copy anyway)")
+
+def cross_device_step(session: Session, deadline: float) -> str:
+    """In a child process, so this one never holds a CUDA context beside the servers."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INDEX_PUT_PROBE], capture_output=True, text=True,
+        timeout=_left(deadline), check=False,
+    )  # fmt: skip
+    answer = done.stdout.strip()
+    if answer.startswith("RAISED"):
+        return f"raises as read from source: {answer.removeprefix('RAISED ')}"
+    if answer == "WROTE":
+        raise CheckFailed(
+            "the write succeeded: the audit's 2c reading is wrong (loads copy anyway)"
+        )
+    raise CheckFailed(f"the probe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+_BASES_PROBE = (
+    "import json; from trtllm_prfaas.connector import prfaas; "
+    "halves = (prfaas.PrfaasConnectorScheduler, prfaas.PrfaasConnectorWorker); "
+    "print(json.dumps(sorted({c.__module__ for h in halves for c in h.__mro__})))"
+)
 
 
 def connector_bases_step(session: Session, deadline: float) -> str:
-    from trtllm_prfaas.connector import prfaas
-
-    halves = (prfaas.PrfaasConnectorScheduler, prfaas.PrfaasConnectorWorker)
-    modules = {c.__module__ for half in halves for c in half.__mro__}
+    """In a child process: importing tensorrt_llm initialises MPI (mpi4py), and a process that
+    did must not launch ``mpirun`` itself (its OMPI/PMIx variables would leak into the job)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BASES_PROBE], cwd=session.config.repo_root, capture_output=True,
+        text=True, timeout=_left(deadline), check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise CheckFailed(f"importing the connector failed: {tail[0]}")
+    modules = set(json.loads(done.stdout.strip().splitlines()[-1]))
     upstream = sorted(m for m in modules if m.startswith("tensorrt_llm."))
     if not upstream:
         raise CheckFailed(f"no TensorRT-LLM base class in the connector's MRO: {sorted(modules)}")
