@@ -557,5 +557,5 @@ def test_cross_device_probe_runs_apart_and_reports_a_probe_failure(
     tmp_path: Path, llmapi_dir: Path
 ) -> None:
     session = Session(config_for(tmp_path, llmapi_dir), FULL)
-    with pytest.raises(gpu_check.CheckFailed, match="the probe failed: .*CUDA"):
+    with pytest.raises(gpu_check.CheckFailed, match=r"the probe failed: .*CUDA"):
         gpu_steps.cross_device_step(session, time.monotonic() + 120)  # CPU torch: no CUDA
