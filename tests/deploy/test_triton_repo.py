@@ -163,6 +163,10 @@ def test_overrides_and_relay_settings_reach_the_files(tmp_path: Path) -> None:
         (lambda: RelayEnvConfig(DeployRole.PREFILL, "s", "p", ""), "plan_client_key_file"),
         (lambda: RelayEnvConfig.with_key_dir(DeployRole.PREFILL, plan_bind="x:1"), "plan_bind"),
         (
+            lambda: RelayEnvConfig.with_key_dir(DeployRole.PREFILL, recv_buffer_bytes=1 << 30),
+            "recv_buffer_bytes",
+        ),
+        (
             lambda: RelayEnvConfig.with_key_dir(DeployRole.PREFILL, relay_advertise="tcp://x:1"),
             "relay_advertise",
         ),
@@ -219,3 +223,18 @@ def test_the_connector_accepts_each_committed_env_file(role: DeployRole, tmp_pat
     assert config.relay.security.curve is not None
     if role is DeployRole.DECODE:
         assert config.receiver_endpoint == env["TRTLLM_PRFAAS_RELAY_BIND"]
+
+
+def test_decode_receiver_budget_reaches_the_env_file_and_the_connector(tmp_path: Path) -> None:
+    from trtllm_prfaas.config import connector_config_from_env
+    from trtllm_prfaas.deploy.gpu_stack import write_keys
+
+    out = tmp_path / "repo"
+    assert run_command(
+        "--role", "decode", "--model", "/m", "--out", str(out), "--key-dir", str(tmp_path),
+        "--recv-buffer-bytes", str(8 << 30),
+    ) == 0  # fmt: skip
+    env = read_env_file(out / "tensorrt_llm" / "prfaas.env")
+    assert env["TRTLLM_PRFAAS_RECV_BUFFER_BYTES"] == str(8 << 30)
+    write_keys(tmp_path)
+    connector_config_from_env(env)  # accepted as the connector reads it

@@ -50,6 +50,13 @@ def add_arguments(command_name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan-bind", default=DEFAULT_PLAN_BIND, help="the connector's plan server (rank r: +r)"
     )
+    parser.add_argument(
+        "--recv-buffer-bytes",
+        type=int,
+        default=None,
+        help="decode: host bytes per rank's relay receiver (>= one rank's KV shard of the "
+        "longest relayed prompt x decodes waiting at once; unset: the connector's default)",
+    )
     parser.add_argument("--num-streams", type=int, default=4, help="TCP streams per link")
     parser.add_argument("--link-gbps", type=float, default=None, help="prefill: pacing, Gbit/s")
     parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
@@ -75,6 +82,7 @@ def run(command_name: str, args: argparse.Namespace) -> int:
         relay_bind=bind,
         relay_advertise=args.relay_advertise,
         plan_bind=args.plan_bind,
+        recv_buffer_bytes=args.recv_buffer_bytes,
         num_streams=args.num_streams,
         link_gbps=args.link_gbps,
         transfer_timeout_s=args.transfer_timeout_s,

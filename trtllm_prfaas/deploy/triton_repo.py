@@ -79,6 +79,7 @@ class RelayEnvConfig:
     relay_bind: str | None = None  # decode: rank r binds port + r
     relay_advertise: str | None = None  # decode: what prefill ranks reach (unset: relay_bind)
     plan_bind: str = DEFAULT_PLAN_BIND
+    recv_buffer_bytes: int | None = None  # decode: per-rank receiver budget (None: the default)
     num_streams: int = 4
     link_gbps: float | None = None
     transfer_timeout_s: float = 30.0
@@ -94,6 +95,10 @@ class RelayEnvConfig:
                 raise ConfigError(f"{name}: expected tcp://HOST:PORT, got {value!r}")
         if self.role is DeployRole.PREFILL and self.relay_advertise is not None:
             raise ConfigError("relay_advertise: only the decode side has a relay receiver")
+        if self.recv_buffer_bytes is not None and (
+            self.role is DeployRole.PREFILL or self.recv_buffer_bytes <= 0
+        ):
+            raise ConfigError("recv_buffer_bytes: a positive byte count, decode side only")
         if not self.plan_client_key_file:
             raise ConfigError("plan_client_key_file: name the worker keys allowed to post plans")
         if self.role is DeployRole.PREFILL and not self.curve_server_key_file:
@@ -142,6 +147,9 @@ class RelayEnvConfig:
             "TRTLLM_PRFAAS_PLAN_BIND": self.plan_bind,
             "TRTLLM_PRFAAS_PLAN_CLIENT_KEY_FILE": self.plan_client_key_file,
             "TRTLLM_PRFAAS_LINK_GBPS": None if self.link_gbps is None else f"{self.link_gbps:g}",
+            "TRTLLM_PRFAAS_RECV_BUFFER_BYTES": (
+                None if self.recv_buffer_bytes is None else str(self.recv_buffer_bytes)
+            ),
             "TRTLLM_PRFAAS_TRANSFER_TIMEOUT_S": f"{self.transfer_timeout_s:g}",
         }
         undocumented = set(values) - {var.name for var in ENV_VARS}
