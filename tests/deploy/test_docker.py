@@ -7,6 +7,7 @@ gets one with `apt-get install -y docker-compose`).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_gpu_testbed_workers_reach_their_tritons_plan_servers() -> None:
         mounts = services[f"worker-{role}"]["volumes"]
         assert any(m.endswith(f":{key_dir}:ro") for m in mounts)
         assert any(m.endswith(f":{model['model']}:ro") for m in mounts)
+
+
+def test_compose_defaults_of_relay_variables_are_deploy_envs_defaults() -> None:
+    from trtllm_prfaas.deploy.env import ENV_VARS
+
+    defaults = {var.name: var.default for var in ENV_VARS}
+    pattern = re.compile(r"\$\{(TRTLLM_PRFAAS_[A-Z0-9_]+):-([^}]*)\}")
+    found = 0
+    for path in COMPOSE_FILES:
+        for name, value in pattern.findall(path.read_text()):
+            if value:  # an empty default leaves the variable unset (the connector's default)
+                assert value == defaults[name], (path.name, name)
+                found += 1
+    assert found >= 1
