@@ -12,13 +12,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import torch
 
 from tests.connector.test_relay_e2e import _prompt, relay_generate
 from tests.harness import collect, new_uuid, spawn_worker, wait_for
 from trtllm_prfaas.config import model_preset
-from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.connector.base import ConnectorPair, RecurrentStates
 from trtllm_prfaas.connector.plans import Plan, tokens_digest
 from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
+from trtllm_prfaas.connector.prfaas_meta import LoadPlan, PrfaasMeta
 from trtllm_prfaas.connector.prfaas_runtime import (
     PrfaasConnectorConfig,
     PrfaasRuntime,
@@ -26,6 +28,7 @@ from trtllm_prfaas.connector.prfaas_runtime import (
     transfer_id_for,
 )
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.reference import LayerKind
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.transport import InboundStatus, RelayConfig, RelaySecurity, RelaySender
@@ -141,6 +144,7 @@ def test_a_load_that_fails_after_its_claim_never_parks_the_request(fallback: str
         rid = decode.add_request([*prompt, want[0]], sampling, plan=decode_plan)
         outputs = [o for o in _run(decode) if o.request_id == rid]
         assert decode_rt.counts["loads_failed"] == 1
+        assert decode_rt.status_of(uuid, len(prompt)) == "load_failed"  # the worker can see it
         if fallback == "recompute":
             assert [t for o in outputs for t in o.new_token_ids] == want[1:]
         else:
@@ -148,6 +152,78 @@ def test_a_load_that_fails_after_its_claim_never_parks_the_request(fallback: str
                 outputs[-1].error
             )
         assert decode.leak_report() == []
+    finally:
+        prefill_rt.close()
+        decode_rt.close()
+
+
+def test_a_staging_failure_ends_only_that_export_never_the_forward_pass() -> None:
+    """An exception out of ``save_kv_layer`` fails every active request upstream (and with the
+    overlap scheduler kills the executor loop): the worker ends that request's transfer with
+    the error instead, and the request itself completes."""
+    prefill, prefill_rt = _engine(Role.PREFILL)
+    _, decode_rt = _engine(Role.DECODE)
+    try:
+        worker = prefill.connector.worker
+
+        def exhausted(*args: Any) -> Any:
+            raise RuntimeError("pinned memory exhausted")
+
+        worker.backend.stage_blocks = exhausted
+        prompt = _prompt(90)
+        _, plan, _ = _relay_plans(prompt, 0, decode_rt.receiver_endpoint)
+        rid = prefill.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True), plan=plan)
+        outputs = [o for o in _run(prefill) if o.request_id == rid]
+        assert outputs[-1].finish_reason == "length" and len(outputs[-1].new_token_ids) == 1
+        assert "pinned memory exhausted" in (worker.transfer_errors[rid] or "")
+        assert prefill.stats.num_failed_requests == 0 and prefill.leak_report() == []
+    finally:
+        prefill_rt.close()
+        decode_rt.close()
+
+
+def test_a_rank_whose_transfer_is_still_arriving_loads_once_it_is_whole() -> None:
+    """Rank 0 claims only a whole transfer, but another rank's may still be arriving: its
+    load waits (no blocking) and is reported once the transfer is whole and copied."""
+    prefill, prefill_rt = _engine(Role.PREFILL)
+    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
+    config = PrfaasConnectorConfig(Role.DECODE, relay, load_timeout_s=30.0)
+    decode_rt = PrfaasRuntime.start(config, CacheKey(MODEL.model_id, "HND", MODEL.dtype, 0))
+    try:
+        worker = PrfaasConnectorWorker(
+            ReferenceEngine.llm_args_for(MODEL, prfaas_runtime=decode_rt)
+        )
+        pool = torch.zeros(
+            64, MODEL.num_full_layers, 2, MODEL.block_row_elems, dtype=MODEL.torch_dtype
+        )
+        worker.register_kv_caches(pool)
+        kinds = MODEL.layer_kinds
+        full = [i for i, k in enumerate(kinds) if k is LayerKind.FULL]
+        linear = [i for i, k in enumerate(kinds) if k is LayerKind.LINEAR]
+        states = torch.zeros((1, *MODEL.state_shape))
+        worker.register_recurrent_states(RecurrentStates(
+            states, lambda rid: 0, {layer: j for j, layer in enumerate(linear)},
+            {layer: j for j, layer in enumerate(full)},
+        ))  # fmt: skip
+        prompt = _prompt(100)
+        uuid, prefill_plan, _ = _relay_plans(prompt, 0, decode_rt.receiver_endpoint)
+        blocks = list(range(10, 17))  # 100 tokens = 7 blocks of 16
+        worker.bind_connector_meta(PrfaasMeta(loads=[LoadPlan(7, uuid, prompt, 0, blocks)]))
+        worker.start_load_kv(None)
+        assert worker.get_finished([], [7]) == ([], [])  # not here yet: waits, never fails
+        prefill.add_request(
+            prompt, SamplingParams(max_tokens=1, ignore_eos=True), plan=prefill_plan
+        )
+        _run(prefill)
+        tid = transfer_id_for(uuid, prompt, decode_rt.key)
+        _wait(lambda: decode_rt.receiver.status(tid) is InboundStatus.COMPLETE)
+        assert worker.get_finished([], []) == ([], [7])
+        assert all(pool[b].abs().sum() > 0 for b in blocks) and not pool[:10].any()
+        assert states.abs().sum() > 0  # the recurrent state after L arrived too
+        assert (
+            decode_rt.counts["loads_failed"] == 0
+            and decode_rt.receiver.status(tid) is not InboundStatus.COMPLETE
+        )
     finally:
         prefill_rt.close()
         decode_rt.close()

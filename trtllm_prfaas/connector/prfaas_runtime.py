@@ -169,6 +169,9 @@ class PrfaasRuntime:
     senders: dict[str, RelaySender] = field(default_factory=dict)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     pump: SendPump = field(default_factory=lambda: SendPump("prfaas-sends"))
+    failed_loads: collections.OrderedDict[str, str] = field(
+        default_factory=collections.OrderedDict
+    )  # transfer uuid -> why its load failed on this rank (the latest ``_FAILED_KEPT``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False
 
@@ -214,6 +217,14 @@ class PrfaasRuntime:
         with self._lock:
             self.counts[name] += n
 
+    def note_load_failed(self, transfer_uuid: str, reason: str) -> None:
+        """Count a failed load and answer ``load_failed`` to status queries about it."""
+        with self._lock:
+            self.counts["loads_failed"] += 1
+            self.failed_loads[transfer_uuid] = reason
+            while len(self.failed_loads) > _FAILED_KEPT:
+                self.failed_loads.popitem(last=False)
+
     def refusal(self, plan: Plan) -> str | None:
         """Why this deployment cannot carry ``plan`` (None: it can)."""
         if self.config.role is Role.PREFILL and len(plan.relay_endpoints) != self.tp_size:
@@ -225,7 +236,11 @@ class PrfaasRuntime:
         return None
 
     def status_of(self, transfer_uuid: str, num_tokens: int) -> str:
-        """This rank's receiver status of the transfer ("" when unknown or not a decode rank)."""
+        """This rank's status of the transfer: ``load_failed`` once its load failed here, else
+        the receiver's (an ``InboundStatus`` value; "" when unknown or not a decode rank)."""
+        with self._lock:
+            if transfer_uuid in self.failed_loads:
+                return "load_failed"
         if self.receiver is None:
             return ""
         head, tail = f"{transfer_uuid}.", f".{num_tokens}"
@@ -268,6 +283,7 @@ class PrfaasRuntime:
         self.close()
 
 
+_FAILED_KEPT = 4096  # failed-load notes a runtime keeps for status queries
 _runtimes: dict[tuple[Role, CacheKey], PrfaasRuntime] = {}
 _runtimes_lock = threading.Lock()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from trtllm_prfaas.connector.prfaas_meta import (
     runtime_of,
 )
 from trtllm_prfaas.connector.prfaas_runtime import transfer_id_for
-from trtllm_prfaas.errors import ConfigError, ConnectorError, PrfaasError, TransportError
+from trtllm_prfaas.errors import ConfigError, ConnectorError, TransportError
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus, Kind, ReceivedItem, TransferHandle
 
@@ -59,6 +60,8 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         self.backend: DeviceBackend | None = None
         self.states: RecurrentStates | None = None
         self._outbound: dict[int, _Outbound] = {}
+        self._waiting: dict[int, tuple[LoadPlan, float]] = {}  # still arriving here; deadline
+        self._stream: Any = None  # the last hook stream: where waiting loads are enqueued
         self._landing: dict[int, list[Landing]] = {}  # enqueued loads by request
         self._draining: list[Landing] = []  # cancelled loads whose copies may still run
         self._saving: set[int] = set()  # passed in finished_gen_req_ids, not yet returned
@@ -84,22 +87,36 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
     # ---- decode side: loads ------------------------------------------------------------------
     def start_load_kv(self, stream: Any) -> None:
         meta: PrfaasMeta = self._metadata
+        self._stream = stream
         receiver = self.runtime.receiver
         for drop in meta.drops:
             if receiver is not None:
                 receiver.release(transfer_id_for(drop.transfer_uuid, drop.tokens, self.runtime.key))
+        deadline = time.monotonic() + self.runtime.config.load_timeout_s
         for load in meta.loads:
-            self._start_load(load, stream)
+            self._waiting[load.request_id] = (load, deadline)
+        self._start_waiting_loads(stream)
 
-    def _start_load(self, load: LoadPlan, stream: Any) -> None:
-        """Enqueue every layer's copy into the pool; the receiver's buffers go back at once (an
-        async backend has copied them into pinned staging)."""
+    def _start_waiting_loads(self, stream: Any) -> None:
+        """Rank 0 claimed only a whole transfer, but this rank's may still be arriving (the
+        worker should have waited for every rank): such a load waits, without blocking, until
+        its transfer is whole or ``load_timeout_s`` passed."""
+        for rid, (load, deadline) in list(self._waiting.items()):
+            if self._start_load(load, deadline, stream):
+                del self._waiting[rid]
+
+    def _start_load(self, load: LoadPlan, deadline: float, stream: Any) -> bool:
+        """Enqueue every layer's copy into the pool and give the receiver's buffers back (an
+        async backend has copied them into pinned staging). False: not whole yet, try later."""
         receiver = self.runtime.receiver
         tid = transfer_id_for(load.transfer_uuid, load.tokens, self.runtime.key)
         try:
             if receiver is None:
                 raise ConfigError("a load planned on a runtime without a relay receiver")
             status = receiver.status(tid)
+            arriving = status is None or status is InboundStatus.RECEIVING
+            if arriving and time.monotonic() < deadline:
+                return False
             if status is not InboundStatus.COMPLETE:
                 raise TransportError(
                     f"transfer {tid} is {status.value if status else 'unknown'} on rank "
@@ -112,10 +129,10 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
                 for landing in self._place(load, layer, item, stream)
             ]
         except Exception as exc:  # never park the request: report it (see module docstring)
-            self._fail_load(load.request_id, exc)
-        finally:
-            if receiver is not None:
-                receiver.release(tid)
+            self._fail_load(load, exc)
+        if receiver is not None:
+            receiver.release(tid)
+        return True
 
     def _place(self, load: LoadPlan, layer: int, item: ReceivedItem, stream: Any) -> list[Landing]:
         if item.key.kind is Kind.STATE:
@@ -162,14 +179,18 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         data = torch.frombuffer(item.buffer, dtype=torch.uint8)
         target.copy_(data.view(target.dtype).view(target.shape))
 
-    def _fail_load(self, request_id: int, exc: BaseException) -> None:
-        self.runtime.count("loads_failed")
+    def _fail_load(self, load: LoadPlan, exc: BaseException) -> None:
+        """Count, log, and report: to the reference engine as a failed load; inside TensorRT-LLM
+        (which cannot fail a parked request) as loaded, and as ``load_failed`` to the worker's
+        status queries, so it can fail or retry the response."""
+        rid = load.request_id
+        self.runtime.note_load_failed(load.transfer_uuid, str(exc))
         recovery = "host fails it" if self._reports_failures else "reported loaded: output suspect"
-        log.error("prfaas_load_failed", request_id=request_id, error=repr(exc), recovery=recovery)
+        log.error("prfaas_load_failed", request_id=rid, error=repr(exc), recovery=recovery)
         if self._reports_failures:
-            self._failed.append((request_id, str(exc)))
+            self._failed.append((rid, str(exc)))
         else:
-            self._landing[request_id] = []
+            self._landing[rid] = []
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
         return None  # async loads: requests stay parked until their copies completed
@@ -181,6 +202,11 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
 
     def cancel_load(self, request_id: int) -> None:
         """Capability ``SupportsCancel``: the host gave up on this load."""
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None and self.runtime.receiver is not None:
+            load = waiting[0]
+            tid = transfer_id_for(load.transfer_uuid, load.tokens, self.runtime.key)
+            self.runtime.receiver.release(tid)
         self._draining += self._landing.pop(request_id, [])
         self._loading.discard(request_id)
         self._loaded.discard(request_id)
@@ -193,12 +219,22 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         pool_layer = self._pool_layer(layer_idx)
         for plan in meta.sends:
             out = self._outbound_for(plan)
-            if out.handle is None:
+            if out.handle is None or out.error is not None:
                 continue
-            if pool_layer is not None:
-                self._send_blocks(plan, out, layer_idx, pool_layer, stream)
-            elif plan.is_last:  # a linear layer: its state after L tokens, once
-                self._send_state(plan, out, layer_idx)
+            try:
+                if pool_layer is not None:
+                    self._send_blocks(plan, out, layer_idx, pool_layer, stream)
+                elif plan.is_last:  # a linear layer: its state after L tokens, once
+                    self._send_state(plan, out, layer_idx)
+            except Exception as exc:  # a hook exception would end every active request
+                self._fail_send(plan.request_id, out, exc)
+
+    def _fail_send(self, request_id: int, out: _Outbound, exc: BaseException) -> None:
+        """End this request's export with the error; the executor and other requests go on."""
+        log.error("prfaas_send_failed", request_id=request_id, error=repr(exc))
+        out.error = f"send failed: {exc!r}"
+        if out.handle is not None:
+            out.handle.cancel()
 
     def _send_blocks(
         self, plan: SendPlan, out: _Outbound, layer_idx: int, pool_layer: int, stream: Any
@@ -229,7 +265,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
             return out
         try:
             out = _Outbound(self._open(plan))
-        except PrfaasError as exc:
+        except Exception as exc:  # a hook exception would end every active request
             self.runtime.count("sends_failed")
             log.error("prfaas_send_failed", request_id=plan.request_id, error=str(exc))
             out = _Outbound(None, str(exc))
@@ -253,9 +289,9 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
     def wait_for_save(self, stream: Any) -> None:
         meta: PrfaasMeta = self._metadata
         for plan in meta.sends:
-            handle = self._outbound[plan.request_id].handle
-            if plan.is_last and handle is not None:
-                self.runtime.pump.submit(DONE, handle.finish)  # after the queued sends
+            out = self._outbound[plan.request_id]
+            if plan.is_last and out.handle is not None and out.error is None:
+                self.runtime.pump.submit(DONE, out.handle.finish)  # after the queued sends
 
     def cancel_save(self, request_id: int) -> None:
         """Capability ``SupportsCancel``: the host gave up on this save."""
@@ -270,6 +306,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
     ) -> tuple[list[int], list[int]]:
         self._saving.update(finished_gen_req_ids)
         self._loading.update(started_loading_req_ids)
+        self._start_waiting_loads(self._stream)
         self._draining = [d for d in self._draining if not d.event.query()]
         return self._finished_saves(), self._finished_loads()
 
@@ -279,8 +316,8 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
             out = self._outbound.get(rid)
             if out is not None and not out.is_over:
                 continue
-            error = out.error if out is not None else None
-            if out is not None and out.handle is not None and out.handle.error is not None:
+            error = out.error if out is not None else None  # ours first: it says why
+            if error is None and out is not None and out.handle and out.handle.error is not None:
                 error = str(out.handle.error)
             self.transfer_errors[rid] = error
             if error is not None:
