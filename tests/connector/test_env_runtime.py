@@ -242,3 +242,17 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port + 0
+
+
+def test_the_scheduler_never_raises_into_the_executor_loop(process_env: dict[str, Path]) -> None:
+    """``get_num_new_matched_tokens`` runs inside ``prepare_resources``: an exception there ends
+    TensorRT-LLM's executor loop, so the connector claims nothing and counts the error."""
+    kv = SimpleNamespace(tokens_per_block=32, dtype="bfloat16")
+    scheduler = PrfaasConnectorScheduler(SimpleNamespace(model="/models/hf", kv_cache_config=kv))
+
+    def broken(beam: int) -> list[int]:
+        raise RuntimeError("a C++ binding failed")
+
+    request = SimpleNamespace(request_id=3, get_tokens=broken)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert scheduler.runtime.counts["scheduler_errors"] == 1

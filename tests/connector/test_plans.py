@@ -60,6 +60,8 @@ def test_book_expires_plans_after_ttl() -> None:
         PlanBook(ttl_s=0)
     with pytest.raises(ConfigError):
         book.post(Plan("", 1, tokens_digest([1])))
+    with pytest.raises(ConfigError, match=r"without '\.'"):  # it would break transfer ids
+        book.post(Plan("a.b", 1, tokens_digest([1])))
 
 
 def test_book_checks_the_length_behind_the_digest() -> None:

@@ -112,8 +112,10 @@ class PlanBook:
 
     def post(self, plan: Plan) -> None:
         """Add ``plan``; it can be taken once, until ``ttl_s`` from now."""
-        if plan.num_tokens < 1 or not plan.transfer_uuid:
-            raise ConfigError(f"plan {plan!r}: needs a transfer uuid and at least one token")
+        if plan.num_tokens < 1 or not plan.transfer_uuid or "." in plan.transfer_uuid:
+            raise ConfigError(
+                f"plan {plan!r}: needs a transfer uuid without '.' and at least one token"
+            )
         with self._lock:
             self._expire()
             entry = (self.clock() + self.ttl_s, plan)

@@ -41,6 +41,16 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int, bool]:
+        """Never raises: an exception here ends TensorRT-LLM's executor loop (it runs inside
+        ``prepare_resources``), so a failure is logged and counted, and nothing is claimed."""
+        try:
+            return self._match(request, num_computed_tokens)
+        except Exception as exc:
+            self.runtime.count("scheduler_errors")
+            log.error("prfaas_match_failed", request_id=request.request_id, error=repr(exc))
+            return 0, False
+
+    def _match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         tokens = list(request.get_tokens(0))
         is_prefill = self.runtime.config.role is Role.PREFILL
         claimed = tokens if is_prefill else tokens[:-1]
