@@ -29,7 +29,31 @@ an event; ``get_finished`` reports the load once the event completed. A load tha
 (a bug, or a rank whose data vanished) is logged as ``prfaas_load_failed`` and counted; the
 reference engine then fails the request (``SupportsLoadFailures``) and the worker resubmits it
 without the plan; inside TensorRT-LLM, which has no such call, the load is reported finished so
-the request is never parked forever (its output is then not to be trusted: the error says so).
+the request is never parked forever (its output is then not to be trusted: the error says so,
+and the rank answers ``load_failed`` to the worker's status queries). No hook raises into the
+executor: a failure ends only the request's own transfer.
+
+Modules: ``prfaas_meta`` (the broadcast metadata, runtime lookup, hybrid refusal),
+``prfaas_scheduler``, ``prfaas_worker``, ``prfaas_runtime`` (per-rank sockets, plan server, send
+pump), ``plans`` (the carrier), ``device`` (pool <-> host copies).
+
+Upstream behaviour this relies on (read in the stored copies named; ids work with ``read_file``):
+
+- hooks receive ``torch.cuda.current_stream()``; the scheduler's metadata is broadcast from rank 0
+  unchanged (``_run_on_leader``); ``get_finished`` counts an id only once every rank returned it
+  (``mpi_allgather`` intersection); ``(0, True)`` and generation-only requests raise:
+  ``tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py`` ``KvCacheConnectorManager`` (1.x,
+  stored 930780166; 2026 ``connectors/kv_cache_connector.py``, stored 66451088647).
+- a new request's ``new_block_ids`` are all its ``get_cache_indices`` (reused blocks included) and
+  its ``computed_position`` excludes the connector's claim: same file,
+  ``KvCacheConnectorSchedulerOutputRequest.update_and_build_data``, ``build_scheduler_output``.
+- claimed + device-matched tokens must stay below the prompt length: ``kvCacheManager.cpp``
+  ``BlockManager::addSequence`` (stored 1277673704), ``llmRequest.h``
+  ``setPrepopulatedPromptLen`` (stored 786144818).
+- the scheduler exists on rank 0 only, both halves get ``llm_args`` only:
+  ``py_executor_creator.py`` ``create_py_executor`` (000429d).
+- no request field reaches a context request's connector on 1.2: ``executor/base_worker.py``
+  ``BaseWorker._enqueue_request`` (stored 1131391427).
 """
 
 from __future__ import annotations

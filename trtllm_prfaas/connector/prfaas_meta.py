@@ -35,6 +35,8 @@ __all__ = [
 
 @dataclass
 class SendPlan:
+    """Export the blocks a prefill chunk completed (every rank: its own shard, its own id)."""
+
     request_id: int
     transfer_uuid: str
     relay_endpoints: list[str]
@@ -46,6 +48,8 @@ class SendPlan:
 
 @dataclass
 class LoadPlan:
+    """Copy a whole relayed transfer into the request's blocks (every rank: its own shard)."""
+
     request_id: int
     transfer_uuid: str
     tokens: list[int]  # the L claimed tokens (each rank derives its own transfer id)
