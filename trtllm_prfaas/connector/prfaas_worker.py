@@ -266,7 +266,6 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         try:
             out = _Outbound(self._open(plan))
         except Exception as exc:  # a hook exception would end every active request
-            self.runtime.count("sends_failed")
             log.error("prfaas_send_failed", request_id=plan.request_id, error=str(exc))
             out = _Outbound(None, str(exc))
         self._outbound[plan.request_id] = out
@@ -289,8 +288,8 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
     def wait_for_save(self, stream: Any) -> None:
         meta: PrfaasMeta = self._metadata
         for plan in meta.sends:
-            out = self._outbound[plan.request_id]
-            if plan.is_last and out.handle is not None and out.error is None:
+            out = self._outbound.get(plan.request_id)
+            if plan.is_last and out and out.handle is not None and out.error is None:
                 self.runtime.pump.submit(DONE, out.handle.finish)  # after the queued sends
 
     def cancel_save(self, request_id: int) -> None:
