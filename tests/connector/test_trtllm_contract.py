@@ -292,6 +292,8 @@ def test_relayed_kv_lands_byte_identical_in_the_decode_pool(deployments, prompt)
     reference = _reference(prompt, 4)
     assert d.prefill.results[run.prefill_id].tokens == reference[:1]
     assert d.decode.results[run.decode_id].tokens == reference[1:]
+    # What the worker fronting the engine asks at the first token: every rank loaded it.
+    assert d.statuses(run.transfer, length) == ["loaded"] * tp
     _assert_order_and_no_leaks(d.prefill, d.decode)
 
 
@@ -461,8 +463,8 @@ def test_a_transfer_missing_on_one_rank_parks_nothing(deployments) -> None:
     """Prefill rank 1 cannot reach decode rank 1 (a wrong endpoint), so only rank 0's shard
     arrives; a decode submitted once rank 0 holds its transfer (a worker that checked one rank
     only) must not stay parked: TensorRT-LLM resumes it only when every rank reports the load.
-    (Rank 1 then holds no relayed KV: the connector logs that output as suspect; the fake's
-    tokens do not depend on KV, so only the parking contract is checked here.)"""
+    Rank 1 then holds no relayed KV: the connector logs that output as suspect and answers
+    ``load_failed`` to the worker's status query."""
     d = deployments
     transfer, dead = uuid.uuid4().hex, f"tcp://127.0.0.1:{_free_port_base(1)}"
     d.post("prefill", _plan(transfer, PROMPT, [d.relay_endpoints[0], dead]))
@@ -476,6 +478,9 @@ def test_a_transfer_missing_on_one_rank_parks_nothing(deployments) -> None:
           what="decode with rank 1's shard missing")  # fmt: skip
     result = d.decode.results[rid]
     assert result.error is not None or result.tokens == _reference(PROMPT, 4)[1:]
+    # Rank 1 answers load_failed: the worker fronting the engine drops that response and runs
+    # the request again without its plan (tests/worker/test_triton_worker.py), never silent.
+    assert d.statuses(transfer, len(PROMPT)) == ["loaded", "load_failed"]
     drive(d.prefill, d.decode, until=lambda: not (d.prefill.has_work() or d.decode.has_work()),
           timeout_s=TIMEOUT_S + 10, what="drain")  # fmt: skip
     assert d.decode.leak_report() == [] and d.prefill.leak_report() == []

@@ -47,13 +47,14 @@ def tokenizer(hf_model_dir: Path) -> HfTokenizer:
 
 
 @pytest.fixture
-def plans() -> Iterator[tuple[PlanBook, dict[tuple[str, int], str], str]]:
+def plans() -> Iterator[tuple[PlanBook, dict[tuple[str, int], Any], str]]:
     """A two-rank connector's plan servers (rank r on port + r, as TRTLLM_PRFAAS_PLAN_BIND):
     (rank 0's book, statuses[(uuid, num_tokens)] answered by both ranks, rank 0's endpoint)."""
     book, statuses = PlanBook(), {}
 
     def status_of(uuid: str, num_tokens: int) -> str:
-        return statuses.get((uuid, num_tokens), "")
+        value = statuses.get((uuid, num_tokens), "")
+        return value() if callable(value) else value  # a callable stands in for the connector
 
     for _ in range(20):  # find two consecutive free ports
         rank0 = PlanServer("tcp://127.0.0.1:0", PLAIN, 0, book=book, status_of=status_of)
@@ -170,6 +171,41 @@ def test_decode_worker_waits_for_the_transfer_on_every_rank(
                 assert late.error_kind == "" and time.monotonic() - started < 10
                 assert late.token_ids == _model(tokenizer, triton, text, 4)
                 assert book.counts().held == 0
+        finally:
+            assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("outcome", ["loaded", "load_failed"])
+def test_decode_worker_asks_the_connector_how_its_load_went(
+    hf_model_dir: Path, tokenizer: HfTokenizer, plans: Any, outcome: str
+) -> None:
+    """At a remote decode's first token the worker asks every rank about the load: ``loaded``
+    is reported as relayed tokens (the router's relay-outcome metric); ``load_failed`` (the
+    connector inside TensorRT-LLM cannot fail a parked request) makes the worker abort that
+    response and run the request again without its plan: the client gets the model's tokens."""
+    _, statuses, endpoint = plans
+    prompt = tokenizer.encode(PROMPT_TEXT)
+    t1 = tokenizer.encode(" the", add_special_tokens=False)[0]
+    with FakeLlmapiTriton(hf_model_dir, decoupled=True) as triton:
+        worker = _worker("decode", triton, hf_model_dir, endpoint, "--advertise-relay", "tcp://d:1")
+        try:
+            with worker.client() as client:
+                uuid = new_uuid()
+                # The connector's answers: complete until the request reached it, then the load.
+                statuses[(uuid, len(prompt))] = lambda: (
+                    outcome if triton.stats.requests else ("complete")
+                )
+                client.send(p.Submit("d3", [*prompt, t1], 6, transfer_uuid=uuid))
+                tokens = collect(client, "d3", timeout_s=30)
+                assert tokens.error_kind == ""
+                text = tokenizer.decode([*prompt, t1])
+                assert tokens.token_ids == _model(tokenizer, triton, text, 6)
+                if outcome == "loaded":
+                    assert tokens.num_connector_tokens == len(prompt)
+                    assert len(triton.stats.requests) == 1
+                else:  # aborted at its first token, run again without the plan
+                    assert tokens.num_connector_tokens == 0
+                    assert len(triton.stats.requests) == 2
         finally:
             assert worker.stop() == 0
 

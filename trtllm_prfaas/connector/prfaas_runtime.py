@@ -172,6 +172,9 @@ class PrfaasRuntime:
     failed_loads: collections.OrderedDict[str, str] = field(
         default_factory=collections.OrderedDict
     )  # transfer uuid -> why its load failed on this rank (the latest ``_FAILED_KEPT``)
+    loaded: collections.OrderedDict[str, None] = field(
+        default_factory=collections.OrderedDict
+    )  # transfer uuids whose load completed on this rank (the latest ``_FAILED_KEPT``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False
 
@@ -225,6 +228,14 @@ class PrfaasRuntime:
             while len(self.failed_loads) > _FAILED_KEPT:
                 self.failed_loads.popitem(last=False)
 
+    def note_loaded(self, transfer_uuid: str) -> None:
+        """A load whose copies into the pool completed: answer ``loaded`` to status queries."""
+        with self._lock:
+            self.counts["loads_completed"] += 1
+            self.loaded[transfer_uuid] = None
+            while len(self.loaded) > _FAILED_KEPT:
+                self.loaded.popitem(last=False)
+
     def refusal(self, plan: Plan) -> str | None:
         """Why this deployment cannot carry ``plan`` (None: it can)."""
         if self.config.role is Role.PREFILL and len(plan.relay_endpoints) != self.tp_size:
@@ -236,11 +247,14 @@ class PrfaasRuntime:
         return None
 
     def status_of(self, transfer_uuid: str, num_tokens: int) -> str:
-        """This rank's status of the transfer: ``load_failed`` once its load failed here, else
-        the receiver's (an ``InboundStatus`` value; "" when unknown or not a decode rank)."""
+        """This rank's status of the transfer: ``load_failed`` once its load failed here,
+        ``loaded`` once its copies into the pool completed, else the receiver's (an
+        ``InboundStatus`` value; "" when unknown or not a decode rank)."""
         with self._lock:
             if transfer_uuid in self.failed_loads:
                 return "load_failed"
+            if transfer_uuid in self.loaded:
+                return "loaded"
         if self.receiver is None:
             return ""
         head, tail = f"{transfer_uuid}.", f".{num_tokens}"

@@ -67,6 +67,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         self._saving: set[int] = set()  # passed in finished_gen_req_ids, not yet returned
         self._loading: set[int] = set()
         self._loaded: set[int] = set()  # finished before their id was passed in
+        self._load_uuid: dict[int, str] = {}  # enqueued, not failed: request id -> transfer
         self._failed: list[tuple[int, str]] = []
         self.transfer_errors: dict[int, str | None] = {}  # request id -> outcome, for the host
 
@@ -128,6 +129,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
                 for item in receiver.layer_items(tid, layer)
                 for landing in self._place(load, layer, item, stream)
             ]
+            self._load_uuid[load.request_id] = load.transfer_uuid
         except Exception as exc:  # never park the request: report it (see module docstring)
             self._fail_load(load, exc)
         if receiver is not None:
@@ -208,6 +210,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
             tid = transfer_id_for(load.transfer_uuid, load.tokens, self.runtime.key)
             self.runtime.receiver.release(tid)
         self._draining += self._landing.pop(request_id, [])
+        self._load_uuid.pop(request_id, None)
         self._loading.discard(request_id)
         self._loaded.discard(request_id)
 
@@ -332,6 +335,9 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
             if all(_complete(landing.event) for landing in landings):
                 del self._landing[rid]  # the staging may be reused now
                 self._loaded.add(rid)
+                uuid = self._load_uuid.pop(rid, None)
+                if uuid is not None:  # the worker fronting the engine asks for this
+                    self.runtime.note_loaded(uuid)
         done = sorted(self._loaded & self._loading)
         self._loaded -= set(done)
         self._loading -= set(done)

@@ -91,6 +91,24 @@ class RemotePlans:
             return None
         return combine_statuses(statuses)
 
+    def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str:
+        """What the connector did with a decode's transfer, over every rank: ``loaded`` (every
+        rank's copies into the pool completed), ``load_failed`` (some rank's load failed: the
+        response is not to be trusted), or ``unclaimed`` (the connector computed the prompt, or
+        the ranks could not be asked: counted ``status_failed`` and logged)."""
+        if self._client is None:
+            return "unclaimed"
+        try:
+            statuses = self._client.statuses(transfer_uuid, num_tokens, self.timeout_s)
+        except PrfaasError as exc:
+            self.counts["status_failed"] += 1
+            log.warning("prfaas_load_outcome_failed", transfer_uuid=transfer_uuid,
+                        error=str(exc))  # fmt: skip
+            return "unclaimed"
+        if "load_failed" in statuses:
+            return "load_failed"
+        return "loaded" if statuses and all(s == "loaded" for s in statuses) else "unclaimed"
+
     def close(self) -> None:
         """Close the client's sockets. Idempotent."""
         if self._client is not None:

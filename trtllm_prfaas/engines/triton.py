@@ -192,6 +192,11 @@ class TritonEngine(RemoteFlights):
         Triton (None: unknown everywhere, or the ranks cannot be asked)."""
         return self.plans.transfer_status(transfer_uuid, num_tokens)
 
+    def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str:
+        """``loaded``, ``load_failed`` or ``unclaimed``: what the connector inside Triton did
+        with a decode's transfer (``RemotePlans.load_outcome``), asked at its first token."""
+        return self.plans.load_outcome(transfer_uuid, num_tokens)
+
     def close(self) -> None:
         """Cancel every call, close the channel and plan client, join the loop. Idempotent."""
         for request_id in list(self._flights):

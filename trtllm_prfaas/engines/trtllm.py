@@ -227,6 +227,11 @@ class TrtllmEngine(RemoteFlights):
         unknown everywhere, or the ranks cannot be asked)."""
         return self.plans.transfer_status(transfer_uuid, num_tokens)
 
+    def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str:
+        """``loaded``, ``load_failed`` or ``unclaimed``: what the connector ranks did with a
+        decode's transfer (``RemotePlans.load_outcome``), asked at its first token."""
+        return self.plans.load_outcome(transfer_uuid, num_tokens)
+
     def close(self) -> None:
         """Abort what is in flight, stop the loop thread, shut TensorRT-LLM down, close the plan
         client. Idempotent."""

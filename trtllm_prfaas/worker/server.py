@@ -64,6 +64,8 @@ class _Tracked:
     identity: bytes
     engine_id: int
     deadline: float
+    verify: p.Submit | None = None  # a remote decode with a plan: check its load at 1st output
+    num_relayed_tokens: int = 0  # what a remote connector reported loading (on finish)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class _RemoteTransfers(Protocol):
     """An engine whose connector runs elsewhere and reports its transfers (Triton, LLM API)."""
 
     def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None: ...
+
+    def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str: ...
 
 
 class WorkerServer:
@@ -271,7 +275,10 @@ class WorkerServer:
             self._send(identity, _error_tokens(submit.request_id, type(exc).__name__, str(exc)))
             return
         deadline = time.monotonic() + submit.deadline_s
-        self._requests[submit.request_id] = _Tracked(identity, engine_id, deadline)
+        tracked = _Tracked(identity, engine_id, deadline)
+        if plan is not None and self.role is WorkerRole.DECODE and self.runtime is None:
+            tracked.verify = submit  # the connector runs elsewhere: ask it how the load went
+        self._requests[submit.request_id] = tracked
         self._by_engine_id[engine_id] = submit.request_id
         if exporting and self.runtime is not None:  # a remote connector reports nothing here
             self._transfer_owner[engine_id] = (identity, submit.request_id)
@@ -348,6 +355,8 @@ class WorkerServer:
         tracked = self._requests.get(request_id) if request_id else None
         if request_id is None or tracked is None:
             return
+        if tracked.verify is not None and not self._verified_load(request_id, tracked):
+            return
         error = out.error
         message = p.Tokens(
             request_id,
@@ -356,11 +365,33 @@ class WorkerServer:
             out.finish_reason,
             type(error).__name__ if error else "",
             str(error) if error else "",
-            out.num_connector_tokens,
+            max(out.num_connector_tokens, tracked.num_relayed_tokens),
         )
         if out.finished:
             self._forget(request_id)
         self._send(tracked.identity, message)
+
+    def _verified_load(self, request_id: str, tracked: _Tracked) -> bool:
+        """A remote decode's first output: ask the connector ranks how its load went. Loaded:
+        the relayed tokens are reported on finish. Failed on some rank (TensorRT-LLM cannot fail
+        a parked request, so its output is suspect): abort it and run the request again here
+        without the plan, loudly. False when the output must be dropped."""
+        submit = tracked.verify
+        assert submit is not None and submit.transfer_uuid is not None
+        assert isinstance(self.engine, _RemoteTransfers)
+        tracked.verify = None
+        claimed = len(submit.prompt_token_ids) - 1  # the prompt without t1
+        outcome = self.engine.load_outcome(submit.transfer_uuid, claimed)
+        if outcome == "loaded":
+            tracked.num_relayed_tokens = claimed
+        if outcome != "load_failed":
+            return True
+        log.error("relay_load_failed_recomputing", request_id=request_id,
+                  transfer_uuid=submit.transfer_uuid)  # fmt: skip
+        self.engine.abort(tracked.engine_id)
+        self._forget(request_id)
+        self._add(tracked.identity, submit, None)
+        return False
 
     def _emit_transfer_results(self) -> None:
         worker = self.engine.connector.worker if self.engine.connector else None
