@@ -97,10 +97,12 @@ def test_quantiles_interpolate_and_empty_is_nan() -> None:
 
 
 def test_echo_engine_finishes_everything_in_one_step() -> None:
+    from trtllm_prfaas.connector.plans import Plan, tokens_digest
     from trtllm_prfaas.engines.request import SamplingParams
 
     engine = _echo.EchoEngine(_echo.worker_config("prefill").engine)
-    engine.add_request([256, 1], SamplingParams(max_tokens=1), 7, {"relay_endpoint": "tcp://x"})
+    export = Plan("t7", 2, tokens_digest([256, 1]), ["tcp://x"])
+    engine.add_request([256, 1], SamplingParams(max_tokens=1), 7, export)
     engine.add_request([256, 1], SamplingParams(max_tokens=3), 8, None)
     outputs = engine.step()
     assert [(o.request_id, o.new_token_ids, o.finished) for o in outputs] == [

@@ -80,34 +80,33 @@ class RemotePlans:
     def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None:
         """The transfer's state over every rank (``combine_statuses``); None when it is unknown
         everywhere, or when the ranks cannot be asked (counted ``status_failed`` and logged)."""
-        if self._client is None:
-            return None
-        try:
-            statuses = self._client.statuses(transfer_uuid, num_tokens, self.timeout_s)
-        except PrfaasError as exc:
-            self.counts["status_failed"] += 1
-            log.warning("prfaas_transfer_status_failed", transfer_uuid=transfer_uuid,
-                        error=str(exc))  # fmt: skip
-            return None
-        return combine_statuses(statuses)
+        statuses = self._statuses(transfer_uuid, num_tokens)
+        return None if statuses is None else combine_statuses(statuses)
 
     def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str:
         """What the connector did with a decode's transfer, over every rank: ``loaded`` (every
         rank's copies into the pool completed), ``load_failed`` (some rank's load failed: the
         response is not to be trusted), or ``unclaimed`` (the connector computed the prompt, or
-        the ranks could not be asked: counted ``status_failed`` and logged)."""
-        if self._client is None:
-            return "unclaimed"
-        try:
-            statuses = self._client.statuses(transfer_uuid, num_tokens, self.timeout_s)
-        except PrfaasError as exc:
-            self.counts["status_failed"] += 1
-            log.warning("prfaas_load_outcome_failed", transfer_uuid=transfer_uuid,
-                        error=str(exc))  # fmt: skip
+        the ranks could not be asked)."""
+        statuses = self._statuses(transfer_uuid, num_tokens)
+        if statuses is None:
             return "unclaimed"
         if "load_failed" in statuses:
             return "load_failed"
         return "loaded" if statuses and all(s == "loaded" for s in statuses) else "unclaimed"
+
+    def _statuses(self, transfer_uuid: str, num_tokens: int) -> list[str] | None:
+        """Every rank's answer; None without a plan carrier or when a rank cannot be asked
+        (counted ``status_failed`` and logged)."""
+        if self._client is None:
+            return None
+        try:
+            return self._client.statuses(transfer_uuid, num_tokens, self.timeout_s)
+        except PrfaasError as exc:
+            self.counts["status_failed"] += 1
+            log.warning("prfaas_transfer_status_failed", transfer_uuid=transfer_uuid,
+                        error=str(exc))  # fmt: skip
+            return None
 
     def close(self) -> None:
         """Close the client's sockets. Idempotent."""
