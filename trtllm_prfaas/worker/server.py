@@ -11,7 +11,7 @@ endpoints; a decode request is the prompt followed by t1, and its plan covers al
 token. A decode request is held here until its transfer has fully arrived in host memory (on every
 tensor-parallel rank), so the connector's load cannot fail once it claimed the tokens; a transfer
 not announced within ``announce_timeout_s``, or one that failed, is computed here instead (or
-fails, per ``fallback``).
+fails, per ``fallback``). The held decodes and the plans live in ``worker/held.py``.
 
 Over a remote Triton engine (``WorkerConfig.triton``) the connector runs inside Triton: the engine
 posts plans to the connector's plan endpoint and answers transfer-status queries from it, a
@@ -25,17 +25,12 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import msgspec
 import zmq
 
-from trtllm_prfaas.connector.plans import Plan, tokens_digest
-from trtllm_prfaas.connector.prfaas_runtime import (
-    PrfaasConnectorConfig,
-    Role,
-    transfer_id_for,
-)
+from trtllm_prfaas.connector.plans import Plan
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
 from trtllm_prfaas.engines.base import describe
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
@@ -49,14 +44,11 @@ from trtllm_prfaas.worker.assembly import (
     assemble,
     assemble_triton,
 )
+from trtllm_prfaas.worker.held import HeldDecodes, prefill_plan, remote_load, transfer_status
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 
 log = get_logger(__name__)
-
-
-_HELD_POLL_S = 0.001  # held decodes, in-process receiver: a dictionary look-up per check
-_REMOTE_HELD_POLL_S = 0.01  # held decodes, remote engine: one round trip per rank per check
 
 
 @dataclass
@@ -72,23 +64,6 @@ class _Tracked:
 class _RoleChange:
     role: WorkerRole
     deadline: float  # monotonic seconds: abort what is still running after this
-
-
-@dataclass
-class _PendingDecode:
-    identity: bytes
-    submit: p.Submit
-    announce_deadline: float  # monotonic s: the transfer must be announced by then
-    deadline: float  # monotonic s: the request's own deadline
-
-
-@runtime_checkable
-class _RemoteTransfers(Protocol):
-    """An engine whose connector runs elsewhere and reports its transfers (Triton, LLM API)."""
-
-    def transfer_status(self, transfer_uuid: str, num_tokens: int) -> InboundStatus | None: ...
-
-    def load_outcome(self, transfer_uuid: str, num_tokens: int) -> str: ...
 
 
 class WorkerServer:
@@ -114,11 +89,10 @@ class WorkerServer:
         self._ids = itertools.count(1)
         self._requests: dict[str, _Tracked] = {}
         self._by_engine_id: dict[int, str] = {}
-        self._pending: list[_PendingDecode] = []
+        self._held = HeldDecodes(config.fallback)  # relayed decodes waiting for their KV
         self._routers: set[bytes] = set()
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
-        self._next_status_at = 0.0  # remote engines: when held decodes' transfers are next asked
         self._stop = threading.Event()
 
     def _assemble(self, role: WorkerRole) -> None:
@@ -154,10 +128,10 @@ class WorkerServer:
             wait_s = self.config.idle_poll_s
             if self.engine.has_unfinished():
                 wait_s = 0.0
-            elif self._pending:  # held decodes only: check their transfers, do not spin
-                wait_s = _HELD_POLL_S if self.runtime is not None else _REMOTE_HELD_POLL_S
+            elif self._held:  # held decodes only: check their transfers, do not spin
+                wait_s = self._held.poll_s(is_remote=self.runtime is None)
             self._poll_control(wait_s)
-            self._admit_announced()
+            self._release_held()
             self._expire_deadlines()
             if self.engine.has_unfinished():
                 self._step()
@@ -239,26 +213,16 @@ class WorkerServer:
             message = f"worker {self.config.worker_id} is draining for a role change"
             self._send(identity, _error_tokens(submit.request_id, "AdmissionRejected", message))
             return
-        if submit.request_id in self._requests or any(
-            pend.submit.request_id == submit.request_id for pend in self._pending
-        ):
-            self._send(
-                identity,
-                _error_tokens(
-                    submit.request_id, "InvalidRequestError", "request id already in use"
-                ),
-            )
+        if submit.request_id in self._requests or submit.request_id in self._held:
+            message = "request id already in use"
+            self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", message))
             return
         if self.role is WorkerRole.DECODE and submit.transfer_uuid:
-            now = time.monotonic()
-            pending = _PendingDecode(
-                identity, submit, now + submit.announce_timeout_s, now + submit.deadline_s
-            )
-            self._pending.append(pending)
+            self._held.hold(identity, submit, time.monotonic())
             return
         plan = None
         if self.role is WorkerRole.PREFILL and submit.transfer_uuid:
-            plan = _prefill_plan(submit)
+            plan = prefill_plan(submit)
         self._add(identity, submit, plan)
 
     def _add(self, identity: bytes, submit: p.Submit, plan: Plan | None) -> None:
@@ -283,59 +247,20 @@ class WorkerServer:
         if exporting and self.runtime is not None:  # a remote connector reports nothing here
             self._transfer_owner[engine_id] = (identity, submit.request_id)
 
-    def _admit_announced(self) -> None:
-        """Decode requests whose transfer has fully arrived join the engine with their plan; if
-        the transfer failed or was not announced in time, they compute the prompt here (or fail,
-        per ``fallback``); one still arriving at the request's deadline fails."""
-        now = time.monotonic()
-        if not self._pending or now < self._next_status_at:
-            return
-        if self.runtime is None:  # each status check is a round trip to every remote rank
-            self._next_status_at = now + _REMOTE_HELD_POLL_S
-        waiting = []
-        for pend in self._pending:
-            status = self._transfer_status(pend.submit)
-            if status is InboundStatus.COMPLETE:
-                self._add(pend.identity, pend.submit, _decode_plan(pend.submit))
-            elif status is InboundStatus.FAILED:
-                self._fall_back(pend, "failed")
-            elif status is None and now >= pend.announce_deadline:
-                self._fall_back(pend, "was not announced in time")
-            elif now >= pend.deadline:
-                message = (
-                    f"request {pend.submit.request_id}: relayed KV still arriving at its deadline"
-                )
-                self._send(
-                    pend.identity,
-                    _error_tokens(pend.submit.request_id, "DeadlineExceeded", message),
-                )
+    def _release_held(self) -> None:
+        """Held decodes whose transfer is decided join the engine or get their error."""
+        now, is_remote = time.monotonic(), self.runtime is None
+        for done in self._held.release(now, self._transfer_status, is_remote):
+            if done.error_kind:
+                error = _error_tokens(done.submit.request_id, done.error_kind, done.error_message)
+                self._send(done.identity, error)
             else:
-                waiting.append(pend)
-        self._pending = waiting
-
-    def _fall_back(self, pend: _PendingDecode, why: str) -> None:
-        request_id = pend.submit.request_id
-        log.warning(
-            "relayed_kv_unavailable", request_id=request_id, why=why, fallback=self.config.fallback
-        )
-        if self.config.fallback == "fail":
-            message = f"relayed KV {why}"
-            self._send(pend.identity, _error_tokens(request_id, "TransferTimeout", message))
-        else:
-            self._add(pend.identity, pend.submit, None)
+                self._add(done.identity, done.submit, done.plan)
 
     def _transfer_status(self, submit: p.Submit) -> InboundStatus | None:
-        """The transfer's status on this node: the in-process receiver, or, when the connector
-        runs inside a remote engine, that engine's answer over every rank."""
-        assert submit.transfer_uuid is not None
-        if self.runtime is None:
-            assert isinstance(self.engine, _RemoteTransfers)
-            claimed_len = len(submit.prompt_token_ids) - 1  # the prompt without t1
-            return self.engine.transfer_status(submit.transfer_uuid, claimed_len)
-        assert self.runtime.receiver is not None
-        claimed = submit.prompt_token_ids[:-1]  # the prompt without t1
-        tid = transfer_id_for(submit.transfer_uuid, claimed, self.runtime.key)
-        return self.runtime.receiver.status(tid)
+        """A held decode's transfer status (``held.transfer_status``); the bench's echo worker
+        overrides it (``bench/_echo.py``)."""
+        return transfer_status(submit, self.runtime, self.engine)
 
     # ------------------------------------------------------------------------ data plane
     def _step(self) -> None:
@@ -377,14 +302,11 @@ class WorkerServer:
         a parked request, so its output is suspect): abort it and run the request again here
         without the plan, loudly. False when the output must be dropped."""
         submit = tracked.verify
-        assert submit is not None and submit.transfer_uuid is not None
-        assert isinstance(self.engine, _RemoteTransfers)
+        assert submit is not None
         tracked.verify = None
-        claimed = len(submit.prompt_token_ids) - 1  # the prompt without t1
-        outcome = self.engine.load_outcome(submit.transfer_uuid, claimed)
-        if outcome == "loaded":
-            tracked.num_relayed_tokens = claimed
-        if outcome != "load_failed":
+        num_loaded = remote_load(self.engine, submit)
+        if num_loaded is not None:
+            tracked.num_relayed_tokens = num_loaded
             return True
         log.error("relay_load_failed_recomputing", request_id=request_id,
                   transfer_uuid=submit.transfer_uuid)  # fmt: skip
@@ -408,7 +330,7 @@ class WorkerServer:
             self._by_engine_id.pop(tracked.engine_id, None)
 
     def _abort(self, request_id: str, reason: str, error: BaseException | None = None) -> None:
-        self._pending = [pend for pend in self._pending if pend.submit.request_id != request_id]
+        self._held.drop(request_id)
         tracked = self._requests.get(request_id)
         if tracked is None:
             return
@@ -450,7 +372,7 @@ class WorkerServer:
 
     def _is_idle(self) -> bool:
         return not (
-            self.engine.has_unfinished() or self._pending or self._requests or self._transfer_owner
+            self.engine.has_unfinished() or self._held or self._requests or self._transfer_owner
         )
 
     def _convert_if_drained(self) -> None:
@@ -487,11 +409,11 @@ class WorkerServer:
         links = [sender.stats() for sender in list(senders)]
         report = p.LoadReport(
             self.config.worker_id,
-            len(engine.waiting) + len(self._pending),
+            len(engine.waiting) + len(self._held),
             len(engine.running),
             engine.slots.num_free,
             engine.blocks.num_available,
-            len(self._pending),
+            len(self._held),
             relay_bytes_sent=sum(link.bytes_acked for link in links),
             relay_goodput_gbps=max((link.goodput_gbps for link in links), default=0.0),
             is_draining=self._role_change is not None,
@@ -499,21 +421,6 @@ class WorkerServer:
         )
         for identity in self._routers:
             self._send(identity, report)
-
-
-def _prefill_plan(submit: p.Submit) -> Plan:
-    """The plan of a relayed prefill: all L prompt tokens, to the decode's ranks' receivers."""
-    assert submit.transfer_uuid is not None
-    tokens = submit.prompt_token_ids
-    endpoints = [e.strip() for e in (submit.relay_endpoint or "").split(",") if e.strip()]
-    return Plan(submit.transfer_uuid, len(tokens), tokens_digest(tokens), endpoints)
-
-
-def _decode_plan(submit: p.Submit) -> Plan:
-    """The plan of a decode request (the prompt followed by t1): the L tokens before t1."""
-    assert submit.transfer_uuid is not None
-    claimed = submit.prompt_token_ids[:-1]
-    return Plan(submit.transfer_uuid, len(claimed), tokens_digest(claimed))
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:

@@ -1,0 +1,251 @@
+"""One request's flight: its channel of worker messages, and the prompt-plus-first-token handoff
+that ``router/orchestrator.py``'s docstring describes.
+
+``Flight`` is the channel: the links' reader ``put``s each ``Tokens`` of the request from either
+worker, and the request's task ``get``s them in order. ``Handoff.run`` drives the two legs over
+the links: the prefill leg (``max_tokens=1``, with a transfer uuid and the decode node's relay
+endpoint unless ``max_tokens == 1``), t1 streamed at once, then the decode leg (prompt + t1,
+``max_tokens - 1``, one sampling draw skipped). No t1 (the prefill failed, or nothing came within
+``prefill_timeout_s``: the prefill is then cancelled) sends the whole request to the decode node
+(``prefill_fallback``); a remote request whose decode claimed fewer than its L prompt tokens is
+counted and logged (``relay_recomputed``). Leg timings feed the control loop's online profiles.
+The orchestrator owns the deadline, the decode-slot reservation and the cancels of a request
+that did not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtllm_prfaas import errors
+from trtllm_prfaas.engines.tokenizer import StreamingDecoder
+from trtllm_prfaas.errors import PrfaasError
+from trtllm_prfaas.policy.route import RouteDecision
+from trtllm_prfaas.router.api import GenerateRequest, TokenChunk
+from trtllm_prfaas.router.cluster import WorkerState
+from trtllm_prfaas.router.control import ControlLoop
+from trtllm_prfaas.router.links import WorkerLinks
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.worker import protocol as p
+
+__all__ = ["Flight", "Handoff"]
+
+log = get_logger(__name__)
+
+
+class Flight:
+    """``Tokens`` of one request from its two workers (a FIFO channel: ``put`` from the reader,
+    ``get`` from the request's task), and when its legs began (monotonic s)."""
+
+    __slots__ = (
+        "decision",
+        "decode_first_at",
+        "messages",
+        "num_decoded",
+        "prefill_first_at",
+        "prompt_tokens",
+        "relayed",
+        "submitted_at",
+        "waiter",
+    )
+
+    def __init__(self, decision: RouteDecision, prompt_tokens: int) -> None:
+        self.decision = decision
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = 0.0
+        self.prefill_first_at: float | None = None
+        self.decode_first_at: float | None = None
+        self.num_decoded = 0
+        self.relayed = False  # the decode leg was sent with the prefill's transfer
+        self.messages: deque[tuple[str, p.Tokens]] = deque()
+        self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
+
+    def put(self, source: str, message: p.Tokens) -> None:
+        self.messages.append((source, message))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[str, p.Tokens]:
+        while not self.messages:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.messages.popleft()
+
+
+@dataclass(eq=False, kw_only=True)
+class Handoff:
+    """Runs flights over ``links``; one per orchestrator. ``counters`` is the orchestrator's
+    (this adds ``prefill_fallback`` and ``relay_recomputed``)."""
+
+    links: WorkerLinks
+    control: ControlLoop
+    counters: dict[str, int]
+    metrics: RouterMetrics | None
+    eos_id: int
+    announce_timeout_s: float
+    prefill_timeout_s: float
+    # transfer uuids: this router's random prefix + a counter (unique, like uuid4().hex)
+    _transfer_prefix: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:20])
+    _transfer_ids: Iterator[int] = field(init=False, default_factory=itertools.count)
+
+    async def run(
+        self, request: GenerateRequest, flight: Flight, decode: WorkerState, prefill: WorkerState
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Prefill to t1 (KV relayed to the decode node), then decode from prompt + t1."""
+        prompt, decoder = request.prompt_token_ids, StreamingDecoder()
+        transfer = None
+        if request.max_tokens > 1:  # a one-token answer is t1 alone: nothing to relay
+            transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
+        relay = decode.info.relay_endpoint if transfer else None
+        leg = _submit_to(request, flight, prompt, 1, transfer_uuid=transfer, relay_endpoint=relay)
+        await self.links.send(prefill.name, leg)
+        first = await self._first_token(request, flight, prefill.name)
+        if first is None:  # no t1: the decode node runs the whole request, no relay
+            self.counters["prefill_fallback"] += 1
+            leg = _submit_to(request, flight, prompt, request.max_tokens)
+            async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+                yield chunk
+            return
+        is_eos = first == self.eos_id
+        if is_eos or request.max_tokens == 1:
+            text = decoder.push([first]) + decoder.flush()
+            yield TokenChunk([first], text, True, "stop" if is_eos else "length")
+            return
+        yield TokenChunk([first], decoder.push([first]))
+        leg = _submit_to(
+            request,
+            flight,
+            [*prompt, first],
+            request.max_tokens - 1,
+            transfer_uuid=transfer,
+            announce_timeout_s=self.announce_timeout_s,
+            num_skipped_draws=1,
+        )
+        flight.relayed = True
+        async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+            yield chunk
+
+    async def _first_token(
+        self, request: GenerateRequest, flight: Flight, prefill_name: str
+    ) -> int | None:
+        """The prefill leg's t1, or None when it failed or took longer than
+        ``prefill_timeout_s`` (it is then cancelled, and the failure logged)."""
+        try:
+            async with asyncio.timeout(self.prefill_timeout_s):
+                while True:
+                    source, message = await flight.get()
+                    if source != prefill_name:
+                        continue
+                    tokens = list(message.token_ids)
+                    self._observe(flight, False, len(tokens), bool(message.finished))
+                    if message.error_kind or (message.finished and not tokens):
+                        why = message.error_message or message.finish_reason or "no token"
+                        log.warning("prefill_failed", request_id=request.request_id, error=why)
+                        return None
+                    if tokens:
+                        return tokens[0]
+        except TimeoutError:
+            log.warning(
+                "prefill_timeout",
+                request_id=request.request_id,
+                timeout_s=self.prefill_timeout_s,
+            )
+            await self.links.cancel(request.request_id, prefill_name)
+            return None
+
+    async def _decode_leg(
+        self,
+        request: GenerateRequest,
+        flight: Flight,
+        decode_name: str,
+        leg: p.Submit,
+        decoder: StreamingDecoder,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Submit the decode leg and stream its tokens (messages of other legs are skipped)."""
+        await self.links.send(decode_name, leg)
+        while True:
+            source, message = await flight.get()
+            if source != decode_name:
+                continue  # the prefill's late messages
+            if message.error_kind:
+                raise _error(message)
+            tokens = list(message.token_ids)
+            self._observe(flight, True, len(tokens), bool(message.finished))
+            if message.finished:
+                self._check_relayed(request, flight, message)
+                text = decoder.push(tokens) + decoder.flush()
+                yield TokenChunk(tokens, text, True, message.finish_reason)
+                return
+            if tokens:
+                yield TokenChunk(tokens, decoder.push(tokens))
+
+    def _check_relayed(self, request: GenerateRequest, flight: Flight, message: p.Tokens) -> None:
+        """An offloaded request's decode should have claimed the whole prompt (all L tokens
+        before t1) over the relay; fewer means it recomputed them (correct tokens, lost
+        offload): loud."""
+        if not flight.decision.is_remote or not flight.relayed:
+            return
+        relayed = message.num_connector_tokens >= flight.prompt_tokens
+        if self.metrics:
+            self.metrics.record_relay_outcome("relayed" if relayed else "recomputed")
+        if relayed:
+            return
+        self.counters["relay_recomputed"] += 1
+        log.warning(
+            "relay_recomputed",
+            request_id=request.request_id,
+            prompt_tokens=flight.prompt_tokens,
+            relayed_tokens=message.num_connector_tokens,
+            note="the decode worker computed the prompt itself: the KV relay failed or was late",
+        )
+
+    def _observe(self, flight: Flight, is_decode: bool, num_tokens: int, finished: bool) -> None:
+        """Leg timings for the control loop's online profiles."""
+        now = time.monotonic()
+        if not is_decode:
+            if flight.prefill_first_at is None and num_tokens:
+                flight.prefill_first_at = now
+                is_remote = flight.decision.is_remote
+                self.control.on_prefill(is_remote, flight.prompt_tokens, now - flight.submitted_at)
+            return
+        if flight.decode_first_at is None and num_tokens:
+            flight.decode_first_at = now
+            if flight.decision.is_remote and flight.prefill_first_at is not None:
+                self.control.on_relay_wait(now - flight.prefill_first_at)
+        flight.num_decoded += num_tokens
+        if finished and flight.decode_first_at is not None and flight.num_decoded > 1:
+            self.control.on_decode(flight.num_decoded - 1, now - flight.decode_first_at)
+
+
+def _submit_to(
+    request: GenerateRequest, flight: Flight, prompt: list[int], max_tokens: int, **extra: Any
+) -> p.Submit:
+    """One leg's ``Submit``, its deadline what is left of the request's."""
+    elapsed = time.monotonic() - flight.submitted_at
+    return p.Submit(
+        request_id=request.request_id,
+        prompt_token_ids=prompt,
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        seed=request.seed,
+        deadline_s=max(request.deadline_s - elapsed, 0.001),
+        **extra,
+    )
+
+
+def _error(message: p.Tokens) -> PrfaasError:
+    kind = getattr(errors, message.error_kind, errors.EngineError)
+    cls = kind if isinstance(kind, type) and issubclass(kind, PrfaasError) else errors.EngineError
+    return cls(message.error_message or message.error_kind)

@@ -1,0 +1,186 @@
+"""The router's links to its workers: one socket per worker, and where each message goes.
+
+I/O: one plain (non-asyncio) ZeroMQ DEALER per worker. Sends go out at once with ``NOBLOCK``
+(falling back to waiting for room only when the socket is full); received messages are drained
+with ``NOBLOCK`` in a loop from one event-loop reader callback per socket, and each ``Tokens``
+goes to its request's channel (a deque and one future, made only while the request waits).
+ZeroMQ's descriptor is edge-triggered: after every send the socket's events are checked, and a
+drain is scheduled if messages became readable meanwhile.
+
+Delivery: ``Tokens`` to the request's inbox in ``flights`` (dropped if the request is gone),
+``WorkerInfo`` to the future in ``info_waiters`` (the answer to ``Ping`` or ``SetRole``),
+``LoadReport`` to the cluster state and the metrics; ``TransferDone`` is dropped. A message that
+cannot be delivered is logged and ends whoever waits on it (its request gets an error ``Tokens``,
+an info waiter the exception); the drain goes on with the next message.
+
+Everything here runs on the event loop's thread: ``connect`` and ``send`` from coroutines, the
+drain from the loop's reader callback. Nothing blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+import msgspec
+import zmq
+
+from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.router.cluster import ClusterState
+from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.worker import protocol as p
+
+__all__ = ["Inbox", "WorkerLinks"]
+
+log = get_logger(__name__)
+
+_SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
+
+
+class Inbox(Protocol):
+    """Where one request's ``Tokens`` go (``router.flight.Flight``); ``put`` must not block."""
+
+    def put(self, source: str, message: p.Tokens) -> None: ...
+
+
+class WorkerLinks:
+    """One DEALER per worker on the running event loop; ``close()`` ends them all."""
+
+    def __init__(self, cluster: ClusterState, metrics: RouterMetrics | None = None) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.flights: dict[str, Inbox] = {}  # request id -> its inbox, while the request runs
+        self.info_waiters: dict[str, asyncio.Future[p.WorkerInfo]] = {}  # worker -> its answer
+        self._relay_bytes: dict[str, int] = {}
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+        self._fds: dict[str, int] = {}  # worker -> its socket's descriptor, watched by the loop
+        self._drains: set[str] = set()  # workers with a drain scheduled (call_soon)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def connect(self, name: str, endpoint: str) -> None:
+        """Open worker ``name``'s socket and watch it from the running loop (call from it)."""
+        self._loop = asyncio.get_running_loop()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(endpoint)
+        self._sockets[name] = sock
+        self._fds[name] = fd = int(sock.getsockopt(zmq.FD))
+        self._loop.add_reader(fd, self._drain, name)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            for fd in self._fds.values():
+                self._loop.remove_reader(fd)
+        self._fds.clear()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._ctx.term()
+
+    # --------------------------------------------------------------------------- sending
+    async def send(self, worker: str, message: p.Message) -> None:
+        sock = self._sockets[worker]
+        frame = p.encode_message(message)
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # full (high-water mark): wait for room, as a blocking send would
+            await self._send_when_ready(sock, frame)
+        self._after_send(worker, sock)
+
+    async def cancel(self, request_id: str, *workers: str) -> None:
+        """``Cancel`` to each of ``workers`` once; a socket already closed (shutdown) is skipped."""
+        for worker in dict.fromkeys(workers):
+            with contextlib.suppress(zmq.ZMQError):
+                await self.send(worker, p.Cancel(request_id))
+
+    async def _send_when_ready(self, sock: zmq.Socket[bytes], frame: bytes) -> None:
+        wait_s = _SEND_RETRY_S[0]
+        while True:
+            await asyncio.sleep(wait_s)
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                wait_s = min(wait_s * 2, _SEND_RETRY_S[1])
+
+    def _after_send(self, worker: str, sock: zmq.Socket[bytes]) -> None:
+        """A send may have consumed the descriptor's edge while messages arrived: drain soon."""
+        if worker not in self._drains and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drains.add(worker)
+            assert self._loop is not None
+            self._loop.call_soon(self._drain, worker)
+
+    # ------------------------------------------------------------------------- receiving
+    def _drain(self, name: str) -> None:
+        """Every message waiting on ``name``'s socket, without blocking (the reader callback)."""
+        self._drains.discard(name)
+        sock = self._sockets.get(name)
+        if sock is None or sock.closed:
+            return
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # closed under us (shutdown): nothing more to read
+                log.warning("router_recv_failed", worker=name, error=str(exc))
+                return
+            message = None
+            try:
+                message = _decode(frame)
+                self._dispatch(name, message)
+            except Exception as exc:  # one bad message must not stall the others
+                self._undeliverable(name, message, exc)
+
+    def _dispatch(self, name: str, message: p.Message | None) -> None:
+        if isinstance(message, p.Tokens):
+            flight = self.flights.get(message.request_id)
+            if flight is not None:
+                flight.put(name, message)
+        elif isinstance(message, p.LoadReport):
+            if name in self.cluster.workers:
+                self.cluster.on_report(name, message)
+                self._export_load(name, message)
+        elif isinstance(message, p.WorkerInfo):
+            self._on_info(name, message)
+        # TransferDone: nothing waits on it (a request ends with the decode node's tokens)
+
+    def _undeliverable(self, name: str, message: p.Message | None, exc: Exception) -> None:
+        """Not swallowed: logged, and whoever waits on the message ends with an error."""
+        log.error("router_dispatch_failed", worker=name, error=repr(exc))
+        why = f"router could not deliver a message from worker {name}: {exc!r}"
+        if isinstance(message, p.Tokens):
+            flight = self.flights.get(message.request_id)
+            if flight is not None:  # if this raises too, the loop's exception handler has it
+                error = p.Tokens(message.request_id, [], True, "error", "TransportError", why)
+                flight.put(name, error)
+        elif isinstance(message, p.WorkerInfo):
+            waiter = self.info_waiters.get(name)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TransportError(why))
+        # LoadReport: nobody waits on one; the next report replaces it
+
+    def _on_info(self, name: str, info: p.WorkerInfo) -> None:
+        waiter = self.info_waiters.get(name)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(info)
+
+    def _export_load(self, name: str, report: p.LoadReport) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.set_worker_load(name, report.queue_depth, report.num_free_slots)
+        delta = report.relay_bytes_sent - self._relay_bytes.get(name, 0)
+        if delta > 0:
+            self._relay_bytes[name] = report.relay_bytes_sent
+            goodput = report.relay_goodput_gbps or None
+            self.metrics.add_relay_bytes(name, delta, goodput)
+
+
+def _decode(frame: bytes) -> p.Message | None:
+    try:
+        return p.decode_message(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        log.warning("router_bad_worker_message")
+        return None
