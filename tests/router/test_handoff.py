@@ -10,6 +10,7 @@ request. Stream and unary answers are the same tokens, and equal every other rou
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from trtllm_prfaas.engines.tokenizer import EOS_ID
@@ -91,6 +92,31 @@ def test_eos_as_t1_stops_without_a_decode_leg() -> None:
     asyncio.run(scenario())
 
 
+def test_silent_prefill_worker_is_given_up() -> None:
+    """A prefill worker that dies before t1 sends nothing, not even load reports: after
+    ``worker_silence_s`` the decode node runs the whole request (long before the request's
+    deadline or ``prefill_timeout_s``)."""
+
+    async def scenario() -> None:
+        async with _pool(prefill_s_per_token=1.0) as pool:  # t1 would take 300 s
+            specs = tuple(WorkerSpec(n, w.endpoint, n == "prfaas") for n, w in pool.workers.items())
+            config = RouterConfig(specs, threshold_tokens=100, control=None, worker_silence_s=1.0)
+            orch = DisaggregatedOrchestrator(config)
+            await orch.start()
+            try:
+                pool["prfaas"].silent = True  # as a killed worker: no reports any more
+                started = time.monotonic()
+                request = GenerateRequest("s1", PROMPT, 4, 0.0, 0, False, 30.0)
+                chunks = [chunk async for chunk in orch.generate(request)]
+                assert 1.0 <= time.monotonic() - started < 5.0
+                assert orch.counters["prefill_fallback"] == 1
+            finally:
+                await orch.close()
+        assert _tokens(chunks) == fake_tokens(PROMPT, 4)
+
+    asyncio.run(scenario())
+
+
 def test_failed_prefill_leaves_the_whole_request_to_the_decode_node() -> None:
     async def scenario() -> None:
         async with _pool(prefill_error="EngineError") as pool:
@@ -103,6 +129,7 @@ def test_failed_prefill_leaves_the_whole_request_to_the_decode_node() -> None:
                 request = GenerateRequest("f1", PROMPT, 4, 0.0, 0, False, 10.0)
                 chunks = [chunk async for chunk in orch.generate(request)]
                 assert orch.counters["prefill_fallback"] == 1
+                assert orch.counters["relay_recomputed"] == 1  # offloaded, computed locally
             finally:
                 await orch.close()
             (d_leg,) = pool["decode"].submits

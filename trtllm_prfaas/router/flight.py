@@ -40,6 +40,8 @@ __all__ = ["Flight", "Handoff"]
 
 log = get_logger(__name__)
 
+_LIVENESS_CHECK_S = 0.5  # while waiting for t1: how often the prefill worker's silence is checked
+
 
 class Flight:
     """``Tokens`` of one request from its two workers (a FIFO channel: ``put`` from the reader,
@@ -52,7 +54,6 @@ class Flight:
         "num_decoded",
         "prefill_first_at",
         "prompt_tokens",
-        "relayed",
         "submitted_at",
         "waiter",
     )
@@ -64,7 +65,6 @@ class Flight:
         self.prefill_first_at: float | None = None
         self.decode_first_at: float | None = None
         self.num_decoded = 0
-        self.relayed = False  # the decode leg was sent with the prefill's transfer
         self.messages: deque[tuple[str, p.Tokens]] = deque()
         self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
 
@@ -96,6 +96,7 @@ class Handoff:
     eos_id: int
     announce_timeout_s: float
     prefill_timeout_s: float
+    worker_silence_s: float
     # transfer uuids: this router's random prefix + a counter (unique, like uuid4().hex)
     _transfer_prefix: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:20])
     _transfer_ids: Iterator[int] = field(init=False, default_factory=itertools.count)
@@ -111,7 +112,7 @@ class Handoff:
         relay = decode.info.relay_endpoint if transfer else None
         leg = _submit_to(request, flight, prompt, 1, transfer_uuid=transfer, relay_endpoint=relay)
         await self.links.send(prefill.name, leg)
-        first = await self._first_token(request, flight, prefill.name)
+        first = await self._first_token(request, flight, prefill)
         if first is None:  # no t1: the decode node runs the whole request, no relay
             self.counters["prefill_fallback"] += 1
             leg = _submit_to(request, flight, prompt, request.max_tokens)
@@ -133,37 +134,42 @@ class Handoff:
             announce_timeout_s=self.announce_timeout_s,
             num_skipped_draws=1,
         )
-        flight.relayed = True
         async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
             yield chunk
 
     async def _first_token(
-        self, request: GenerateRequest, flight: Flight, prefill_name: str
+        self, request: GenerateRequest, flight: Flight, prefill: WorkerState
     ) -> int | None:
-        """The prefill leg's t1, or None when it failed or took longer than
-        ``prefill_timeout_s`` (it is then cancelled, and the failure logged)."""
-        try:
-            async with asyncio.timeout(self.prefill_timeout_s):
-                while True:
-                    source, message = await flight.get()
-                    if source != prefill_name:
-                        continue
-                    tokens = list(message.token_ids)
-                    self._observe(flight, False, len(tokens), bool(message.finished))
-                    if message.error_kind or (message.finished and not tokens):
-                        why = message.error_message or message.finish_reason or "no token"
-                        log.warning("prefill_failed", request_id=request.request_id, error=why)
-                        return None
-                    if tokens:
-                        return tokens[0]
-        except TimeoutError:
-            log.warning(
-                "prefill_timeout",
-                request_id=request.request_id,
-                timeout_s=self.prefill_timeout_s,
-            )
-            await self.links.cancel(request.request_id, prefill_name)
-            return None
+        """The prefill leg's t1, or None when it failed, took longer than ``prefill_timeout_s``,
+        or its worker fell silent (no message, not even a load report, for
+        ``worker_silence_s``: a killed worker); the leg is then cancelled and the failure
+        logged."""
+        deadline = time.monotonic() + self.prefill_timeout_s
+        while True:
+            now = time.monotonic()
+            why = None
+            if now >= deadline:
+                why = f"no first token within {self.prefill_timeout_s}s"
+            elif now - prefill.reported_at > self.worker_silence_s:
+                why = f"worker {prefill.name} silent for {self.worker_silence_s}s"
+            if why is not None:
+                log.warning("prefill_given_up", request_id=request.request_id, why=why)
+                await self.links.cancel(request.request_id, prefill.name)
+                return None
+            try:
+                source, message = await asyncio.wait_for(flight.get(), _LIVENESS_CHECK_S)
+            except TimeoutError:
+                continue
+            if source != prefill.name:
+                continue
+            tokens = list(message.token_ids)
+            self._observe(flight, False, len(tokens), bool(message.finished))
+            if message.error_kind or (message.finished and not tokens):
+                why = message.error_message or message.finish_reason or "no token"
+                log.warning("prefill_failed", request_id=request.request_id, error=why)
+                return None
+            if tokens:
+                return tokens[0]
 
     async def _decode_leg(
         self,
@@ -195,8 +201,8 @@ class Handoff:
         """An offloaded request's decode should have claimed the whole prompt (all L tokens
         before t1) over the relay; fewer means it recomputed them (correct tokens, lost
         offload): loud."""
-        if not flight.decision.is_remote or not flight.relayed:
-            return
+        if not flight.decision.is_remote:
+            return  # a failed prefill leg (no relay at all) counts as recomputed too
         relayed = message.num_connector_tokens >= flight.prompt_tokens
         if self.metrics:
             self.metrics.record_relay_outcome("relayed" if relayed else "recomputed")

@@ -65,6 +65,7 @@ class RouterConfig:
     threshold_tokens: int = 1024  # initial t: l > t prefills in the PrfaaS cluster
     announce_timeout_s: float = 30.0  # decode waits this long for the transfer to be announced
     prefill_timeout_s: float = 120.0  # no t1 by then: the decode node runs the whole request
+    worker_silence_s: float = 10.0  # a prefill worker silent this long (no report) is given up
     connect_timeout_s: float = 30.0
     control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
 
@@ -101,6 +102,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             eos_id=self.tokenizer.eos_id,
             announce_timeout_s=config.announce_timeout_s,
             prefill_timeout_s=config.prefill_timeout_s,
+            worker_silence_s=config.worker_silence_s,
         )
         self._max_seq_len = 0
         self._ready = False

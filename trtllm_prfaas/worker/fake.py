@@ -72,6 +72,7 @@ class FakeWorker:
         self.routers: set[bytes] = set()
         self.num_submits = 0
         self.submits: list[p.Submit] = []  # every Submit received, in order
+        self.silent = False  # True: sends nothing more (reports, replies), as a killed worker
         self.last_report = p.LoadReport(
             spec.name, 0, 0, spec.max_num_seqs, spec.num_blocks, 0, role=spec.role
         )
@@ -110,6 +111,8 @@ class FakeWorker:
         await self._broadcast(self.last_report)
 
     async def _broadcast(self, message: p.Message) -> None:
+        if self.silent:
+            return
         for identity in self.routers:
             await self.socket.send_multipart([identity, p.encode_message(message)])
 
@@ -132,6 +135,8 @@ class FakeWorker:
     async def _reply(self, identity: bytes, delay_s: float, replies: list[p.Message]) -> None:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
+        if self.silent:
+            return
         for reply in replies:
             await self.socket.send_multipart([identity, p.encode_message(reply)])
 
