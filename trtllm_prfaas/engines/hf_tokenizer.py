@@ -47,9 +47,16 @@ _TEMPLATE_CLASSES = frozenset(
 class HfTokenizer:
     """Encode and decode exactly as the served TensorRT-LLM model does (see module docstring)."""
 
-    def __init__(self, tokenizer: Any, bos_id: int | None, eos_id: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        bos_id: int | None,
+        eos_id: int | None,
+        chat_template: str | None = None,
+    ) -> None:
         self._tok = tokenizer
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.chat_template = chat_template  # the default Jinja template; None: the model has none
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
@@ -75,7 +82,7 @@ class HfTokenizer:
         eos_id = _token_id(tokenizer, config.get("eos_token"))
         if config.get("tokenizer_class") in _TEMPLATE_CLASSES:
             _apply_template(tokenizer, config, bos_id, eos_id)
-        return cls(tokenizer, bos_id, eos_id)
+        return cls(tokenizer, bos_id, eos_id, _chat_template(root, config))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with the post-processor's special tokens by default."""
@@ -152,6 +159,26 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return config
+
+
+def _chat_template(root: Path, config: dict[str, Any]) -> str | None:
+    """The default chat template as ``transformers`` finds it (``tokenization_utils_base.py``,
+    stored copy 8802025098, ``CHAT_TEMPLATE_FILE``): ``chat_template.jinja`` beside the config
+    wins over the config's ``chat_template``, a string or a list of ``{name, template}`` of
+    which ``default`` is used."""
+    sidecar = root / "chat_template.jinja"
+    if sidecar.is_file():
+        try:
+            return sidecar.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{sidecar} is not readable: {exc}") from exc
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{root / 'tokenizer_config.json'}: chat_template must be a string")
+    return template
 
 
 def _token_id(tokenizer: Any, token: object) -> int | None:

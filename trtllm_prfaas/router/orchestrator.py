@@ -20,6 +20,13 @@ prefill leg fails or returns no t1 within ``prefill_timeout_s``, the decode work
 request itself, and if the relay fails after t1 the decode worker computes the prompt (its
 ``fallback`` policy), so the client still gets its tokens, or a clear error, never a hang.
 
+A worker whose connection dies is lost within ``worker_lost_s`` (``router/links.py``: ZMTP
+heartbeats and a socket monitor): it leaves routing at once, a request that lost its prefill
+worker is computed on its decode node, and one that lost its decode node is routed again
+(``rerouted``, at most ``_MAX_REROUTES`` times) if the client has no token yet, else fails with
+``WorkerLost`` (UNAVAILABLE at the front door). Its decode-slot reservation is released and
+both workers get ``Cancel`` either way. A lost worker that answers ``Ping`` again rejoins.
+
 Module map: this module routes, reserves and composes; ``router/links.py`` owns the sockets (one
 plain ZeroMQ DEALER per worker, ``NOBLOCK`` sends, a drain-all reader callback per socket) and
 delivers worker messages; ``router/flight.py`` runs one request's handoff over them.
@@ -31,11 +38,17 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trtllm_prfaas import errors
-from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE, ByteTokenizer
-from trtllm_prfaas.errors import InvalidRequestError, PrfaasError, TransferTimeout, TransportError
+from trtllm_prfaas.engines.tokenizer import eos_id_of, load_tokenizer
+from trtllm_prfaas.errors import (
+    InvalidRequestError,
+    PrfaasError,
+    TransferTimeout,
+    TransportError,
+    WorkerLost,
+)
 from trtllm_prfaas.policy.route import RequestView, RouteDecision, route
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
@@ -49,6 +62,8 @@ from trtllm_prfaas.worker import protocol as p
 __all__ = ["DisaggregatedOrchestrator", "RouterConfig", "WorkerSpec"]
 
 log = get_logger(__name__)
+
+_MAX_REROUTES = 2  # a request whose decode node died before its first token is routed again
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,18 @@ class RouterConfig:
     announce_timeout_s: float = 30.0  # decode waits this long for the transfer to be announced
     prefill_timeout_s: float = 120.0  # no t1 by then: the decode node runs the whole request
     worker_silence_s: float = 10.0  # a prefill worker silent this long (no report) is given up
+    # A worker whose connection died is lost (out of routing, its requests ended) within this:
+    # a killed process at once (its kernel closes the TCP connection), a host that stopped
+    # answering after ZMTP heartbeats every worker_lost_s / 3 went unanswered for the rest.
+    # 3 s: well under any request deadline and the 30 s stale rule, yet 15x a cross-DC RTT
+    # (~0.2 s), and heartbeats are answered by libzmq's I/O thread, not the engine loop, so a
+    # long engine step never looks like a death.
+    worker_lost_s: float = 3.0
     connect_timeout_s: float = 30.0
     control: ControlConfig | None = field(default_factory=ControlConfig)  # None: t stays fixed
+    # The served model's Hugging Face directory (tokenizer.json, tokenizer_config.json): prompts
+    # are tokenized, routed and detokenized with its tokenizer. "": the reference engine's bytes.
+    tokenizer_dir: str = ""
 
 
 class DisaggregatedOrchestrator(Orchestrator):
@@ -77,7 +102,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         self.config = config
         self.metrics = metrics
         self.cluster = ClusterState()
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = load_tokenizer(config.tokenizer_dir)
         self.decisions: list[RouteDecision] = []  # recent decisions (for tests and parity)
         self.route_log: deque[RouteRecord] = deque(maxlen=10_000)  # inputs of each decision
         self.control = ControlLoop(
@@ -92,14 +117,15 @@ class DisaggregatedOrchestrator(Orchestrator):
             "local": 0,
             "prefill_fallback": 0,
             "relay_recomputed": 0,
+            "rerouted": 0,
         }
-        self._links = WorkerLinks(self.cluster, metrics)
+        self._links = WorkerLinks(self.cluster, metrics, worker_lost_s=config.worker_lost_s)
         self._handoff = Handoff(
             links=self._links,
             control=self.control,
             counters=self.counters,
             metrics=metrics,
-            eos_id=self.tokenizer.eos_id,
+            eos_id=eos_id_of(self.tokenizer),  # t1 == EOS ends the request at t1
             announce_timeout_s=config.announce_timeout_s,
             prefill_timeout_s=config.prefill_timeout_s,
             worker_silence_s=config.worker_silence_s,
@@ -178,7 +204,7 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     @property
     def vocab_size(self) -> int:
-        return VOCAB_SIZE
+        return self.tokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -188,6 +214,33 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
         self._validate(request)
+        started, attempt = time.monotonic(), request
+        for num_reroutes in range(_MAX_REROUTES + 1):
+            has_tokens = False
+            try:
+                async for chunk in self._generate_once(attempt):
+                    has_tokens = True
+                    yield chunk
+                return
+            except WorkerLost as exc:
+                if has_tokens or num_reroutes == _MAX_REROUTES:
+                    raise
+                attempt = self._reroute(request, started, num_reroutes + 1, exc)
+
+    def _reroute(
+        self, request: GenerateRequest, started: float, num: int, exc: WorkerLost
+    ) -> GenerateRequest:
+        """The request again, under the id ``<id>~<num>`` with what is left of its deadline
+        (its decode node died before the client got a token)."""
+        remaining_s = request.deadline_s - (time.monotonic() - started)
+        if remaining_s <= 0:
+            raise TransferTimeout(f"request {request.request_id} missed its deadline") from exc
+        self.counters["rerouted"] += 1
+        log.warning("rerouted", request_id=request.request_id, why=str(exc))
+        return replace(request, request_id=f"{request.request_id}~{num}", deadline_s=remaining_s)
+
+    async def _generate_once(self, request: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
+        """One routing of ``request``: reserve, hand off, release (see the module doc)."""
         decision = self._route(request)
         decode = self.cluster.workers[decision.decode_node_id or ""]
         prefill = self.cluster.workers[decision.prefill_node_id]
@@ -211,11 +264,13 @@ class DisaggregatedOrchestrator(Orchestrator):
             raise
         finally:
             decode.reserved_slots -= 1
-            self._links.flights.pop(rid, None)
+            for leg_id in (rid, *flight.leg_ids):
+                self._links.flights.pop(leg_id, None)
             if self.metrics is not None:
                 self.metrics.record_request("remote" if decision.is_remote else "local", status)
             if not finished:  # cancelled, failed or late: free both workers' blocks
-                await self._links.cancel(rid, decode.name, prefill.name)
+                for leg_id in (rid, *flight.leg_ids):
+                    await self._links.cancel(leg_id, decode.name, prefill.name)
 
     def _validate(self, request: GenerateRequest) -> None:
         if not self._ready:
