@@ -8,7 +8,8 @@
      ├── DeadlineExceeded     a request or one of its legs ran past its deadline
      ├── ConnectorError       a KV cache connector broke its contract or failed a transfer
      ├── TransportError       the KV relay failed (peer gone, corrupt chunk, deadline)
-     │    └── TransferTimeout a transfer missed its deadline
+     │    ├── TransferTimeout a transfer missed its deadline
+     │    └── WorkerLost      a worker's connection died (process killed, host silent)
      └── DependencyMissing    an optional dependency is not installed (says what to install)
 
 Low-level errors (zmq, torch, OS) are translated at one boundary with ``raise ... from exc``.
@@ -27,6 +28,7 @@ __all__ = [
     "PrfaasError",
     "TransferTimeout",
     "TransportError",
+    "WorkerLost",
 ]
 
 
@@ -64,6 +66,11 @@ class TransportError(PrfaasError):
 
 class TransferTimeout(TransportError):
     """A transfer did not finish before its deadline."""
+
+
+class WorkerLost(TransportError):
+    """A worker's connection died (its process was killed, or its host stopped answering
+    heartbeats): the requests it was running cannot finish there."""
 
 
 class DependencyMissing(PrfaasError):

@@ -6,6 +6,12 @@ decided so (a rebalancer drain, a role change under way) or its own report says 
 workers get no new requests. After a role change the worker's new ``WorkerInfo`` replaces the
 old one (``on_info``), which moves it to its new pool. Decode slots the router has promised but the
 worker has not yet reported as taken are subtracted, so bursts do not oversubscribe a node.
+
+Liveness: a worker is *lost* from the moment its connection dies (``mark_lost``, called by
+``router/links.py`` on a socket-monitor disconnect: the process was killed, or its host missed
+the ZMTP heartbeats) until it answers a ``Ping`` again (``rejoin``, with its new ``WorkerInfo``);
+a lost worker is out of routing. Load-report silence for ``STALE_AFTER_S`` is the last resort
+(a worker whose connection stays up but that reports nothing: a wedged process).
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["ClusterState", "WorkerState"]
 
-# A worker that has not reported for this long is taken out of routing. Workers report every
-# 0.1 s between engine steps, but one long step (a 16K prefill on a busy host) can take
-# seconds: only a silence this long means the worker is gone.
+# Last resort: a worker that has not reported for this long is taken out of routing. Workers
+# report every 0.1 s between engine steps, but one long step (a 16K prefill on a busy host) can
+# take seconds: only a silence this long means the worker is gone. A dead process or host is
+# found in seconds from its connection instead (``is_lost``).
 STALE_AFTER_S = 30.0
 
 
@@ -35,6 +42,7 @@ class WorkerState:
     reported_at: float = field(default_factory=time.monotonic)
     reserved_slots: int = 0
     is_draining: bool = False
+    is_lost: bool = False  # its connection died; set and cleared by ClusterState
 
     @property
     def role(self) -> str:
@@ -58,7 +66,8 @@ class WorkerState:
         return NodeView(self.name, prefix_tokens, queue, 0.0, max(0, free), self.draining)
 
     def is_live(self, now: float) -> bool:
-        return now - self.reported_at < STALE_AFTER_S
+        """Routable: connected, and reported within ``STALE_AFTER_S``."""
+        return not self.is_lost and now - self.reported_at < STALE_AFTER_S
 
 
 @dataclass
@@ -80,6 +89,25 @@ class ClusterState:
         if worker is not None:
             worker.info, worker.report, worker.reported_at = info, None, time.monotonic()
 
+    def mark_lost(self, name: str) -> bool:
+        """Take worker ``name`` out of routing (its connection died); its last load report is
+        dropped. True if it was not lost already."""
+        worker = self.workers.get(name)
+        if worker is None or worker.is_lost:
+            return False
+        worker.is_lost, worker.report = True, None
+        return True
+
+    def rejoin(self, name: str, info: p.WorkerInfo) -> bool:
+        """A lost worker answered ``Ping`` again (reconnected, or restarted at its endpoint): it
+        is routable in the role ``info`` names. True if it was lost."""
+        worker = self.workers.get(name)
+        if worker is None or not worker.is_lost:
+            return False
+        self.on_info(name, info)
+        worker.is_lost = False
+        return True
+
     def view(self, now: float) -> ClusterView:
         """Live workers by pool, in ``workers`` order (one pass: it runs once per request)."""
         prfaas: list[NodeView] = []
@@ -96,4 +124,5 @@ class ClusterState:
         return ClusterView(tuple(prfaas), tuple(pd_prefill), tuple(pd_decode))
 
     def decode_capacity(self) -> int:
-        return sum(w.view().free_decode_slots for w in self.workers.values() if w.role == "decode")
+        decodes = [w for w in self.workers.values() if w.role == "decode" and not w.is_lost]
+        return sum(w.view().free_decode_slots for w in decodes)

@@ -9,8 +9,18 @@ endpoint unless ``max_tokens == 1``), t1 streamed at once, then the decode leg (
 ``prefill_timeout_s``: the prefill is then cancelled) sends the whole request to the decode node
 (``prefill_fallback``); a remote request whose decode claimed fewer than its L prompt tokens is
 counted and logged (``relay_recomputed``). Leg timings feed the control loop's online profiles.
-The orchestrator owns the deadline, the decode-slot reservation and the cancels of a request
-that did not finish.
+The orchestrator owns the deadline, the decode-slot reservation, re-routing and the cancels of a
+request that did not finish.
+
+Lost workers (``router/links.py`` puts a ``WorkerLost`` error ``Tokens`` from the dead worker
+into every flight it had a leg in): the prefill lost before t1 is a failed prefill (the decode
+node runs the whole request); the prefill lost after t1 while the decode still waits for its
+relayed KV (no decode token yet) makes the decode node compute the prompt itself at once: the
+held leg is cancelled and the same leg (prompt + t1, one draw skipped) is submitted again without
+a transfer under the leg id ``<request id>~local``; the decode lost at any point raises
+``WorkerLost`` (the orchestrator re-routes the request if the client has no token yet).
+``worker_silence_s`` stays as the stopgap for a prefill worker whose connection is up but which
+sends nothing, not even load reports (a wedged process: libzmq still answers its heartbeats).
 """
 
 from __future__ import annotations
@@ -24,13 +34,16 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec.structs import replace
+
 from trtllm_prfaas import errors
-from trtllm_prfaas.engines.tokenizer import StreamingDecoder
-from trtllm_prfaas.errors import PrfaasError
+from trtllm_prfaas.engines.tokenizer import ByteTokenizer, Tokenizer
+from trtllm_prfaas.errors import PrfaasError, WorkerLost
 from trtllm_prfaas.policy.route import RouteDecision
 from trtllm_prfaas.router.api import GenerateRequest, TokenChunk
 from trtllm_prfaas.router.cluster import WorkerState
 from trtllm_prfaas.router.control import ControlLoop
+from trtllm_prfaas.router.detokenize import IncrementalDetokenizer
 from trtllm_prfaas.router.links import WorkerLinks
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
@@ -50,6 +63,7 @@ class Flight:
     __slots__ = (
         "decision",
         "decode_first_at",
+        "leg_ids",
         "messages",
         "num_decoded",
         "prefill_first_at",
@@ -67,6 +81,11 @@ class Flight:
         self.num_decoded = 0
         self.messages: deque[tuple[str, p.Tokens]] = deque()
         self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
+        self.leg_ids: list[str] = []  # extra ids its legs run under on workers (``~local``)
+
+    def involves(self, worker: str) -> bool:
+        """``worker`` is this request's prefill or decode node."""
+        return worker in (self.decision.prefill_node_id, self.decision.decode_node_id)
 
     def put(self, source: str, message: p.Tokens) -> None:
         self.messages.append((source, message))
@@ -97,6 +116,7 @@ class Handoff:
     announce_timeout_s: float
     prefill_timeout_s: float
     worker_silence_s: float
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)  # decodes the streamed text
     # transfer uuids: this router's random prefix + a counter (unique, like uuid4().hex)
     _transfer_prefix: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:20])
     _transfer_ids: Iterator[int] = field(init=False, default_factory=itertools.count)
@@ -105,7 +125,7 @@ class Handoff:
         self, request: GenerateRequest, flight: Flight, decode: WorkerState, prefill: WorkerState
     ) -> AsyncGenerator[TokenChunk, None]:
         """Prefill to t1 (KV relayed to the decode node), then decode from prompt + t1."""
-        prompt, decoder = request.prompt_token_ids, StreamingDecoder()
+        prompt, decoder = request.prompt_token_ids, IncrementalDetokenizer(self.tokenizer)
         transfer = None
         if request.max_tokens > 1:  # a one-token answer is t1 alone: nothing to relay
             transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
@@ -116,7 +136,7 @@ class Handoff:
         if first is None:  # no t1: the decode node runs the whole request, no relay
             self.counters["prefill_fallback"] += 1
             leg = _submit_to(request, flight, prompt, request.max_tokens)
-            async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+            async for chunk in self._decode_leg(request, flight, decode, leg, decoder):
                 yield chunk
             return
         is_eos = first == self.eos_id
@@ -134,16 +154,16 @@ class Handoff:
             announce_timeout_s=self.announce_timeout_s,
             num_skipped_draws=1,
         )
-        async for chunk in self._decode_leg(request, flight, decode.name, leg, decoder):
+        async for chunk in self._decode_leg(request, flight, decode, leg, decoder, prefill.name):
             yield chunk
 
     async def _first_token(
         self, request: GenerateRequest, flight: Flight, prefill: WorkerState
     ) -> int | None:
-        """The prefill leg's t1, or None when it failed, took longer than ``prefill_timeout_s``,
-        or its worker fell silent (no message, not even a load report, for
-        ``worker_silence_s``: a killed worker); the leg is then cancelled and the failure
-        logged."""
+        """The prefill leg's t1, or None when it failed (its worker lost included), took longer
+        than ``prefill_timeout_s``, or its worker fell silent (no message, not even a load
+        report, for ``worker_silence_s``: a wedged worker); the leg is then cancelled and the
+        failure logged. Raises ``WorkerLost`` if the decode node is lost meanwhile."""
         deadline = time.monotonic() + self.prefill_timeout_s
         while True:
             now = time.monotonic()
@@ -161,6 +181,8 @@ class Handoff:
             except TimeoutError:
                 continue
             if source != prefill.name:
+                if _is_lost(message):  # the decode node died: nowhere to go on
+                    raise _error(message)
                 continue
             tokens = list(message.token_ids)
             self._observe(flight, False, len(tokens), bool(message.finished))
@@ -175,16 +197,26 @@ class Handoff:
         self,
         request: GenerateRequest,
         flight: Flight,
-        decode_name: str,
+        decode: WorkerState,
         leg: p.Submit,
-        decoder: StreamingDecoder,
+        decoder: IncrementalDetokenizer,
+        relay_source: str | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Submit the decode leg and stream its tokens (messages of other legs are skipped)."""
-        await self.links.send(decode_name, leg)
+        """Submit the decode leg and stream its tokens (messages of other legs are skipped).
+        ``relay_source`` lost before the first decode token: the prompt is computed here."""
+        if decode.is_lost:
+            raise WorkerLost(f"worker {decode.name} lost before its decode leg")
+        await self.links.send(decode.name, leg)
         while True:
             source, message = await flight.get()
-            if source != decode_name:
-                continue  # the prefill's late messages
+            if source == relay_source and _is_lost(message) and flight.decode_first_at is None:
+                leg, relay_source = (
+                    await self._without_relay(request, flight, decode.name, leg),
+                    None,
+                )
+                continue
+            if source != decode.name or message.request_id != leg.request_id:
+                continue  # the prefill's late messages, a cancelled leg's answer
             if message.error_kind:
                 raise _error(message)
             tokens = list(message.token_ids)
@@ -196,6 +228,27 @@ class Handoff:
                 return
             if tokens:
                 yield TokenChunk(tokens, decoder.push(tokens))
+
+    async def _without_relay(
+        self, request: GenerateRequest, flight: Flight, decode_name: str, leg: p.Submit
+    ) -> p.Submit:
+        """The relay's source died before the decode began: cancel the held leg and submit it
+        again with no transfer (the decode node computes the prompt); returns the new leg."""
+        log.warning("relay_source_lost", request_id=request.request_id, decode=decode_name,
+                    note="the decode node computes the prompt itself")  # fmt: skip
+        await self.links.cancel(leg.request_id, decode_name)
+        elapsed = time.monotonic() - flight.submitted_at
+        leg_id = f"{request.request_id}~local"
+        flight.leg_ids.append(leg_id)
+        self.links.flights[leg_id] = flight
+        local = replace(
+            leg,
+            request_id=leg_id,
+            transfer_uuid=None,
+            deadline_s=max(request.deadline_s - elapsed, 0.001),
+        )
+        await self.links.send(decode_name, local)
+        return local
 
     def _check_relayed(self, request: GenerateRequest, flight: Flight, message: p.Tokens) -> None:
         """An offloaded request's decode should have claimed the whole prompt (all L tokens
@@ -249,6 +302,10 @@ def _submit_to(
         deadline_s=max(request.deadline_s - elapsed, 0.001),
         **extra,
     )
+
+
+def _is_lost(message: p.Tokens) -> bool:
+    return message.error_kind == WorkerLost.__name__
 
 
 def _error(message: p.Tokens) -> PrfaasError:

@@ -13,30 +13,62 @@ Delivery: ``Tokens`` to the request's inbox in ``flights`` (dropped if the reque
 cannot be delivered is logged and ends whoever waits on it (its request gets an error ``Tokens``,
 an info waiter the exception); the drain goes on with the next message.
 
+Liveness: every socket sends ZMTP heartbeats (``heartbeat_options``): libzmq's I/O thread
+pings the worker every ``worker_lost_s / 3`` and drops the connection when nothing came back
+within ``2 * worker_lost_s / 3`` after a ping; the worker's libzmq answers by itself, so a long
+engine step does not look like a death (a SIGSTOPped or unreachable host does). A socket monitor,
+read from the same loop, reports each dropped connection (a killed process: its kernel closes the
+TCP connection at once; a host that missed its heartbeats: within ``worker_lost_s``) and each new
+handshake. A drop marks the worker lost in the cluster state (out of routing) and ends every
+request in flight on it with a ``WorkerLost`` error ``Tokens`` from that worker (the flight
+decides: fall back, re-route, or fail). A handshake of a lost worker (it came back, or was
+restarted at its endpoint: the DEALER reconnects every 100 ms by itself) sends it a ``Ping``; its
+``WorkerInfo`` answer rejoins it to routing.
+
 Everything here runs on the event loop's thread: ``connect`` and ``send`` from coroutines, the
-drain from the loop's reader callback. Nothing blocks.
+drain from the loop's reader callback. Nothing blocks; a send to a full socket waits at most
+``send_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Protocol
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.errors import TransportError, WorkerLost
 from trtllm_prfaas.router.cluster import ClusterState
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker import protocol as p
 
-__all__ = ["Inbox", "WorkerLinks"]
+__all__ = ["Inbox", "WorkerLinks", "heartbeat_options"]
 
 log = get_logger(__name__)
 
 _SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
+_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def heartbeat_options(worker_lost_s: float) -> dict[int, int]:
+    """ZMTP heartbeat socket options (ms) that find a silent peer within ``worker_lost_s``.
+
+    libzmq (``doc/zmq_setsockopt.txt``; ``src/stream_engine_base.cpp``, the heartbeat timers)
+    sends a PING every ``HEARTBEAT_IVL`` and closes the connection if no traffic at all arrives
+    within ``HEARTBEAT_TIMEOUT`` of a PING; any incoming message cancels that timer. The worst
+    case is a peer that died just after a PING was answered: IVL + TIMEOUT = ``worker_lost_s``.
+    ``HEARTBEAT_TTL`` asks the worker to drop us after the same silence (0.1 s granularity)."""
+    ivl_ms = max(int(worker_lost_s * 1000 / 3), 100)
+    return {
+        zmq.HEARTBEAT_IVL: ivl_ms,
+        zmq.HEARTBEAT_TIMEOUT: max(int(worker_lost_s * 1000) - ivl_ms, 100),
+        zmq.HEARTBEAT_TTL: max(int(worker_lost_s * 1000) // 100 * 100, 100),
+    }
 
 
 class Inbox(Protocol):
@@ -44,19 +76,34 @@ class Inbox(Protocol):
 
     def put(self, source: str, message: p.Tokens) -> None: ...
 
+    def involves(self, worker: str) -> bool:
+        """The request has (or may have) a leg on ``worker``."""
+        ...
+
 
 class WorkerLinks:
     """One DEALER per worker on the running event loop; ``close()`` ends them all."""
 
-    def __init__(self, cluster: ClusterState, metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cluster: ClusterState,
+        metrics: RouterMetrics | None = None,
+        *,
+        worker_lost_s: float = 3.0,
+        send_timeout_s: float = 10.0,
+    ) -> None:
         self.cluster = cluster
         self.metrics = metrics
+        self.worker_lost_s = worker_lost_s
+        self.send_timeout_s = send_timeout_s  # a send to a full socket fails after this
         self.flights: dict[str, Inbox] = {}  # request id -> its inbox, while the request runs
         self.info_waiters: dict[str, asyncio.Future[p.WorkerInfo]] = {}  # worker -> its answer
         self._relay_bytes: dict[str, int] = {}
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._fds: dict[str, int] = {}  # worker -> its socket's descriptor, watched by the loop
+        self._monitors: dict[str, zmq.Socket[bytes]] = {}  # worker -> its socket's monitor
+        self._monitor_fds: dict[str, int] = {}
         self._drains: set[str] = set()  # workers with a drain scheduled (call_soon)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -65,17 +112,27 @@ class WorkerLinks:
         self._loop = asyncio.get_running_loop()
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        for option, value in heartbeat_options(self.worker_lost_s).items():
+            sock.setsockopt(option, value)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)  # before connect: see every event
         sock.connect(endpoint)
-        self._sockets[name] = sock
+        self._sockets[name], self._monitors[name] = sock, monitor
         self._fds[name] = fd = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(fd, self._drain, name)
+        self._monitor_fds[name] = mfd = int(monitor.getsockopt(zmq.FD))
+        self._loop.add_reader(mfd, self._watch, name)
+        self._loop.call_soon(self._watch, name)  # the descriptor's edge may be gone already
 
     def close(self) -> None:
         if self._loop is not None:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._monitor_fds.values()]:
                 self._loop.remove_reader(fd)
         self._fds.clear()
-        for sock in self._sockets.values():
+        self._monitor_fds.clear()
+        for name, sock in self._sockets.items():
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            self._monitors[name].close(linger=0)
             sock.close(linger=0)
         self._ctx.term()
 
@@ -90,14 +147,19 @@ class WorkerLinks:
         self._after_send(worker, sock)
 
     async def cancel(self, request_id: str, *workers: str) -> None:
-        """``Cancel`` to each of ``workers`` once; a socket already closed (shutdown) is skipped."""
+        """``Cancel`` to each of ``workers`` once; a socket already closed (shutdown) or full
+        (a dead worker's queue) is skipped."""
         for worker in dict.fromkeys(workers):
-            with contextlib.suppress(zmq.ZMQError):
+            with contextlib.suppress(zmq.ZMQError, TransportError):
                 await self.send(worker, p.Cancel(request_id))
 
     async def _send_when_ready(self, sock: zmq.Socket[bytes], frame: bytes) -> None:
+        """Retry a send to a full socket; ``TransportError`` after ``send_timeout_s``."""
         wait_s = _SEND_RETRY_S[0]
+        deadline = time.monotonic() + self.send_timeout_s
         while True:
+            if time.monotonic() >= deadline:
+                raise TransportError(f"worker socket full for {self.send_timeout_s}s")
             await asyncio.sleep(wait_s)
             try:
                 sock.send(frame, zmq.NOBLOCK)
@@ -111,6 +173,50 @@ class WorkerLinks:
             self._drains.add(worker)
             assert self._loop is not None
             self._loop.call_soon(self._drain, worker)
+
+    # -------------------------------------------------------------------------- liveness
+    def _watch(self, name: str) -> None:
+        """Every event waiting on ``name``'s monitor (its reader callback; never blocks)."""
+        monitor = self._monitors.get(name)
+        while monitor is not None and not monitor.closed:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # closed under us (shutdown)
+                log.warning("router_monitor_failed", worker=name, error=str(exc))
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.on_lost(name, "its connection closed (process gone or heartbeats missed)")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._on_connected(name)
+
+    def on_lost(self, name: str, why: str) -> None:
+        """Worker ``name`` is gone: out of routing, and every request with a leg on it gets a
+        ``WorkerLost`` error from it (as if the worker had sent one); an info waiter fails."""
+        if not self.cluster.mark_lost(name):
+            return
+        log.warning("worker_lost", worker=name, why=why, num_flights=len(self.flights))
+        message = f"worker {name} lost: {why}"
+        for request_id, flight in list(self.flights.items()):
+            if flight.involves(name):
+                error = p.Tokens(request_id, [], True, "error", WorkerLost.__name__, message)
+                flight.put(name, error)
+        waiter = self.info_waiters.get(name)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(WorkerLost(message))
+
+    def _on_connected(self, name: str) -> None:
+        """A new connection to ``name``: if it was lost, ask who it is now (``Ping``); its
+        ``WorkerInfo`` rejoins it (``_on_info``)."""
+        worker = self.cluster.workers.get(name)
+        if worker is None or not worker.is_lost:
+            return
+        log.info("worker_reconnected", worker=name)
+        sock = self._sockets[name]
+        with contextlib.suppress(zmq.ZMQError):  # full: the next handshake tries again
+            sock.send(p.encode_message(p.Ping()), zmq.NOBLOCK)
+            self._after_send(name, sock)
 
     # ------------------------------------------------------------------------- receiving
     def _drain(self, name: str) -> None:
@@ -166,6 +272,8 @@ class WorkerLinks:
         waiter = self.info_waiters.get(name)
         if waiter is not None and not waiter.done():
             waiter.set_result(info)
+        if self.cluster.rejoin(name, info):
+            log.info("worker_rejoined", worker=name, role=info.role, relay=info.relay_endpoint)
 
     def _export_load(self, name: str, report: p.LoadReport) -> None:
         if self.metrics is None:

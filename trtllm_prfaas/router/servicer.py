@@ -9,8 +9,9 @@ parameter, true on the last; a failed request gets one in-stream ``error_message
 requests may share a stream and run concurrently).
 
 Error mapping (one boundary, ``status_for``): bad input -> INVALID_ARGUMENT, unknown model ->
-NOT_FOUND, ``AdmissionRejected`` -> UNAVAILABLE, ``TransferTimeout`` -> DEADLINE_EXCEEDED, any
-other failure -> INTERNAL. The details name what was wrong; the server keeps serving.
+NOT_FOUND, ``AdmissionRejected`` and ``WorkerLost`` (a worker died under the request) ->
+UNAVAILABLE, ``TransferTimeout`` -> DEADLINE_EXCEEDED, any other failure -> INTERNAL. The
+details name what was wrong; the server keeps serving.
 
 Cancellation: a client that cancels (or a server shutdown) cancels the handler task; the
 orchestrator's generator is closed (``aclosing``) and cancels the request in its engines.
@@ -40,6 +41,7 @@ from trtllm_prfaas.errors import (
     InvalidRequestError,
     PrfaasError,
     TransferTimeout,
+    WorkerLost,
 )
 from trtllm_prfaas.router import kserve
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
@@ -81,7 +83,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, AdmissionRejected):
+    if isinstance(exc, AdmissionRejected | WorkerLost):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, TransferTimeout | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED

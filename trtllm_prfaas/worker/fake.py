@@ -10,9 +10,16 @@ ROUTER socket on loopback and, on the router's event loop, answers
   ``decode_delay_s``. Tokens are a pure function of the prompt (``fake_tokens``); a decode leg
   (the prompt followed by t1, ``num_skipped_draws=1``) continues the original prompt's answer, so
   every route gives the same tokens, as on real workers (``first_token`` and
-  ``prefill_error`` script a prefill's t1 or its failure; ``submits`` records what arrived);
+  ``prefill_error`` script a prefill's t1 or its failure, ``relay_wait_s`` a relayed decode's
+  wait for its KV; ``submits`` records what arrived; ``Cancel`` is ignored);
 - ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
   router sees) and on every ``report_interval_s`` with the last scripted values.
+
+Failures: ``silent`` stops every message while the connection stays up (a wedged process:
+its libzmq still answers heartbeats); :meth:`FakeWorker.kill` closes the socket (as SIGKILL
+does: the kernel closes the TCP connection, the router's socket monitor sees it);
+:meth:`FakeWorker.restart` binds a fresh socket at the same endpoint (a restarted worker: it
+knows no router until one sends it something, as ``worker/server.py``'s ``_routers``).
 
 ``FakeWorkerPool`` is an async context manager: it starts every worker and closes their sockets
 and tasks on exit.
@@ -53,6 +60,7 @@ class FakeWorkerSpec:
     num_blocks: int = 512
     prefill_s_per_token: float = 0.0
     decode_delay_s: float = 0.005
+    relay_wait_s: float = 0.0  # a decode leg with a transfer waits this much more (its KV)
     first_token: int | None = None  # a prefill answers this t1 instead of the fake one
     prefill_error: str = ""  # a prefill answers with this error kind instead of t1
 
@@ -65,6 +73,7 @@ class FakeWorker:
     ) -> None:
         self.spec = spec
         self.role = spec.role
+        self._ctx = ctx
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.bind("tcp://127.0.0.1:0")
@@ -96,6 +105,18 @@ class FakeWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.socket.close(linger=0)
+
+    async def kill(self) -> None:
+        """Die as a SIGKILLed worker: tasks stop, the socket closes (its connections with it)."""
+        await self.close()
+
+    def restart(self) -> None:
+        """Come back at the same endpoint with a new socket; knows no router yet."""
+        self.socket = self._ctx.socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.bind(self.endpoint)
+        self.routers = set()
+        self.start()
 
     def info(self) -> p.WorkerInfo:
         s = self.spec
@@ -167,7 +188,8 @@ class FakeWorker:
         original = prompt[: len(prompt) - skipped]
         tokens = fake_tokens(original, message.max_tokens + skipped)[skipped:]
         relayed = len(prompt) - 1 if message.transfer_uuid else 0  # as if the relay delivered
-        return self.spec.decode_delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
+        delay_s = self.spec.decode_delay_s + (self.spec.relay_wait_s if relayed else 0.0)
+        return delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
 
 
 class FakeWorkerPool:
