@@ -54,7 +54,7 @@ from trtllm_prfaas.engines.request import (
     SamplingParams,
 )
 from trtllm_prfaas.engines.sampling import sample_next, seeded_generator
-from trtllm_prfaas.engines.tokenizer import EOS_ID, ByteTokenizer
+from trtllm_prfaas.engines.tokenizer import ByteTokenizer, validate_token_ids
 from trtllm_prfaas.errors import (
     AdmissionRejected,
     ConnectorError,
@@ -139,7 +139,7 @@ class ReferenceEngine(ConnectorHost):
         connector's scheduler finds it by the request's tokens, as it does inside TensorRT-LLM."""
         if not prompt_token_ids:
             raise InvalidRequestError("prompt is empty: at least one token is required")
-        self.tokenizer.validate(prompt_token_ids)
+        validate_token_ids(prompt_token_ids, self.cfg.vocab_size)  # the model's, not the bytes'
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > self.cfg.max_seq_len:
             raise InvalidRequestError(
@@ -323,7 +323,7 @@ class ReferenceEngine(ConnectorHost):
 
     def _maybe_finish(self, req: LlmRequest, token: int) -> RequestOutput:
         reason = None
-        if token == EOS_ID and not req.sampling.ignore_eos:
+        if token == self.cfg.eos_id and not req.sampling.ignore_eos:
             reason = "stop"
         elif len(req.output_token_ids) >= req.sampling.max_tokens:
             reason = "length"

@@ -30,7 +30,7 @@ from torch import nn
 
 from trtllm_prfaas.engines import kernels
 from trtllm_prfaas.engines.batch import ForwardBatch, SequenceChunk
-from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE
+from trtllm_prfaas.engines.tokenizer import EOS_ID, VOCAB_SIZE
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.kv.spec import KVSpec
 
@@ -56,7 +56,8 @@ class ModelConfig:
     head_dim: int = 32
     linear_num_heads: int = 4  # linear attention: heads, state (head_dim x head_dim) each
     mlp_hidden_size: int = 256
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = VOCAB_SIZE  # a served tokenizer's, to run the stack over it
+    eos_id: int = EOS_ID  # generation stops at this id (TensorRT-LLM: SamplingParams.end_id)
     max_seq_len: int = 32768
     tokens_per_block: int = 32
     attention_tile_blocks: int = 8  # full attention reads keys 8 blocks (256 tokens) at a time
@@ -78,6 +79,7 @@ class ModelConfig:
             "hidden_size": self.hidden_size >= 1,
             "linear_num_heads": self.linear_num_heads >= 1,
             "vocab_size": self.vocab_size >= VOCAB_SIZE,
+            "eos_id": 0 <= self.eos_id < self.vocab_size,
             "max_seq_len": self.max_seq_len >= 2,
             "tokens_per_block": self.tokens_per_block >= 1,
             "attention_tile_blocks": self.attention_tile_blocks >= 1,

@@ -29,9 +29,10 @@ from typing import Any, TypeVar
 
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.engines.tokenizer import StreamingDecoder
+from trtllm_prfaas.engines.tokenizer import Tokenizer
 from trtllm_prfaas.errors import EngineError, PrfaasError, TransferTimeout
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
+from trtllm_prfaas.router.detokenize import IncrementalDetokenizer
 from trtllm_prfaas.telemetry.logging import get_logger
 
 __all__ = ["LocalEngineOrchestrator"]
@@ -83,10 +84,18 @@ class LocalEngineOrchestrator(Orchestrator):
     """Serves requests from one ``ReferenceEngine`` stepped by a background thread.
 
     Use as a context manager (or call ``close()``); the thread starts in ``__init__``.
+    ``tokenizer`` (default: the engine's byte tokenizer) encodes prompts and decodes the text;
+    the engine's model must have its vocabulary (``ModelConfig.vocab_size``/``eos_id``).
     """
 
-    def __init__(self, engine: ReferenceEngine, model_name: str = "tensorrt_llm") -> None:
+    def __init__(
+        self,
+        engine: ReferenceEngine,
+        model_name: str = "tensorrt_llm",
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self._engine = engine
+        self.tokenizer: Tokenizer = tokenizer or engine.tokenizer
         self._model_name = model_name
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._sinks: dict[int, _Sink] = {}  # engine id -> sink; engine thread only
@@ -106,10 +115,10 @@ class LocalEngineOrchestrator(Orchestrator):
 
     @property
     def vocab_size(self) -> int:
-        return self._engine.tokenizer.vocab_size
+        return self.tokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        return self._engine.tokenizer.encode(text)
+        return self.tokenizer.encode(text)
 
     def is_ready(self) -> bool:
         return self._thread.is_alive() and not self._closed.is_set()
@@ -121,7 +130,7 @@ class LocalEngineOrchestrator(Orchestrator):
         sink = _Sink(asyncio.get_running_loop())
         engine_id = next(self._ids)
         self._commands.put(_Submit(engine_id, request, sink))
-        decoder, pending, finished = StreamingDecoder(), list[int](), False
+        decoder, pending, finished = IncrementalDetokenizer(self.tokenizer), list[int](), False
         try:
             while not finished:
                 out = await self._next_output(sink, request, deadline)
@@ -186,7 +195,9 @@ class LocalEngineOrchestrator(Orchestrator):
         return item
 
     @staticmethod
-    def _chunk(decoder: StreamingDecoder, token_ids: list[int], out: RequestOutput) -> TokenChunk:
+    def _chunk(
+        decoder: IncrementalDetokenizer, token_ids: list[int], out: RequestOutput
+    ) -> TokenChunk:
         text = decoder.push(token_ids)
         if out.finished:
             text += decoder.flush()

@@ -126,6 +126,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             counters=self.counters,
             metrics=metrics,
             eos_id=eos_id_of(self.tokenizer),  # t1 == EOS ends the request at t1
+            tokenizer=self.tokenizer,
             announce_timeout_s=config.announce_timeout_s,
             prefill_timeout_s=config.prefill_timeout_s,
             worker_silence_s=config.worker_silence_s,

@@ -20,6 +20,7 @@ import numpy as np
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.engines.tokenizer import load_tokenizer, model_vocabulary
 from trtllm_prfaas.errors import EngineError
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
@@ -129,12 +130,14 @@ def _collect(
 
 def reference_tokens(config: TestbedConfig, results: list[DemoResult]) -> list[list[int]]:
     """What one engine produces for each prompt and seed: the bit-exact ground truth."""
-    model = model_preset(config.model_preset, seed=config.model_seed)
+    vocabulary = model_vocabulary(config.tokenizer_dir)
+    model = model_preset(config.model_preset, seed=config.model_seed, **vocabulary)
     engine = ReferenceEngine(EngineConfig(model=model, num_blocks=config.num_blocks))
+    tokenizer = load_tokenizer(config.tokenizer_dir)
     out = []
     for result in results:
         sampling = SamplingParams(result.max_tokens, 0.8, result.seed)
-        out.append(engine.generate([engine.tokenizer.encode(result.prompt)], sampling)[0])
+        out.append(engine.generate([tokenizer.encode(result.prompt)], sampling)[0])
     return out
 
 

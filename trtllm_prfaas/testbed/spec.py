@@ -8,6 +8,8 @@ reference engine, plus the router (KServe gRPC on 8001, metrics on 8002). Exampl
     link_gbps: 10               # emulate the inter-datacenter link (sender pacing)
     model_preset: default       # or tiny
     clusters: {prfaas_prefill: 1, pd_prefill: 1, pd_decode: 2}
+    tokenizer_dir: /models/hf  # serve a Hugging Face tokenizer: the router tokenizes with it
+                               # and the reference model takes its vocabulary ("": bytes)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class TestbedConfig:
     num_blocks: int = 2048
     fallback: str = "recompute"
     num_threads: int = 1  # torch threads per worker: 3+ workers share these 2 cores
+    tokenizer_dir: str = ""  # a Hugging Face model directory; "": the reference byte tokenizer
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -71,6 +74,8 @@ class TestbedConfig:
             "--num-threads",
             str(self.num_threads),
         ]
+        if self.tokenizer_dir:
+            common += ["--tokenizer", self.tokenizer_dir]
         pacing = ["--link-gbps", str(self.link_gbps)] if self.link_gbps else []
         specs: dict[str, list[str]] = {}
         for i in range(self.num_pd_decode):

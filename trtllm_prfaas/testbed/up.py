@@ -77,7 +77,12 @@ class Testbed:
         # The emulated link's rate is known: the control loop measures utilisation against it
         # rather than against measured relay goodput (which reads low when prefill is slow).
         control = ControlConfig(link_gbps=self.config.link_gbps)
-        return RouterConfig(specs, threshold_tokens=self.config.threshold_tokens, control=control)
+        return RouterConfig(
+            specs,
+            threshold_tokens=self.config.threshold_tokens,
+            control=control,
+            tokenizer_dir=self.config.tokenizer_dir,
+        )
 
     def describe(self) -> str:
         assert self.router is not None
@@ -123,6 +128,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None)
     parser.add_argument("--threshold-tokens", type=int, default=None)
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a Hugging Face model directory (tokenizer.json): the router tokenizes with it and "
+        "the reference model takes its vocabulary; default: the reference byte tokenizer",
+    )
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -133,6 +145,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         model_preset=args.model_preset,
         threshold_tokens=args.threshold_tokens,
+        tokenizer_dir=str(args.tokenizer) if args.tokenizer is not None else None,
     )
     print(
         f"starting testbed: {config.num_prfaas_prefill} PrfaaS prefill, "
@@ -162,16 +175,18 @@ def _demo(testbed: Testbed) -> int:
     figures = demo.scrape(metrics_url) if metrics_url else {}
     # The front door names requests itself; demo prompts have distinct lengths, so match on that.
     decisions = {d.incremental_tokens: d for d in testbed.router.orchestrator.decisions}
+    encode = testbed.router.orchestrator.encode
     print(f"{'request':10} {'prompt':>7} {'route':>7} {'TTFT s':>7} {'tokens':>6}  identical")
     ok = True
     for result, expected in zip(results, want, strict=True):
-        decision = decisions.get(len(result.prompt) + 1)  # + BOS
+        num_prompt_tokens = len(encode(result.prompt))
+        decision = decisions.get(num_prompt_tokens)
         route = "remote" if decision and decision.is_remote else "local"
         same = not result.error and result.token_ids == expected
         ok = ok and same
         ttft = f"{result.ttft_s:.3f}" if result.ttft_s is not None else "-"
         print(
-            f"{result.name:10} {len(result.prompt) + 1:>7} {route:>7} {ttft:>7} "
+            f"{result.name:10} {num_prompt_tokens:>7} {route:>7} {ttft:>7} "
             f"{len(result.token_ids):>6}  {same}{'  ' + result.error if result.error else ''}"
         )
     relayed = figures.get("prfaas_relay_bytes_total", 0.0)

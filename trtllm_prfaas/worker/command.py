@@ -33,6 +33,7 @@ from trtllm_prfaas.config import MODEL_PRESETS, load_relay_security, model_prese
 from trtllm_prfaas.connector.prfaas_runtime import rank_endpoint
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.engines.tokenizer import model_vocabulary
 from trtllm_prfaas.engines.triton import TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
@@ -99,7 +100,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         "--tokenizer",
         type=Path,
         default=None,
-        help="the served model's Hugging Face directory (model.yaml model)",
+        help="the served model's Hugging Face directory (model.yaml model); with --engine "
+        "reference, the reference model takes its vocabulary (size and EOS id)",
     )
     triton.add_argument(
         "--triton-plan-endpoint",
@@ -122,7 +124,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
     """The worker's frozen config from parsed arguments (files are read here, at the edge)."""
-    model = model_preset(args.model_preset, seed=args.model_seed, dtype=args.dtype)
+    vocabulary = model_vocabulary(str(args.tokenizer or "")) if args.engine == "reference" else {}
+    model = model_preset(args.model_preset, seed=args.model_seed, dtype=args.dtype, **vocabulary)
     chunk = max(
         model.tokens_per_block, args.chunk_size // model.tokens_per_block * model.tokens_per_block
     )
