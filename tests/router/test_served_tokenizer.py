@@ -25,7 +25,7 @@ from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.engines.tokenizer import model_vocabulary
 from trtllm_prfaas.testbed import demo
-from trtllm_prfaas.testbed.spec import TestbedConfig
+from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
 from trtllm_prfaas.testbed.up import Testbed
 
 hf_model_dir = fake_tokenizer.hf_model_dir  # the session fixture
@@ -122,3 +122,26 @@ def test_broken_byte_sequences_stream_as_the_unary_text(testbed: Testbed, client
                              client_timeout=60)  # fmt: skip
         assert ids_of(unary) == ids and "".join(pieces) == text_of(unary)
         assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+
+
+def test_up_and_worker_flags_carry_the_tokenizer(hf_model_dir: Path) -> None:
+    """``prfaas up --tokenizer DIR`` reaches the router config and every worker's argv, and
+    ``prfaas worker --tokenizer DIR`` (reference engine) sizes the model to the vocabulary."""
+    import argparse
+
+    from trtllm_prfaas.testbed import up
+    from trtllm_prfaas.worker import command
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments("up", parser)
+    args = parser.parse_args(["--tokenizer", str(hf_model_dir)])
+    config = load_testbed_config(args.config, tokenizer_dir=str(args.tokenizer))
+    assert config.tokenizer_dir == str(hf_model_dir)
+    for argv in config.worker_args().values():
+        assert argv[argv.index("--tokenizer") + 1] == str(hf_model_dir)
+        worker = argparse.ArgumentParser()
+        command.add_arguments("worker", worker)
+        model = command.build_config(worker.parse_args([*argv, "--plaintext"])).engine.model
+        tokenizer = HfTokenizer.from_dir(hf_model_dir)
+        assert (model.vocab_size, model.eos_id) == (tokenizer.vocab_size, tokenizer.eos_id)
+    assert "--tokenizer" not in load_testbed_config(None).worker_args()["dc-local-decode-0"]

@@ -16,7 +16,6 @@ Streaming text is made by ``router.detokenize.IncrementalDetokenizer`` over eith
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -29,7 +28,6 @@ __all__ = [
     "PAD_ID",
     "VOCAB_SIZE",
     "ByteTokenizer",
-    "StreamingDecoder",
     "Tokenizer",
     "eos_id_of",
     "load_tokenizer",
@@ -128,17 +126,3 @@ def model_vocabulary(tokenizer_dir: str) -> dict[str, int]:
         return {}
     tokenizer = load_tokenizer(tokenizer_dir)
     return {"vocab_size": tokenizer.vocab_size, "eos_id": eos_id_of(tokenizer)}
-
-
-class StreamingDecoder:
-    """Deprecated: the byte tokenizer's streaming decoder, kept for importers not yet moved to
-    ``router.detokenize.IncrementalDetokenizer`` (which works with every ``Tokenizer``)."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        return str(self._decoder.decode(bytes(t for t in token_ids if 0 <= t < 256)))
-
-    def flush(self) -> str:
-        return str(self._decoder.decode(b"", final=True))
