@@ -145,3 +145,22 @@ def test_up_and_worker_flags_carry_the_tokenizer(hf_model_dir: Path) -> None:
         tokenizer = HfTokenizer.from_dir(hf_model_dir)
         assert (model.vocab_size, model.eos_id) == (tokenizer.vocab_size, tokenizer.eos_id)
     assert "--tokenizer" not in load_testbed_config(None).worker_args()["dc-local-decode-0"]
+
+
+def test_single_engine_mode_streams_the_same_text(hf_model_dir: Path, serve: Any) -> None:
+    """``LocalEngineOrchestrator`` over the tokenizer-sized model, behind the same front door:
+    the same detokenizer, so the same guarantees and the same tokens as the router."""
+    from trtllm_prfaas.router.local import LocalEngineOrchestrator
+
+    tokenizer = HfTokenizer.from_dir(hf_model_dir)
+    config = TestbedConfig(model_preset="tiny", num_blocks=512, tokenizer_dir=str(hf_model_dir))
+    seed = _clean_seed(config, tokenizer, REMOTE)
+    want = demo.reference_tokens(config, [demo.DemoResult("r", REMOTE, seed, MAX_TOKENS)])[0]
+    model = model_preset("tiny", **model_vocabulary(str(hf_model_dir)))
+    engine = ReferenceEngine(EngineConfig(model=model, num_blocks=512))
+    with LocalEngineOrchestrator(engine, tokenizer=tokenizer) as orchestrator:
+        client = serve(orchestrator)[1]
+        pieces, ids = _streamed(client, REMOTE, seed)
+        assert ids == want and "".join(pieces) == tokenizer.decode(ids)
+        assert not any("\ufffd" in piece for piece in pieces), pieces
+        assert orchestrator.leak_report() == []
