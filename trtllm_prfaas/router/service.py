@@ -23,13 +23,18 @@ __all__ = ["RouterService"]
 
 class RouterService:
     def __init__(
-        self, router: RouterConfig, frontdoor: FrontDoorConfig, metrics_port: int | None = 8002
+        self,
+        router: RouterConfig,
+        frontdoor: FrontDoorConfig,
+        metrics_port: int | None = 8002,
+        metrics_host: str | None = None,  # None: the front door's host
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
         self.orchestrator = DisaggregatedOrchestrator(router, self.metrics)
         self._door = AsyncFrontDoor(self.orchestrator, frontdoor, self.metrics)
         self._metrics_port = metrics_port
+        self._metrics_host = metrics_host
         self.metrics_server: MetricsServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router", daemon=True)
@@ -46,7 +51,7 @@ class RouterService:
             self._run(self.orchestrator.start(), timeout_s)
             self.port = self._run(self._door.start(), timeout_s)
             if self._metrics_port is not None:
-                host = self._door.config.host
+                host = self._metrics_host or self._door.config.host
                 self.metrics_server = MetricsServer(self.registry, self._metrics_port, host)
         except BaseException:
             self.close()
@@ -56,7 +61,9 @@ class RouterService:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop everything and join the loop thread. Idempotent."""
+        """Stop everything and join the loop thread. Idempotent. The front door stops taking
+        new RPCs at once; those in flight get its ``shutdown_grace_s`` to finish (then they are
+        cancelled), so this may take up to ``shutdown_grace_s + timeout_s``."""
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
@@ -64,7 +71,7 @@ class RouterService:
             return
         if self._thread.is_alive():
             try:
-                self._run(self._door.stop(), timeout_s)
+                self._run(self._door.stop(), timeout_s + self._door.config.shutdown_grace_s)
                 self._run(self.orchestrator.close(), timeout_s)
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)

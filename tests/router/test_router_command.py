@@ -1,0 +1,375 @@
+"""``prfaas router`` as a real process in front of three real reference workers (PrfaaS prefill,
+PD-P, PD-D): its ready line, tokens through stock ``tritonclient.grpc`` equal to a single-engine
+run (remote and local), SIGTERM mid-request (the request completes, new ones are refused, exit
+0), a worker that never answers or answers with another role (exit 1, within the deadline), bad
+flags (exit 2) and bad ``--config`` keys (exit 1, the key named), and every compose file's
+``router`` command parsed by the command's real parser against the compose file's own workers.
+
+Every process started here is stopped by PID (SIGTERM, then SIGKILL) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from tests.harness import WorkerProcess, spawn_worker
+from tests.router.builders import MODEL, ids_of, is_final, llm_inputs, stream
+from trtllm_prfaas import cli
+from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.router import command
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["--model-preset", "tiny", "--plaintext", "--num-blocks", "512", "--chunk-size", "64"]
+THRESHOLD = 100
+SEED, TEMPERATURE = 9, 0.7
+
+
+# ---------------------------------------------------------------------------- processes
+class RouterProcess:
+    """A ``prfaas router`` child: ``ready`` is its JSON ready line; ``stop()`` by PID."""
+
+    def __init__(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", "ERROR", "router", *args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
+        self.ready: dict[str, Any] = {}
+
+    def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """The ready line; raises with the process's stderr if it exits or stays silent."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if selector.select(timeout=0.2):
+                    line = stdout.readline()
+                    if line.startswith("{") and json.loads(line).get("event") == "ready":
+                        self.ready = json.loads(line)
+                        return self.ready
+        self.stop()
+        raise AssertionError(f"router not ready (exit {self.process.returncode}): {self.stderr()}")
+
+    def exit_code(self, timeout_s: float) -> int:
+        """Wait for the process to end by itself within ``timeout_s``."""
+        return self.process.wait(timeout_s)
+
+    def stderr(self) -> str:
+        stderr = self.process.stderr
+        return stderr.read() if stderr is not None and self.process.poll() is not None else ""
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code. Idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return int(self.process.returncode)
+
+    def __enter__(self) -> RouterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[dict[str, WorkerProcess]]:
+    procs: dict[str, WorkerProcess] = {}
+    try:
+        procs["dc-local/decode"] = spawn_worker("decode", "dc-local", *COMMON)
+        procs["dc-local/prefill"] = spawn_worker("prefill", "dc-local", *COMMON)
+        procs["dc-remote/prefill"] = spawn_worker("prefill", "dc-remote", *COMMON)
+        yield procs
+    finally:
+        codes = {name: proc.stop() for name, proc in procs.items()}
+        assert all(code == 0 for code in codes.values()), codes
+
+
+def worker_flags(procs: dict[str, WorkerProcess]) -> list[str]:
+    """``--worker CLUSTER/ROLE=HOST:PORT`` for each worker (control is tcp://HOST:PORT)."""
+    flags: list[str] = []
+    for name, proc in procs.items():
+        flags += ["--worker", f"{name}={proc.control.removeprefix('tcp://')}"]
+    return flags
+
+
+def router_args(procs: dict[str, WorkerProcess], *extra: str) -> list[str]:
+    return ["--listen", "127.0.0.1:0", "--threshold-tokens", str(THRESHOLD), "--fixed-threshold",
+            *worker_flags(procs), *extra]  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, read back, released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------- tokens
+def prompt(n: int) -> list[int]:
+    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
+
+
+def reference(tokens: list[int], max_tokens: int) -> list[int]:
+    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
+    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
+    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
+    return engine.generate([tokens], sampling)[0]
+
+
+def ask(address: str, tokens: list[int], max_tokens: int) -> list[int]:
+    """One streaming request through stock tritonclient; the tokens it returned."""
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
+        responses = stream(client, inputs, timeout_s=60.0)
+    finally:
+        client.close()
+    assert all(hasattr(r, "get_response") for r in responses), responses
+    return [t for r in responses for t in ids_of(r)]
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+# ---------------------------------------------------------------------------- serving
+def test_serves_remote_and_local_requests_with_single_engine_tokens(workers: Any) -> None:
+    with RouterProcess(*router_args(workers, "--metrics-listen", "127.0.0.1:0")) as router:
+        ready = router.wait_ready()
+        assert ready["listen"].startswith("127.0.0.1:") and not ready["listen"].endswith(":0")
+        assert sorted(ready["workers"]) == [
+            "dc-local-decode-0", "dc-local-prefill-0", "dc-remote-prefill-0"]  # fmt: skip
+        for length in (40, 600):  # local (l <= t), remote (l > t)
+            assert ask(ready["listen"], prompt(length), 8) == reference(prompt(length), 8), length
+        text = scrape(ready["metrics"])
+        assert 'route="remote"' in text and 'route="local"' in text, text
+        assert router.stop() == 0
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(workers: Any) -> None:
+    max_tokens, tokens = 150, prompt(300)
+    with RouterProcess(*router_args(workers, "--grace-s", "60")) as router:
+        address = router.wait_ready()["listen"]
+        client = grpcclient.InferenceServerClient(address)
+        received: queue.Queue[tuple[float, Any]] = queue.Queue()
+        client.start_stream(lambda result, error: received.put((time.monotonic(), error or result)))
+        try:
+            inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
+            client.async_stream_infer(MODEL, inputs, request_id="in-flight")
+            responses = [received.get(timeout=60)[1]]  # the first token: the request is in flight
+            router.process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+            refused = _new_request_refused(address)
+            while hasattr(responses[-1], "get_response") and not is_final(responses[-1]):
+                final_at, response = received.get(timeout=60)
+                responses.append(response)
+        finally:
+            client.stop_stream()
+            client.close()
+        assert all(hasattr(r, "get_response") for r in responses), responses[-1]
+        assert final_at > signalled_at  # it was still streaming when the signal came
+        # gRPC core ends a call that reaches a stopping server CANCELLED (UNAVAILABLE once its
+        # port is closed); either way the request was not served.
+        assert "CANCELLED" in refused or "UNAVAILABLE" in refused, refused or "still accepted"
+        assert router.exit_code(timeout_s=30) == 0, router.stderr()  # well before the 60 s grace
+    assert [t for r in responses for t in ids_of(r)] == reference(tokens, max_tokens)
+
+
+def _new_request_refused(address: str, timeout_s: float = 10.0) -> str:
+    """The error a new request on a new connection gets once the router drains (it may still
+    be accepted for the few milliseconds before the router handles the signal); '' if none."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        client = grpcclient.InferenceServerClient(address)
+        try:
+            client.infer(MODEL, llm_inputs(None, 1, None, None, None, prompt(5)), client_timeout=5)
+        except InferenceServerException as exc:
+            return str(exc)
+        finally:
+            client.close()
+        time.sleep(0.05)
+    return ""
+
+
+# ---------------------------------------------------------------------------- start failures
+def test_a_worker_that_never_answers_fails_the_start_within_the_deadline(workers: Any) -> None:
+    silent = f"127.0.0.1:{free_port()}"
+    args = router_args(workers, "--worker", f"dc-local/decode={silent}", "--connect-timeout-s", "2")
+    started = time.monotonic()
+    with RouterProcess(*args) as router:
+        code = router.exit_code(timeout_s=60)
+        elapsed, stderr = time.monotonic() - started, router.stderr()
+    assert code == 1, stderr
+    assert f"dc-local-decode-1 at tcp://{silent} did not answer" in stderr, stderr
+    assert elapsed < 30, elapsed  # the deadline, plus the interpreter's start-up
+
+
+def test_a_worker_listed_with_the_wrong_role_fails_the_start(workers: Any) -> None:
+    decode = workers["dc-local/decode"].control.removeprefix("tcp://")
+    prefill = workers["dc-local/prefill"].control.removeprefix("tcp://")
+    args = ["--listen", "127.0.0.1:0", "--worker", f"dc-local/prefill={decode}",
+            "--worker", f"dc-local/decode={prefill}"]  # fmt: skip
+    with RouterProcess(*args) as router:
+        code, stderr = router.exit_code(timeout_s=60), router.stderr()
+    assert code == 1, stderr
+    assert f"dc-local/prefill={decode}: the worker there reports role 'decode'" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--worker", "dc-local-decode"], "expected CLUSTER/ROLE=HOST:PORT"),
+        (["--worker", "dc-local/leader=h:1"], "role must be one of ['prefill', 'decode']"),
+        (["--worker", "dc-local/decode=h:http"], "expected HOST:PORT"),
+        (["--listen", "0.0.0.0:70000"], "port must be in 0..65535"),
+        (["--grace-s", "-1"], "--grace-s: must be >= 0"),
+        (["--connect-timeout-s", "0"], "--connect-timeout-s: must be > 0"),
+        (["--discovery", "etcd://h:2379"], "unrecognized arguments: --discovery"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(flags: list[str], message: str, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["router", *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("threshold_tokens: 10\nthreshhold: 3\n", "unknown field `threshhold`"),
+        ("threshold_tokens: many\n", "Expected `int | null`, got `str` - at `$.threshold_tokens`"),
+        ("grace_s: -2\n", "Expected `float` >= 0.0 - at `$.grace_s`"),
+        ("workers: [dc-local/decode=h]\n", "workers: 'dc-local/decode=h': address"),
+        ("- a list\n", "top level must be a mapping"),
+    ],
+)
+def test_bad_config_keys_exit_1_naming_the_key(
+    content: str, message: str, tmp_path: Path, capsys: Any
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(content)
+    assert cli.main(["router", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prfaas router: error:") and message in err, err
+
+
+def test_config_file_values_and_flags_over_them(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:9001\nmetrics_listen: '[::1]:9002'\nthreshold_tokens: 2048\n"
+        "link_gbps: 25\nprefill_timeout_s: 60\ngrace_s: 5\nprfaas_clusters: [far]\n"
+        "tokenizer_dir: /models/hf\nworker_lost_s: 1.5\n"
+        "workers: [far/prefill=p:7000, near/prefill=q:7000,\n"
+        "          near/decode=d:7000, near/decode=e:7000]\n"
+    )
+    settings = command.load_settings(parse(["--config", str(path), "--threshold-tokens", "512"]))
+    assert settings.listen == ("127.0.0.1", 9001) and settings.metrics_listen == ("::1", 9002)
+    specs = {s.name: (s.endpoint, s.is_prfaas) for s in settings.router.workers}
+    assert specs == {
+        "far-prefill-0": ("tcp://p:7000", True),
+        "near-prefill-0": ("tcp://q:7000", False),
+        "near-decode-0": ("tcp://d:7000", False),
+        "near-decode-1": ("tcp://e:7000", False),
+    }
+    router = settings.router
+    assert (router.threshold_tokens, router.prefill_timeout_s) == (512, 60.0)  # flag wins
+    assert (router.tokenizer_dir, router.worker_lost_s) == ("/models/hf", 1.5)
+    assert router.control is not None and router.control.link_gbps == 25.0
+    assert settings.frontdoor.shutdown_grace_s == 5.0
+    flagged = command.load_settings(parse(["--config", str(path), "--worker", "far/prefill=x:1",
+                                           "--worker", "near/decode=y:2"]))  # fmt: skip
+    assert [s.endpoint for s in flagged.router.workers] == ["tcp://x:1", "tcp://y:2"]
+
+
+def test_worker_lists_that_cannot_serve_are_refused() -> None:
+    cases = {
+        ("a/decode=h:1",): "at least one prefill worker",
+        ("a/prefill=h:1",): "at least one decode worker",
+        ("dc-remote/decode=h:1", "a/prefill=h:2"): "dc-remote is a PrfaaS cluster",
+        ("a/decode=h:1", "a/prefill=h:1"): "workers listed twice: ['tcp://h:1']",
+        (): "no workers",
+    }
+    for workers, message in cases.items():
+        flags = [arg for w in workers for arg in ("--worker", w)]
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            command.load_settings(parse(flags))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command's real parser, as ``cli.main`` builds it."""
+    parser = argparse.ArgumentParser(prog="prfaas router")
+    command.add_arguments("router", parser)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- compose
+COMPOSE_FILES = sorted((ROOT / "docker").glob("compose*.yml"))
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_router_command_parses_and_names_the_files_workers(path: Path) -> None:
+    services = yaml.safe_load(path.read_text())["services"]
+    argv = services["router"]["command"]
+    assert argv[0] == "router" and "router" in cli.COMMANDS
+    settings = command.load_settings(parse(argv[1:]))
+    for worker in settings.workers:  # each names a worker service of this file, as it runs
+        worker_argv = services[worker.host]["command"]
+        assert worker_argv[0] == "worker", worker
+        assert _flag(worker_argv, "--control") == f"tcp://0.0.0.0:{worker.port}", worker
+        assert (_flag(worker_argv, "--cluster"), _flag(worker_argv, "--role")) == (
+            worker.cluster,
+            worker.role,
+        )
+    tokenizers = {_flag(services[w.host]["command"], "--tokenizer", "") for w in settings.workers}
+    assert tokenizers == {settings.router.tokenizer_dir}  # the router speaks its workers' tokens
+    listed = {w.host for w in settings.workers}
+    running = {name for name, s in services.items() if (s.get("command") or [None])[0] == "worker"}
+    assert listed == running
+    ports = services["router"]["ports"]
+    assert any(p.endswith(f":{settings.listen[1]}") for p in ports), ports
+    grace_s = settings.frontdoor.shutdown_grace_s
+    assert _seconds(services["router"]["stop_grace_period"]) > grace_s  # no SIGKILL mid-drain
+
+
+def _flag(argv: list[str], name: str, absent: str | None = None) -> str:
+    if name not in argv and absent is not None:
+        return absent
+    return str(argv[argv.index(name) + 1])
+
+
+def _seconds(text: str) -> float:
+    assert text.endswith("s"), text
+    return float(text[:-1])
