@@ -236,6 +236,18 @@ def test_a_worker_that_never_answers_fails_the_start_within_the_deadline(workers
     assert elapsed < 30, elapsed  # the deadline, plus the interpreter's start-up
 
 
+def test_sigterm_while_waiting_for_a_worker_ends_the_start_at_once(workers: Any) -> None:
+    silent = f"127.0.0.1:{free_port()}"
+    args = router_args(
+        workers, "--worker", f"dc-local/decode={silent}", "--connect-timeout-s", "60"
+    )
+    with RouterProcess(*args) as router:
+        time.sleep(3.0)  # importing and pinging the live workers; still waiting for the silent one
+        assert router.process.poll() is None
+        router.process.send_signal(signal.SIGTERM)
+        assert router.exit_code(timeout_s=10) == -signal.SIGTERM  # nothing served: no drain owed
+
+
 def test_a_worker_listed_with_the_wrong_role_fails_the_start(workers: Any) -> None:
     decode = workers["dc-local/decode"].control.removeprefix("tcp://")
     prefill = workers["dc-local/prefill"].control.removeprefix("tcp://")
@@ -254,6 +266,7 @@ def test_a_worker_listed_with_the_wrong_role_fails_the_start(workers: Any) -> No
         (["--worker", "dc-local/leader=h:1"], "role must be one of ['prefill', 'decode']"),
         (["--worker", "dc-local/decode=h:http"], "expected HOST:PORT"),
         (["--listen", "0.0.0.0:70000"], "port must be in 0..65535"),
+        (["--listen", "::1:8001"], "expected HOST:PORT"),
         (["--grace-s", "-1"], "--grace-s: must be >= 0"),
         (["--connect-timeout-s", "0"], "--connect-timeout-s: must be > 0"),
         (["--discovery", "etcd://h:2379"], "unrecognized arguments: --discovery"),
@@ -296,7 +309,7 @@ def test_config_file_values_and_flags_over_them(tmp_path: Path) -> None:
         "          near/decode=d:7000, near/decode=e:7000]\n"
     )
     settings = command.load_settings(parse(["--config", str(path), "--threshold-tokens", "512"]))
-    assert settings.listen == ("127.0.0.1", 9001) and settings.metrics_listen == ("::1", 9002)
+    assert settings.listen == ("127.0.0.1", 9001) and settings.metrics_listen == ("[::1]", 9002)
     specs = {s.name: (s.endpoint, s.is_prfaas) for s in settings.router.workers}
     assert specs == {
         "far-prefill-0": ("tcp://p:7000", True),

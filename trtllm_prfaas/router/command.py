@@ -137,10 +137,10 @@ def name_workers(workers: tuple[WorkerAddress, ...]) -> dict[str, WorkerAddress]
 
 # ---------------------------------------------------------------------------- parsing values
 def parse_listen(text: str, what: str = "--listen", min_port: int = 0) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ConfigError names ``what``."""
+    """``HOST:PORT`` -> (host, port); ConfigError names ``what``. An IPv6 host keeps its
+    brackets (``[::1]:8001`` -> ``("[::1]", 8001)``), as gRPC and ZeroMQ addresses want it."""
     host, sep, port_text = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not port_text.isdigit() or (":" in host and host[0] != "["):
         raise ConfigError(f"{what} {text!r}: expected HOST:PORT")
     port = int(port_text)
     if not min_port <= port < 65536:
@@ -365,13 +365,14 @@ def _default(value: Any, default: Any) -> Any:
 
 # ---------------------------------------------------------------------------- running
 def run(command: str, args: argparse.Namespace) -> int:
-    """Start, print the ready line, serve until SIGTERM/SIGINT, drain, exit 0."""
+    """Start, print the ready line, serve until SIGTERM/SIGINT, drain, exit 0. A signal before
+    the ready line has its default effect (nothing is being served yet: no drain is owed)."""
     settings = load_settings(args)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     service = _start(settings)
+    stop = threading.Event()
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
         print(json.dumps(_ready_line(settings, service)), flush=True)
         stop.wait()
         log.info("router_stopping", grace_s=settings.frontdoor.shutdown_grace_s)
@@ -388,7 +389,7 @@ def _start(settings: RouterSettings) -> RouterService:
         settings.router,
         settings.frontdoor,
         metrics_port=None if metrics is None else metrics[1],
-        metrics_host=None if metrics is None else metrics[0],
+        metrics_host=None if metrics is None else metrics[0].strip("[]"),  # a socket address
     )
     # Workers are pinged one after another, each with its own connect timeout.
     start_timeout_s = settings.router.connect_timeout_s * len(settings.workers) + 30.0

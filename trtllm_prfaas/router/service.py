@@ -63,21 +63,26 @@ class RouterService:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop everything and join the loop thread. Idempotent. The front door stops taking
         new RPCs at once; those in flight get its ``shutdown_grace_s`` to finish (then they are
-        cancelled), so this may take up to ``shutdown_grace_s + timeout_s``."""
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
-        if self._loop.is_closed():
-            return
-        if self._thread.is_alive():
-            try:
-                self._run(self._door.stop(), timeout_s + self._door.config.shutdown_grace_s)
-                self._run(self.orchestrator.close(), timeout_s)
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout_s)
-        if not self._thread.is_alive():
+        cancelled), so this may take up to ``shutdown_grace_s + timeout_s``. ``/metrics`` is
+        served until the requests in flight are done."""
+        try:
+            if not self._loop.is_closed() and self._thread.is_alive():
+                self._stop_loop(timeout_s)
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+                self.metrics_server = None
+        if not self._loop.is_closed() and not self._thread.is_alive():
             self._loop.close()
+
+    def _stop_loop(self, timeout_s: float) -> None:
+        """Drain the front door, close the orchestrator, stop and join the loop thread."""
+        try:
+            self._run(self._door.stop(), timeout_s + self._door.config.shutdown_grace_s)
+            self._run(self.orchestrator.close(), timeout_s)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
 
     def __enter__(self) -> RouterService:
         self.start()
