@@ -30,7 +30,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import WorkerProcess, spawn_worker
+from tests.harness import WorkerProcess, spawn_worker, wait_for
 from tests.router.builders import MODEL, ids_of, is_final, llm_inputs, stream
 from trtllm_prfaas import cli
 from trtllm_prfaas.config import model_preset
@@ -38,6 +38,8 @@ from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router import command
+from trtllm_prfaas.worker.client import WorkerClient
+from trtllm_prfaas.worker.protocol import LoadReport
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--model-preset", "tiny", "--plaintext", "--num-blocks", "512", "--chunk-size", "64"]
@@ -128,6 +130,15 @@ def router_args(procs: dict[str, WorkerProcess], *extra: str) -> list[str]:
             *worker_flags(procs), *extra]  # fmt: skip
 
 
+def assert_workers_idle(procs: dict[str, WorkerProcess]) -> None:
+    """Leak check: every worker ends with nothing running and every KV block free."""
+    for name, proc in procs.items():
+        with WorkerClient(proc.control) as client:
+            info = client.ping(10)
+            report = wait_for(client, LoadReport, lambda m: m.num_running == 0, timeout_s=20)
+            assert report.num_free_blocks == info.num_blocks, name
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, read back, released)."""
     with socket.socket() as sock:
@@ -176,6 +187,7 @@ def test_serves_remote_and_local_requests_with_single_engine_tokens(workers: Any
         text = scrape(ready["metrics"])
         assert 'route="remote"' in text and 'route="local"' in text, text
         assert router.stop() == 0
+    assert_workers_idle(workers)
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(workers: Any) -> None:
@@ -205,6 +217,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(workers: Any) -> 
         assert "CANCELLED" in refused or "UNAVAILABLE" in refused, refused or "still accepted"
         assert router.exit_code(timeout_s=30) == 0, router.stderr()  # well before the 60 s grace
     assert [t for r in responses for t in ids_of(r)] == reference(tokens, max_tokens)
+    assert_workers_idle(workers)
 
 
 def _new_request_refused(address: str, timeout_s: float = 10.0) -> str:
