@@ -93,9 +93,10 @@ def test_eos_as_t1_stops_without_a_decode_leg() -> None:
 
 
 def test_silent_prefill_worker_is_given_up() -> None:
-    """A prefill worker that dies before t1 sends nothing, not even load reports: after
+    """A wedged prefill worker (its connection up, so its libzmq still answers the router's
+    heartbeats and it is never *lost*, but it sends nothing, not even load reports): after
     ``worker_silence_s`` the decode node runs the whole request (long before the request's
-    deadline or ``prefill_timeout_s``)."""
+    deadline or ``prefill_timeout_s``). A dead one is found sooner: test_lost_workers.py."""
 
     async def scenario() -> None:
         async with _pool(prefill_s_per_token=1.0) as pool:  # t1 would take 300 s
@@ -104,12 +105,13 @@ def test_silent_prefill_worker_is_given_up() -> None:
             orch = DisaggregatedOrchestrator(config)
             await orch.start()
             try:
-                pool["prfaas"].silent = True  # as a killed worker: no reports any more
+                pool["prfaas"].silent = True  # as a wedged worker: no reports any more
                 started = time.monotonic()
                 request = GenerateRequest("s1", PROMPT, 4, 0.0, 0, False, 30.0)
                 chunks = [chunk async for chunk in orch.generate(request)]
                 assert 1.0 <= time.monotonic() - started < 5.0
                 assert orch.counters["prefill_fallback"] == 1
+                assert not orch.cluster.workers["prfaas"].is_lost  # silent is not dead
             finally:
                 await orch.close()
         assert _tokens(chunks) == fake_tokens(PROMPT, 4)

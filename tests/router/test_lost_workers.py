@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 import zmq
 
@@ -23,6 +24,7 @@ from trtllm_prfaas.errors import AdmissionRejected, WorkerLost
 from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.links import heartbeat_options
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
+from trtllm_prfaas.router.servicer import status_for
 from trtllm_prfaas.worker.fake import FakeWorkerPool, FakeWorkerSpec, fake_tokens
 
 PROMPT = [(i * 37 + 11) % 256 for i in range(300)]  # above the threshold: remote
@@ -76,6 +78,10 @@ def test_heartbeat_options_find_a_silent_peer_within_worker_lost_s() -> None:
     options = heartbeat_options(3.0)
     assert options[zmq.HEARTBEAT_IVL] + options[zmq.HEARTBEAT_TIMEOUT] <= 3000
     assert options[zmq.HEARTBEAT_IVL] == 1000 and options[zmq.HEARTBEAT_TTL] == 3000
+
+
+def test_a_lost_worker_is_unavailable_at_the_front_door() -> None:
+    assert status_for(WorkerLost("worker decode lost")) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_decode_killed_mid_stream_fails_with_worker_lost_and_leaves_routing() -> None:
