@@ -41,7 +41,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from trtllm_prfaas.errors import TransportError, WorkerLost
+from trtllm_prfaas.errors import ConfigError, TransportError, WorkerLost
 from trtllm_prfaas.router.cluster import ClusterState
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
@@ -53,6 +53,7 @@ log = get_logger(__name__)
 
 _SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_MAX_TTL_MS = 6_553_500  # HEARTBEAT_TTL travels in deciseconds in 16 bits (zmq_setsockopt)
 
 
 def heartbeat_options(worker_lost_s: float) -> dict[int, int]:
@@ -67,7 +68,7 @@ def heartbeat_options(worker_lost_s: float) -> dict[int, int]:
     return {
         zmq.HEARTBEAT_IVL: ivl_ms,
         zmq.HEARTBEAT_TIMEOUT: max(int(worker_lost_s * 1000) - ivl_ms, 100),
-        zmq.HEARTBEAT_TTL: max(int(worker_lost_s * 1000) // 100 * 100, 100),
+        zmq.HEARTBEAT_TTL: min(max(int(worker_lost_s * 1000) // 100 * 100, 100), _MAX_TTL_MS),
     }
 
 
@@ -92,6 +93,8 @@ class WorkerLinks:
         worker_lost_s: float = 3.0,
         send_timeout_s: float = 10.0,
     ) -> None:
+        if not worker_lost_s > 0 or not send_timeout_s > 0:
+            raise ConfigError("worker_lost_s and send_timeout_s must be > 0")
         self.cluster = cluster
         self.metrics = metrics
         self.worker_lost_s = worker_lost_s
