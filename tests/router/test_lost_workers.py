@@ -109,9 +109,8 @@ def test_decode_killed_before_the_first_token_is_rerouted() -> None:
 
     async def scenario() -> None:
         async with _pool(spare, decode_delay_s=30.0) as pool, _router(pool) as orch:
-            await pool["prfaas"].report(queue_depth=0)
-            slow = pool.workers["prfaas"]
-            slow.spec = FakeWorkerSpec("prfaas", "prefill", "dc-remote", prefill_s_per_token=0.003)
+            slow = FakeWorkerSpec("prfaas", "prefill", "dc-remote", prefill_s_per_token=0.003)
+            pool["prfaas"].spec = slow
             killer = asyncio.create_task(_kill_after(pool, "decode", 0.3))  # t1 at 0.9 s
             started = time.monotonic()
             tokens = await _tokens(orch, _request("moved"))
