@@ -100,7 +100,8 @@ class ClusterState:
 
     def rejoin(self, name: str, info: p.WorkerInfo) -> bool:
         """A lost worker answered ``Ping`` again (reconnected, or restarted at its endpoint): it
-        is routable in the role ``info`` names. True if it was lost."""
+        is routable in the role ``info`` names, unless the router is draining it (a drain or
+        role change under way stays the rebalancer's to end). True if it was lost."""
         worker = self.workers.get(name)
         if worker is None or not worker.is_lost:
             return False
