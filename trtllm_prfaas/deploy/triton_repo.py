@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from trtllm_prfaas.deploy.contract import LLMAPI_INPUTS, LLMAPI_OUTPUTS, pbtxt_entries
 from trtllm_prfaas.deploy.env import ENV_VARS, DeployRole
 from trtllm_prfaas.errors import ConfigError
 
@@ -317,26 +318,6 @@ def render_model_yaml(config: TritonRepoConfig) -> str:
     return header + body
 
 
-_INPUTS: tuple[tuple[str, str, str, bool], ...] = (
-    # name, data type, dims, optional; the names are the llmapi model's request inputs
-    ("text_input", "TYPE_STRING", "[ -1 ]", False),
-    ("streaming", "TYPE_BOOL", "[ 1 ]", True),
-    ("sampling_param_temperature", "TYPE_FP32", "[ 1 ]", True),
-    ("sampling_param_top_k", "TYPE_INT32", "[ 1 ]", True),
-    ("sampling_param_top_p", "TYPE_FP32", "[ 1 ]", True),
-    ("sampling_param_max_tokens", "TYPE_INT32", "[ 1 ]", True),
-    ("sampling_param_seed", "TYPE_UINT64", "[ 1 ]", True),
-    ("sampling_param_exclude_input_from_output", "TYPE_BOOL", "[ 1 ]", True),
-    ("return_finish_reason", "TYPE_BOOL", "[ 1 ]", True),
-    ("return_stop_reason", "TYPE_BOOL", "[ 1 ]", True),
-)
-_OUTPUTS: tuple[tuple[str, str, str], ...] = (
-    ("text_output", "TYPE_STRING", "[ -1 ]"),
-    ("finish_reason", "TYPE_STRING", "[ -1 ]"),
-    ("stop_reason", "TYPE_STRING", "[ -1 ]"),
-)
-
-
 def render_config_pbtxt(config: TritonRepoConfig) -> str:
     """``config.pbtxt`` in protobuf text format (parses as ``model_config_pb2.ModelConfig``).
 
@@ -349,7 +330,8 @@ def render_config_pbtxt(config: TritonRepoConfig) -> str:
     only a *different* ``decoupled`` and ``set_max_batch_size`` only a larger configured value
     (triton-inference-server/python_backend ``src/resources/triton_python_backend_utils.py``).
     ``parameters`` carry the PrfaaS role so the router can check, through the ModelConfig RPC,
-    that it talks to the right side.
+    that it talks to the right side. Inputs and outputs are upstream ``llmapi``'s, every one
+    (``contract.LLMAPI_INPUTS`` / ``LLMAPI_OUTPUTS``: the tables the front door serves too).
     """
     decoupled = "true" if config.decoupled else "false"
     lines = [
@@ -367,14 +349,9 @@ def render_config_pbtxt(config: TritonRepoConfig) -> str:
         "",
         "input [",
     ]
-    entries = []
-    for name, dtype, dims, optional in _INPUTS:
-        opt = ", optional: true" if optional else ""
-        entries.append(f'  {{ name: "{name}", data_type: {dtype}, dims: {dims}{opt} }}')
-    lines.append(",\n".join(entries))
+    lines.append(pbtxt_entries(LLMAPI_INPUTS))
     lines += ["]", "", "output ["]
-    outs = [f'  {{ name: "{n}", data_type: {t}, dims: {d} }}' for n, t, d in _OUTPUTS]
-    lines.append(",\n".join(outs))
+    lines.append(pbtxt_entries(LLMAPI_OUTPUTS))
     lines += ["]", ""]
     params = {"prfaas_role": config.role.value, "prfaas_connector_module": config.connector[0]}
     for key, value in params.items():
