@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 import urllib.request
@@ -37,18 +38,20 @@ def direct(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0
 def test_health_and_metadata(client) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
-    assert not client.is_model_ready("other_model")
+    assert client.is_model_ready("ensemble") and not client.is_model_ready("other_model")
     assert client.get_server_metadata(as_json=True)["name"] == "trtllm-prfaas"
     meta = client.get_model_metadata(MODEL, as_json=True)
-    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
-        "text_input": "BYTES", "input_ids": "INT32", "streaming": "BOOL",
-        "sampling_param_max_tokens": "INT32", "sampling_param_temperature": "FP32",
-        "sampling_param_seed": "UINT64",
-    }  # fmt: skip
-    assert [o["name"] for o in meta["outputs"]] == ["text_output", "output_ids", "finish_reason"]
+    # upstream llmapi's inputs in its order (contract.LLMAPI_INPUTS), then the front door's own
+    assert [i["name"] for i in meta["inputs"]][:3] == ["text_input", "image_url", "streaming"]
+    assert [i["name"] for i in meta["inputs"]][-1] == "input_ids"
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]}["sampling_param_seed"] == "UINT64"
+    assert [o["name"] for o in meta["outputs"]][:2] == ["text_output", "finish_reason"]
+    assert [o["name"] for o in meta["outputs"]][-1] == "output_ids"
     config = client.get_model_config(MODEL, as_json=True)["config"]
     assert config["name"] == MODEL and config["backend"] == "python"
     assert config["model_transaction_policy"]["decoupled"] is True
+    required = [i["name"] for i in config["input"] if not i.get("optional", False)]
+    assert required == ["text_input"]  # as upstream; input_ids may stand in for it (extension)
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("no_such_model")
     assert info.value.status() == "StatusCode.NOT_FOUND" and "no_such_model" in info.value.message()
@@ -60,7 +63,10 @@ def test_unary_matches_engine(client, temperature, seed) -> None:
     expected = direct(PROMPT, 24, temperature or 0.0, seed or 0)
     assert ids_of(result) == expected
     assert text_of(result) == make_engine().tokenizer.decode(expected)
-    assert bytes(result.as_numpy("finish_reason")[0]) in (b"length", b"stop")
+    assert result.as_numpy("finish_reason") is None  # llmapi: only with return_finish_reason
+    asked = [*llm_inputs(PROMPT, 24, temperature, seed), tensor("return_finish_reason", "BOOL",
+                                                                  [True])]  # fmt: skip
+    assert bytes(client.infer(MODEL, asked).as_numpy("finish_reason")[0]) in (b"length", b"stop")
 
 
 def test_input_ids_and_int64_seed(client) -> None:
@@ -71,14 +77,18 @@ def test_input_ids_and_int64_seed(client) -> None:
     assert ids_of(client.infer(MODEL, inputs)) == direct(PROMPT, 10, 0.5, 7)
 
 
-def test_streaming_concatenates_to_unary(client) -> None:
+def test_streaming_is_cumulative_and_ends_as_unary(client) -> None:
+    """llmapi streams the whole text so far in each response (``output.text``); the front door's
+    ``output_ids`` carry the tokens each response adds."""
     unary = client.infer(MODEL, llm_inputs(PROMPT, 20))
     responses = stream(client, llm_inputs(PROMPT, 20, streaming=True), request_id="abc")
     assert len(responses) > 1
     assert [is_final(r) for r in responses] == [False] * (len(responses) - 1) + [True]
     assert all(r.get_response().id == "abc" for r in responses)
     assert [t for r in responses for t in ids_of(r)] == ids_of(unary)
-    assert "".join(text_of(r) for r in responses) == text_of(unary)
+    texts = [text_of(r) for r in responses]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    assert texts[-1] == text_of(unary) and len(set(texts)) > 1
 
 
 def test_stream_without_streaming_flag_sends_one_final_response(client) -> None:

@@ -75,9 +75,9 @@ def test_not_ready(serve) -> None:
 
 
 def test_custom_model_name(serve) -> None:
-    _, client = serve(FakeOrchestrator(model_name="ensemble"))
-    assert client.is_model_ready("ensemble") and not client.is_model_ready(MODEL)
-    assert ids_of(client.infer("ensemble", llm_inputs())) == [72, 105]
+    _, client = serve(FakeOrchestrator(model_name="llama"))
+    assert client.is_model_ready("llama") and not client.is_model_ready(MODEL)
+    assert ids_of(client.infer("llama", llm_inputs())) == [72, 105]
 
 
 def test_unary_cancellation_reaches_orchestrator(serve) -> None:

@@ -10,6 +10,7 @@ characters span tokens no piece holds U+FFFD (none ends inside a UTF-8 sequence)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,10 @@ def _streamed(client: Any, prompt: str, seed: int) -> tuple[list[str], list[int]
     inputs = llm_inputs(prompt, MAX_TOKENS, TEMPERATURE, seed, streaming=True)
     responses = stream(client, inputs, timeout_s=60)
     assert all(hasattr(r, "as_numpy") for r in responses), responses
-    return [text_of(r) for r in responses], [t for r in responses for t in ids_of(r)]
+    texts = [text_of(r) for r in responses]  # cumulative, as llmapi streams: each a prefix
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts)), texts
+    pieces = [b[len(a) :] for a, b in itertools.pairwise(["", *texts])]
+    return pieces, [t for r in responses for t in ids_of(r)]
 
 
 def test_streamed_text_over_the_served_tokenizer(

@@ -1,12 +1,14 @@
 """The front door's RPC handlers: KServe v2 over the stubs shipped in ``tritonclient.grpc``.
 
-The servicer (hosted by ``frontdoor.py``'s ``grpc.aio`` server) serves one model (named
-by the orchestrator, ``tensorrt_llm`` by default) shaped like Triton's TensorRT-LLM ``llmapi``
-model (see ``kserve.py``). RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata, ModelConfig, ModelInfer (the whole text in one response) and ModelStreamInfer
-(decoupled: one response per token chunk as tokens arrive, each with the ``triton_final_response``
-parameter, true on the last; a failed request gets one in-stream ``error_message``; several
-requests may share a stream and run concurrently).
+The servicer (hosted by ``frontdoor.py``'s ``grpc.aio`` server) serves two models over one
+orchestrator (``served_models.py``): Triton's TensorRT-LLM ``llmapi`` model (named by the
+orchestrator, ``tensorrt_llm`` by default; cumulative streamed text) and the classic
+``inflight_batcher_llm`` ``ensemble`` (per-response streamed text). RPCs: ServerLive,
+ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelInfer (the whole text
+in one response; Triton itself refuses unary calls to decoupled models, the front door answers
+them) and ModelStreamInfer (decoupled: one response per token chunk as tokens arrive, each with
+the ``triton_final_response`` parameter, true on the last; a failed request gets one in-stream
+``error_message``; several requests may share a stream and run concurrently).
 
 Error mapping (one boundary, ``status_for``): bad input -> INVALID_ARGUMENT, unknown model ->
 NOT_FOUND, ``AdmissionRejected`` and ``WorkerLost`` (a worker died under the request) ->
@@ -45,6 +47,7 @@ from trtllm_prfaas.errors import (
 )
 from trtllm_prfaas.router import kserve
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
+from trtllm_prfaas.router.served_models import Parsed, Reply, ServedModel, served_models
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 
@@ -62,7 +65,6 @@ class FrontDoorConfig:
     max_message_bytes: int = _MAX_GRPC_MESSAGE_BYTES
     request_timeout_s: float = 300.0  # deadline of a request whose client sets none
     shutdown_grace_s: float = 1.0
-    defaults: kserve.RequestDefaults = field(default_factory=kserve.RequestDefaults)
     server_name: str = "trtllm-prfaas"
     server_version: str = "0.1.0"
 
@@ -131,6 +133,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         self.orchestrator = orchestrator
         self.config = config
         self.metrics = metrics
+        self.models = served_models(orchestrator.model_name)
 
     # ------------------------------------------------------------------- health and metadata
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -149,27 +152,30 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         )
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        await self._require_model(request.name, request.version, context)
-        return kserve.model_metadata(self.orchestrator.model_name)
+        model = await self._require_model(request.name, request.version, context)
+        return kserve.model_metadata(model.name, model.inputs, model.outputs, model.platform,
+                                     model.max_batch_size)  # fmt: skip
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        await self._require_model(request.name, request.version, context)
-        return service_pb2.ModelConfigResponse(
-            config=kserve.model_config(self.orchestrator.model_name)
-        )
+        model = await self._require_model(request.name, request.version, context)
+        config = kserve.model_config(model.name, model.inputs, model.outputs,
+                                     backend=model.backend, platform=model.platform,
+                                     max_batch_size=model.max_batch_size)  # fmt: skip
+        return service_pb2.ModelConfigResponse(config=config)
 
     def _serves(self, name: str, version: str) -> bool:
-        return name == self.orchestrator.model_name and version in ("", kserve.MODEL_VERSION)
+        return name in self.models and version in ("", kserve.MODEL_VERSION)
 
-    async def _require_model(self, name: str, version: str, context: Any) -> None:
+    async def _require_model(self, name: str, version: str, context: Any) -> ServedModel:
         if not self._serves(name, version):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(self._not_found(name, version)))
+        return self.models[name]
 
     def _not_found(self, name: str, version: str) -> ModelNotFound:
         shown = f"{name}" + (f" version {version}" if version else "")
         return ModelNotFound(
             f"model '{shown}' is not found; this server serves "
-            f"'{self.orchestrator.model_name}' version {kserve.MODEL_VERSION}"
+            f"{' and '.join(repr(m) for m in self.models)} version {kserve.MODEL_VERSION}"
         )
 
     # ---------------------------------------------------------------------------- inference
@@ -177,8 +183,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         request_id = uuid.uuid4().hex[:16]
         started = time.monotonic()
         try:
-            gen, outputs = self._parse(request, context, request_id)
-            result = await self._run(gen, started)
+            model, parsed, wanted = self._parse(request, context, request_id)
+            result = await self._run(parsed.gen, started)
         except asyncio.CancelledError:
             self._cancelled("ModelInfer", request_id)
             raise
@@ -186,14 +192,8 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
             await context.abort(status_for(exc), self._failed(exc, "ModelInfer", request_id))
             raise  # unreachable: abort raises
         self._succeeded("ModelInfer", result)
-        return kserve.infer_response(
-            self.orchestrator.model_name,
-            request.id,
-            result.token_ids,
-            result.text,
-            result.finish_reason,
-            outputs,
-        )
+        reply = Reply(result.token_ids, result.text, result.text, result.finish_reason, False)
+        return self._response(model, request, parsed, wanted, reply, None)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         responses: asyncio.Queue[Any] = asyncio.Queue()  # None: every request is answered
@@ -229,17 +229,23 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         request_id = uuid.uuid4().hex[:16]
         started = time.monotonic()
         try:
-            gen, outputs = self._parse(request, context, request_id)
+            model, parsed, wanted = self._parse(request, context, request_id)
             result = _Result(started)
-            per_token = dataclasses.replace(gen, streaming=True)
+            per_token = dataclasses.replace(parsed.gen, streaming=True)
             async with contextlib.aclosing(self.orchestrator.generate(per_token)) as chunks:
                 async for chunk in chunks:
                     result.add(chunk)
-                    if gen.streaming:  # as the client asked: a response per chunk
-                        responses.put_nowait(self._stream_response(request, outputs, chunk))
-            if not gen.streaming:
-                whole = TokenChunk(result.token_ids, result.text, True, result.finish_reason)
-                responses.put_nowait(self._stream_response(request, outputs, whole))
+                    if parsed.gen.streaming:  # as the client asked: a response per chunk
+                        reply = Reply(chunk.token_ids, chunk.text, result.text,
+                                      chunk.finish_reason, True)  # fmt: skip
+                        response = self._response(model, request, parsed, wanted, reply,
+                                                  chunk.is_final)  # fmt: skip
+                        responses.put_nowait(_streamed(response))
+            if not parsed.gen.streaming:
+                reply = Reply(result.token_ids, result.text, result.text, result.finish_reason,
+                              False)  # fmt: skip
+                response = self._response(model, request, parsed, wanted, reply, True)
+                responses.put_nowait(_streamed(response))
         except asyncio.CancelledError:
             self._cancelled("ModelStreamInfer", request_id)
             raise
@@ -249,43 +255,43 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
             return
         self._succeeded("ModelStreamInfer", result)
 
-    def _stream_response(self, request: Any, outputs: tuple[str, ...], chunk: TokenChunk) -> Any:
-        response = kserve.infer_response(
-            self.orchestrator.model_name,
-            request.id,
-            chunk.token_ids,
-            chunk.text,
-            chunk.finish_reason,
-            outputs,
-            is_final=chunk.is_final,
-        )
-        return service_pb2.ModelStreamInferResponse(infer_response=response)
+    def _response(
+        self,
+        model: ServedModel,
+        request: Any,
+        parsed: Parsed,
+        wanted: tuple[str, ...],
+        reply: Reply,
+        is_final: bool | None,
+    ) -> Any:
+        values = model.answer(reply, parsed)
+        return kserve.infer_response(model.name, request.id, values, model.output_decls, wanted,
+                                     is_final)  # fmt: skip
 
     def _stream_error(self, request: Any, message: str) -> Any:
         """The in-stream error (tritonclient hands ``error_message`` to the callback)."""
-        final = kserve.infer_response(
-            self.orchestrator.model_name, request.id, [], "", None, (), is_final=True
-        )
+        final = kserve.infer_response(request.model_name, request.id, {}, {}, is_final=True)
         return service_pb2.ModelStreamInferResponse(
             error_message=f"[request id: {request.id}] {message}", infer_response=final
         )
 
     def _parse(
         self, request: Any, context: Any, request_id: str
-    ) -> tuple[GenerateRequest, tuple[str, ...]]:
-        """The client's request (``streaming`` as the client asked) and the outputs it wants."""
+    ) -> tuple[ServedModel, Parsed, tuple[str, ...]]:
+        """The model asked for, the client's request for it and the outputs it names."""
         if not self._serves(request.model_name, request.model_version):
             raise self._not_found(request.model_name, request.model_version)
+        model = self.models[request.model_name]
         deadline_s = self.config.request_timeout_s
         remaining_s = context.time_remaining()
         if remaining_s is not None:
             deadline_s = max(min(deadline_s, float(remaining_s)), 0.0)
-        gen = kserve.build_generate_request(
-            request, self.orchestrator, self.config.defaults, request_id, deadline_s
-        )
+        tensors = kserve.decode_inputs(request, model.input_decls)
+        parsed = model.parse(tensors, self.orchestrator, request_id, deadline_s)
         log.debug("request_received", request_id=request_id, client_id=request.id,
-                  num_prompt_tokens=len(gen.prompt_token_ids))  # fmt: skip
-        return gen, kserve.requested_outputs(request)
+                  model=model.name,
+                  num_prompt_tokens=len(parsed.gen.prompt_token_ids))  # fmt: skip
+        return model, parsed, kserve.requested_outputs(request, model.output_decls)
 
     async def _run(self, gen: GenerateRequest, started: float) -> _Result:
         result = _Result(started)
@@ -321,3 +327,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         model = self.orchestrator.model_name
         self.metrics.record_frontdoor(model, rpc, "OK")
         self.metrics.observe_latency(model, result.ttft_s(), result.tpot_s())
+
+
+def _streamed(response: Any) -> Any:
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
