@@ -26,11 +26,14 @@ from trtllm_prfaas.transport.config import Z85_KEY_LEN
 __all__ = [
     "MODEL_PRESETS",
     "CurveKeyFile",
+    "TestbedKeys",
     "connector_config_from_env",
+    "load_control_security",
     "load_relay_security",
     "load_yaml",
     "model_preset",
     "write_testbed_keys",
+    "write_testbed_keyset",
 ]
 
 T = TypeVar("T")
@@ -88,6 +91,28 @@ class CurveKeyFile:
             raise ConfigError(f"curve key file {self.path}: {exc}") from exc
         return _curve_keys(raw, self.path)
 
+    def load_control(self, side: str) -> CurveKeys:
+        """The control-plane keys of ``side``. A worker's file (``side="worker"``) must have a
+        ``control`` section with the relay's field names: its control ``server_public``/
+        ``server_secret`` and the routers' public keys as ``allowed_clients``. A router's file
+        (``"router"``) has the relay sender's layout at the top level: its own pair as
+        ``client_public``/``client_secret``, the workers' control key as ``server_public``."""
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"curve key file {self.path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"curve key file {self.path}: top level must be a mapping")
+        if side == "router":
+            return _curve_keys(raw, self.path)
+        section = raw.get("control")
+        if not isinstance(section, dict):
+            raise ConfigError(
+                f"curve key file {self.path}: no control section (the worker's control key pair "
+                "and allowed_clients, the routers' public keys; config.write_testbed_keyset)"
+            )
+        return _curve_keys(section, self.path)
+
 
 def _curve_keys(raw: Mapping[str, Any], source: Path) -> CurveKeys:
     def key(name: str) -> bytes | None:
@@ -114,10 +139,54 @@ def load_relay_security(keys_file: Path | None, plaintext: bool) -> RelaySecurit
     raise ConfigError("the KV relay needs --curve-keys FILE (encrypted) or --plaintext")
 
 
-def write_testbed_keys(directory: Path) -> tuple[Path, Path]:
-    """Fresh Curve keys for a testbed: (receiver key file, sender key file), mode 0600."""
+def load_control_security(keys_file: Path | None, plaintext: bool, side: str) -> RelaySecurity:
+    """The control plane's security from the same key file and ``--plaintext`` flag as the relay.
+
+    ``side`` is ``"worker"`` (Curve server: the file's ``control`` section must hold its pair and
+    the allowed routers) or ``"router"`` (Curve client: its pair and the workers' public key)."""
+    if keys_file is not None and plaintext:
+        raise ConfigError("--curve-keys and --plaintext are mutually exclusive")
+    if plaintext:
+        return RelaySecurity.insecure_plaintext()
+    if keys_file is None:
+        raise ConfigError("the control plane needs --curve-keys FILE (encrypted) or --plaintext")
+    keys = CurveKeyFile(keys_file).load_control(side)
+    try:
+        if side == "worker":
+            keys.require_server()
+        else:
+            keys.require_client()
+    except ConfigError as exc:
+        raise ConfigError(f"curve key file {keys_file}: control plane ({side}): {exc}") from exc
+    return RelaySecurity(curve=keys)
+
+
+@dataclass(frozen=True)
+class TestbedKeys:
+    """Key files of one testbed (JSON, mode 0600). Relay: ``receiver`` (decode), ``sender``
+    (prefill), ``both`` (a worker whose role can change holds the keys both roles need). Each
+    worker file has a ``control`` section (the workers' control key pair, the router allowed);
+    ``router`` is the router's pair with the workers' control public key (sender layout)."""
+
+    __test__ = False
+
+    receiver: Path
+    sender: Path
+    both: Path
+    router: Path
+
+
+def write_testbed_keyset(directory: Path) -> TestbedKeys:
+    """Fresh Curve keys for a testbed: relay, control plane and router files, mode 0600."""
     server_public, server_secret = generate_keypair()
     client_public, client_secret = generate_keypair()
+    control_public, control_secret = generate_keypair()
+    router_public, router_secret = generate_keypair()
+    control = {
+        "server_public": control_public.decode(),
+        "server_secret": control_secret.decode(),
+        "allowed_clients": [router_public.decode()],
+    }
     receiver = {
         "server_public": server_public.decode(),
         "server_secret": server_secret.decode(),
@@ -128,12 +197,30 @@ def write_testbed_keys(directory: Path) -> tuple[Path, Path]:
         "client_public": client_public.decode(),
         "client_secret": client_secret.decode(),
     }
+    router = {
+        "server_public": control_public.decode(),
+        "client_public": router_public.decode(),
+        "client_secret": router_secret.decode(),
+    }
+    contents = {
+        "relay-receiver.json": {**receiver, "control": control},
+        "relay-sender.json": {**sender, "control": control},
+        "relay-both.json": {**receiver, **sender, "control": control},
+        "router.json": router,
+    }
     directory.mkdir(parents=True, exist_ok=True)
-    paths = (directory / "relay-receiver.json", directory / "relay-sender.json")
-    for path, content in zip(paths, (receiver, sender), strict=True):
+    for name, content in contents.items():
+        path = directory / name
         path.write_text(json.dumps(content))
         path.chmod(0o600)
-    return paths
+    return TestbedKeys(*(directory / name for name in contents))
+
+
+def write_testbed_keys(directory: Path) -> tuple[Path, Path]:
+    """Fresh Curve keys for a testbed: (receiver key file, sender key file), mode 0600; both
+    also carry the control section (``write_testbed_keyset`` has every file)."""
+    keys = write_testbed_keyset(directory)
+    return keys.receiver, keys.sender
 
 
 # ---- the GPU path: the connector inside TensorRT-LLM reads TRTLLM_PRFAAS_* (deploy/env.py) ----

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import WorkerProcess, collect, new_uuid, spawn_worker, wait_for
-from trtllm_prfaas.config import model_preset, write_testbed_keys
+from trtllm_prfaas.config import load_control_security, model_preset, write_testbed_keyset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.worker import protocol as p
@@ -41,17 +41,21 @@ def _pair(tmp: Path, streams: int, curve: bool, *extra: str) -> tuple[WorkerProc
         "64",
         *extra,
     ]
+    control = None  # plaintext control plane unless the workers have Curve keys
     if curve:
-        receiver_keys, sender_keys = write_testbed_keys(tmp)
+        keys = write_testbed_keyset(tmp)
         decode_security, prefill_security = (
-            ["--curve-keys", str(receiver_keys)],
-            ["--curve-keys", str(sender_keys)],
+            ["--curve-keys", str(keys.receiver)],
+            ["--curve-keys", str(keys.sender)],
         )
+        control = load_control_security(keys.router, False, "router")
     else:
         decode_security = prefill_security = ["--plaintext"]
-    decode = spawn_worker("decode", "dc-local", *common, *decode_security)
+    decode = spawn_worker("decode", "dc-local", *common, *decode_security, control_security=control)
     try:
-        prefill = spawn_worker("prefill", "dc-remote", *common, *prefill_security)
+        prefill = spawn_worker(
+            "prefill", "dc-remote", *common, *prefill_security, control_security=control
+        )
     except BaseException:
         decode.stop()
         raise

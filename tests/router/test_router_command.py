@@ -4,6 +4,8 @@ run (remote and local), SIGTERM mid-request (the request completes, new ones are
 0), a worker that never answers or answers with another role (exit 1, within the deadline), bad
 flags (exit 2) and bad ``--config`` keys (exit 1, the key named), and every compose file's
 ``router`` command parsed by the command's real parser against the compose file's own workers.
+The workers' control plane is Curve (``write_testbed_keyset``): the router serves with its key
+file (``--curve-keys``); a router whose key no worker allows gets no answer and fails the start.
 
 Every process started here is stopped by PID (SIGTERM, then SIGKILL) even when a test fails.
 """
@@ -33,16 +35,21 @@ from tritonclient.utils import InferenceServerException
 from tests.harness import WorkerProcess, spawn_worker, wait_for
 from tests.router.builders import MODEL, ids_of, is_final, llm_inputs, stream
 from trtllm_prfaas import cli
-from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.config import (
+    TestbedKeys,
+    load_control_security,
+    model_preset,
+    write_testbed_keyset,
+)
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router import command
-from trtllm_prfaas.worker.client import WorkerClient
+from trtllm_prfaas.transport import generate_keypair
 from trtllm_prfaas.worker.protocol import LoadReport
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--model-preset", "tiny", "--plaintext", "--num-blocks", "512", "--chunk-size", "64"]
+COMMON = ["--model-preset", "tiny", "--num-blocks", "512", "--chunk-size", "64"]
 THRESHOLD = 100
 SEED, TEMPERATURE = 9, 0.7
 
@@ -105,12 +112,20 @@ class RouterProcess:
 
 
 @pytest.fixture(scope="module")
-def workers() -> Iterator[dict[str, WorkerProcess]]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> TestbedKeys:
+    return write_testbed_keyset(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def workers(keys: TestbedKeys) -> Iterator[dict[str, WorkerProcess]]:
     procs: dict[str, WorkerProcess] = {}
+    control = load_control_security(keys.router, False, "router")
+    curve = ["--curve-keys", str(keys.both)]
     try:
-        procs["dc-local/decode"] = spawn_worker("decode", "dc-local", *COMMON)
-        procs["dc-local/prefill"] = spawn_worker("prefill", "dc-local", *COMMON)
-        procs["dc-remote/prefill"] = spawn_worker("prefill", "dc-remote", *COMMON)
+        for name in ("dc-local/decode", "dc-local/prefill", "dc-remote/prefill"):
+            cluster, role = name.split("/")
+            procs[name] = spawn_worker(role, cluster, *COMMON, *curve, control_security=control)
+        procs["dc-local/decode"].ready["keys"] = str(keys.router)  # the router's key file
         yield procs
     finally:
         codes = {name: proc.stop() for name, proc in procs.items()}
@@ -126,14 +141,15 @@ def worker_flags(procs: dict[str, WorkerProcess]) -> list[str]:
 
 
 def router_args(procs: dict[str, WorkerProcess], *extra: str) -> list[str]:
+    keys = ["--curve-keys", procs["dc-local/decode"].ready["keys"]]
     return ["--listen", "127.0.0.1:0", "--threshold-tokens", str(THRESHOLD), "--fixed-threshold",
-            *worker_flags(procs), *extra]  # fmt: skip
+            *keys, *worker_flags(procs), *extra]  # fmt: skip
 
 
 def assert_workers_idle(procs: dict[str, WorkerProcess]) -> None:
     """Leak check: every worker ends with nothing running and every KV block free."""
     for name, proc in procs.items():
-        with WorkerClient(proc.control) as client:
+        with proc.client() as client:
             info = client.ping(10)
             report = wait_for(client, LoadReport, lambda m: m.num_running == 0, timeout_s=20)
             assert report.num_free_blocks == info.num_blocks, name
@@ -237,6 +253,29 @@ def _new_request_refused(address: str, timeout_s: float = 10.0) -> str:
 
 
 # ---------------------------------------------------------------------------- start failures
+def test_a_router_whose_key_no_worker_allows_fails_the_start(workers: Any, tmp_path: Path) -> None:
+    """Right worker key, own key pair not in any worker's allow-list: the workers refuse the
+    handshake, nothing answers the ping, the start fails (exit 1) naming the first worker."""
+    public, secret = generate_keypair()
+    router_file = json.loads(Path(workers["dc-local/decode"].ready["keys"]).read_text())
+    router_file.update(client_public=public.decode(), client_secret=secret.decode())
+    stranger = tmp_path / "stranger.json"
+    stranger.write_text(json.dumps(router_file))
+    args = router_args(workers, "--connect-timeout-s", "2")
+    args[args.index("--curve-keys") + 1] = str(stranger)
+    with RouterProcess(*args) as router:
+        code, stderr = router.exit_code(timeout_s=60), router.stderr()
+    assert code == 1, stderr
+    assert "did not answer" in stderr, stderr
+
+
+def test_a_router_without_keys_or_plaintext_is_refused(workers: Any, capsys: Any) -> None:
+    args = router_args(workers)
+    del args[args.index("--curve-keys") : args.index("--curve-keys") + 2]
+    assert cli.main(["router", *args]) == 1
+    assert "--curve-keys FILE (encrypted) or --plaintext" in capsys.readouterr().err
+
+
 def test_a_worker_that_never_answers_fails_the_start_within_the_deadline(workers: Any) -> None:
     silent = f"127.0.0.1:{free_port()}"
     args = router_args(workers, "--worker", f"dc-local/decode={silent}", "--connect-timeout-s", "2")
@@ -265,7 +304,8 @@ def test_a_worker_listed_with_the_wrong_role_fails_the_start(workers: Any) -> No
     decode = workers["dc-local/decode"].control.removeprefix("tcp://")
     prefill = workers["dc-local/prefill"].control.removeprefix("tcp://")
     args = ["--listen", "127.0.0.1:0", "--worker", f"dc-local/prefill={decode}",
-            "--worker", f"dc-local/decode={prefill}"]  # fmt: skip
+            "--worker", f"dc-local/decode={prefill}",
+            "--curve-keys", workers["dc-local/decode"].ready["keys"]]  # fmt: skip
     with RouterProcess(*args) as router:
         code, stderr = router.exit_code(timeout_s=60), router.stderr()
     assert code == 1, stderr
@@ -317,7 +357,7 @@ def test_config_file_values_and_flags_over_them(tmp_path: Path) -> None:
     path.write_text(
         "listen: 127.0.0.1:9001\nmetrics_listen: '[::1]:9002'\nthreshold_tokens: 2048\n"
         "link_gbps: 25\nprefill_timeout_s: 60\ngrace_s: 5\nprfaas_clusters: [far]\n"
-        "tokenizer_dir: /models/hf\nworker_lost_s: 1.5\n"
+        "tokenizer_dir: /models/hf\nworker_lost_s: 1.5\nplaintext: true\n"
         "workers: [far/prefill=p:7000, near/prefill=q:7000,\n"
         "          near/decode=d:7000, near/decode=e:7000]\n"
     )
@@ -335,6 +375,7 @@ def test_config_file_values_and_flags_over_them(tmp_path: Path) -> None:
     assert (router.tokenizer_dir, router.worker_lost_s) == ("/models/hf", 1.5)
     assert router.control is not None and router.control.link_gbps == 25.0
     assert settings.frontdoor.shutdown_grace_s == 5.0
+    assert router.control_security is not None and router.control_security.curve is None
     flagged = command.load_settings(parse(["--config", str(path), "--worker", "far/prefill=x:1",
                                            "--worker", "near/decode=y:2"]))  # fmt: skip
     assert [s.endpoint for s in flagged.router.workers] == ["tcp://x:1", "tcp://y:2"]

@@ -5,14 +5,13 @@ relayed from another process bit-exactly, and ends with every block free."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import WorkerProcess, collect, new_uuid, spawn_worker, wait_for
-from trtllm_prfaas.config import model_preset, write_testbed_keys
+from trtllm_prfaas.config import load_control_security, model_preset, write_testbed_keyset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.worker import protocol as p
@@ -20,23 +19,17 @@ from trtllm_prfaas.worker import protocol as p
 COMMON = ["--model-preset", "tiny", "--num-blocks", "256", "--chunk-size", "64"]
 
 
-def both_roles_keys(tmp: Path) -> Path:
-    """One Curve key file with receiver and sender keys: a node that may change role."""
-    receiver, sender = write_testbed_keys(tmp)
-    merged = {**json.loads(receiver.read_text()), **json.loads(sender.read_text())}
-    path = tmp / "relay-both.json"
-    path.write_text(json.dumps(merged))
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
-    keys = ["--curve-keys", str(both_roles_keys(tmp_path))]
+    """Two workers with the key file of a node that may change role (receiver and sender relay
+    keys); their control sockets are Curve too, reached with the router's keys."""
+    keyset = write_testbed_keyset(tmp_path)
+    keys = ["--curve-keys", str(keyset.both)]
+    control = load_control_security(keyset.router, False, "router")
     procs: list[WorkerProcess] = []
     try:
-        procs.append(spawn_worker("prefill", "dc-local", *COMMON, *keys))
-        procs.append(spawn_worker("prefill", "dc-remote", *COMMON, *keys))
+        procs.append(spawn_worker("prefill", "dc-local", *COMMON, *keys, control_security=control))
+        procs.append(spawn_worker("prefill", "dc-remote", *COMMON, *keys, control_security=control))
         yield procs[0], procs[1]
     finally:
         codes = [proc.stop() for proc in procs]

@@ -26,8 +26,15 @@ Contract:
 
 The YAML file's keys are :class:`RouterFile`'s fields (flags win over the file; ``--worker``
 flags, when given, replace the file's ``workers``); an unknown key or a value of the wrong type is
-refused. There are no key files yet: the router's control sockets to workers are plaintext
-ZeroMQ today (the relay between workers is what Curve protects).
+refused.
+
+Control plane: ``--curve-keys FILE`` (the router's key pair as ``client_public``/
+``client_secret`` and the workers' control public key as ``server_public``, the relay sender's
+layout; ``config.write_testbed_keyset`` writes ``router.json``) makes every worker socket a
+CurveZMQ client, and a worker admits it only if its own key file allows this router's key. A
+router with a key a worker does not allow gets no answer and fails the start like a silent
+worker. ``--plaintext`` (explicit, logged as a warning per worker) is the other choice; one of
+the two is required.
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ from typing import Annotated, Any
 
 import msgspec
 
-from trtllm_prfaas.config import load_yaml
+from trtllm_prfaas.config import load_control_security, load_yaml
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router.control import ControlConfig
 from trtllm_prfaas.router.orchestrator import RouterConfig, WorkerSpec
 from trtllm_prfaas.router.service import RouterService
 from trtllm_prfaas.router.servicer import FrontDoorConfig
 from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.transport import RelaySecurity
 
 __all__ = [
     "RouterFile",
@@ -107,6 +115,8 @@ class RouterFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     worker_lost_s: Seconds | None = None
     request_timeout_s: Seconds | None = None
     grace_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    curve_keys: str | None = None  # --curve-keys: the router's control-plane key file
+    plaintext: bool | None = None  # --plaintext: control sockets without Curve (warned)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +214,19 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the served model's Hugging Face directory (default: the reference byte tokenizer)",
     )
+    parser.add_argument(
+        "--curve-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="control-plane Curve keys: this router's pair and the workers' public key",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=None,
+        help="control sockets without encryption or authentication (warned)",
+    )
     positive = _above(0.0)
     _optional(parser, "--threshold-tokens", _at_least(int, 0), "initial t (default 1024)")
     _optional(parser, "--link-gbps", positive, "PrfaaS egress capacity (default: measured)")
@@ -274,6 +297,10 @@ def load_settings(args: argparse.Namespace) -> RouterSettings:
         name: flags[name] if flags.get(name) is not None else getattr(file, name)
         for name in RouterFile.__struct_fields__
     }
+    if flags["plaintext"]:  # one security choice: a flag's replaces the file's other one
+        merged["curve_keys"] = None
+    elif flags["curve_keys"] is not None:
+        merged["plaintext"] = None
     where = f"router config {args.config}: " if args.config is not None else ""
     return _settings(merged, where)
 
@@ -284,6 +311,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     values["workers"] = args.worker
     values["prfaas_clusters"] = args.prfaas_cluster
     values["tokenizer_dir"] = None if args.tokenizer is None else str(args.tokenizer)
+    values["curve_keys"] = None if args.curve_keys is None else str(args.curve_keys)
     return values
 
 
@@ -345,8 +373,16 @@ def _router_config(specs: tuple[WorkerSpec, ...], v: dict[str, Any]) -> RouterCo
         tokenizer_dir=v["tokenizer_dir"] or defaults.tokenizer_dir,
         threshold_tokens=_default(v["threshold_tokens"], defaults.threshold_tokens),
         control=control,
+        control_security=_control_security(v),
         **{name: _default(v[name], getattr(defaults, name)) for name in timeouts},
     )
+
+
+def _control_security(v: dict[str, Any]) -> RelaySecurity:
+    """Curve from ``curve_keys`` or plaintext when chosen; a flag wins over the file's other
+    choice (``--plaintext`` over a file's ``curve_keys`` and the reverse)."""
+    keys = Path(v["curve_keys"]) if v["curve_keys"] else None
+    return load_control_security(keys, bool(v["plaintext"]), "router")
 
 
 def _frontdoor_config(listen: tuple[str, int], v: dict[str, Any]) -> FrontDoorConfig:

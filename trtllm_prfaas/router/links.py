@@ -1,9 +1,12 @@
 """The router's links to its workers: one socket per worker, and where each message goes.
 
-I/O: one plain (non-asyncio) ZeroMQ DEALER per worker. Sends go out at once with ``NOBLOCK``
-(falling back to waiting for room only when the socket is full); received messages are drained
-with ``NOBLOCK`` in a loop from one event-loop reader callback per socket, and each ``Tokens``
-goes to its request's channel (a deque and one future, made only while the request waits).
+I/O: one plain (non-asyncio) ZeroMQ DEALER per worker, a CurveZMQ client when the links have
+keys (``security``: the router's key pair and the workers' control public key; the worker admits
+only allowed router keys) or plaintext, logged as a warning, when that was chosen. Sends go out
+at once with ``NOBLOCK`` (falling back to waiting for room only when the socket is full);
+received messages are drained with ``NOBLOCK`` in a loop from one event-loop reader callback
+per socket, and each ``Tokens`` goes to its request's channel (a deque and one future, made
+only while the request waits).
 ZeroMQ's descriptor is edge-triggered: after every send the socket's events are checked, and a
 drain is scheduled if messages became readable meanwhile.
 
@@ -45,6 +48,8 @@ from trtllm_prfaas.errors import ConfigError, TransportError, WorkerLost
 from trtllm_prfaas.router.cluster import ClusterState
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.transport import RelaySecurity
+from trtllm_prfaas.transport.security import secure_client
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["Inbox", "WorkerLinks", "heartbeat_options"]
@@ -52,7 +57,12 @@ __all__ = ["Inbox", "WorkerLinks", "heartbeat_options"]
 log = get_logger(__name__)
 
 _SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
-_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
 _MAX_TTL_MS = 6_553_500  # HEARTBEAT_TTL travels in deciseconds in 16 bits (zmq_setsockopt)
 
 
@@ -92,9 +102,13 @@ class WorkerLinks:
         *,
         worker_lost_s: float = 3.0,
         send_timeout_s: float = 10.0,
+        security: RelaySecurity | None = None,
     ) -> None:
         if not worker_lost_s > 0 or not send_timeout_s > 0:
             raise ConfigError("worker_lost_s and send_timeout_s must be > 0")
+        if security is not None and security.curve is not None:
+            security.curve.require_client()
+        self.security = security or RelaySecurity.insecure_plaintext()
         self.cluster = cluster
         self.metrics = metrics
         self.worker_lost_s = worker_lost_s
@@ -115,6 +129,10 @@ class WorkerLinks:
         self._loop = asyncio.get_running_loop()
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        secure_client(sock, self.security)
+        if self.security.curve is None:
+            log.warning("control_plaintext", side="router", worker=name, endpoint=endpoint,
+                        note="no encryption, no authentication")  # fmt: skip
         for option, value in heartbeat_options(self.worker_lost_s).items():
             sock.setsockopt(option, value)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)  # before connect: see every event
@@ -193,6 +211,9 @@ class WorkerLinks:
                 self.on_lost(name, "its connection closed (process gone or heartbeats missed)")
             elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._on_connected(name)
+            elif event["event"] & _HANDSHAKE_FAILED:  # wrong keys, or Curve on one side only
+                log.error("worker_handshake_failed", worker=name, handshake=event["event"],
+                          code=event["value"])  # fmt: skip
 
     def on_lost(self, name: str, why: str) -> None:
         """Worker ``name`` is gone: out of routing, and every request with a leg on it gets a

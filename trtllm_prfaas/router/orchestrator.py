@@ -57,6 +57,7 @@ from trtllm_prfaas.router.flight import Flight, Handoff
 from trtllm_prfaas.router.links import WorkerLinks
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.transport import RelaySecurity
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["DisaggregatedOrchestrator", "RouterConfig", "WorkerSpec"]
@@ -93,6 +94,9 @@ class RouterConfig:
     # The served model's Hugging Face directory (tokenizer.json, tokenizer_config.json): prompts
     # are tokenized, routed and detokenized with its tokenizer. "": the reference engine's bytes.
     tokenizer_dir: str = ""
+    # The control sockets to workers: Curve (the router's key pair and the workers' control
+    # public key, config.load_control_security) or, when None, plaintext with a warning.
+    control_security: RelaySecurity | None = None
 
 
 class DisaggregatedOrchestrator(Orchestrator):
@@ -119,7 +123,12 @@ class DisaggregatedOrchestrator(Orchestrator):
             "relay_recomputed": 0,
             "rerouted": 0,
         }
-        self._links = WorkerLinks(self.cluster, metrics, worker_lost_s=config.worker_lost_s)
+        self._links = WorkerLinks(
+            self.cluster,
+            metrics,
+            worker_lost_s=config.worker_lost_s,
+            security=config.control_security,
+        )
         self._handoff = Handoff(
             links=self._links,
             control=self.control,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trtllm_prfaas.errors import PrfaasError
+from trtllm_prfaas.transport import RelaySecurity
 from trtllm_prfaas.worker.client import WorkerClient
 
 __all__ = ["WorkerProcess", "spawn_worker", "start_workers"]
@@ -23,6 +24,7 @@ class WorkerProcess:
     process: subprocess.Popen[str]
     ready: dict[str, Any] = field(default_factory=dict)
     clients: list[WorkerClient] = field(default_factory=list)
+    control_security: RelaySecurity | None = None  # Curve: the router's keys (None: plaintext)
 
     @property
     def control(self) -> str:
@@ -33,7 +35,7 @@ class WorkerProcess:
         return str(self.ready["relay"])
 
     def client(self) -> WorkerClient:
-        client = WorkerClient(self.control)
+        client = WorkerClient(self.control, security=self.control_security)
         self.clients.append(client)
         return client
 
@@ -59,10 +61,17 @@ def _launch(name: str, args: list[str], log_level: str) -> WorkerProcess:
 
 
 def start_workers(
-    specs: dict[str, list[str]], timeout_s: float = 90.0, log_level: str = "ERROR"
+    specs: dict[str, list[str]],
+    timeout_s: float = 90.0,
+    log_level: str = "ERROR",
+    control_security: RelaySecurity | None = None,
 ) -> dict[str, WorkerProcess]:
-    """Launch every worker at once, then wait for each ready line; on failure stop them all."""
+    """Launch every worker at once, then wait for each ready line; on failure stop them all.
+    ``control_security``: what ``WorkerProcess.client()`` connects with (the router's keys when
+    the workers' control plane is Curve)."""
     workers = {name: _launch(name, args, log_level) for name, args in specs.items()}
+    for worker in workers.values():
+        worker.control_security = control_security
     try:
         deadline = time.monotonic() + timeout_s
         for worker in workers.values():
@@ -74,10 +83,18 @@ def start_workers(
     return workers
 
 
-def spawn_worker(role: str, cluster: str, *extra: str, timeout_s: float = 90.0) -> WorkerProcess:
-    """One worker (``--role``/``--cluster`` plus ``extra`` flags), ready to serve."""
+def spawn_worker(
+    role: str,
+    cluster: str,
+    *extra: str,
+    timeout_s: float = 90.0,
+    control_security: RelaySecurity | None = None,
+) -> WorkerProcess:
+    """One worker (``--role``/``--cluster`` plus ``extra`` flags), ready to serve; its
+    ``client()`` connects with ``control_security`` (the router's keys for a Curve worker)."""
     name = f"{cluster}-{role}"
-    return start_workers({name: ["--role", role, "--cluster", cluster, *extra]}, timeout_s)[name]
+    args = ["--role", role, "--cluster", cluster, *extra]
+    return start_workers({name: args}, timeout_s, control_security=control_security)[name]
 
 
 def _read_ready(worker: WorkerProcess, deadline: float) -> dict[str, Any]:

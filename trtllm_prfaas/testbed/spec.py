@@ -40,7 +40,7 @@ class TestbedConfig:
     metrics_port: int = 8002
     threshold_tokens: int = 1024
     link_gbps: float | None = None  # emulated PrfaaS -> local link rate (None: unpaced)
-    curve: bool = True  # encrypt and authenticate the KV relay
+    curve: bool = True  # encrypt and authenticate the KV relay and the control plane
     num_streams: int = 4
     chunk_size: int = 2048
     num_blocks: int = 2048

@@ -14,7 +14,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from trtllm_prfaas.config import MODEL_PRESETS, write_testbed_keys
+from trtllm_prfaas.config import (
+    MODEL_PRESETS,
+    TestbedKeys,
+    load_control_security,
+    write_testbed_keyset,
+)
 from trtllm_prfaas.router.control import ControlConfig
 from trtllm_prfaas.router.orchestrator import RouterConfig, WorkerSpec
 from trtllm_prfaas.router.service import RouterService
@@ -22,12 +27,19 @@ from trtllm_prfaas.router.servicer import FrontDoorConfig
 from trtllm_prfaas.testbed import demo
 from trtllm_prfaas.testbed.processes import WorkerProcess, start_workers
 from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
+from trtllm_prfaas.transport import RelaySecurity
 
 __all__ = ["Testbed", "add_arguments", "run"]
 
 
 class Testbed:
-    """Workers + router for one ``TestbedConfig``; a context manager."""
+    """Workers + router for one ``TestbedConfig``; a context manager.
+
+    With ``config.curve`` (the default) fresh keys are written to a private temporary directory
+    (``config.write_testbed_keyset``): the relay and the control plane are CurveZMQ; the local PD
+    workers, whose role the router may convert, get the key file with both relay roles' keys,
+    the PrfaaS prefill workers the sender's; every worker's control socket admits only the
+    router's key (``control_security``). Without it, both planes run ``--plaintext``."""
 
     __test__ = False
 
@@ -37,10 +49,24 @@ class Testbed:
         self.workers: dict[str, WorkerProcess] = {}
         self.router: RouterService | None = None
         self._keys = tempfile.TemporaryDirectory(prefix="prfaas-keys-")
+        self._keyset: TestbedKeys | None = None
+        if config.curve:
+            self._keyset = write_testbed_keyset(Path(self._keys.name))
+
+    @property
+    def control_security(self) -> RelaySecurity:
+        """How a router (or a test's ``WorkerClient``) reaches these workers' control sockets."""
+        if self._keyset is None:
+            return RelaySecurity.insecure_plaintext()
+        return load_control_security(self._keyset.router, False, "router")
 
     def start(self) -> None:
         try:
-            self.workers = start_workers(self._worker_specs(), log_level=self.log_level)
+            self.workers = start_workers(
+                self._worker_specs(),
+                log_level=self.log_level,
+                control_security=self.control_security,
+            )
             self.router = RouterService(
                 self._router_config(),
                 FrontDoorConfig(host=self.config.host, port=self.config.grpc_port),
@@ -53,18 +79,15 @@ class Testbed:
 
     def _worker_specs(self) -> dict[str, list[str]]:
         specs = self.config.worker_args()
-        if not self.config.curve:
+        keys = self._keyset
+        if keys is None:
             return {name: [*args, "--plaintext"] for name, args in specs.items()}
-        receiver_keys, sender_keys = write_testbed_keys(Path(self._keys.name))
+        prfaas = f"{self.config.prfaas_cluster}-"
         return {
             name: [
                 *args,
                 "--curve-keys",
-                str(
-                    receiver_keys
-                    if "--role" in args and args[args.index("--role") + 1] == "decode"
-                    else sender_keys
-                ),
+                str(keys.sender if name.startswith(prfaas) else keys.both),
             ]
             for name, args in specs.items()
         }
@@ -82,6 +105,7 @@ class Testbed:
             threshold_tokens=self.config.threshold_tokens,
             control=control,
             tokenizer_dir=self.config.tokenizer_dir,
+            control_security=self.control_security,
         )
 
     def describe(self) -> str:
@@ -98,7 +122,7 @@ class Testbed:
         lines.append(
             f"threshold t = {self.config.threshold_tokens} tokens; "
             f"{self.config.prfaas_cluster} -> {self.config.local_cluster} link: {link}; "
-            f"relay {'Curve-encrypted' if self.config.curve else 'PLAINTEXT'}"
+            f"relay and control {'Curve-encrypted' if self.config.curve else 'PLAINTEXT'}"
         )
         return "\n".join(lines)
 

@@ -66,20 +66,26 @@ def secure_server(sock: zmq.Socket[bytes], security: RelaySecurity) -> None:
 class _AllowList:
     """pyzmq credentials provider: accept a client iff its Z85 public key is allowed."""
 
-    def __init__(self, keys: CurveKeys) -> None:
+    def __init__(self, keys: CurveKeys, plane: str) -> None:
         self._allowed = keys.allowed_client_public_keys
+        self._plane = plane
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._allowed
         if not allowed:
-            _log.warning("relay_client_refused", client_key=key.decode("ascii", "replace"))
+            client_key = key.decode("ascii", "replace")
+            _log.warning(f"{self._plane}_client_refused", client_key=client_key)
         return allowed
 
 
 class ServerAuth:
-    """The ZAP handler of one receiver context (a no-op for plaintext). Context manager."""
+    """The ZAP handler of one receiver context (a no-op for plaintext). Context manager.
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], security: RelaySecurity) -> None:
+    ``plane`` names the refusal log line (``relay_client_refused``, ``control_client_refused``)."""
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], security: RelaySecurity, plane: str = "relay"
+    ) -> None:
         self._auth: ThreadAuthenticator | None = None
         if security.curve is None:
             return
@@ -87,7 +93,7 @@ class ServerAuth:
         self._auth = ThreadAuthenticator(ctx)
         self._auth.start()
         self._auth.configure_curve_callback(
-            domain="*", credentials_provider=_AllowList(security.curve)
+            domain="*", credentials_provider=_AllowList(security.curve, plane)
         )
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.triton import TritonEngine, TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.kv.hashing import CacheKey
-from trtllm_prfaas.transport import RelayConfig
+from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 
 __all__ = ["Assembly", "WorkerConfig", "WorkerRole", "assemble", "assemble_triton"]
 
@@ -53,6 +53,9 @@ class WorkerConfig:
     idle_poll_s: float = 0.02
     triton: TritonEngineConfig | None = None  # set: the engine is this remote Triton server
     advertise_relay: str = ""  # Triton decode: its connector's relay receiver, as peers reach it
+    # The control socket: Curve server keys and the routers allowed (worker/server.py). None:
+    # plaintext, logged as a warning when the socket binds (prfaas worker needs --plaintext).
+    control_security: RelaySecurity | None = None
 
     def __post_init__(self) -> None:
         if self.fallback not in ("recompute", "fail"):

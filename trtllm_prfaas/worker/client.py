@@ -8,20 +8,35 @@ import msgspec
 import zmq
 
 from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.transport import RelaySecurity
+from trtllm_prfaas.transport.security import secure_client
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["WorkerClient"]
 
 
 class WorkerClient:
-    """One DEALER socket to a worker. Not thread-safe: one owner sends and receives."""
+    """One DEALER socket to a worker. Not thread-safe: one owner sends and receives.
 
-    def __init__(self, endpoint: str, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+    ``security``: the worker's control plane is Curve when it was started with key files; then
+    give the router's keys (``config.load_control_security(FILE, False, "router")``: its pair
+    and the workers' control public key). None: plaintext, for a worker started ``--plaintext``.
+    A client whose key the worker does not allow never completes the handshake: its messages
+    wait in its own queue and nothing is answered (``ping`` raises after its timeout)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        security: RelaySecurity | None = None,
+    ):
         self.endpoint = endpoint
         self._owns_context = context is None
         self._ctx = context or zmq.Context()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.linger = 0
+        if security is not None:
+            secure_client(self.socket, security)
         self.socket.connect(endpoint)
 
     def send(self, message: p.Message) -> None:

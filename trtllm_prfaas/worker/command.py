@@ -17,6 +17,13 @@ reaches it; rank r at port + r, ``--triton-tp-size`` ranks), signed with ``--tri
 (``docker/gen_curve_keys.py``'s directory: ``worker.public``/``worker.secret`` and the Triton
 role's ``<role>.public``) or, explicitly, ``--plaintext``. Without a plan endpoint a relayed
 request runs without its plan (counted and logged as ``plans_unconfigured``).
+
+The control endpoint (routers' ``Submit``/``SetRole``/``Ping``) is secured with the same flags
+as the relay: ``--curve-keys FILE``'s ``control`` section (this worker's control key pair and the
+routers' public keys, ``config.write_testbed_keyset``) makes it a CurveZMQ server that admits
+only those routers; ``--plaintext`` leaves both planes plaintext (warned). A worker whose role
+may change needs a file with both relay roles' keys (``relay-both.json``). Over Triton without
+``--curve-keys`` the control endpoint stays plaintext (warned): no relay keys are needed there.
 """
 
 from __future__ import annotations
@@ -29,7 +36,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trtllm_prfaas.config import MODEL_PRESETS, load_relay_security, model_preset
+from trtllm_prfaas.config import (
+    MODEL_PRESETS,
+    load_control_security,
+    load_relay_security,
+    model_preset,
+)
 from trtllm_prfaas.connector.prfaas_runtime import rank_endpoint
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
@@ -51,8 +63,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--control", default="tcp://127.0.0.1:0", help="control bind endpoint")
     parser.add_argument("--relay", default="tcp://127.0.0.1:0", help="decode: relay bind endpoint")
-    parser.add_argument("--curve-keys", type=Path, default=None, help="relay Curve key file")
-    parser.add_argument("--plaintext", action="store_true", help="relay without encryption")
+    parser.add_argument(
+        "--curve-keys", type=Path, default=None, help="Curve key file: relay and control plane"
+    )
+    parser.add_argument(
+        "--plaintext", action="store_true", help="relay and control plane without encryption"
+    )
     parser.add_argument("--num-streams", type=int, default=4)
     parser.add_argument("--link-gbps", type=float, default=None, help="pace relay sends")
     parser.add_argument(
@@ -141,8 +157,10 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         # Never used: this process opens no relay socket (Triton's connector does the relay,
         # secured by its TRTLLM_PRFAAS_CURVE_* variables).
         security = RelaySecurity.insecure_plaintext()
+        control = RelaySecurity.insecure_plaintext()  # warned when the control socket binds
     else:
         security = load_relay_security(args.curve_keys, args.plaintext)
+        control = load_control_security(args.curve_keys, args.plaintext, "worker")
     relay = RelayConfig(
         security=security,
         num_streams=args.num_streams,
@@ -193,6 +211,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         args.fallback,
         triton=triton,
         advertise_relay=args.advertise_relay,
+        control_security=control,
     )
 
 

@@ -21,6 +21,7 @@ another role is answered with the current ``WorkerInfo``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
@@ -35,7 +37,8 @@ from trtllm_prfaas.engines.base import describe
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
 from trtllm_prfaas.telemetry.logging import get_logger
-from trtllm_prfaas.transport import InboundStatus
+from trtllm_prfaas.transport import InboundStatus, RelaySecurity
+from trtllm_prfaas.transport.security import ServerAuth, secure_server
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.assembly import (
     Assembly,
@@ -49,6 +52,15 @@ from trtllm_prfaas.worker.held import HeldDecodes, prefill_plan, remote_load, tr
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 
 log = get_logger(__name__)
+
+# Handshake failures the control socket's monitor reports (libzmq zmq_socket_monitor: PROTOCOL
+# for a plaintext peer on a Curve socket, a mechanism mismatch; AUTH for a ZAP refusal).
+_REFUSAL_NAMES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed_protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth",
+}
+_REFUSALS = sum(int(e) for e in _REFUSAL_NAMES)
 
 
 @dataclass
@@ -75,9 +87,7 @@ class WorkerServer:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._assemble(config.role)
         try:
-            self.socket = self._ctx.socket(zmq.ROUTER)
-            self.socket.linger = 0
-            self.socket.bind(config.control_endpoint)
+            self._open_control(config)
         except BaseException:
             self._built.close()
             self._ctx.destroy(linger=0)
@@ -85,6 +95,7 @@ class WorkerServer:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()  # kept: ``Socket.poll`` would build one per call
         self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._role_change: _RoleChange | None = None
         self._ids = itertools.count(1)
         self._requests: dict[str, _Tracked] = {}
@@ -94,6 +105,27 @@ class WorkerServer:
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
         self._stop = threading.Event()
+
+    def _open_control(self, config: WorkerConfig) -> None:
+        """Bind the control ROUTER: a Curve server whose ZAP handler (this context's
+        ``ServerAuth``) admits only the allowed router keys, or plaintext (warned). A peer
+        refused at the handshake never delivers a message; the socket's monitor logs it."""
+        security = config.control_security or RelaySecurity.insecure_plaintext()
+        self._auth = ServerAuth(self._ctx, security, plane="control")
+        try:
+            self.socket = self._ctx.socket(zmq.ROUTER)
+            self.socket.linger = 0
+            secure_server(self.socket, security)
+            self._monitor = self.socket.get_monitor_socket(_REFUSALS)
+            self.socket.bind(config.control_endpoint)
+        except BaseException:
+            self._auth.close()
+            raise
+        if security.curve is None:
+            note = "no encryption, no authentication: anyone reaching it may submit"
+            log.warning(
+                "control_plaintext", side="worker", endpoint=config.control_endpoint, note=note
+            )
 
     def _assemble(self, role: WorkerRole) -> None:
         """(Re)build the connector runtime and engine for ``role``; the relay config is kept."""
@@ -147,7 +179,11 @@ class WorkerServer:
         for request_id in list(self._requests):
             self._abort(request_id, "aborted")
         self._built.close()
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)
+        self._auth.close()
         self._ctx.term()
 
     def __enter__(self) -> WorkerServer:
@@ -176,6 +212,7 @@ class WorkerServer:
     def _poll_control(self, timeout_s: float) -> None:
         if not self._poller.poll(int(timeout_s * 1000)):
             return
+        self._log_refusals()
         while True:
             try:
                 identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
@@ -186,6 +223,21 @@ class WorkerServer:
                 continue
             self._routers.add(identity)
             self._handle(identity, frame)
+
+    def _log_refusals(self) -> None:
+        """Log each peer whose handshake failed (no Curve, a key not allowed, a bad greeting)."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            log.warning(
+                "control_peer_refused",
+                worker_id=self.config.worker_id,
+                handshake=_REFUSAL_NAMES.get(int(event["event"]), str(event["event"])),
+                code=int(event["value"]),
+                endpoint=event["endpoint"].decode("utf-8", "replace"),
+            )
 
     def _handle(self, identity: bytes, frame: bytes) -> None:
         try:
