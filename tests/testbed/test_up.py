@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.errors import ConfigError, TransportError
 from trtllm_prfaas.testbed import demo
 from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
 from trtllm_prfaas.testbed.up import Testbed
+from trtllm_prfaas.worker.client import WorkerClient
 
 
 def test_testbed_serves_tritonclient_with_single_engine_tokens() -> None:
@@ -33,8 +34,20 @@ def test_testbed_serves_tritonclient_with_single_engine_tokens() -> None:
         assert figures['prfaas_requests_total|route="remote",status="ok"}'] == 3
         for result in (results[0], results[2]):  # one local, one remote: unary == streaming
             assert _unary_ids(testbed.router.address, result) == result.token_ids
+        _assert_control_is_curve(testbed)
         codes = testbed.close()
     assert codes and all(code == 0 for code in codes.values())
+
+
+def _assert_control_is_curve(testbed: Testbed) -> None:
+    """The router's control sockets are Curve: a worker answers the router's keys, and a
+    plaintext DEALER gets no answer (its handshake is refused)."""
+    assert testbed.control_security.curve is not None
+    for proc in testbed.workers.values():
+        with proc.client() as client:
+            assert client.ping(10).worker_id
+        with WorkerClient(proc.control) as stranger, pytest.raises(TransportError):
+            stranger.ping(1.0)
 
 
 def _unary_ids(address: str, result: demo.DemoResult) -> list[int]:
