@@ -261,3 +261,41 @@ def test_ensemble_requires_max_tokens_and_one_seed(client) -> None:
     assert "max_tokens" in refused(client, ENSEMBLE, ensemble_inputs(max_tokens=None))
     assert "random_seed" in refused(client, ENSEMBLE, ensemble_inputs(seed=1, random_seed=1))
     assert "text_input" in refused(client, ENSEMBLE, ensemble_inputs(text=""))
+
+
+def test_metrics_count_each_model_under_its_name(client, registry) -> None:
+    client.infer(ENSEMBLE, ensemble_inputs(max_tokens=2))
+    refused(client, ENSEMBLE, ensemble_inputs(max_tokens=None))
+    client.infer(MODEL, llm_inputs(max_tokens=2))
+    value = registry.get_sample_value
+    labels = {"model": ENSEMBLE, "rpc": "ModelInfer"}
+    assert value("prfaas_frontdoor_requests_total", {**labels, "status": "OK"}) == 1.0
+    assert value("prfaas_frontdoor_requests_total", {**labels, "status": "INVALID_ARGUMENT"}) == 1
+    assert value("prfaas_frontdoor_requests_total",
+                 {"model": MODEL, "rpc": "ModelInfer", "status": "OK"}) == 1.0  # fmt: skip
+
+
+# ---------------------------------------------------------------- through the PrfaaS router
+def test_both_models_through_the_disaggregated_router() -> None:
+    """The same orchestrator serves both models: a long prompt goes to the remote prefill (its
+    KV relayed), a short one stays local, and each model's client gets the same text."""
+    from trtllm_prfaas.testbed.spec import TestbedConfig
+    from trtllm_prfaas.testbed.up import Testbed
+
+    config = TestbedConfig(model_preset="tiny", grpc_port=0, metrics_port=0, num_blocks=512,
+                           threshold_tokens=40)  # fmt: skip
+    with Testbed(config) as bed:
+        assert bed.router is not None
+        client = grpcclient.InferenceServerClient(bed.router.address)
+        try:
+            for prompt in (PROMPT * 2, "short one"):
+                sampling = {"temperature": 0.8, "random_seed": 5, "exclude_input_in_output": True}
+                asked = ensemble_inputs(prompt, 6, stream=True, **sampling)
+                pieces = streamed(client, ENSEMBLE, asked, 60)
+                llmapi = streamed(client, MODEL, llm_inputs(prompt, 6, 0.8, 5, streaming=True), 60)
+                assert "".join(text_of(r) for r in pieces) == text_of(llmapi[-1]) != ""
+        finally:
+            client.close()
+        decisions = [r.decision.is_remote for r in bed.router.orchestrator.route_log]
+        assert decisions == [True, True, False, False]
+        assert bed.router.orchestrator.counters["relay_recomputed"] == 0

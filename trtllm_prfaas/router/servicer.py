@@ -186,12 +186,13 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
             model, parsed, wanted = self._parse(request, context, request_id)
             result = await self._run(parsed.gen, started)
         except asyncio.CancelledError:
-            self._cancelled("ModelInfer", request_id)
+            self._cancelled("ModelInfer", request_id, request.model_name)
             raise
         except Exception as exc:
-            await context.abort(status_for(exc), self._failed(exc, "ModelInfer", request_id))
+            message = self._failed(exc, "ModelInfer", request_id, request.model_name)
+            await context.abort(status_for(exc), message)
             raise  # unreachable: abort raises
-        self._succeeded("ModelInfer", result)
+        self._succeeded("ModelInfer", result, model.name)
         reply = Reply(result.token_ids, result.text, result.text, result.finish_reason, False)
         return self._response(model, request, parsed, wanted, reply, None)
 
@@ -247,13 +248,13 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
                 response = self._response(model, request, parsed, wanted, reply, True)
                 responses.put_nowait(_streamed(response))
         except asyncio.CancelledError:
-            self._cancelled("ModelStreamInfer", request_id)
+            self._cancelled("ModelStreamInfer", request_id, request.model_name)
             raise
         except Exception as exc:
-            message = self._failed(exc, "ModelStreamInfer", request_id)
+            message = self._failed(exc, "ModelStreamInfer", request_id, request.model_name)
             responses.put_nowait(self._stream_error(request, message))
             return
-        self._succeeded("ModelStreamInfer", result)
+        self._succeeded("ModelStreamInfer", result, model.name)
 
     def _response(
         self,
@@ -302,7 +303,11 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
         return result
 
     # ------------------------------------------------------------------------ bookkeeping
-    def _failed(self, exc: Exception, rpc: str, request_id: str) -> str:
+    def _label(self, model_name: str) -> str:
+        """The metrics label of a request for ``model_name`` (unknown names share one label)."""
+        return model_name if model_name in self.models else self.orchestrator.model_name
+
+    def _failed(self, exc: Exception, rpc: str, request_id: str, model_name: str) -> str:
         """Log and count a failed request; returns the details the client gets."""
         code = status_for(exc)
         if isinstance(exc, PrfaasError):
@@ -313,18 +318,17 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ig
             message = f"internal error: {type(exc).__name__}: {exc}"
             log.exception("request_crashed", request_id=request_id, rpc=rpc)
         if self.metrics is not None:
-            self.metrics.record_frontdoor(self.orchestrator.model_name, rpc, code.name)
+            self.metrics.record_frontdoor(self._label(model_name), rpc, code.name)
         return message
 
-    def _cancelled(self, rpc: str, request_id: str) -> None:
+    def _cancelled(self, rpc: str, request_id: str, model_name: str) -> None:
         log.info("request_cancelled", request_id=request_id, rpc=rpc)
         if self.metrics is not None:
-            self.metrics.record_frontdoor(self.orchestrator.model_name, rpc, "CANCELLED")
+            self.metrics.record_frontdoor(self._label(model_name), rpc, "CANCELLED")
 
-    def _succeeded(self, rpc: str, result: _Result) -> None:
+    def _succeeded(self, rpc: str, result: _Result, model: str) -> None:
         if self.metrics is None:
             return
-        model = self.orchestrator.model_name
         self.metrics.record_frontdoor(model, rpc, "OK")
         self.metrics.observe_latency(model, result.ttft_s(), result.tpot_s())
 
