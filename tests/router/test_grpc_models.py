@@ -299,3 +299,30 @@ def test_both_models_through_the_disaggregated_router() -> None:
         decisions = [r.decision.is_remote for r in bed.router.orchestrator.route_log]
         assert decisions == [True, True, False, False]
         assert bed.router.orchestrator.counters["relay_recomputed"] == 0
+
+
+def test_typed_contents_reach_the_ensemble(serve, orchestrator) -> None:
+    """A KServe client that sends typed ``contents`` (not tritonclient's raw bytes): the same
+    text; an FP16 input, which has no typed field, is refused naming the input."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    door, client = serve(orchestrator)
+    want = text_of(client.infer(ENSEMBLE, ensemble_inputs(PROMPT, 6, exclude_input_in_output=True)))
+    request = service_pb2.ModelInferRequest(model_name=ENSEMBLE, id="typed")
+    typed = {"text_input": ("BYTES", "bytes_contents", PROMPT.encode()),
+             "max_tokens": ("INT32", "int_contents", 6),
+             "exclude_input_in_output": ("BOOL", "bool_contents", True)}  # fmt: skip
+    for name, (datatype, field, value) in typed.items():
+        tensor_ = request.inputs.add(name=name, datatype=datatype, shape=[1, 1])
+        getattr(tensor_.contents, field).append(value)
+    with grpc.insecure_channel(door.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, timeout=20)
+        assert response.id == "typed" and response.outputs[0].name == "text_output"
+        assert response.raw_output_contents[0][4:].decode() == want
+        request.inputs.add(name="prompt_embedding_table", datatype="FP16", shape=[1, 1, 1])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=20)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_embedding_table" in str(info.value.details())

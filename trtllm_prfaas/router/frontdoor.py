@@ -1,5 +1,9 @@
 """The KServe v2 gRPC front door: what stock ``tritonclient.grpc`` talks to, unchanged.
 
+It serves two models over one orchestrator (``served_models.py``): ``tensorrt_llm``, shaped as
+TensorRT-LLM's Triton ``llmapi`` model, and ``ensemble``, the classic ``inflight_batcher_llm``
+ensemble that genai-perf's ``tensorrtllm`` backend and perf_analyzer speak.
+
 Two ways to host it (the handlers and the error mapping live in ``servicer.py``):
 
 - ``AsyncFrontDoor``: ``await start()`` / ``await stop()`` on the caller's event loop, for an

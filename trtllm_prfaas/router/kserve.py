@@ -134,7 +134,12 @@ def _split_bytes(name: str, content: bytes) -> list[Any]:
 
 
 def _decode_typed(tensor: Any) -> list[Any]:
-    return list(getattr(tensor.contents, _CONTENT_FIELDS[tensor.datatype]))
+    field = _CONTENT_FIELDS.get(tensor.datatype)
+    if field is None:  # KServe's InferTensorContents has no field for it (FP16)
+        raise InvalidRequestError(
+            f"input '{tensor.name}': {tensor.datatype} must come in raw_input_contents"
+        )
+    return list(getattr(tensor.contents, field))
 
 
 def requested_outputs(request: Any, declared: Mapping[str, TensorDecl]) -> tuple[str, ...]:
