@@ -258,7 +258,15 @@ def test_neutral_values_are_honoured(client) -> None:
 
 
 def test_ensemble_requires_max_tokens_and_one_seed(client) -> None:
-    assert "max_tokens" in refused(client, ENSEMBLE, ensemble_inputs(max_tokens=None))
+    n = len(contract.ENSEMBLE_INPUTS)
+    assert refused(client, ENSEMBLE, ensemble_inputs(max_tokens=None)) == (
+        f"expected number of inputs between 2 and {n} but got 1 inputs for model 'ensemble'. "
+        "Got input(s) ['text_input'], but missing required input(s) ['max_tokens']. Please "
+        "provide all required input(s)."
+    )  # Triton core's wording (tests/fakes/triton_core.py)
+    assert "missing required input(s) ['text_input']" in refused(
+        client, MODEL, llm_inputs(text=None)
+    )
     assert "random_seed" in refused(client, ENSEMBLE, ensemble_inputs(seed=1, random_seed=1))
     assert "text_input" in refused(client, ENSEMBLE, ensemble_inputs(text=""))
 

@@ -180,6 +180,26 @@ class ServedModel(ABC):
         self.input_decls = {decl.name: decl for decl in inputs}
         self.output_decls = {decl.name: decl for decl in outputs}
 
+    def check_required(self, tensors: Tensors) -> None:
+        """Refuse a request without every required input, worded as Triton's core words it
+        (``InferenceRequest::Normalize``; see the llmapi fake's ``triton_core.py``)."""
+        required = [decl.name for decl in self.inputs if not decl.optional]
+        missing = [
+            name for name in required if name not in tensors and not self._stood_in(name, tensors)
+        ]
+        if missing:
+            got = "[" + ",".join(f"'{n}'" for n in tensors) + "]"
+            need = "[" + ",".join(f"'{n}'" for n in missing) + "]"
+            raise InvalidRequestError(
+                f"expected number of inputs between {len(required)} and {len(self.inputs)} but "
+                f"got {len(tensors)} inputs for model '{self.name}'. Got input(s) {got}, but "
+                f"missing required input(s) {need}. Please provide all required input(s)."
+            )
+
+    def _stood_in(self, name: str, tensors: Tensors) -> bool:
+        """Whether another input takes the place of required input ``name``."""
+        return False
+
     @abstractmethod
     def parse(
         self, tensors: Tensors, orchestrator: Orchestrator, request_id: str, deadline_s: float
@@ -215,9 +235,13 @@ class LlmapiModel(ServedModel):
         super().__init__(name, contract.LLMAPI_INPUTS + contract.FRONTDOOR_EXTRA_INPUTS,
                          contract.LLMAPI_OUTPUTS + contract.FRONTDOOR_EXTRA_OUTPUTS)  # fmt: skip
 
+    def _stood_in(self, name: str, tensors: Tensors) -> bool:
+        return name == "text_input" and "input_ids" in tensors  # the front door's extension
+
     def parse(
         self, tensors: Tensors, orchestrator: Orchestrator, request_id: str, deadline_s: float
     ) -> Parsed:
+        self.check_required(tensors)
         _refuse(tensors, self._REFUSALS, self.name)
         prompt, _, source = _prompt(tensors, orchestrator)
         temperature = float(_scalar(tensors, "sampling_param_temperature", 0.0))
@@ -288,9 +312,8 @@ class EnsembleModel(ServedModel):
     def parse(
         self, tensors: Tensors, orchestrator: Orchestrator, request_id: str, deadline_s: float
     ) -> Parsed:
+        self.check_required(tensors)
         _refuse(tensors, self._REFUSALS, self.name)
-        if "max_tokens" not in tensors:
-            raise InvalidRequestError("missing required input 'max_tokens'")
         if "seed" in tensors and "random_seed" in tensors:
             raise InvalidRequestError("inputs 'seed' and 'random_seed' are the same; give one")
         prompt, text, source = _prompt(tensors, orchestrator)
