@@ -35,9 +35,13 @@ class WorkerClient:
         self._ctx = context or zmq.Context()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.linger = 0
-        if security is not None:
-            secure_client(self.socket, security)
-        self.socket.connect(endpoint)
+        try:
+            if security is not None:
+                secure_client(self.socket, security)  # ConfigError if the client keys are missing
+            self.socket.connect(endpoint)
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, message: p.Message) -> None:
         try:
