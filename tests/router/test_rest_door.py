@@ -260,3 +260,48 @@ def test_http_door_port_taken_is_a_config_error(orchestrator) -> None:
         assert first.port
         with pytest.raises(ConfigError, match="cannot bind"):
             HttpDoor(app, HttpDoorConfig(port=first.port)).start()
+
+
+# ---------------------------------------------------------------- through the PrfaaS router
+def test_rest_door_of_the_disaggregated_router_equals_its_grpc_door() -> None:
+    """``RouterService`` with ``http_port`` (what ``prfaas up`` and ``prfaas router
+    --http-listen`` run): REST and gRPC requests reach the same orchestrator, long prompts go
+    to the remote prefill and short ones stay local, and both doors answer the same tokens."""
+    from trtllm_prfaas.testbed.spec import TestbedConfig
+    from trtllm_prfaas.testbed.up import Testbed
+
+    config = TestbedConfig(model_preset="tiny", grpc_port=0, metrics_port=0, http_port=0,
+                           num_blocks=512, threshold_tokens=40)  # fmt: skip
+    with Testbed(config) as bed:
+        router = bed.router
+        assert router is not None and router.http_url is not None
+        assert f"KServe v2 REST (+ generate extension): {router.http_url}" in bed.describe()
+        with (
+            grpcclient.InferenceServerClient(router.address) as grpc_client,
+            httpx.Client(base_url=router.http_url, timeout=httpx.Timeout(60.0)) as http,
+        ):
+            for prompt in (PROMPT * 2, "short one"):
+                expected = grpc_client.infer(MODEL, llm_inputs(prompt, 6), client_timeout=60)
+                body = {"text_input": prompt, "sampling_param_max_tokens": 6}
+                got = http.post(f"/v2/models/{MODEL}/generate", json=body).json()
+                assert got["output_ids"] == ids_of(expected)
+                assert got["text_output"] == text_of(expected)
+        decisions = [r.decision.is_remote for r in router.orchestrator.route_log]
+        assert decisions == [True, True, False, False]
+        assert router.orchestrator.counters["relay_recomputed"] == 0
+
+
+def test_prfaas_router_takes_http_listen() -> None:
+    import argparse
+
+    from trtllm_prfaas.router import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments("router", parser)
+    args = parser.parse_args(["--http-listen", "127.0.0.1:8000", "--plaintext",
+                              "--worker", "dc-local/prefill=h:1",
+                              "--worker", "dc-local/decode=h:2"])  # fmt: skip
+    assert command.load_settings(args).http_listen == ("127.0.0.1", 8000)
+    args = parser.parse_args(["--plaintext", "--worker", "dc-local/prefill=h:1",
+                              "--worker", "dc-local/decode=h:2"])  # fmt: skip
+    assert command.load_settings(args).http_listen is None

@@ -1,8 +1,10 @@
-"""The router as a service: orchestrator + KServe front door + /metrics, on one event loop.
+"""The router as a service: orchestrator + KServe front doors + /metrics, on one event loop.
 
-``RouterService`` runs them on a dedicated event-loop thread (the orchestrator's ZeroMQ sockets
-and the gRPC server share that loop); it is a context manager whose ``close()`` stops the
-front door, the orchestrator and the metrics server and joins the thread.
+``RouterService`` runs them on a dedicated event-loop thread (the orchestrator's ZeroMQ sockets,
+the gRPC server and, with ``http_port``, the KServe v2 REST door's uvicorn server share that
+loop, so both doors reach the same orchestrator with no thread hop); it is a context manager
+whose ``close()`` drains the doors together, then stops the orchestrator and the metrics server
+and joins the thread.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from trtllm_prfaas.router.frontdoor import AsyncFrontDoor
+from trtllm_prfaas.router.http_door import AsyncHttpDoor, HttpDoorConfig
+from trtllm_prfaas.router.kserve_rest import rest_app
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig
 from trtllm_prfaas.router.servicer import FrontDoorConfig
 from trtllm_prfaas.telemetry.metrics import MetricsServer, RouterMetrics
@@ -28,11 +32,19 @@ class RouterService:
         frontdoor: FrontDoorConfig,
         metrics_port: int | None = 8002,
         metrics_host: str | None = None,  # None: the front door's host
+        http_port: int | None = None,  # KServe v2 REST (Triton: 8000); None: no REST door
+        http_host: str | None = None,  # None: the front door's host
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
         self.orchestrator = DisaggregatedOrchestrator(router, self.metrics)
         self._door = AsyncFrontDoor(self.orchestrator, frontdoor, self.metrics)
+        self.http_doors: list[AsyncHttpDoor] = []  # started after the gRPC door, in order
+        if http_port is not None:
+            app = rest_app(self.orchestrator, frontdoor, self.metrics)
+            config = HttpDoorConfig(http_host or frontdoor.host, http_port,
+                                    shutdown_grace_s=frontdoor.shutdown_grace_s)  # fmt: skip
+            self.http_doors.append(AsyncHttpDoor(app, config, name="kserve-rest"))
         self._metrics_port = metrics_port
         self._metrics_host = metrics_host
         self.metrics_server: MetricsServer | None = None
@@ -44,12 +56,19 @@ class RouterService:
     def address(self) -> str:
         return f"{self._door.config.host}:{self.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The KServe v2 REST door's ``http://host:port`` (after ``start()``); None without."""
+        return self.http_doors[0].url if self.http_doors else None
+
     def start(self, timeout_s: float = 60.0) -> None:
         """Connect to the workers, then open the front door and the metrics endpoint."""
         self._thread.start()
         try:
             self._run(self.orchestrator.start(), timeout_s)
             self.port = self._run(self._door.start(), timeout_s)
+            for door in self.http_doors:
+                self._run(door.start(), timeout_s)
             if self._metrics_port is not None:
                 host = self._metrics_host or self._door.config.host
                 self.metrics_server = MetricsServer(self.registry, self._metrics_port, host)
@@ -78,11 +97,18 @@ class RouterService:
     def _stop_loop(self, timeout_s: float) -> None:
         """Drain the front door, close the orchestrator, stop and join the loop thread."""
         try:
-            self._run(self._door.stop(), timeout_s + self._door.config.shutdown_grace_s)
+            self._run(self._stop_doors(), timeout_s + self._door.config.shutdown_grace_s)
             self._run(self.orchestrator.close(), timeout_s)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout_s)
+
+    async def _stop_doors(self) -> None:
+        """Drain every door at once (each gives its requests ``shutdown_grace_s``)."""
+        stops = [self._door.stop(), *(door.stop() for door in self.http_doors)]
+        for outcome in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def __enter__(self) -> RouterService:
         self.start()

@@ -38,6 +38,10 @@ class TestbedConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # KServe v2 REST (Triton's 8000). None here: no REST door (tests built from this dataclass
+    # bind no fixed HTTP port); ``prfaas up`` serves UP_HTTP_PORT unless --http-port or the YAML
+    # file's http_port says otherwise (0: a free port).
+    http_port: int | None = None
     threshold_tokens: int = 1024
     link_gbps: float | None = None  # emulated PrfaaS -> local link rate (None: unpaced)
     curve: bool = True  # encrypt and authenticate the KV relay and the control plane

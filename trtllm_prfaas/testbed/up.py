@@ -1,6 +1,7 @@
 """``prfaas up``: the embedded two-datacenter testbed on loopback, from one YAML file.
 
-Starts the workers (separate processes), the router (KServe gRPC + /metrics) in this process,
+Starts the workers (separate processes), the router (KServe gRPC, KServe v2 REST on
+``--http-port`` (default 8000) + /metrics) in this process,
 prints where everything listens, and either serves until Ctrl-C / SIGTERM or, with ``--demo``,
 sends a workload through tritonclient, prints a report and stops. Every child is stopped by PID
 on the way out, whatever happened.
@@ -9,6 +10,7 @@ on the way out, whatever happened.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import tempfile
 import threading
@@ -29,7 +31,9 @@ from trtllm_prfaas.testbed.processes import WorkerProcess, start_workers
 from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
 from trtllm_prfaas.transport import RelaySecurity
 
-__all__ = ["Testbed", "add_arguments", "run"]
+__all__ = ["UP_HTTP_PORT", "Testbed", "add_arguments", "run"]
+
+UP_HTTP_PORT = 8000  # Triton's HTTP port: prfaas up serves KServe v2 REST there by default
 
 
 class Testbed:
@@ -71,6 +75,7 @@ class Testbed:
                 self._router_config(),
                 FrontDoorConfig(host=self.config.host, port=self.config.grpc_port),
                 self.config.metrics_port,
+                http_port=self.config.http_port,
             )
             self.router.start()
         except BaseException:
@@ -111,6 +116,8 @@ class Testbed:
     def describe(self) -> str:
         assert self.router is not None
         lines = [f"router (KServe v2 gRPC): {self.router.address}   model: tensorrt_llm"]
+        if self.router.http_url is not None:
+            lines.append(f"KServe v2 REST (+ generate extension): {self.router.http_url}")
         if self.router.metrics_server is not None:
             lines.append(f"metrics: {self.router.metrics_server.url}")
         for name, proc in self.workers.items():
@@ -150,6 +157,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-gbps", type=float, default=None, help="emulated inter-DC link")
     parser.add_argument("--grpc-port", type=int, default=None)
     parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"KServe v2 REST port (default {UP_HTTP_PORT}; 0: a free port)",
+    )
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None)
     parser.add_argument("--threshold-tokens", type=int, default=None)
     parser.add_argument(
@@ -167,10 +180,13 @@ def run(command: str, args: argparse.Namespace) -> int:
         link_gbps=args.link_gbps,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         model_preset=args.model_preset,
         threshold_tokens=args.threshold_tokens,
         tokenizer_dir=str(args.tokenizer) if args.tokenizer is not None else None,
     )
+    if config.http_port is None:
+        config = dataclasses.replace(config, http_port=UP_HTTP_PORT)
     print(
         f"starting testbed: {config.num_prfaas_prefill} PrfaaS prefill, "
         f"{config.num_pd_prefill} PD-P, {config.num_pd_decode} PD-D workers ...",
