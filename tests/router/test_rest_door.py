@@ -115,6 +115,24 @@ def test_rest_requests_count_in_the_grpc_doors_metrics(doors, rest, registry) ->
     assert value("prfaas_frontdoor_requests_total", {**labels, "status": "INVALID_ARGUMENT"}) == 1
 
 
+def test_a_unary_client_that_leaves_cancels_its_request(doors, registry, orchestrator) -> None:
+    _, door = doors
+    body = {"text_input": PROMPT, "max_tokens": 1500, "exclude_input_in_output": True}
+    with (
+        httpx.Client(base_url=door.url, timeout=httpx.Timeout(0.5)) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post("/v2/models/ensemble/generate", json=body)
+    labels = {"model": "ensemble", "rpc": "ModelInfer", "status": "CANCELLED"}
+    deadline = time.monotonic() + 10
+    while registry.get_sample_value("prfaas_frontdoor_requests_total", labels) != 1.0:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.05)
+    while orchestrator.leak_report() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert orchestrator.leak_report() == []  # its blocks are free while the door still serves
+
+
 def test_infer_default_outputs_come_binary(doors, rest) -> None:
     grpc_client, _ = doors
     expected = grpc_client.infer(MODEL, llm_inputs(PROMPT, max_tokens=5))

@@ -31,6 +31,7 @@ INTERNAL 500); a body that is not the JSON the endpoint takes is 400 naming the 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import struct
@@ -315,11 +316,15 @@ class _Door:
             document, tail = _split_body(body, request.headers.get(HEADER_LENGTH))
             infer = _infer_request(name, version, document, tail)
             wanted = _wanted(document)
-            response = await self.servicer.ModelInfer(infer, _HttpContext())
+            response = await _unless_client_leaves(
+                request, self.servicer.ModelInfer(infer, _HttpContext())
+            )
         except _Aborted as exc:
             return _error(_status(exc.code), exc.details)
         except InvalidRequestError as exc:
             return _error(400, str(exc))
+        except _ClientLeft:
+            return Response(status_code=499)
         except Exception as exc:  # the model lookup: ModelNotFound
             return _error(_status(status_for(exc)), str(exc))
         return _infer_json(response, wanted)
@@ -327,9 +332,13 @@ class _Door:
     async def generate(self, name: str, version: str, request: Request) -> Response:
         try:
             infer = await self._generate_request(name, version, request)
-            response = await self.servicer.ModelInfer(infer, _HttpContext())
+            response = await _unless_client_leaves(
+                request, self.servicer.ModelInfer(infer, _HttpContext())
+            )
         except _Aborted as exc:
             return _error(_status(exc.code), exc.details)
+        except _ClientLeft:
+            return Response(status_code=499)  # nobody reads it ("client closed request")
         except Exception as exc:
             return _error(_status(status_for(exc)), str(exc))
         return JSONResponse(_generate_json(response))
@@ -388,6 +397,34 @@ class _Door:
     async def model_ready(self, name: str, version: str) -> Response:
         ready = self.servicer._serves(name, version) and self.servicer.orchestrator.is_ready()
         return Response(status_code=200 if ready else 400)
+
+
+class _ClientLeft(Exception):
+    """The client disconnected before its unary answer; the request was cancelled."""
+
+
+async def _unless_client_leaves(request: Request, call: Any) -> Any:
+    """Await ``call`` (a unary handler whose request body is already read); if the client
+    disconnects first, cancel it (the servicer closes the orchestrator's generator, which
+    cancels the request in its engines and frees its blocks) and raise ``_ClientLeft``."""
+    task = asyncio.ensure_future(call)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise _ClientLeft("the client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _one(request: Any) -> AsyncIterator[Any]:
