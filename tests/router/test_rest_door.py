@@ -133,6 +133,25 @@ def test_a_unary_client_that_leaves_cancels_its_request(doors, registry, orchest
     assert orchestrator.leak_report() == []  # its blocks are free while the door still serves
 
 
+def test_a_stream_client_that_leaves_cancels_its_request(doors, registry, orchestrator) -> None:
+    _, door = doors
+    body = {"text_input": PROMPT, "max_tokens": 1500, "stream": True}
+    with (
+        httpx.Client(base_url=door.url, timeout=TIMEOUT) as http,
+        http.stream("POST", "/v2/models/ensemble/generate_stream", json=body) as response,
+    ):
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert "text_output" in json.loads(first.removeprefix("data: "))
+    labels = {"model": "ensemble", "rpc": "ModelStreamInfer", "status": "CANCELLED"}
+    deadline = time.monotonic() + 10
+    while registry.get_sample_value("prfaas_frontdoor_requests_total", labels) != 1.0:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.05)
+    while orchestrator.leak_report() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert orchestrator.leak_report() == []
+
+
 def test_infer_default_outputs_come_binary(doors, rest) -> None:
     grpc_client, _ = doors
     expected = grpc_client.infer(MODEL, llm_inputs(PROMPT, max_tokens=5))
