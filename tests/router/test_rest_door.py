@@ -152,6 +152,18 @@ def test_a_stream_client_that_leaves_cancels_its_request(doors, registry, orches
     assert orchestrator.leak_report() == []
 
 
+def test_tritons_timeout_parameter_is_the_deadline(doors, rest) -> None:
+    _, door = doors
+    body = {"text_input": PROMPT, "max_tokens": 1500, "parameters": {"timeout": 200_000}}
+    with httpx.Client(base_url=door.url, timeout=TIMEOUT) as http:
+        late = http.post("/v2/models/ensemble/generate", json=body)
+        bad = http.post("/v2/models/ensemble/generate", json={**body, "timeout": "soon"})
+    assert late.status_code == 504 and "deadline" in late.json()["error"]
+    assert bad.status_code == 400 and "'timeout'" in bad.json()["error"]
+    with pytest.raises(InferenceServerException, match="deadline"):
+        rest.infer(MODEL, http_inputs(PROMPT, 1500), timeout=200_000)  # microseconds
+
+
 def test_infer_default_outputs_come_binary(doors, rest) -> None:
     grpc_client, _ = doors
     expected = grpc_client.infer(MODEL, llm_inputs(PROMPT, max_tokens=5))

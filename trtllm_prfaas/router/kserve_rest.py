@@ -82,10 +82,17 @@ class _Aborted(Exception):
 
 
 class _HttpContext:
-    """What the servicer's handlers use of a gRPC context, for an HTTP request."""
+    """What the servicer's handlers use of a gRPC context, for an HTTP request.
+
+    ``timeout_s``: the client's deadline, from Triton's ``timeout`` request parameter
+    (microseconds, as ``tritonclient.http`` ``infer(timeout=...)`` sends it); None: the
+    servicer's ``request_timeout_s`` applies, as for a gRPC client without a deadline."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
 
     def time_remaining(self) -> float | None:
-        return None  # no client deadline over HTTP: the servicer's request_timeout_s applies
+        return self.timeout_s
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Aborted(code, details)
@@ -214,6 +221,16 @@ def _infer_request(model: str, version: str, document: Mapping[str, Any], tail: 
     return request
 
 
+def _timeout_s(parameters: Any) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds) in seconds; None when absent."""
+    if not isinstance(parameters, dict) or "timeout" not in parameters:
+        return None
+    value = parameters["timeout"]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidRequestError("parameter 'timeout' must be a positive integer (microseconds)")
+    return value / 1e6
+
+
 def _wanted(document: Mapping[str, Any]) -> _Wanted:
     parameters = document.get("parameters") or {}
     default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
@@ -316,8 +333,9 @@ class _Door:
             document, tail = _split_body(body, request.headers.get(HEADER_LENGTH))
             infer = _infer_request(name, version, document, tail)
             wanted = _wanted(document)
+            context = _HttpContext(_timeout_s(document.get("parameters")))
             response = await _unless_client_leaves(
-                request, self.servicer.ModelInfer(infer, _HttpContext())
+                request, self.servicer.ModelInfer(infer, context)
             )
         except _Aborted as exc:
             return _error(_status(exc.code), exc.details)
@@ -331,10 +349,9 @@ class _Door:
 
     async def generate(self, name: str, version: str, request: Request) -> Response:
         try:
-            infer = await self._generate_request(name, version, request)
-            response = await _unless_client_leaves(
-                request, self.servicer.ModelInfer(infer, _HttpContext())
-            )
+            infer, context = await self._generate_request(name, version, request)
+            answer = self.servicer.ModelInfer(infer, context)
+            response = await _unless_client_leaves(request, answer)
         except _Aborted as exc:
             return _error(_status(exc.code), exc.details)
         except _ClientLeft:
@@ -343,18 +360,23 @@ class _Door:
             return _error(_status(status_for(exc)), str(exc))
         return JSONResponse(_generate_json(response))
 
-    async def _generate_request(self, name: str, version: str, request: Request) -> Any:
+    async def _generate_request(
+        self, name: str, version: str, request: Request
+    ) -> tuple[Any, _HttpContext]:
+        """The request and its context (``timeout``: top level or in ``parameters``)."""
         model = self._model(name, version)
         document, _ = _split_body(await request.body(), None)
-        return _generate_request(model, name, version, document)
+        timeout = {"timeout": document["timeout"]} if "timeout" in document else None
+        context = _HttpContext(_timeout_s(timeout or document.get("parameters")))
+        return _generate_request(model, name, version, document), context
 
     async def generate_stream(self, name: str, version: str, request: Request) -> Response:
         try:
-            infer = await self._generate_request(name, version, request)
+            infer, context = await self._generate_request(name, version, request)
         except Exception as exc:
             return _error(_status(status_for(exc)), str(exc))
         holder: list[grpc.StatusCode] = []
-        responses: Any = self.servicer.ModelStreamInfer(_one(infer), _HttpContext())
+        responses: Any = self.servicer.ModelStreamInfer(_one(infer), context)
         try:
             first = await _first(responses, holder)
         except BaseException:
