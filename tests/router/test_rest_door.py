@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 from tests.router.builders import MODEL, ids_of, llm_inputs, text_of
+from tests.router.test_router_command import keys, workers  # noqa: F401 (module fixtures)
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router.frontdoor import FrontDoor
 from trtllm_prfaas.router.http_door import HttpDoor, HttpDoorConfig
@@ -354,3 +355,27 @@ def test_prfaas_router_takes_http_listen() -> None:
     args = parser.parse_args(["--plaintext", "--worker", "dc-local/prefill=h:1",
                               "--worker", "dc-local/decode=h:2"])  # fmt: skip
     assert command.load_settings(args).http_listen is None
+
+
+def test_prfaas_router_process_serves_rest_with_single_engine_tokens(workers: Any) -> None:  # noqa: F811
+    """A real ``prfaas router --http-listen`` process in front of real workers (the fixtures of
+    ``test_router_command``): its ready line names the REST door, and generate over REST answers
+    the single-engine tokens for a local and a remote prompt; SIGTERM still exits 0."""
+    from tests.router import test_router_command as rc
+
+    with rc.RouterProcess(*rc.router_args(workers, "--http-listen", "127.0.0.1:0")) as router:
+        ready = router.wait_ready()
+        url = ready["http"]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(60.0)) as http:
+            assert http.get("/v2/health/ready").status_code == 200
+            for length in (40, 600):  # local (l <= t), remote (l > t)
+                tokens = rc.prompt(length)
+                body = {"input_ids": tokens, "sampling_param_max_tokens": 8,
+                        "sampling_param_temperature": rc.TEMPERATURE,
+                        "sampling_param_seed": rc.SEED}  # fmt: skip
+                got = http.post(f"/v2/models/{MODEL}/generate", json=body)
+                assert got.status_code == 200, got.text
+                assert got.json()["output_ids"] == rc.reference(tokens, 8), length
+        assert router.stop() == 0
+    rc.assert_workers_idle(workers)
