@@ -379,3 +379,22 @@ def test_prfaas_router_process_serves_rest_with_single_engine_tokens(workers: An
                 assert got.json()["output_ids"] == rc.reference(tokens, 8), length
         assert router.stop() == 0
     rc.assert_workers_idle(workers)
+
+
+def test_http_door_on_a_given_loop_leaves_that_loop_running(orchestrator) -> None:
+    """``HttpDoor(loop=...)`` serves on the caller's loop (the orchestrator's, in the router)
+    and on close stops only its server: the loop and its thread stay the caller's."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with HttpDoor(rest_app(orchestrator), HttpDoorConfig(port=0), loop=loop) as door:
+            assert httpx.get(door.url + "/v2/health/live", timeout=10).status_code == 200
+        assert loop.is_running() and thread.is_alive()
+        assert asyncio.run_coroutine_threadsafe(asyncio.sleep(0, "ok"), loop).result(5) == "ok"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
