@@ -365,6 +365,9 @@ class _OpenAIDoor:
                 usage = _usage(len(gen.prompt_token_ids), piece.num_tokens)
                 yield _sse({**head, "choices": [], "usage": usage})
             self._succeeded(run, shape)
+        except asyncio.CancelledError:  # the client left (Starlette cancels the stream)
+            self._record_failure(RequestCancelled("client left"), shape, gen.request_id, 499)
+            raise
         except Exception as exc:  # the status line has gone: the error is an event
             status, kind, code = http_error_for(exc)
             self._record_failure(exc, shape, gen.request_id, status)
