@@ -1,10 +1,10 @@
 """The router as a service: orchestrator + KServe front doors + /metrics, on one event loop.
 
 ``RouterService`` runs them on a dedicated event-loop thread (the orchestrator's ZeroMQ sockets,
-the gRPC server and, with ``http_port``, the KServe v2 REST door's uvicorn server share that
-loop, so both doors reach the same orchestrator with no thread hop); it is a context manager
-whose ``close()`` drains the doors together, then stops the orchestrator and the metrics server
-and joins the thread.
+the gRPC server and, with ``http_port`` / ``openai_port``, the KServe v2 REST and OpenAI doors'
+uvicorn servers share that loop, so every door reaches the same orchestrator with no thread
+hop); it is a context manager whose ``close()`` drains the doors together, then stops the
+orchestrator and the metrics server and joins the thread.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from trtllm_prfaas.router.frontdoor import AsyncFrontDoor
 from trtllm_prfaas.router.http_door import AsyncHttpDoor, HttpDoorConfig
 from trtllm_prfaas.router.kserve_rest import rest_app
+from trtllm_prfaas.router.openai_door import OpenAIConfig, build_openai_app
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig
 from trtllm_prfaas.router.servicer import FrontDoorConfig
 from trtllm_prfaas.telemetry.metrics import MetricsServer, RouterMetrics
@@ -34,6 +35,8 @@ class RouterService:
         metrics_host: str | None = None,  # None: the front door's host
         http_port: int | None = None,  # KServe v2 REST (Triton: 8000); None: no REST door
         http_host: str | None = None,  # None: the front door's host
+        openai_port: int | None = None,  # OpenAI-compatible API (Triton: 9000); None: none
+        openai_host: str | None = None,  # None: the front door's host
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
@@ -45,6 +48,13 @@ class RouterService:
             config = HttpDoorConfig(http_host or frontdoor.host, http_port,
                                     shutdown_grace_s=frontdoor.shutdown_grace_s)  # fmt: skip
             self.http_doors.append(AsyncHttpDoor(app, config, name="kserve-rest"))
+        if openai_port is not None:
+            openai = build_openai_app(self.orchestrator, self.orchestrator.tokenizer,
+                                      OpenAIConfig(request_timeout_s=frontdoor.request_timeout_s),
+                                      self.metrics)  # fmt: skip
+            config = HttpDoorConfig(openai_host or frontdoor.host, openai_port,
+                                    shutdown_grace_s=frontdoor.shutdown_grace_s)  # fmt: skip
+            self.http_doors.append(AsyncHttpDoor(openai, config, name="openai"))
         self._metrics_port = metrics_port
         self._metrics_host = metrics_host
         self.metrics_server: MetricsServer | None = None
@@ -59,7 +69,15 @@ class RouterService:
     @property
     def http_url(self) -> str | None:
         """The KServe v2 REST door's ``http://host:port`` (after ``start()``); None without."""
-        return self.http_doors[0].url if self.http_doors else None
+        return self._url_of("kserve-rest")
+
+    @property
+    def openai_url(self) -> str | None:
+        """The OpenAI-compatible door's ``http://host:port`` (after ``start()``); None without."""
+        return self._url_of("openai")
+
+    def _url_of(self, name: str) -> str | None:
+        return next((door.url for door in self.http_doors if door.name == name), None)
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Connect to the workers, then open the front door and the metrics endpoint."""
