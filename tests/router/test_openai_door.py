@@ -346,3 +346,39 @@ def test_disconnect_frees_the_engines_blocks(open_door: DoorFn) -> None:
             assert next(lines).startswith("data: ")
             assert orch.call(lambda engine: engine.has_unfinished())  # ~700 tokens to its EOS
         assert _engine_idle(orch, timeout_s=3.0), orch.leak_report()
+
+
+# ------------------------------------------------------------------------------ prfaas up
+def test_testbed_serves_the_openai_door_with_the_grpc_doors_tokens() -> None:
+    """``prfaas up``'s router (the disaggregated orchestrator over worker processes) serves the
+    OpenAI door beside gRPC: a prompt over the threshold (remote prefill, KV relayed) and one
+    under it (local) get the gRPC door's text for the same seed, unary and streamed."""
+    import tritonclient.grpc as grpcclient
+
+    from trtllm_prfaas.testbed.spec import TestbedConfig
+    from trtllm_prfaas.testbed.up import Testbed
+
+    config = TestbedConfig(model_preset="tiny", grpc_port=0, metrics_port=0, openai_port=0,
+                           num_blocks=512, threshold_tokens=40)  # fmt: skip
+    with Testbed(config) as bed:
+        assert bed.router is not None and bed.router.openai_url is not None
+        assert "OpenAI-compatible API" in bed.describe()
+        grpc_client = grpcclient.InferenceServerClient(bed.router.address)
+        client = openai.OpenAI(base_url=f"{bed.router.openai_url}/v1", api_key="unused",
+                               max_retries=0, timeout=60.0)  # fmt: skip
+        try:
+            for prompt in ("remote " * 12, "local"):
+                grpc = grpc_client.infer(MODEL, llm_inputs(prompt, max_tokens=6, temperature=0.8,
+                                                           seed=11))  # fmt: skip
+                args = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0.8, seed=11)
+                done = client.completions.create(**args)  # type: ignore[call-overload]
+                assert done.choices[0].text == text_of(grpc)
+                assert done.usage is not None
+                assert done.usage.completion_tokens == len(ids_of(grpc))
+                pieces = client.completions.create(**args, stream=True)  # type: ignore[call-overload]
+                assert "".join(p.choices[0].text for p in pieces) == text_of(grpc)
+            counters = bed.router.orchestrator.counters
+            assert counters["remote"] >= 3 and counters["local"] >= 3, counters
+        finally:
+            client.close()
+            grpc_client.close()

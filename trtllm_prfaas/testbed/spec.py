@@ -42,6 +42,9 @@ class TestbedConfig:
     # bind no fixed HTTP port); ``prfaas up`` serves UP_HTTP_PORT unless --http-port or the YAML
     # file's http_port says otherwise (0: a free port).
     http_port: int | None = None
+    # The OpenAI-compatible API (Triton's OpenAI frontend: 9000). As http_port: None here, and
+    # ``prfaas up`` serves UP_OPENAI_PORT unless --openai-port or the file's openai_port says.
+    openai_port: int | None = None
     threshold_tokens: int = 1024
     link_gbps: float | None = None  # emulated PrfaaS -> local link rate (None: unpaced)
     curve: bool = True  # encrypt and authenticate the KV relay and the control plane

@@ -1,7 +1,8 @@
 """``prfaas up``: the embedded two-datacenter testbed on loopback, from one YAML file.
 
 Starts the workers (separate processes), the router (KServe gRPC, KServe v2 REST on
-``--http-port`` (default 8000) + /metrics) in this process,
+``--http-port`` (default 8000), the OpenAI-compatible API on ``--openai-port`` (default 9000)
++ /metrics) in this process,
 prints where everything listens, and either serves until Ctrl-C / SIGTERM or, with ``--demo``,
 sends a workload through tritonclient, prints a report and stops. Every child is stopped by PID
 on the way out, whatever happened.
@@ -31,9 +32,10 @@ from trtllm_prfaas.testbed.processes import WorkerProcess, start_workers
 from trtllm_prfaas.testbed.spec import TestbedConfig, load_testbed_config
 from trtllm_prfaas.transport import RelaySecurity
 
-__all__ = ["UP_HTTP_PORT", "Testbed", "add_arguments", "run"]
+__all__ = ["UP_HTTP_PORT", "UP_OPENAI_PORT", "Testbed", "add_arguments", "run"]
 
 UP_HTTP_PORT = 8000  # Triton's HTTP port: prfaas up serves KServe v2 REST there by default
+UP_OPENAI_PORT = 9000  # Triton's OpenAI frontend port: prfaas up serves the OpenAI API there
 
 
 class Testbed:
@@ -76,6 +78,7 @@ class Testbed:
                 FrontDoorConfig(host=self.config.host, port=self.config.grpc_port),
                 self.config.metrics_port,
                 http_port=self.config.http_port,
+                openai_port=self.config.openai_port,
             )
             self.router.start()
         except BaseException:
@@ -118,6 +121,8 @@ class Testbed:
         lines = [f"router (KServe v2 gRPC): {self.router.address}   model: tensorrt_llm"]
         if self.router.http_url is not None:
             lines.append(f"KServe v2 REST (+ generate extension): {self.router.http_url}")
+        if self.router.openai_url is not None:
+            lines.append(f"OpenAI-compatible API: {self.router.openai_url}/v1")
         if self.router.metrics_server is not None:
             lines.append(f"metrics: {self.router.metrics_server.url}")
         for name, proc in self.workers.items():
@@ -163,6 +168,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"KServe v2 REST port (default {UP_HTTP_PORT}; 0: a free port)",
     )
+    parser.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help=f"OpenAI-compatible API port (default {UP_OPENAI_PORT}; 0: a free port)",
+    )
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None)
     parser.add_argument("--threshold-tokens", type=int, default=None)
     parser.add_argument(
@@ -181,12 +192,15 @@ def run(command: str, args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
+        openai_port=args.openai_port,
         model_preset=args.model_preset,
         threshold_tokens=args.threshold_tokens,
         tokenizer_dir=str(args.tokenizer) if args.tokenizer is not None else None,
     )
     if config.http_port is None:
         config = dataclasses.replace(config, http_port=UP_HTTP_PORT)
+    if config.openai_port is None:
+        config = dataclasses.replace(config, openai_port=UP_OPENAI_PORT)
     print(
         f"starting testbed: {config.num_prfaas_prefill} PrfaaS prefill, "
         f"{config.num_pd_prefill} PD-P, {config.num_pd_decode} PD-D workers ...",
