@@ -22,6 +22,7 @@ from tests.fakes.tokenizer import hf_model_dir  # noqa: F401 (session fixture)
 from tests.router.builders import ids_of, llm_inputs, text_of
 from tests.router.conftest import ServeFn, make_engine
 from tests.router.fakes import FakeOrchestrator
+from tests.router.test_router_command import keys, workers  # noqa: F401 (module fixtures)
 from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 from trtllm_prfaas.engines.tokenizer import ByteTokenizer
 from trtllm_prfaas.router.api import Orchestrator, TokenChunk
@@ -382,3 +383,45 @@ def test_testbed_serves_the_openai_door_with_the_grpc_doors_tokens() -> None:
         finally:
             client.close()
             grpc_client.close()
+
+
+# ------------------------------------------------------------------------------ prfaas router
+def test_prfaas_router_takes_openai_listen() -> None:
+    import argparse
+
+    from trtllm_prfaas.router import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments("router", parser)
+    base = ["--plaintext", "--worker", "dc-local/prefill=h:1", "--worker", "dc-local/decode=h:2"]
+    args = parser.parse_args(["--openai-listen", "0.0.0.0:9000", *base])
+    assert command.load_settings(args).openai_listen == ("0.0.0.0", 9000)
+    assert command.load_settings(parser.parse_args(base)).openai_listen is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--openai-listen", "nine-thousand", *base])
+
+
+def test_prfaas_router_process_serves_openai_with_single_engine_tokens(workers: Any) -> None:  # noqa: F811
+    """A real ``prfaas router --openai-listen`` process in front of real workers (the fixtures
+    of ``test_router_command``): the ready line names the door; a local and a remote prompt
+    (token ids) answer the single-engine tokens' text; SIGTERM exits 0 with the workers idle."""
+    from tests.router import test_router_command as rc
+
+    args = rc.router_args(workers, "--openai-listen", "127.0.0.1:0")
+    with rc.RouterProcess(*args) as router:
+        url = router.wait_ready()["openai"]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           timeout=60.0) as client:  # fmt: skip
+            assert [m.id for m in client.models.list().data] == [MODEL]
+            for length in (40, 600):  # local (l <= t), remote (l > t)
+                tokens = rc.prompt(length)
+                sampling = {"temperature": rc.TEMPERATURE, "seed": rc.SEED}
+                done = client.completions.create(
+                    model=MODEL, prompt=tokens, max_tokens=8, **sampling
+                )  # type: ignore[arg-type]
+                want = rc.reference(tokens, 8)
+                assert done.choices[0].text == ByteTokenizer().decode(want), length
+                assert done.usage is not None and done.usage.completion_tokens == len(want)
+        assert router.stop() == 0
+    rc.assert_workers_idle(workers)

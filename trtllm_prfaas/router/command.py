@@ -5,7 +5,7 @@ in-process (orchestrator, KServe v2 gRPC front door, ``/metrics``), configured f
 optional YAML file::
 
     prfaas router --listen 0.0.0.0:8001 --metrics-listen 0.0.0.0:8002 \\
-        --http-listen 0.0.0.0:8000 \\
+        --http-listen 0.0.0.0:8000 --openai-listen 0.0.0.0:9000 \\
         --worker dc-remote/prefill=prefill-remote:7000 \\
         --worker dc-local/prefill=prefill-local:7000 \\
         --worker dc-local/decode=decode-local:7000
@@ -20,10 +20,12 @@ Contract:
   report the role it is listed with; otherwise the command prints why and exits 1. Bad flags exit
   2 (argparse); a bad ``--config`` file exits 1 with a ConfigError naming the key.
 - Ready: one JSON line on stdout, ``{"event": "ready", "listen": "HOST:PORT", "metrics": URL or
-  null, "http": the KServe v2 REST door's URL or null, "workers": {name: endpoint}}``, printed
-  only once the front doors serve (as ``prfaas worker`` prints its own ready line).
+  null, "http": the KServe v2 REST door's URL or null, "openai": the OpenAI-compatible door's URL
+  or null, "workers": {name: endpoint}}``, printed only once the front doors serve (as ``prfaas
+  worker`` prints its own ready line).
   ``--http-listen`` (KServe v2 REST with the generate extension, ``router/kserve_rest.py``; off
-  unless given) serves the same orchestrator as the gRPC door.
+  unless given) serves the same orchestrator as the gRPC door, and so does ``--openai-listen``
+  (the OpenAI-compatible API, ``router/openai_door.py``; Triton's OpenAI frontend uses 9000).
 - SIGTERM / SIGINT: the front door stops taking new RPCs at once; requests in flight get
   ``--grace-s`` to finish (then they are cancelled on their workers); the process exits 0.
 
@@ -105,6 +107,7 @@ class RouterFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     listen: str | None = None  # --listen
     metrics_listen: str | None = None  # --metrics-listen
     http_listen: str | None = None  # --http-listen: KServe v2 REST
+    openai_listen: str | None = None  # --openai-listen: the OpenAI-compatible API
     workers: list[str] | None = None  # --worker, one string each
     prfaas_clusters: list[str] | None = None  # --prfaas-cluster
     model_name: str | None = None  # --model-name
@@ -130,6 +133,7 @@ class RouterSettings:
     listen: tuple[str, int]
     metrics_listen: tuple[str, int] | None
     http_listen: tuple[str, int] | None
+    openai_listen: tuple[str, int] | None
     workers: tuple[WorkerAddress, ...]
     prfaas_clusters: tuple[str, ...]
     router: RouterConfig
@@ -197,6 +201,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser, "--metrics-listen", listen, "Prometheus /metrics (default: none)", "HOST:PORT"
     )
     _optional(parser, "--http-listen", listen, "KServe v2 REST (default: none)", "HOST:PORT")
+    _optional(
+        parser, "--openai-listen", listen, "OpenAI-compatible API (default: none)", "HOST:PORT"
+    )
     parser.add_argument(
         "--worker",
         action="append",
@@ -332,6 +339,8 @@ def _settings(v: dict[str, Any], where: str) -> RouterSettings:
     metrics = None if metrics is None else _parsed(metrics, parse_listen, f"{where}metrics_listen")
     http = v["http_listen"]
     http = None if http is None else _parsed(http, parse_listen, f"{where}http_listen")
+    openai = v["openai_listen"]
+    openai = None if openai is None else _parsed(openai, parse_listen, f"{where}openai_listen")
     workers = tuple(_parsed(w, parse_worker, f"{where}workers:") for w in v["workers"] or ())
     prfaas = tuple(v["prfaas_clusters"] or DEFAULT_PRFAAS_CLUSTERS)
     _check_workers(workers, prfaas)
@@ -343,6 +352,7 @@ def _settings(v: dict[str, Any], where: str) -> RouterSettings:
         listen=listen,
         metrics_listen=metrics,
         http_listen=http,
+        openai_listen=openai,
         workers=workers,
         prfaas_clusters=prfaas,
         router=_router_config(specs, v),
@@ -437,6 +447,8 @@ def _start(settings: RouterSettings) -> RouterService:
         metrics_host=None if metrics is None else metrics[0].strip("[]"),  # a socket address
         http_port=None if settings.http_listen is None else settings.http_listen[1],
         http_host=None if settings.http_listen is None else settings.http_listen[0],
+        openai_port=None if settings.openai_listen is None else settings.openai_listen[1],
+        openai_host=None if settings.openai_listen is None else settings.openai_listen[0],
     )
     # Workers are pinged one after another, each with its own connect timeout.
     start_timeout_s = settings.router.connect_timeout_s * len(settings.workers) + 30.0
@@ -470,5 +482,6 @@ def _ready_line(settings: RouterSettings, service: RouterService) -> dict[str, A
         "listen": service.address,
         "metrics": metrics.url if metrics is not None else None,
         "http": service.http_url,
+        "openai": service.openai_url,
         "workers": {name: w.endpoint for name, w in settings.worker_names().items()},
     }
