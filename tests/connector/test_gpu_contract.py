@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # would make the script fail there.
 TORCH_OWN = {"torch", "torchgen", "typing_extensions", "pynvml", "tqdm", "sympy", "mpmath"}
 CONNECTOR = {"numpy", "zmq", "msgspec", "xxhash", "structlog", "yaml", "prometheus_client"}
-ALLOWED = TORCH_OWN | CONNECTOR | {"trtllm_prfaas", "tests"}
+# Imported only when installed, with a fallback: structlog.threadlocal uses greenlet if present
+# (tritonclient[http]'s geventhttpclient brings it here), else threading.local.
+OPTIONAL = {"greenlet"}
+ALLOWED = TORCH_OWN | CONNECTOR | OPTIONAL | {"trtllm_prfaas", "tests"}
 _AUDIT = """
 import contextlib, io, json, sys
 sys.modules["pytest"] = None  # the GPU image has no pytest

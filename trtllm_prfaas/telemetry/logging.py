@@ -38,5 +38,7 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A structlog logger carrying ``component=name``."""
-    return structlog.get_logger().bind(component=name)
+    """A structlog logger carrying ``component=name``. Lazy: each call resolves the current
+    configuration, so a module-level logger follows a later ``configure_logging`` (and
+    ``structlog.testing.capture_logs``) instead of keeping the processors of import time."""
+    return structlog.get_logger(component=name)
