@@ -32,9 +32,15 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """A logger on the ``sys.stderr`` of the moment: loggers are lazy (``get_logger``), and a
+    stream captured at configure time may be closed later (pytest's capture, a daemon's)."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def get_logger(name: str) -> Any:
