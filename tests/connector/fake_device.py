@@ -1,6 +1,6 @@
 """Where the fake executor keeps its KV pool: a small device interface and its plain CPU version.
 
-``tests/connector/trtllm_fake_executor.py`` never touches its pool except through a ``Device``:
+``tests/connector/trtllm_fake/`` never touches its pool except through a ``Device``:
 
 ``make_pool(shape, dtype) -> pool``
     One tensor-parallel rank's primary pool, TensorRT-LLM's shape

@@ -20,6 +20,14 @@ a host-to-device copy reads its source when it runs (staging reused too early sh
 blocks right when ``get_finished`` reports it: a load reported before its copy completed fails).
 
 ``CudaDevice`` (``--device cuda``): the same four operations on a real CUDA pool and streams.
+
+Where the rules come from: the pool is what ``resource_manager.py``
+``KVCacheManager.get_unique_primary_pool`` hands ``register_kv_caches`` (a CUDA tensor; stored
+copies 3501434665, 77926604); hooks get ``torch.cuda.current_stream()`` and ``save_kv_layer`` runs
+"immediately after the layer's work is enqueued" (``py_executor.py`` ``_forward_step`` /
+``kv_cache_connector.py`` docstrings, stored copy 736889464); the copy semantics are PyTorch's
+CUDA semantics (``non_blocking`` copies from or to pinned memory are asynchronous to the host and
+ordered on their stream; ``Event.query`` / ``synchronize``).
 """
 
 from __future__ import annotations

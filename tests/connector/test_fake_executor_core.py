@@ -1,5 +1,5 @@
 """The fake TensorRT-LLM executor itself: it enforces what upstream enforces (see the docstring
-of ``trtllm_fake_executor.py`` for the upstream file and symbol behind each behaviour).
+of ``trtllm_fake/`` for the upstream file and symbol behind each behaviour).
 
 Driven with a scripted connector defined here (loaded by module path like any connector), whose
 answers each test sets in ``SCRIPT`` and whose calls land in ``CALLS``.
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.connector.trtllm_fake_executor import (
+from tests.connector.trtllm_fake import (
     ConnectorSpec,
     FakeExecutor,
     FakeModel,

@@ -1,5 +1,5 @@
 """Contract: the REAL PrfaaS connector inside the fake TensorRT-LLM 1.2 executor
-(``trtllm_fake_executor.py``, rebuilt from upstream's source), one prefill and one decode
+(``trtllm_fake/``, rebuilt from upstream's source), one prefill and one decode
 deployment of 1 or 2 tensor-parallel ranks each, in one process, over real loopback relays.
 
 Everything reaches the connector as it would on a GPU: halves built from ``llm_args`` alone with
@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from tests.connector.fake_device import CpuDevice, Device
-from tests.connector.trtllm_fake_executor import (
+from tests.connector.trtllm_fake import (
     FakeExecutor,
     FakeModel,
     drive,

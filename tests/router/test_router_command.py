@@ -45,6 +45,7 @@ from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router import command
+from trtllm_prfaas.testbed.processes import stop_process
 from trtllm_prfaas.transport import generate_keypair
 from trtllm_prfaas.worker.protocol import LoadReport
 
@@ -92,14 +93,7 @@ class RouterProcess:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code. Idempotent."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout_s)
 
     def __enter__(self) -> RouterProcess:
         return self

@@ -15,7 +15,7 @@ from trtllm_prfaas.errors import PrfaasError
 from trtllm_prfaas.transport import RelaySecurity
 from trtllm_prfaas.worker.client import WorkerClient
 
-__all__ = ["WorkerProcess", "spawn_worker", "start_workers"]
+__all__ = ["WorkerProcess", "spawn_worker", "start_workers", "stop_process"]
 
 
 @dataclass
@@ -44,14 +44,20 @@ class WorkerProcess:
         for client in self.clients:
             client.close()
         self.clients.clear()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout_s)
+
+
+def stop_process(process: subprocess.Popen[str], timeout_s: float) -> int:
+    """SIGTERM a process this code started, wait ``timeout_s``, SIGKILL if it is still there;
+    returns its exit code. Idempotent."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return int(process.returncode)
 
 
 def _launch(name: str, args: list[str], log_level: str) -> WorkerProcess:

@@ -7,6 +7,13 @@ calling it raises, as the fake cannot tell which simulated rank a background thr
 ``mpi_broadcast`` (and the allgather of ``get_finished``) is a pickle round trip per rank. The
 ``TRTLLM_PRFAAS_*`` environment given to the executor is set while its halves are built
 (``environment``).
+
+Upstream behind it: ``tensorrt_llm/_utils.py`` ``mpi_rank`` (the rank a connector half reads);
+``py_executor.py`` ``KvCacheConnectorManager`` / ``_kv_connector_start_batch`` (the leader's meta
+``mpi_broadcast`` to every rank, ``get_finished`` results gathered; stored copies 736889464,
+3542389387, cited in ``connector_manager``); ``tensorrt_llm/llmapi/mpi_session.py``
+``MpiPoolSession._start_mpi_pool`` (stored copy 57451790670: only ``TRTLLM*``/``TLLM*``
+variables reach spawned workers, hence configuration by ``TRTLLM_PRFAAS_*`` only).
 """
 
 from __future__ import annotations
