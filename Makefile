@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean compose-tool
+.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,15 @@ compose-tool:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
 	    >/dev/null 2>&1; } || echo "docker-compose unavailable: compose validation tests will skip"
 
-pytest: $(STAMP) compose-tool
+# Membership tests run a real etcd: Debian's etcd-server (3.4, v3 API). Install it when missing
+# and we may (root); otherwise those tests skip and say why.
+etcd-tool:
+	@command -v etcd >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server) \
+	    >/dev/null 2>&1; } || echo "etcd unavailable: membership tests will skip"
+
+pytest: $(STAMP) compose-tool etcd-tool
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

@@ -4,11 +4,13 @@ teardown: no queued or running request, no block in use or reserved, no state sl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.builders import tiny_model
+from tests.etcd_server import EtcdServer, running_etcd
 from trtllm_prfaas.engines.engine import ConnectorPair, EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 
@@ -44,3 +46,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the fake executor's KV pool in the connector contract tests: plain CPU, the strict "
         "CPU shim (no host access, lazy streams and events), or a real CUDA device",
     )
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd on loopback (Debian's etcd-server), stopped after the test."""
+    yield from running_etcd(tmp_path)
