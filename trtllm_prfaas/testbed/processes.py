@@ -8,6 +8,7 @@ import selectors
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,13 @@ from trtllm_prfaas.errors import PrfaasError
 from trtllm_prfaas.transport import RelaySecurity
 from trtllm_prfaas.worker.client import WorkerClient
 
-__all__ = ["WorkerProcess", "spawn_worker", "start_workers", "stop_process"]
+__all__ = [
+    "WorkerProcess",
+    "read_ready_line",
+    "spawn_worker",
+    "start_workers",
+    "stop_process",
+]
 
 
 @dataclass
@@ -60,8 +67,19 @@ def stop_process(process: subprocess.Popen[str], timeout_s: float) -> int:
     return int(process.returncode)
 
 
-def _launch(name: str, args: list[str], log_level: str) -> WorkerProcess:
-    cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", log_level, "worker", *args]
+def _launch(
+    name: str, args: list[str], log_level: str, prefix: Sequence[str] = ()
+) -> WorkerProcess:
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "trtllm_prfaas",
+        "--log-level",
+        log_level,
+        "worker",
+        *args,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return WorkerProcess(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
 
@@ -71,11 +89,16 @@ def start_workers(
     timeout_s: float = 90.0,
     log_level: str = "ERROR",
     control_security: RelaySecurity | None = None,
+    prefixes: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, WorkerProcess]:
     """Launch every worker at once, then wait for each ready line; on failure stop them all.
     ``control_security``: what ``WorkerProcess.client()`` connects with (the router's keys when
-    the workers' control plane is Curve)."""
-    workers = {name: _launch(name, args, log_level) for name, args in specs.items()}
+    the workers' control plane is Curve). ``prefixes``: a command to run a worker under, by
+    name (``ip netns exec NS`` for the namespace testbed; it must exec the worker itself)."""
+    prefixes = prefixes or {}
+    workers = {
+        name: _launch(name, args, log_level, prefixes.get(name, ())) for name, args in specs.items()
+    }
     for worker in workers.values():
         worker.control_security = control_security
     try:
@@ -104,18 +127,23 @@ def spawn_worker(
 
 
 def _read_ready(worker: WorkerProcess, deadline: float) -> dict[str, Any]:
-    stdout = worker.process.stdout
+    return read_ready_line(worker.process, f"worker {worker.name}", deadline)
+
+
+def read_ready_line(process: subprocess.Popen[str], what: str, deadline: float) -> dict[str, Any]:
+    """The JSON ``{"event": "ready", ...}`` line a ``prfaas worker``/``router`` child prints on
+    stdout; PrfaasError naming ``what`` if it exits first or is silent past ``deadline``."""
+    stdout = process.stdout
     assert stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(stdout, selectors.EVENT_READ)
         while time.monotonic() < deadline:
-            if worker.process.poll() is not None:
-                code = worker.process.returncode
-                raise PrfaasError(f"worker {worker.name} exited with {code} before ready")
+            if process.poll() is not None:
+                raise PrfaasError(f"{what} exited with {process.returncode} before ready")
             if selector.select(timeout=0.2):
                 line = stdout.readline()
                 if line.startswith("{"):
                     data: dict[str, Any] = json.loads(line)
                     if data.get("event") == "ready":
                         return data
-    raise PrfaasError(f"worker {worker.name} did not become ready in time")
+    raise PrfaasError(f"{what} did not become ready in time")
