@@ -225,9 +225,13 @@ def test_cli_checks_triton_flags(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs --tokenizer DIR"):
         _config("--role", "prefill", "--cluster", "c", *triton)
     with pytest.raises(ConfigError, match="need --engine triton"):
-        _config("--role", "decode", "--cluster", "c", "--plaintext", "--advertise-relay", "x")
+        _config("--role", "decode", "--cluster", "c", "--plaintext", "--triton-url", "h:1")
     reference = _config("--role", "prefill", "--cluster", "c", "--plaintext")
     assert reference.triton is None and reference.advertise_relay == ""
+    # A reference decode worker binding a wildcard advertises the name its peers reach it by.
+    wildcard = ("--relay", "tcp://0.0.0.0:7100", "--advertise-relay", "tcp://d:7100")
+    behind_dns = _config("--role", "decode", "--cluster", "c", "--plaintext", *wildcard)
+    assert behind_dns.triton is None and behind_dns.advertise_relay == "tcp://d:7100"
     # Plans: one plan server per rank (port + rank), Curve keys from the key directory.
     base = ("--role", "prefill", "--cluster", "c", *triton, "--tokenizer", "/m",
             "--triton-plan-endpoint", "tcp://t:7200", "--triton-tp-size", "2")  # fmt: skip

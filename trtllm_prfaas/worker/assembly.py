@@ -52,7 +52,9 @@ class WorkerConfig:
     load_report_interval_s: float = 0.1
     idle_poll_s: float = 0.02
     triton: TritonEngineConfig | None = None  # set: the engine is this remote Triton server
-    advertise_relay: str = ""  # Triton decode: its connector's relay receiver, as peers reach it
+    # decode role: the relay receiver as prefill peers reach it (Triton: its connector's; a
+    # reference worker's own when it binds a wildcard, tcp://0.0.0.0:7100, behind a DNS name)
+    advertise_relay: str = ""
     # The control socket: Curve server keys and the routers allowed (worker/server.py). None:
     # plaintext, logged as a warning when the socket binds (prfaas worker needs --plaintext).
     control_security: RelaySecurity | None = None
@@ -60,8 +62,6 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.fallback not in ("recompute", "fail"):
             raise ConfigError(f"fallback: 'recompute' or 'fail', not {self.fallback!r}")
-        if self.triton is None and self.advertise_relay:
-            raise ConfigError("advertise_relay is for a Triton engine; a reference worker binds")
         if self.triton is not None and self.role is WorkerRole.DECODE and not self.advertise_relay:
             raise ConfigError(
                 "a decode worker over Triton needs advertise_relay: the relay endpoint of "

@@ -96,8 +96,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     triton.add_argument(
         "--advertise-relay",
         default="",
-        help="decode: relay endpoint of this Triton's connector as prefill nodes reach it, "
-        "e.g. tcp://triton-decode:7100",
+        help="decode: the relay receiver as prefill nodes reach it: this Triton's connector's, "
+        "e.g. tcp://triton-decode:7100, or a reference worker's that binds --relay "
+        "tcp://0.0.0.0:7100 (default: the bound address)",
     )
     defaults = TritonEngineConfig("-")
     triton.add_argument("--triton-connect-timeout-s", type=float, default=600.0,
@@ -194,10 +195,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
             kv_bytes_per_token=args.triton_kv_bytes_per_token,
             kv_state_bytes=args.triton_kv_state_bytes,
         )
-    elif args.triton_url or args.advertise_relay or args.triton_plan_endpoint:
-        raise ConfigError(
-            "--triton-url / --advertise-relay / --triton-plan-endpoint need --engine triton"
-        )
+    elif args.triton_url or args.triton_plan_endpoint:
+        raise ConfigError("--triton-url / --triton-plan-endpoint need --engine triton")
     return WorkerConfig(
         worker_id,
         WorkerRole(args.role),

@@ -135,8 +135,9 @@ class WorkerServer:
         else:
             runtime_role = Role.DECODE if role is WorkerRole.DECODE else Role.PREFILL
             connector = PrfaasConnectorConfig(
-                runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s
-            )
+                runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s,
+                relay_advertise=c.advertise_relay or None,
+            )  # fmt: skip
             built = assemble(c.engine, connector, c.fallback)
         self._built: Assembly = built
         self.runtime, self.engine, self.relay_endpoint = (
