@@ -2,16 +2,21 @@
 
 Three servers, all answering ``max_tokens`` copies of ``ECHO_TOKEN`` as soon as asked:
 
-- ``serve_direct``: the KServe front door (``FrontDoor``) over ``EchoOrchestrator``, an
-  ``Orchestrator`` whose ``generate`` yields one final chunk at once. The baseline.
+- ``serve_direct``: the KServe gRPC front door (``FrontDoor``) over ``EchoOrchestrator``, an
+  ``Orchestrator`` whose ``generate`` yields one final chunk at once (the baseline), and beside
+  it the two HTTP doors (KServe v2 REST, OpenAI) over the same ``EchoOrchestrator``, each on its
+  own ``HttpDoor`` thread as the gRPC door is on its own.
 - ``serve_worker``: a real ``WorkerServer`` (control socket, serve loop, load reports, deadlines,
   ``TransferDone``) whose ``ReferenceEngine`` is swapped for ``EchoEngine`` after ``__init__``.
   ``EchoWorkerServer`` also answers every decode request's "is the relayed KV announced?" with
   COMPLETE, so the decode leg never waits for a relay (no KV moves; see ``bench/router.py``).
-- ``serve_router``: the real ``RouterService`` (front door + ``DisaggregatedOrchestrator`` +
-  metrics, no HTTP endpoint) in front of echo workers.
+- ``serve_router``: the real ``RouterService`` (gRPC front door, KServe v2 REST and OpenAI
+  doors on its loop, ``DisaggregatedOrchestrator``, metrics; no HTTP ``/metrics`` endpoint) in
+  front of echo workers.
 
-Each ``serve_*`` sends one ready message (its address) on ``conn``, then serves until anything
+Each ``serve_*`` sends one ready message (its address, or ``{door: address}`` for the servers
+with several doors: ``grpc`` as ``host:port``, ``rest`` and ``openai`` as ``http://host:port``)
+on ``conn``, then serves until anything
 (``None``) arrives on ``conn`` or the connection closes, and closes what it opened. Logging is
 configured by the caller before this module is imported (project modules bind their loggers at
 import time).
@@ -32,6 +37,9 @@ from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.engines.tokenizer import VOCAB_SIZE, ByteTokenizer
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.frontdoor import FrontDoor, FrontDoorConfig
+from trtllm_prfaas.router.http_door import HttpDoor, HttpDoorConfig
+from trtllm_prfaas.router.kserve_rest import rest_app
+from trtllm_prfaas.router.openai_door import build_openai_app
 from trtllm_prfaas.router.orchestrator import RouterConfig, WorkerSpec
 from trtllm_prfaas.router.service import RouterService
 from trtllm_prfaas.transport import InboundStatus, RelayConfig, RelaySecurity
@@ -60,7 +68,7 @@ class EchoOrchestrator(Orchestrator):
 
     def __init__(self, model_name: str = "tensorrt_llm", max_seq_len: int = 4096) -> None:
         self._model_name, self._max_seq_len = model_name, max_seq_len
-        self._tokenizer = ByteTokenizer()
+        self.tokenizer = ByteTokenizer()
 
     @property
     def model_name(self) -> str:
@@ -75,7 +83,7 @@ class EchoOrchestrator(Orchestrator):
         return VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+        return self.tokenizer.encode(text)
 
     def is_ready(self) -> bool:
         return True
@@ -203,15 +211,25 @@ def serve_worker(role: str, conn: Connection) -> None:
 
 
 def serve_direct(conn: Connection) -> None:
-    """The front door over ``EchoOrchestrator``; ready message: ``host:port``."""
-    with FrontDoor(EchoOrchestrator(), FrontDoorConfig(port=0)) as door:
-        conn.send(door.address)
+    """The gRPC, REST and OpenAI doors over one ``EchoOrchestrator``; ready: ``{door: address}``."""
+    echo = EchoOrchestrator()
+    with (
+        FrontDoor(echo, FrontDoorConfig(port=0)) as door,
+        HttpDoor(rest_app(echo), HttpDoorConfig(port=0), name="kserve-rest") as rest,
+        HttpDoor(
+            build_openai_app(echo, echo.tokenizer), HttpDoorConfig(port=0), name="openai"
+        ) as openai,  # fmt: skip
+    ):
+        conn.send({"grpc": door.address, "rest": rest.url, "openai": openai.url})
         _wait_for_stop(conn)
 
 
 def serve_router(workers: list[tuple[str, str, bool]], conn: Connection) -> None:
-    """The router over ``workers`` (name, control endpoint, is_prfaas); ready: ``host:port``."""
+    """The router over ``workers`` (name, control endpoint, is_prfaas), with its gRPC, REST and
+    OpenAI doors; ready message: ``{door: address}``."""
     specs = tuple(WorkerSpec(name, endpoint, is_prfaas) for name, endpoint, is_prfaas in workers)
-    with RouterService(RouterConfig(specs), FrontDoorConfig(port=0), metrics_port=None) as router:
-        conn.send(router.address)
+    frontdoor = FrontDoorConfig(port=0)
+    with RouterService(RouterConfig(specs), frontdoor, metrics_port=None, http_port=0,
+                       openai_port=0) as router:  # fmt: skip
+        conn.send({"grpc": router.address, "rest": router.http_url, "openai": router.openai_url})
         _wait_for_stop(conn)

@@ -2,9 +2,10 @@
 
     python bench/router.py --json
 
-Prints one JSON line. Two paths serve the same zero-cost echo model (``max_tokens`` copies of one
-token, answered at once), each in its own processes, measured in one run by the same stock
-``tritonclient.grpc.aio`` client (this process) with unary ``ModelInfer``:
+Prints one JSON line. Two paths (and their HTTP doors, below) serve the same zero-cost echo
+model (``max_tokens`` copies of one token, answered at once), each in its own processes,
+measured in one run by the same stock ``tritonclient.grpc.aio`` client (this process) with unary
+``ModelInfer``:
 
 - **direct**: client -> KServe front door (``FrontDoor``) over ``EchoOrchestrator``, one process.
 - **routed**: client -> ``RouterService`` (front door, ``DisaggregatedOrchestrator``: validation,
@@ -33,6 +34,19 @@ minus direct, all processes) and ``cpu_bound_rps`` (the cores divided by the rou
 request). These hold on a shared, loaded machine, where latencies and rates do not: compare
 ``load_average_1m`` with ``cpu_count`` before trusting the latencies.
 
+**The HTTP doors** (``http_p99_added_ms``, ``http_max_rps``, ``http_rps_ratio_to_grpc``, per
+door, details under ``http``): the same two servers also serve the KServe v2 REST door
+(``infer`` with the same inputs, stock ``tritonclient.http.aio``) and the OpenAI door
+(``POST /v1/completions``, aiohttp), so four more paths join the same interleaved rounds and
+closed loops: ``<door>_direct`` (the door over the direct server's ``EchoOrchestrator``) and
+``<door>`` (the router's door, on the router's loop beside its gRPC door).
+``http_p99_added_ms`` is ``p99(<door>) - p99(direct)``: against the direct gRPC call of the same
+echo engine, so it counts the router *and* HTTP (server and client) over gRPC; the two parts are
+reported as ``door_p99_added_ms`` and ``router_p99_added_ms``. ``http_max_rps`` is the router's
+HTTP door's closed-loop rate, and ``http_rps_ratio_to_grpc`` its ratio to the router's gRPC
+door's (``max_rps``), same client concurrency, same run. Targets: ``http_p99_added_ms`` <= 3 ms,
+ratio >= 0.5 (``http_meets_targets``).
+
 Every process is stopped in ``finally`` (asked, then SIGTERM, then SIGKILL, by PID).
 """
 
@@ -54,15 +68,20 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
 
 BENCH_DIR = str(Path(__file__).resolve().parent)  # bench/ is not a package: _echo is top-level
 MODEL = "tensorrt_llm"
 ECHO_CHAR = "x"  # the echo engines answer ``max_tokens`` of it (``_echo.ECHO_TOKEN``)
 TARGET_P99_ADDED_MS = 2.0
 TARGET_MAX_RPS = 1000.0
+TARGET_HTTP_P99_ADDED_MS = 3.0  # each HTTP door, against the direct gRPC call of the echo engine
+TARGET_HTTP_RPS_RATIO = 0.5  # each HTTP door's max rate over the gRPC door's, same router
 LOG_LEVEL = "WARNING"  # the CLI's default: no per-request log lines, as deployed
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -143,13 +162,43 @@ class Child:
 
 
 @dataclass(frozen=True)
-class Stack:
-    """Where the two paths listen, and the PIDs of the processes serving each."""
+class Target:
+    """One door to measure: ``protocol`` ("grpc", "rest" or "openai") at ``address``
+    (``host:port`` for gRPC, ``http://host:port`` for the HTTP doors)."""
 
-    direct: str
-    routed: str
-    direct_pids: dict[str, int]
-    routed_pids: dict[str, int]
+    protocol: str
+    address: str
+
+
+PROTOCOLS = ("grpc", "rest", "openai")
+HTTP_DOORS = ("rest", "openai")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Where each path listens, and the PIDs of the processes serving it.
+
+    Paths: ``direct`` and ``routed`` (gRPC), and per HTTP door ``<door>_direct`` (the door over
+    the direct server's ``EchoOrchestrator``) and ``<door>`` (the router's door)."""
+
+    paths: dict[str, Target]
+    pids: dict[str, dict[str, int]]
+
+
+def stack_of(
+    direct: dict[str, str],
+    routed: dict[str, str],
+    direct_pids: dict[str, int],
+    routed_pids: dict[str, int],
+) -> Stack:
+    """A ``Stack`` from the two servers' ready messages (``{protocol: address}``)."""
+    paths = {"direct": Target("grpc", direct["grpc"]), "routed": Target("grpc", routed["grpc"])}
+    pids = {"direct": direct_pids, "routed": routed_pids}
+    for door in HTTP_DOORS:
+        paths[f"{door}_direct"] = Target(door, direct[door])
+        paths[door] = Target(door, routed[door])
+        pids[f"{door}_direct"], pids[door] = direct_pids, routed_pids
+    return Stack(paths, pids)
 
 
 @contextlib.contextmanager
@@ -162,9 +211,9 @@ def servers() -> Iterator[Stack]:
         children.append(prefill := Child("serve_worker", "prefill"))
         workers = [("decode", decode.ready(), False), ("prefill", prefill.ready(), False)]
         children.append(router := Child("serve_router", workers))
-        direct_address, routed_address = direct.ready(), router.ready()
+        direct_addresses, routed_addresses = direct.ready(), router.ready()
         routed_pids = {"router": router.pid, "decode": decode.pid, "prefill": prefill.pid}
-        yield Stack(direct_address, routed_address, {"server": direct.pid}, routed_pids)
+        yield stack_of(direct_addresses, routed_addresses, {"server": direct.pid}, routed_pids)
     finally:
         for child in reversed(children):  # the router first: it would miss its workers
             child.ask_to_stop()
@@ -175,25 +224,66 @@ def servers() -> Iterator[Stack]:
 # ---- client ----------------------------------------------------------------------------------
 
 
-def llm_inputs(max_tokens: int, text: str = "ping") -> list[Any]:
-    """A Triton + TensorRT-LLM client's inputs: ``text_input``, ``sampling_param_max_tokens``."""
-    text_input = grpcclient.InferInput("text_input", [1], "BYTES")
+def llm_inputs(max_tokens: int, text: str = "ping", client: Any = grpcclient) -> list[Any]:
+    """A Triton + TensorRT-LLM client's inputs: ``text_input``, ``sampling_param_max_tokens``
+    (``client``: ``tritonclient.grpc`` or ``tritonclient.http``)."""
+    text_input = client.InferInput("text_input", [1], "BYTES")
     text_input.set_data_from_numpy(np.array([text.encode()], dtype=object))
-    max_tokens_input = grpcclient.InferInput("sampling_param_max_tokens", [1], "INT32")
+    max_tokens_input = client.InferInput("sampling_param_max_tokens", [1], "INT32")
     max_tokens_input.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
     return [text_input, max_tokens_input]
 
 
-async def _infer(client: Any, inputs: list[Any], expected: str) -> float | None:
-    """Seconds for one unary request; None if it failed or answered the wrong text."""
-    start = time.perf_counter()
-    try:
-        result = await client.infer(MODEL, inputs)
-    except Exception:
-        return None
-    elapsed = time.perf_counter() - start
-    text = bytes(result.as_numpy("text_output")[0]).decode()
-    return elapsed if text == expected else None
+class Caller:
+    """One client for one door: ``await call()`` sends one unary request (``max_tokens`` echo
+    tokens for "ping") and returns its seconds, or None if it failed or answered the wrong text.
+
+    gRPC and KServe v2 REST: the stock ``tritonclient`` aio clients (``grpc.aio``, ``http.aio``)
+    with the same inputs (``infer``). OpenAI: ``POST /v1/completions`` with aiohttp (what
+    ``tritonclient.http.aio`` also runs on), so the HTTP doors share one client stack; the
+    ``openai`` client would add its own pydantic parsing to every figure."""
+
+    def __init__(self, target: Target, max_tokens: int) -> None:
+        self.target, self.expected = target, ECHO_CHAR * max_tokens
+        self._session: aiohttp.ClientSession | None = None
+        if target.protocol == "grpc":
+            self._client: Any = grpcaio.InferenceServerClient(target.address)
+            self._inputs = llm_inputs(max_tokens)
+        elif target.protocol == "rest":
+            self._client = httpaio.InferenceServerClient(target.address.removeprefix("http://"),
+                                                         conn_limit=1024)  # fmt: skip
+            self._inputs = llm_inputs(max_tokens, client=httpclient)
+        elif target.protocol == "openai":
+            self._url = f"{target.address}/v1/completions"
+            self._body = {"model": MODEL, "prompt": "ping", "max_tokens": max_tokens}
+        else:
+            raise ValueError(f"unknown protocol {target.protocol!r}; expected one of {PROTOCOLS}")
+
+    async def call(self) -> float | None:
+        start = time.perf_counter()
+        try:
+            text = await self._text()
+        except Exception:
+            return None
+        elapsed = time.perf_counter() - start
+        return elapsed if text == self.expected else None
+
+    async def _text(self) -> str:
+        if self.target.protocol != "openai":
+            result = await self._client.infer(MODEL, self._inputs)
+            return bytes(result.as_numpy("text_output")[0]).decode()
+        if self._session is None:  # created on the loop that uses it
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(connector=connector)
+        async with self._session.post(self._url, json=self._body) as response:
+            response.raise_for_status()
+            return str((await response.json())["choices"][0]["text"])
+
+    async def close(self) -> None:
+        if self.target.protocol != "openai":
+            await self._client.close()
+        elif self._session is not None:
+            await self._session.close()
 
 
 @dataclass
@@ -206,11 +296,10 @@ class OpenLoop:
 
 
 async def open_loop(
-    address: str, num_requests: int, rate_rps: float, max_tokens: int, poisson: bool, seed: int
+    target: Target, num_requests: int, rate_rps: float, max_tokens: int, poisson: bool, seed: int
 ) -> OpenLoop:
     """Send ``num_requests`` at ``rate_rps`` (evenly paced or Poisson), each on its own task."""
-    client = grpcaio.InferenceServerClient(address)
-    inputs, expected = llm_inputs(max_tokens), ECHO_CHAR * max_tokens
+    caller = Caller(target, max_tokens)
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[float | None]] = []
@@ -220,11 +309,11 @@ async def open_loop(
             if (delay := due - loop.time()) > 0:
                 await asyncio.sleep(delay)
             lateness = max(lateness, loop.time() - due)
-            tasks.append(asyncio.create_task(_infer(client, inputs, expected)))
+            tasks.append(asyncio.create_task(caller.call()))
             due += rng.expovariate(rate_rps) if poisson else 1.0 / rate_rps
         results = await asyncio.gather(*tasks)
     finally:
-        await client.close()
+        await caller.close()
     latencies = [r for r in results if r is not None]
     return OpenLoop(latencies, len(results) - len(latencies), lateness)
 
@@ -241,7 +330,7 @@ class ClosedLoop:
 
 
 async def closed_loop(
-    address: str,
+    target: Target,
     concurrency: int,
     duration_s: float,
     max_tokens: int,
@@ -250,15 +339,14 @@ async def closed_loop(
 ) -> ClosedLoop:
     """``concurrency`` requests always in flight; completions counted after ``warmup_s``
     (``total``, if given, also counts the warm-up's)."""
-    client = grpcaio.InferenceServerClient(address)
-    inputs, expected = llm_inputs(max_tokens), ECHO_CHAR * max_tokens
+    caller = Caller(target, max_tokens)
     start = time.perf_counter()
     measure_from, end = start + warmup_s, start + warmup_s + duration_s
     counts = [0, 0]  # completed in the window, errors
 
     async def one_slot() -> None:
         while (now := time.perf_counter()) < end:
-            ok = await _infer(client, inputs, expected) is not None
+            ok = await caller.call() is not None
             if now >= measure_from:
                 counts[0 if ok else 1] += 1
             if total is not None:
@@ -268,7 +356,7 @@ async def closed_loop(
     try:
         await asyncio.gather(*(one_slot() for _ in range(concurrency)))
     finally:
-        await client.close()
+        await caller.close()
     return ClosedLoop(counts[0], counts[1], duration_s)
 
 
@@ -283,7 +371,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def closed_loop_cpu(
-    address: str, pids: dict[str, int], s: Settings
+    target: Target, pids: dict[str, int], s: Settings
 ) -> tuple[ClosedLoop, dict[str, float]]:
     """``closed_loop``, and the CPU milliseconds per completed request of each process in
     ``pids`` and of this client (whole run, warm-up included, over every completion)."""
@@ -291,7 +379,7 @@ async def closed_loop_cpu(
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     counting = ClosedLoop(0, 0, 0.0)
     result = await closed_loop(
-        address, s.concurrency, s.rps_seconds, s.max_tokens, s.rps_warmup_s, counting
+        target, s.concurrency, s.rps_seconds, s.max_tokens, s.rps_warmup_s, counting
     )
     after = {name: cpu_seconds(pid) for name, pid in pids.items()}
     done = max(1, counting.num_completed + counting.num_errors)
@@ -345,31 +433,61 @@ def path_figures(
 
 
 async def measure(stack: Stack, s: Settings) -> dict[str, Any]:
-    """Both paths, interleaved: warm-up, ``rounds`` open-loop blocks each, then closed loops."""
-    paths = {"direct": stack.direct, "routed": stack.routed}
-    pids = {"direct": stack.direct_pids, "routed": stack.routed_pids}
-    for address in paths.values():
-        await open_loop(address, s.warmup_requests, s.rate_rps, s.max_tokens, s.poisson, s.seed)
-    runs: dict[str, list[OpenLoop]] = {name: [] for name in paths}
+    """Every path, interleaved: warm-up, ``rounds`` open-loop blocks each, then closed loops."""
+    for target in stack.paths.values():
+        await open_loop(target, s.warmup_requests, s.rate_rps, s.max_tokens, s.poisson, s.seed)
+    runs: dict[str, list[OpenLoop]] = {name: [] for name in stack.paths}
     per_round = [s.num_requests // s.rounds + (i < s.num_requests % s.rounds)
                  for i in range(s.rounds)]  # fmt: skip
     for i, count in enumerate(per_round):
-        for name, address in paths.items():
+        for name, target in stack.paths.items():
             seed = s.seed + i + 1
-            run = await open_loop(address, count, s.rate_rps, s.max_tokens, s.poisson, seed)
+            run = await open_loop(target, count, s.rate_rps, s.max_tokens, s.poisson, seed)
             runs[name].append(run)
     figures = {}
-    for name, address in paths.items():
-        rps, cpu_ms = await closed_loop_cpu(address, pids[name], s)
+    for name, target in stack.paths.items():
+        rps, cpu_ms = await closed_loop_cpu(target, stack.pids[name], s)
         figures[name] = path_figures(runs[name], rps, cpu_ms)
-    return report(figures["direct"], figures["routed"], s)
+    return report(figures, s)
 
 
-def report(direct: PathFigures, routed: PathFigures, s: Settings) -> dict[str, Any]:
+def http_figures(figures: dict[str, PathFigures], door: str) -> dict[str, Any]:
+    """One HTTP door's figures against its anchors, all measured in this run.
+
+    ``p99_added_ms``: the router's door (client -> HTTP -> router -> echo workers) minus the
+    direct gRPC call of the echo engine, the anchor of ``p99_added_ms``: everything the HTTP
+    route adds, the protocol's own cost (and its client's) included. It splits into
+    ``door_p99_added_ms`` (the same door over the direct ``EchoOrchestrator``, minus direct gRPC:
+    the HTTP stack and client) and ``router_p99_added_ms`` (the router's door minus that door
+    over the direct echo: the router behind HTTP). ``rps_ratio_to_grpc``: the router's HTTP
+    door's closed-loop rate over its gRPC door's, same client concurrency."""
+    direct, routed = figures["direct"], figures["routed"]
+    via_direct, via_router = figures[f"{door}_direct"], figures[door]
+    return {
+        "p50_added_ms": round(via_router.p50_ms - direct.p50_ms, 4),
+        "p99_added_ms": round(via_router.p99_ms - direct.p99_ms, 4),
+        "door_p99_added_ms": round(via_direct.p99_ms - direct.p99_ms, 4),
+        "router_p99_added_ms": round(via_router.p99_ms - via_direct.p99_ms, 4),
+        "max_rps": via_router.max_rps,
+        "direct_max_rps": via_direct.max_rps,
+        "rps_ratio_to_grpc": round(via_router.max_rps / routed.max_rps, 3) if routed.max_rps else 0,
+        "direct": asdict(via_direct),
+        "routed": asdict(via_router),
+    }
+
+
+def report(figures: dict[str, PathFigures], s: Settings) -> dict[str, Any]:
+    direct, routed = figures["direct"], figures["routed"]
     p50_added = round(routed.p50_ms - direct.p50_ms, 4)
     p99_added = round(routed.p99_ms - direct.p99_ms, 4)
     cpu_direct = sum(direct.cpu_ms_per_request.values())
     cpu_routed = sum(routed.cpu_ms_per_request.values())
+    http = {door: http_figures(figures, door) for door in HTTP_DOORS}
+    http_meets = all(
+        f["p99_added_ms"] <= TARGET_HTTP_P99_ADDED_MS
+        and f["rps_ratio_to_grpc"] >= TARGET_HTTP_RPS_RATIO
+        for f in http.values()
+    )
     return {
         "p50_added_ms": p50_added,
         "p99_added_ms": p99_added,
@@ -377,12 +495,22 @@ def report(direct: PathFigures, routed: PathFigures, s: Settings) -> dict[str, A
         "direct_max_rps": direct.max_rps,
         "meets_targets": p99_added <= TARGET_P99_ADDED_MS and routed.max_rps >= TARGET_MAX_RPS,
         "targets": {"p99_added_ms": TARGET_P99_ADDED_MS, "max_rps": TARGET_MAX_RPS},
+        # the HTTP doors (KServe v2 REST, OpenAI) of the same router, per door
+        "http_p99_added_ms": {door: f["p99_added_ms"] for door, f in http.items()},
+        "http_max_rps": {door: f["max_rps"] for door, f in http.items()},
+        "http_rps_ratio_to_grpc": {door: f["rps_ratio_to_grpc"] for door, f in http.items()},
+        "http_meets_targets": http_meets,
+        "http_targets": {
+            "p99_added_ms": TARGET_HTTP_P99_ADDED_MS,
+            "rps_ratio_to_grpc": TARGET_HTTP_RPS_RATIO,
+        },
         # CPU the routed path spends per request beyond the direct one (all processes), and
         # the rate the machine's cores would sustain at the routed path's CPU per request
         "added_cpu_ms_per_request": round(cpu_routed - cpu_direct, 4),
         "cpu_bound_rps": round((os.cpu_count() or 1) * 1e3 / cpu_routed, 1) if cpu_routed else 0,
         "direct": asdict(direct),
         "routed": asdict(routed),
+        "http": http,
         "settings": asdict(s),
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),  # other work on the machine, if any

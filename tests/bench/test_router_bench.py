@@ -1,5 +1,6 @@
 """``bench/router.py`` at a tiny scale: the same server entry points (run in threads here, not
-processes, to stay fast), the measurement functions, the JSON shape, and counts that add up."""
+processes, to stay fast), the measurement functions on every door (gRPC, KServe v2 REST,
+OpenAI), the JSON shape, and counts that add up."""
 
 from __future__ import annotations
 
@@ -58,27 +59,56 @@ def stack() -> Iterator[bench.Stack]:
         entries.append(router := _Entry("serve_router", workers))
         pid = os.getpid()
         pids = {"router": pid, "decode": pid, "prefill": pid}
-        yield bench.Stack(direct.ready(), router.ready(), {"server": pid}, pids)
+        yield bench.stack_of(direct.ready(), router.ready(), {"server": pid}, pids)
     finally:
         for entry in reversed(entries):
             entry.stop()
 
 
-def test_open_loop_counts_every_request(stack: bench.Stack) -> None:
-    for address in (stack.direct, stack.routed):
-        run = asyncio.run(bench.open_loop(address, 10, 500.0, 2, poisson=True, seed=1))
-        assert (len(run.latencies_s), run.num_errors) == (10, 0)
+def test_stack_has_every_door_of_both_servers(stack: bench.Stack) -> None:
+    protocols = {name: target.protocol for name, target in stack.paths.items()}
+    assert protocols == {"direct": "grpc", "routed": "grpc", "rest_direct": "rest",
+                         "rest": "rest", "openai_direct": "openai", "openai": "openai"}  # fmt: skip
+    for door in bench.HTTP_DOORS:
+        assert stack.paths[door].address.startswith("http://127.0.0.1:")
+        assert stack.paths[door].address != stack.paths[f"{door}_direct"].address
+
+
+def test_open_loop_counts_every_request_on_every_door(stack: bench.Stack) -> None:
+    for target in stack.paths.values():
+        run = asyncio.run(bench.open_loop(target, 10, 500.0, 2, poisson=True, seed=1))
+        assert (len(run.latencies_s), run.num_errors) == (10, 0), target
         assert all(0 < t < 5 for t in run.latencies_s)
+
+
+def test_a_wrong_answer_or_a_refused_request_is_an_error(stack: bench.Stack) -> None:
+    """The caller checks the text: a door answering something else is never counted as done."""
+
+    async def one(target: bench.Target, max_tokens: int, expected_tokens: int) -> float | None:
+        caller = bench.Caller(target, max_tokens)
+        caller.expected = bench.ECHO_CHAR * expected_tokens
+        try:
+            return await caller.call()
+        finally:
+            await caller.close()
+
+    for target in stack.paths.values():
+        assert asyncio.run(one(target, 2, 2)) is not None, target
+        assert asyncio.run(one(target, 2, 3)) is None, target  # not the expected text
+        assert asyncio.run(one(target, 0, 0)) is None, target  # max_tokens 0: refused (400)
 
 
 def test_measure_reports_one_json_line_whose_counts_add_up(stack: bench.Stack) -> None:
     result = asyncio.run(bench.measure(stack, TINY))
     line = json.dumps(result)
     assert "\n" not in line and json.loads(line) == result
-    for key in ("p50_added_ms", "p99_added_ms", "max_rps", "direct_max_rps", "meets_targets"):
+    for key in ("p50_added_ms", "p99_added_ms", "max_rps", "direct_max_rps", "meets_targets",
+                "http_meets_targets"):  # fmt: skip
         assert key in result
     direct, routed = result["direct"], result["routed"]
-    for path in (direct, routed):
+    http_paths = [result["http"][door][side] for door in bench.HTTP_DOORS
+                  for side in ("direct", "routed")]  # fmt: skip
+    for path in (direct, routed, *http_paths):
         assert path["num_requests"] == TINY.num_requests
         assert path["num_ok"] + path["num_errors"] == path["num_requests"]
         assert path["num_errors"] == 0 and path["rps_errors"] == 0
@@ -89,6 +119,28 @@ def test_measure_reports_one_json_line_whose_counts_add_up(stack: bench.Stack) -
     assert result["max_rps"] == routed["max_rps"]
     assert set(direct["cpu_ms_per_request"]) == {"server", "client"}
     assert set(routed["cpu_ms_per_request"]) == {"router", "decode", "prefill", "client"}
+    for door in bench.HTTP_DOORS:
+        http = result["http"][door]
+        via_direct, via_router = http["direct"], http["routed"]
+        # every HTTP figure is against an anchor of the same run: the direct gRPC call ...
+        assert result["http_p99_added_ms"][door] == http["p99_added_ms"]
+        assert http["p99_added_ms"] == pytest.approx(via_router["p99_ms"] - direct["p99_ms"],
+                                                     abs=1e-3)  # fmt: skip
+        assert http["p99_added_ms"] == pytest.approx(
+            http["door_p99_added_ms"] + http["router_p99_added_ms"], abs=2e-3
+        )
+        # ... and the router's gRPC door for the rate
+        assert result["http_max_rps"][door] == via_router["max_rps"] == http["max_rps"]
+        ratio = via_router["max_rps"] / routed["max_rps"]
+        assert result["http_rps_ratio_to_grpc"][door] == pytest.approx(ratio, abs=1e-3)
+        assert set(via_router["cpu_ms_per_request"]) == set(routed["cpu_ms_per_request"])
+        assert set(via_direct["cpu_ms_per_request"]) == {"server", "client"}
+    targets = result["http_targets"]
+    assert result["http_meets_targets"] == all(
+        result["http_p99_added_ms"][d] <= targets["p99_added_ms"]
+        and result["http_rps_ratio_to_grpc"][d] >= targets["rps_ratio_to_grpc"]
+        for d in bench.HTTP_DOORS
+    )
 
 
 def test_quantiles_interpolate_and_empty_is_nan() -> None:
