@@ -13,7 +13,11 @@ Who records what:
   (share of recent requests routed remote), ``prfaas_egress_estimate_gbps`` (PrfaaS relay egress
   over the last period), ``prfaas_link_estimate_gbps`` (the link rate it assumes),
   ``prfaas_controller_decisions_total{reason}``, ``prfaas_rebalance_actions_total{action}`` and
-  ``prfaas_role_conversions_total{role}`` (role is the new role).
+  ``prfaas_role_conversions_total{role}`` (role is the new role);
+- membership (``router/discovered.py``, with ``--discovery``): ``prfaas_discovery_connected``
+  (1 while the router's watch on the store is live, 0 while it serves the last membership it
+  saw), ``prfaas_discovery_workers`` (registered workers it knows) and
+  ``prfaas_discovery_bad_records_total`` (registrations refused as malformed).
 
 ``MetricsServer`` serves ``/metrics`` over HTTP on a thread (port 8002 by default, like Triton);
 it is a context manager whose ``close()`` shuts the server down and joins the thread.
@@ -28,7 +32,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["DEFAULT_METRICS_PORT", "MetricsServer", "RouterMetrics"]
+__all__ = ["DEFAULT_METRICS_PORT", "DiscoveryMetrics", "MetricsServer", "RouterMetrics"]
 
 DEFAULT_METRICS_PORT = 8002
 
@@ -193,6 +197,25 @@ class RouterMetrics:
             )
         children[0].set(queue_depth)
         children[1].set(free_decode_slots)
+
+
+class DiscoveryMetrics:
+    """Membership as one router sees it (``router/discovered.py``); thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "prfaas_discovery_connected",
+            "1 while the membership watch is live; 0 while serving the last membership seen",
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "prfaas_discovery_workers", "Registered workers this router knows", registry=registry
+        )
+        self.bad_records = Counter(
+            "prfaas_discovery_bad_records",
+            "Worker registrations ignored because they could not be decoded or checked",
+            registry=registry,
+        )
 
 
 class MetricsServer:
