@@ -88,6 +88,7 @@ class RouterMetrics:
         )
         self._init_relay_and_workers(registry)
         self._init_control(registry)
+        self._init_replicas(registry)
 
     def _init_relay_and_workers(self, registry: CollectorRegistry) -> None:
         self.relay_bytes = Counter(
@@ -147,6 +148,34 @@ class RouterMetrics:
             "prfaas_role_conversions", "Worker role conversions, by new role", ["role"],
             registry=registry,
         )  # fmt: skip
+
+    def _init_replicas(self, registry: CollectorRegistry) -> None:
+        self.is_leader = Gauge(
+            "prfaas_router_is_leader",
+            "1 while this router replica is the leader (runs the threshold and role conversions)",
+            registry=registry,
+        )
+        self.elections = Counter(
+            "prfaas_router_elections",
+            "Leader campaigns this replica ran (the leader key was free), by result",
+            ["result"],
+            registry=registry,
+        )
+        self.leader_step_downs = Counter(
+            "prfaas_router_leader_step_downs",
+            "Times this replica stopped leading, by reason (resigned, lease_not_renewed, ...)",
+            ["reason"],
+            registry=registry,
+        )
+
+    def set_leader(self, is_leader: bool) -> None:
+        self.is_leader.set(1 if is_leader else 0)
+
+    def record_election(self, result: str) -> None:
+        self.elections.labels(result=result).inc()
+
+    def record_step_down(self, reason: str) -> None:
+        self.leader_step_downs.labels(reason=reason).inc()
 
     def set_control(
         self, threshold: float, t_opt: float, share: float, egress_gbps: float, link_gbps: float
