@@ -97,6 +97,11 @@ class RouterService:
     def _run(self, coro: Any, timeout_s: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
+    def run_on_loop(self, coro: Any, timeout_s: float) -> Any:
+        """Run ``coro`` on the router's loop (where the orchestrator lives) and return its
+        result, from another thread; raises TimeoutError after ``timeout_s``."""
+        return self._run(coro, timeout_s)
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop everything and join the loop thread. Idempotent. The front door stops taking
         new RPCs at once; those in flight get its ``shutdown_grace_s`` to finish (then they are
