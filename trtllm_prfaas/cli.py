@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("trtllm_prfaas.sim.command", "throughput model and discrete-event simulations"),
     "worker": ("trtllm_prfaas.worker.command", "run a prefill or decode worker"),
     "router": ("trtllm_prfaas.router.command", "run the router in front of a list of workers"),
+    "netns": (
+        "trtllm_prfaas.testbed.netns_command",
+        "datacenters as network namespaces joined by a shaped WAN (root)",
+    ),
     "up": ("trtllm_prfaas.testbed.up", "start the embedded two-datacenter testbed"),
     "bench": ("trtllm_prfaas.loadgen.command", "load generator over tritonclient"),
     "triton-repo": ("trtllm_prfaas.deploy.command", "write a PrfaaS Triton model repository"),
