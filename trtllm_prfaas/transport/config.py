@@ -86,6 +86,8 @@ class RelayConfig:
     ``credit_bytes`` is the receiver's host-buffer budget: bytes granted to senders plus bytes
     received but not yet released by the consumer never exceed it. It must be at least
     ``chunk_bytes`` and, when the consumer releases per layer, at least the largest layer.
+    No peer holds it past its transfer's deadline (capped at ``max_deadline_s``) while
+    receiving, nor past ``unclaimed_hold_s`` once complete while no consumer touched it.
     """
 
     security: RelaySecurity
@@ -97,6 +99,14 @@ class RelayConfig:
     connect_timeout_s: float = 5.0
     default_deadline_s: float = 30.0
     expired_grace_s: float = 1.0
+    # A sender names its transfer's deadline; the receiver holds credit for it no longer than
+    # this (a peer announcing an endless deadline and stalling cannot keep the budget forever).
+    max_deadline_s: float = 600.0
+    # A complete transfer that no consumer has touched (no layer read, not released) is dropped
+    # this long after it completed, and its credit returned: a decode that never came (its
+    # request cancelled, its router gone) or a peer sending transfers nobody asked for cannot
+    # fill the budget. 300 s is the default request deadline: whatever would claim it has ended.
+    unclaimed_hold_s: float = 300.0
     poll_interval_s: float = 0.05
     sndhwm_msgs: int = 64
     rcvhwm_msgs: int = 256
@@ -117,7 +127,13 @@ class RelayConfig:
             raise ConfigError("credit_bytes: must be >= chunk_bytes or no chunk could ever be sent")
         if self.link_gbps is not None and not self.link_gbps > 0:
             raise ConfigError("link_gbps: must be > 0 or None (no pacing)")
-        for name in ("connect_timeout_s", "default_deadline_s", "poll_interval_s"):
+        for name in (
+            "connect_timeout_s",
+            "default_deadline_s",
+            "poll_interval_s",
+            "max_deadline_s",
+            "unclaimed_hold_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0")
         if not self.expired_grace_s >= 0:

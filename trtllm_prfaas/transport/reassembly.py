@@ -136,6 +136,8 @@ class Inbound:
     completed_layers: set[int] = field(default_factory=set)
     status: InboundStatus = InboundStatus.RECEIVING
     error: TransportError | None = None
+    completed_at: float | None = None  # monotonic seconds, set on COMPLETE
+    is_claimed: bool = False  # a consumer read one of its layers: the consumer releases it
 
     @property
     def outstanding(self) -> int:

@@ -16,7 +16,10 @@ in (no copy on the I/O thread; ``ReceivedItem`` says what ``buffer`` and ``chunk
 with one, chunks are received straight into the allocator's buffers (one copy). A completed
 transfer keeps its buffers until ``release(transfer_id)``. A corrupt chunk fails its transfer
 (buffers dropped, sender told with an ERROR). Transfers past their deadline (plus
-``expired_grace_s``) or cancelled by the sender are dropped.
+``expired_grace_s``; a sender's deadline counts up to ``max_deadline_s``) or cancelled by the
+sender are dropped, and so is a complete transfer no consumer touched within
+``unclaimed_hold_s``: no peer, stalling or sending what nobody claims, holds the credit budget
+that other transfers need past those bounds.
 
 Restart: a new receiver on the same port starts empty; senders reconnect by themselves. A
 transfer in flight during the restart fails cleanly on the sender (connection lost, or the
@@ -66,7 +69,8 @@ class RelayReceiver:
         self.tracker = ConnectionTracker()
         self.held_bytes = 0
         self.max_held_bytes = 0
-        self.counts = {"bytes": 0, "corrupt": 0, "completed": 0, "failed": 0}
+        self.counts = {"bytes": 0, "corrupt": 0, "completed": 0, "failed": 0,
+                       "unclaimed_dropped": 0}  # fmt: skip
         # From consumer threads to the I/O thread: "grant", or (sender identity, transfer id) of
         # a transfer released before it completed, whose sender must be told to stop.
         self.commands: deque[str | tuple[bytes, str]] = deque()
@@ -100,6 +104,7 @@ class RelayReceiver:
             inbound = self._live(transfer_id)
             if layer not in inbound.completed_layers:
                 raise TransportError(f"transfer {transfer_id} completed without layer {layer}")
+            inbound.is_claimed = True
             return self._items(inbound, layer)
 
     def completed_layers(self, transfer_id: str) -> frozenset[int]:
@@ -114,6 +119,7 @@ class RelayReceiver:
             inbound = self._live(transfer_id)
             if layer not in inbound.completed_layers:
                 raise TransportError(f"layer {layer} of transfer {transfer_id} is not complete")
+            inbound.is_claimed = True
             return self._items(inbound, layer)
 
     def wait_transfer(self, transfer_id: str, timeout_s: float) -> frozenset[int]:
@@ -123,7 +129,9 @@ class RelayReceiver:
                 raise TransferTimeout(
                     f"transfer {transfer_id} not complete after {timeout_s:.3g} s"
                 )
-            return frozenset(self._live(transfer_id).completed_layers)
+            inbound = self._live(transfer_id)
+            inbound.is_claimed = True
+            return frozenset(inbound.completed_layers)
 
     def status(self, transfer_id: str) -> InboundStatus | None:
         """Status of a live transfer; FAILED for a remembered failure; None if unknown."""
@@ -168,6 +176,7 @@ class RelayReceiver:
                 corrupt_chunks=self.counts["corrupt"],
                 transfers_completed=self.counts["completed"],
                 transfers_failed=self.counts["failed"],
+                transfers_unclaimed_dropped=self.counts["unclaimed_dropped"],
                 num_connections=len(infos),
                 tcp_total_retrans=sum(i.total_retrans for i in infos) if infos else None,
             )

@@ -195,7 +195,8 @@ class ReceiverIO:
             if tid in owner.transfers or tid in owner.finished:
                 self._reply_error(identity, tid, "duplicate transfer id")
                 return
-            deadline_at = time.monotonic() + h.deadline_s + self._config.expired_grace_s
+            deadline_s = min(h.deadline_s, self._config.max_deadline_s)
+            deadline_at = time.monotonic() + deadline_s + self._config.expired_grace_s
             owner.transfers[tid] = Inbound(tid, h.request_id, deadline_at, identity)
             return
         inbound = owner.transfers.get(tid)
@@ -243,20 +244,28 @@ class ReceiverIO:
     def _maybe_complete(self, inbound: Inbound) -> None:
         if inbound.status is InboundStatus.RECEIVING and inbound.is_complete:
             inbound.status = InboundStatus.COMPLETE
+            inbound.completed_at = time.monotonic()
             self._owner.counts["completed"] += 1
             self._owner.cond.notify_all()
             self._outbox.append(
                 (inbound.reply_to, control_header(Control.ACK, inbound.transfer_id))
             )
 
-    def _fail(self, inbound: Inbound, error: TransportError, *, tell_sender: bool = False) -> None:
+    def _fail(
+        self,
+        inbound: Inbound,
+        error: TransportError,
+        *,
+        tell_sender: bool = False,
+        count_as: str = "failed",
+    ) -> None:
         owner, tid = self._owner, inbound.transfer_id
         inbound.status = InboundStatus.FAILED
         inbound.error = error
         owner.held_bytes -= inbound.release_all()
         owner.transfers.pop(tid, None)
         owner.remember(tid, error)
-        owner.counts["failed"] += 1
+        owner.counts[count_as] += 1
         owner.cond.notify_all()
         self._grant_needed = True
         if tell_sender:
@@ -280,6 +289,9 @@ class ReceiverIO:
             self._outbox.append((inbound.reply_to, header))
 
     def _expire(self, now: float) -> None:
+        """Fail transfers past their deadline, and drop complete ones nobody claimed within
+        ``unclaimed_hold_s``: either way their buffers and credit go back to the others."""
+        hold_s = self._config.unclaimed_hold_s
         for inbound in list(self._owner.transfers.values()):
             if inbound.status is InboundStatus.RECEIVING and now > inbound.deadline_at:
                 error = TransferTimeout(
@@ -287,6 +299,21 @@ class ReceiverIO:
                     f"{inbound.received} bytes arrived before its deadline"
                 )
                 self._fail(inbound, error, tell_sender=True)
+            elif (
+                inbound.status is InboundStatus.COMPLETE
+                and not inbound.is_claimed
+                and inbound.completed_at is not None
+                and now > inbound.completed_at + hold_s
+            ):
+                _log.warning(
+                    "relay_transfer_unclaimed_dropped",
+                    transfer_id=inbound.transfer_id,
+                    request_id=inbound.request_id,
+                    held_bytes=inbound.received,
+                    hold_s=hold_s,
+                )
+                why = f"transfer {inbound.transfer_id} complete but unclaimed for {hold_s:g} s"
+                self._fail(inbound, TransportError(why), count_as="unclaimed_dropped")
 
     def _flush(self) -> None:
         while self._outbox:

@@ -197,6 +197,7 @@ class ReceiverStats:
     transfers_failed: int
     num_connections: int
     tcp_total_retrans: int | None
+    transfers_unclaimed_dropped: int = 0  # complete, untouched for unclaimed_hold_s (config)
 
 
 @dataclass
