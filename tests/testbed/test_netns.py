@@ -1,0 +1,222 @@
+"""The namespace testbed (``prfaas netns``): dc-remote and dc-local as network namespaces joined
+by a tc-tbf-shaped veth WAN, each worker and the router a process in its datacenter, the client
+in the root namespace with stock ``tritonclient.grpc``.
+
+Checked here: tokens through the router equal a single-engine run of the same prompt and seed
+(one prompt routed to dc-remote, its KV relayed over the WAN, one prefilled locally); the relayed
+KV bytes show in the WAN's ``tc -s qdisc`` byte counter at dc-remote's end; a live
+``tc qdisc change`` to a lower rate shows in ``tc qdisc show`` at both ends and the system keeps
+serving; closing (and a failed start) stops every process by PID and deletes the namespaces.
+
+Needs root and iproute2 (``ip``, ``tc``): skipped with that reason otherwise (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tests.router.builders import ids_of, llm_inputs, stream
+from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.errors import ConfigError, PrfaasError
+from trtllm_prfaas.testbed import demo
+from trtllm_prfaas.testbed.hosts import HostsConfig, NetnsTestbed
+from trtllm_prfaas.testbed.netns import WanShape, list_runs, missing_requirements
+from trtllm_prfaas.testbed.spec import TestbedConfig
+
+THRESHOLD = 100
+SEED, TEMPERATURE = 9, 0.7
+REMOTE, LOCAL = 400, 40  # prompt lengths: l > t prefills in dc-remote, l <= t in dc-local
+REMOTE_LINK = 'prfaas_relay_bytes_total|link="dc-remote-'
+REMOTE_OK = 'prfaas_requests_total|route="remote",status="ok"}'
+
+needs_root = pytest.mark.skipif(
+    bool(missing_requirements()), reason=f"namespace testbed: {missing_requirements()}"
+)
+
+
+def hosts_config(**overrides: object) -> HostsConfig:
+    testbed = TestbedConfig(model_preset="tiny", grpc_port=0, metrics_port=0,
+                            threshold_tokens=THRESHOLD, num_blocks=512, chunk_size=64)  # fmt: skip
+    options: dict[str, object] = {
+        "testbed": testbed,
+        "wan": WanShape(rate="200mbit", burst="128kb"),
+        "fixed_threshold": True,
+        **overrides,
+    }
+    return HostsConfig(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[NetnsTestbed]:
+    if missing_requirements():
+        pytest.skip(f"namespace testbed: {missing_requirements()}")
+    testbed = NetnsTestbed(hosts_config())
+    testbed.start()
+    try:
+        yield testbed
+    finally:
+        testbed.close()
+
+
+def prompt(n: int) -> list[int]:
+    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
+
+
+def reference(tokens: list[int], max_tokens: int) -> list[int]:
+    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
+    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
+    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
+    return engine.generate([tokens], sampling)[0]
+
+
+def ask(address: str, tokens: list[int], max_tokens: int = 8) -> list[int]:
+    """One streaming request from the root namespace through stock tritonclient."""
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
+        responses = stream(client, inputs, timeout_s=60.0)
+    finally:
+        client.close()
+    assert all(hasattr(r, "get_response") for r in responses), responses
+    return [t for r in responses for t in ids_of(r)]
+
+
+def settled_metrics(url: str, key: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """The router's figures once ``key`` is positive and stops moving (load reports arrive
+    every 0.1 s, so the relay counter lags the tokens a little)."""
+    deadline = time.monotonic() + timeout_s
+    last = demo.scrape(url)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = demo.scrape(url)
+        if now.get(key, 0.0) > 0 and _remote_relayed(now) == _remote_relayed(last):
+            return now
+        last = now
+    raise AssertionError(f"{key} never settled: {last}")
+
+
+def _remote_relayed(figures: dict[str, float]) -> float:
+    return sum(v for k, v in figures.items() if k.startswith(REMOTE_LINK))
+
+
+def tc_show(namespace: str) -> str:
+    argv = ["tc", "-n", namespace, "qdisc", "show", "dev", "wan0"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+# ---------------------------------------------------------------------------- serving
+@needs_root
+def test_serves_single_engine_tokens_and_the_relayed_kv_crosses_the_shaped_wan(
+    hosts: NetnsTestbed,
+) -> None:
+    router = hosts.routers[0]
+    assert router.metrics_url is not None
+    assert router.address.startswith(hosts.network.local_address + ":")
+    wan_before = hosts.wan_stats("dc-remote").num_bytes
+    relayed_before = _remote_relayed(demo.scrape(router.metrics_url))
+    for length in (REMOTE, LOCAL):
+        assert ask(router.address, prompt(length)) == reference(prompt(length), 8), length
+    figures = settled_metrics(router.metrics_url, REMOTE_OK)
+    assert figures[REMOTE_OK] >= 1  # the long prompt was prefilled in dc-remote
+    relayed = _remote_relayed(figures) - relayed_before
+    wan = hosts.wan_stats("dc-remote").num_bytes - wan_before
+    assert relayed > 0
+    assert wan >= relayed, (wan, relayed)  # the KV (plus Curve and TCP framing) left via tbf
+
+
+@needs_root
+def test_a_live_rate_change_shows_in_tc_and_the_system_keeps_serving(
+    hosts: NetnsTestbed,
+) -> None:
+    hosts.set_wan_rate("50mbit", "64kb")
+    for datacenter in ("dc-remote", "dc-local"):
+        shown = tc_show(hosts.network.namespace(datacenter))
+        assert "tbf" in shown and "rate 50Mbit" in shown and "burst 64Kb" in shown, shown
+        assert hosts.wan_stats(datacenter).rate_bytes_per_s == 50_000_000 // 8
+    before = hosts.wan_stats("dc-remote").num_bytes
+    tokens = prompt(REMOTE + 50)
+    assert ask(hosts.routers[0].address, tokens) == reference(tokens, 8)
+    assert hosts.wan_stats("dc-remote").num_bytes > before  # still remote, through the WAN
+
+
+@needs_root
+def test_close_stops_every_process_by_pid_and_deletes_the_namespaces(
+    hosts: NetnsTestbed,
+) -> None:
+    pids = [r.process.pid for r in hosts.routers] + [w.process.pid for w in hosts.workers.values()]
+    codes = hosts.close()
+    assert codes and all(code == 0 for code in codes.values()), codes
+    assert hosts.run_id not in list_runs()
+    assert all(_gone(pid) for pid in pids)
+    assert _processes_of(hosts) == []
+    assert hosts.close() == {}  # idempotent
+
+
+@needs_root
+def test_a_failed_start_leaves_no_namespace_and_no_process() -> None:
+    testbed = NetnsTestbed(hosts_config(startup_timeout_s=0.5))
+    with pytest.raises(PrfaasError, match="ready"):
+        testbed.start()
+    assert testbed.run_id not in list_runs()
+    assert testbed.workers == {} and testbed.routers == []
+    assert _processes_of(testbed) == []
+
+
+def _processes_of(testbed: NetnsTestbed) -> list[str]:
+    """Live processes whose command line names the run's private directory (its key files)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(testbed.directory) in text and not _gone(int(cmdline.parent.name)):
+            found.append(text)
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# ---------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ({"rate": "100mbps"}, "rate '100mbps'"),  # tc's bps is bytes/s: refused
+        ({"rate": "fast"}, "rate 'fast'"),
+        ({"burst": "1kb"}, "1514-byte packet"),
+        ({"burst": "lots"}, "burst 'lots'"),
+        ({"latency": "50"}, "latency '50'"),
+    ],
+)
+def test_a_bad_wan_shape_names_the_value(shape: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        WanShape(**shape)
+
+
+def test_wan_shape_in_tc_words() -> None:
+    shape = WanShape(rate="2.5gbit", burst="256kb", latency="20ms")
+    assert shape.rate_gbps == 2.5
+    assert shape.tc_args() == ["tbf", "rate", "2.5gbit", "burst", "256kb", "latency", "20ms"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"num_routers": 0}, "num_routers"), ({"membership": "dns"}, "membership")],
+)
+def test_bad_hosts_config_names_the_field(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        hosts_config(**options)
