@@ -21,6 +21,7 @@ stopped by PID, then the namespaces are deleted (stopping by PID anything left i
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,7 +163,9 @@ class NetnsTestbed:
         codes.update({name: proc.stop() for name, proc in self.workers.items()})
         self.routers, self.workers = [], {}
         if self.etcd is not None:
-            codes["etcd"] = stop_process(self.etcd, 10.0)
+            code = stop_process(self.etcd, 10.0)
+            # etcd cleans up on SIGTERM, then re-raises it on itself: that is its clean exit.
+            codes["etcd"] = 0 if code == -signal.SIGTERM else code
             self.etcd = None
         self.network.close()
         self._dir.cleanup()
@@ -221,11 +224,25 @@ class NetnsTestbed:
                 routers.append(RouterReplica(f"router-{i}", process))
             for router in routers:
                 router.ready = read_ready_line(router.process, router.name, deadline)
+                if self.config.membership == "etcd":
+                    self._wait_discovered(router, deadline)
         except BaseException:
             for router in routers:
                 router.stop(10.0)
             raise
         return routers
+
+    def _wait_discovered(self, router: RouterReplica, deadline: float) -> None:
+        """Until ``router`` knows every worker from etcd (its ready line names those it had
+        by then; ``prfaas_discovery_workers`` counts the rest as they join)."""
+        num_workers = len(self.workers)
+        if len(router.ready.get("workers", {})) >= num_workers or router.metrics_url is None:
+            return
+        while time.monotonic() < deadline:
+            if _metric(router.metrics_url, "prfaas_discovery_workers") >= num_workers:
+                return
+            time.sleep(0.2)
+        raise PrfaasError(f"{router.name} did not discover the {num_workers} workers in time")
 
     def router_args(self, i: int) -> list[str]:
         """``prfaas router`` flags of replica ``i`` (needs the workers' ready lines)."""
@@ -320,6 +337,15 @@ class NetnsTestbed:
         )
         lines.append(f"change the WAN live: prfaas netns wan {self.run_id} --rate 100mbit")
         return "\n".join(lines)
+
+
+def _metric(url: str, name: str) -> float:
+    """One unlabelled sample of the Prometheus text at ``url`` (0 when absent)."""
+    with urllib.request.urlopen(url, timeout=5.0) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def _is_healthy(url: str) -> bool:
