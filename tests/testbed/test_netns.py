@@ -22,6 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.router.builders import ids_of, llm_inputs, stream
+from trtllm_prfaas import cli
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
@@ -130,6 +131,21 @@ def test_serves_single_engine_tokens_and_the_relayed_kv_crosses_the_shaped_wan(
     wan = hosts.wan_stats("dc-remote").num_bytes - wan_before
     assert relayed > 0
     assert wan >= relayed, (wan, relayed)  # the KV (plus Curve and TCP framing) left via tbf
+
+
+@needs_root
+def test_the_cli_lists_the_run_and_changes_its_wan_live(
+    hosts: NetnsTestbed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["netns", "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"run {hosts.run_id}:" in out and "dc-remote WAN egress: tbf 200 Mbit/s" in out, out
+    assert cli.main(["netns", "wan", hosts.run_id, "--rate", "80mbit", "--burst", "64kb"]) == 0
+    for datacenter in ("dc-remote", "dc-local"):
+        assert "rate 80Mbit" in tc_show(hosts.network.namespace(datacenter))
+    assert cli.main(["netns", "wan", "nosuchrun", "--rate", "80mbit"]) == 1
+    assert cli.main(["netns", "down", "nosuchrun"]) == 1
+    assert "no namespace testbed run 'nosuchrun'" in capsys.readouterr().err
 
 
 @needs_root

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+import time
 from pathlib import Path
 
 from trtllm_prfaas.errors import ConfigError, PrfaasError
@@ -123,13 +124,25 @@ def _demo(hosts: NetnsTestbed) -> int:
     return 0 if ok else 1
 
 
-def _remote_relay_bytes(hosts: NetnsTestbed) -> float:
-    """``prfaas_relay_bytes_total`` summed over the PrfaaS cluster's links (router 0)."""
+def _remote_relay_bytes(hosts: NetnsTestbed, settle_s: float = 5.0) -> float:
+    """``prfaas_relay_bytes_total`` summed over the PrfaaS cluster's links (router 0), once it
+    stops moving: workers report it every 0.1 s, so it lags the last token a little."""
     url = hosts.routers[0].metrics_url
     if url is None:
         return 0.0
     prefix = f'prfaas_relay_bytes_total|link="{hosts.config.testbed.prfaas_cluster}-'
-    return sum(v for k, v in demo.scrape(url).items() if k.startswith(prefix))
+
+    def total() -> float:
+        return sum(v for k, v in demo.scrape(url).items() if k.startswith(prefix))
+
+    last, deadline = total(), time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = total()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def _wan(args: argparse.Namespace) -> int:
