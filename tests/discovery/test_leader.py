@@ -128,7 +128,7 @@ def test_followers_apply_what_the_leader_publishes(etcd: EtcdServer) -> None:
             await _until(a.is_leader, 5.0)
             await b.start()
             policy = PublishedPolicy(
-                leader_id="a", sequence=a.next_sequence(), threshold_tokens=777.0,
+                leader_id="a", sequence=1, threshold_tokens=777.0,
                 cache_policy="scarce", draining=("decode-1",),
             )  # fmt: skip
             assert await a.publish(policy)

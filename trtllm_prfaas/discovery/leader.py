@@ -140,7 +140,6 @@ class EtcdLeadership(Replica):
         self._valid_until = 0.0  # monotonic s: leader until then, if not renewed
         self._leading = False
         self._policy: PublishedPolicy | None = None
-        self._sequence = 0
         self.leader_id: str | None = None  # the leader last seen (None: none elected)
         self.num_elections_won = 0
         self._wake = asyncio.Event()
@@ -179,11 +178,6 @@ class EtcdLeadership(Replica):
         if ok:
             self._policy = policy
         return bool(ok)
-
-    def next_sequence(self) -> int:
-        """The sequence number of this leader's next publication."""
-        self._sequence += 1
-        return self._sequence
 
     # ---------------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -24,6 +24,17 @@ the simulator calls too (``controller.step``, ``solver.solve_fixed_split`` and i
    and PD-D slot occupancy (reports); DRAIN marks the node draining (no new work), CONVERT calls
    the orchestrator's converter (``SetRole`` to the worker) and ``t`` is re-solved at once.
 
+Replicas (``router/replicas.py``): only the leader among router replicas runs steps 3 and 4 and
+publishes the result (``PublishedPolicy``: ``t``, the cache policy, the nodes it drains) through
+its :class:`~trtllm_prfaas.router.replicas.Replica` after every tick that changed it (and on its
+first tick as leader). A follower runs steps 1 and 2 (its estimators stay warm for the day it
+leads) and applies the last published policy instead: it routes with the leader's ``t`` and
+sends no new work to the nodes the leader drains; it converts nothing. The replica is asked
+before each tick and before each conversion starts, so a leader that lost its lease stops at
+once. The default replica is :class:`~trtllm_prfaas.router.replicas.SoleReplica` (always
+leader, publishing nowhere): the embedded router of ``prfaas up`` is its own leader. The loop
+never imports etcd: ``discovery/leader.py`` provides the etcd replica.
+
 Values: ``period_s = 1`` s (the controller's own period: fast enough to follow a link that
 shrinks within seconds, slow enough that a period holds a few requests and one relay goodput
 sample from every worker's 0.1 s load reports); EWMA ``alpha = 0.2`` (a ~5-sample memory: a
@@ -56,6 +67,7 @@ from trtllm_prfaas.policy.solver import (
 )
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.router.online import Ewma, OnlineProfiles
+from trtllm_prfaas.router.replicas import PublishedPolicy, Replica, SoleReplica
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 
@@ -122,9 +134,11 @@ class ControlLoop:
         metrics: RouterMetrics | None = None,
         converter: Converter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        replica: Replica | None = None,
     ) -> None:
         self.config, self.cluster, self.metrics = config, cluster, metrics
         self.converter, self.clock = converter, clock
+        self.replica: Replica = replica or SoleReplica()  # may be replaced before start()
         self.base_threshold = initial_threshold
         self.state = self.initial_state = ctl.initial_state(initial_threshold, clock())
         self.policy = PolicyState.from_controller(self.state)
@@ -141,6 +155,9 @@ class ControlLoop:
         self._last_tick_s = self._last_rebalance_s = clock()
         self._task: asyncio.Task[None] | None = None
         self._conversions: set[asyncio.Task[None]] = set()
+        self._published: PublishedPolicy | None = None  # this replica's last publication
+        self._followed: PublishedPolicy | None = None  # the leader's policy last applied
+        self._was_leader = True  # as the embedded default: a follower says so on its 1st tick
         self._export(initial_threshold, 0.0, 0.0)
 
     # ------------------------------------------------------------------ observations
@@ -186,8 +203,89 @@ class ControlLoop:
             await asyncio.sleep(self.config.period_s)
             try:
                 self.tick(self.clock())
+                await self.publish()
             except Exception as exc:  # keep routing on the last t; say why loudly
                 log.error("control_tick_failed", error=repr(exc))
+
+    async def publish(self) -> bool:
+        """The leader: publish the policy in force if it changed since the last publication
+        (or this replica just became leader). True when something was published."""
+        replica = self.replica
+        if not replica.has_followers or not replica.is_leader():
+            return False
+        current = (self.state.threshold_tokens, self.state.cache_policy.value, self._drained())
+        last = self._published
+        if last is not None and current == (
+            last.threshold_tokens,
+            last.cache_policy,
+            last.draining,
+        ):
+            return False
+        policy = PublishedPolicy(
+            leader_id=replica.replica_id,
+            sequence=(last.sequence + 1) if last is not None else 1,
+            threshold_tokens=current[0],
+            cache_policy=current[1],
+            draining=current[2],
+        )
+        if not await replica.publish(policy):
+            return False
+        self._published = policy
+        t = round(policy.threshold_tokens, 1)
+        log.info("policy_published", leader=policy.leader_id, sequence=policy.sequence,
+                 threshold=t, draining=list(policy.draining))  # fmt: skip
+        return True
+
+    def _drained(self) -> tuple[str, ...]:
+        """Workers this router drains (rebalancer drains, role changes under way)."""
+        return tuple(sorted(w.name for w in self.cluster.workers.values() if w.is_draining))
+
+    def _follow(self, now: float) -> str:
+        """A follower's tick: apply the leader's last publication (if any, and new); returns
+        the tick's reason (``follow``, or ``follow-none`` before any publication)."""
+        policy = self.replica.followed()
+        if policy is None:
+            return "follow-none"
+        if policy == self._followed:
+            return "follow"
+        previous, self._followed = self._followed, policy
+        try:
+            cache = ctl.CachePolicy(policy.cache_policy)
+        except ValueError:
+            log.warning("policy_unknown_cache_policy", value=policy.cache_policy)
+            cache = self.state.cache_policy
+        before = self.state
+        self.state = ctl.ControllerState(
+            policy.threshold_tokens, cache, now, before.healthy_since_s, before.low_egress_since_s
+        )
+        self.policy = PolicyState.from_controller(self.state)
+        for name in set(previous.draining if previous else ()) - set(policy.draining):
+            if (worker := self.cluster.workers.get(name)) is not None:
+                worker.is_draining = False
+        for name in policy.draining:
+            if (worker := self.cluster.workers.get(name)) is not None:
+                worker.is_draining = True
+        t, t_before = round(policy.threshold_tokens, 1), round(before.threshold_tokens, 1)
+        log.info("policy_applied", leader=policy.leader_id, sequence=policy.sequence,
+                 threshold=t, previous=t_before, draining=list(policy.draining))  # fmt: skip
+        return "follow"
+
+    def _on_leadership(self, is_leader: bool, now: float) -> None:
+        """Leadership changed since the last tick. A new leader starts from the policy it
+        followed, forgets the drains it only followed (its own rebalancer decides anew) and
+        publishes on its first tick; a deposed one follows from its next tick."""
+        self._was_leader = is_leader
+        role, t = "leader" if is_leader else "follower", round(self.state.threshold_tokens, 1)
+        log.info("control_role", role=role, replica=self.replica.replica_id, threshold=t)
+        if not is_leader:
+            self._followed = None
+            return
+        self._published = None
+        for name in self._followed.draining if self._followed else ():
+            if (worker := self.cluster.workers.get(name)) is not None:
+                worker.is_draining = False
+        self.rebalancer = rb.initial_rebalancer_state()
+        self._last_rebalance_s = now
 
     # ------------------------------------------------------------------ one tick
     def tick(self, now: float) -> TickRecord:
@@ -197,8 +295,13 @@ class ControlLoop:
         signals, egress_gbps, link_gbps = self._signals(elapsed)
         self._period_rates(elapsed)
         t_opt, t_min, t_max = self._targets(link_gbps)
+        is_leader = self.replica.is_leader()
+        if is_leader != self._was_leader:
+            self._on_leadership(is_leader, now)
         reason = "warm-up"
-        if self.profiles.is_warm(self.config.min_requests, self.config.min_legs):
+        if not is_leader:  # the leader's t and drains; this replica only routes
+            reason = self._follow(now)
+        elif self.profiles.is_warm(self.config.min_requests, self.config.min_legs):
             step = ctl.step(self.config.controller, self.state, signals, t_opt, t_max, now, t_min)
             reason = step.reason
             self._apply(step.state, reason, t_opt, signals)
@@ -210,7 +313,10 @@ class ControlLoop:
         self._export(t_opt, egress_gbps, link_gbps)
         if self.metrics is not None:
             self.metrics.record_control_decision(reason)
-        self._rebalance(now)
+        if is_leader:
+            self._rebalance(now)
+        else:  # the leader's busy and occupancy signals are its own
+            self._pd_busy_s, self._decode_util, self._last_rebalance_s = 0.0, [], now
         return record
 
     def _apply(
@@ -365,6 +471,8 @@ class ControlLoop:
         if worker is None:
             return
         worker.is_draining = True
+        if not self.replica.is_leader():  # deposed meanwhile: the next leader decides
+            return
         if action is rb.RebalanceAction.CONVERT and self.converter is not None:
             task = asyncio.get_running_loop().create_task(self._convert(node_id, role))
             self._conversions.add(task)

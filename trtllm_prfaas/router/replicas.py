@@ -19,7 +19,8 @@ their own cluster view) with the policy the leader last published.
   keeps it current from a watch).
 
 :class:`SoleReplica` is the embedded default (``prfaas up``, a router without ``--discovery``):
-always the leader, publishing nowhere.
+always the leader, publishing nowhere. :class:`LocalReplica` replicas share a
+:class:`LocalBoard` in one process (tests, the simulator): the board says who leads.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import msgspec
 
 from trtllm_prfaas.errors import ConfigError
 
-__all__ = ["PublishedPolicy", "Replica", "SoleReplica"]
+__all__ = ["LocalBoard", "LocalReplica", "PublishedPolicy", "Replica", "SoleReplica"]
 
 
 class PublishedPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
@@ -61,6 +62,8 @@ class PublishedPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class Replica(abc.ABC):
     """This router's part among its replicas (see the module doc for the contract)."""
 
+    has_followers = True  # False: nobody reads publications (the control loop skips them)
+
     @abc.abstractmethod
     def is_leader(self) -> bool:
         """True while this replica may run the long-timescale work; no I/O."""
@@ -82,6 +85,8 @@ class Replica(abc.ABC):
 class SoleReplica(Replica):
     """The only router: always leader, nothing to publish to (the embedded default)."""
 
+    has_followers = False
+
     def __init__(self, replica_id: str = "router") -> None:
         self._id = replica_id
 
@@ -97,3 +102,34 @@ class SoleReplica(Replica):
 
     def followed(self) -> PublishedPolicy | None:
         return None
+
+
+class LocalBoard:
+    """In-process stand-in for the leader key and the policy key: ``leader_id`` leads."""
+
+    def __init__(self, leader_id: str | None = None) -> None:
+        self.leader_id = leader_id
+        self.policy: PublishedPolicy | None = None
+
+
+class LocalReplica(Replica):
+    """A replica whose leadership and publications live on a shared :class:`LocalBoard`."""
+
+    def __init__(self, board: LocalBoard, replica_id: str) -> None:
+        self.board, self._id = board, replica_id
+
+    @property
+    def replica_id(self) -> str:
+        return self._id
+
+    def is_leader(self) -> bool:
+        return self.board.leader_id == self._id
+
+    async def publish(self, policy: PublishedPolicy) -> bool:
+        if not self.is_leader():  # fenced, as the etcd transaction is
+            return False
+        self.board.policy = policy
+        return True
+
+    def followed(self) -> PublishedPolicy | None:
+        return self.board.policy
