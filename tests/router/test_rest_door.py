@@ -312,6 +312,40 @@ def test_http_door_port_taken_is_a_config_error(orchestrator) -> None:
             HttpDoor(app, HttpDoorConfig(port=first.port)).start()
 
 
+def test_http_door_connections_have_tcp_nodelay() -> None:
+    """A connection the door accepts sends without Nagle: with it, a response's header and body
+    writes met the client's delayed ACK and every JSON answer took 40 ms more (asyncio sets
+    TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and the door binds its own)."""
+    import socket
+
+    from trtllm_prfaas.router.http_door import bind
+
+    listener = bind("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+    try:
+        listener.setblocking(True)
+        listener.settimeout(5)
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_http_door_answers_json_without_a_delayed_ack(orchestrator) -> None:
+    """Ten sequential model-metadata GETs on one kept-alive connection: each well under the
+    40 ms a Nagle/delayed-ACK stall costs (median, so one slow scheduling does not fail it)."""
+    with HttpDoor(rest_app(orchestrator), HttpDoorConfig(port=0)) as door, \
+            httpx.Client(base_url=door.url, timeout=5) as http:  # fmt: skip
+        took = []
+        for _ in range(10):
+            started = time.perf_counter()
+            assert http.get(f"/v2/models/{MODEL}").status_code == 200
+            took.append(time.perf_counter() - started)
+    assert sorted(took)[5] < 0.030, took
+
+
 # ---------------------------------------------------------------- through the PrfaaS router
 def test_rest_door_of_the_disaggregated_router_equals_its_grpc_door() -> None:
     """``RouterService`` with ``http_port`` (what ``prfaas up`` and ``prfaas router

@@ -69,6 +69,10 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((bare, port), family=family, backlog=2048, reuse_port=False)
+        # Accepted connections inherit TCP_NODELAY from the listener (Linux). asyncio sets it
+        # itself only on sockets whose proto is IPPROTO_TCP, and create_server's is 0: without
+        # this, a response's header and body writes met Nagle and delayed ACKs, +40 ms each.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
         raise ConfigError(f"HTTP door cannot bind {host}:{port}: {exc}") from exc
     sock.setblocking(False)
