@@ -10,8 +10,10 @@ worker has not yet reported as taken are subtracted, so bursts do not oversubscr
 Liveness: a worker is *lost* from the moment its connection dies (``mark_lost``, called by
 ``router/links.py`` on a socket-monitor disconnect: the process was killed, or its host missed
 the ZMTP heartbeats) until it answers a ``Ping`` again (``rejoin``, with its new ``WorkerInfo``);
-a lost worker is out of routing. Load-report silence for ``STALE_AFTER_S`` is the last resort
-(a worker whose connection stays up but that reports nothing: a wedged process).
+a lost worker is out of routing. With ``--discovery`` workers also come and go as a whole
+(``add``/``remove``, driven by ``router/discovered.py``). Load-report silence for
+``STALE_AFTER_S`` is the last resort (a worker whose connection stays up but that reports
+nothing: a wedged process).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class ClusterState:
 
     def add(self, worker: WorkerState) -> None:
         self.workers[worker.name] = worker
+
+    def remove(self, name: str) -> WorkerState | None:
+        """Forget worker ``name`` (it deregistered, or its lease expired); None if unknown.
+        Requests already holding its state finish against the detached object."""
+        return self.workers.pop(name, None)
 
     def on_report(self, name: str, report: p.LoadReport) -> None:
         worker = self.workers.get(name)

@@ -1,4 +1,5 @@
-"""``prfaas router``: the router as its own process, in front of a static list of workers.
+"""``prfaas router``: the router as its own process, in front of a static list of workers
+and/or the workers registered in etcd.
 
 It runs the same :class:`~trtllm_prfaas.router.service.RouterService` that ``prfaas up`` runs
 in-process (orchestrator, KServe v2 gRPC front door, ``/metrics``), configured from flags and an
@@ -29,6 +30,16 @@ Contract:
 - SIGTERM / SIGINT: the front door stops taking new RPCs at once; requests in flight get
   ``--grace-s`` to finish (then they are cancelled on their workers); the process exits 0.
 
+Membership: ``--discovery etcd://HOST:PORT[,HOST:PORT] --namespace NS`` (default namespace
+``prfaas``) also routes to every worker registered under ``/NS/workers/`` (``prfaas worker
+--discovery``), as they come and go (``router/discovered.py``): a worker that registers is
+routable within a second, one whose record is deleted (SIGTERM) or whose lease expired
+(SIGKILL) leaves routing, one that comes back rejoins. The ``--worker`` list may then be empty:
+the router starts anyway, waits up to 5 s for the first listing, and answers UNAVAILABLE until a
+worker has joined (the ready line's ``workers`` are those joined by then). If etcd goes away the
+router keeps the last membership (logged, ``prfaas_discovery_connected`` 0) and catches up when
+it is back. The worker's PrfaaS flag comes from its record, not from ``--prfaas-cluster``.
+
 The YAML file's keys are :class:`RouterFile`'s fields (flags win over the file; ``--worker``
 flags, when given, replace the file's ``workers``); an unknown key or a value of the wrong type is
 refused.
@@ -56,12 +67,21 @@ from typing import Annotated, Any
 import msgspec
 
 from trtllm_prfaas.config import load_control_security, load_yaml
+from trtllm_prfaas.discovery import open_membership
+from trtllm_prfaas.discovery.membership import (
+    DEFAULT_NAMESPACE,
+    DiscoveryConfig,
+    check_name,
+    parse_discovery,
+)
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router.control import ControlConfig
+from trtllm_prfaas.router.discovered import DiscoveredWorkers
 from trtllm_prfaas.router.orchestrator import RouterConfig, WorkerSpec
 from trtllm_prfaas.router.service import RouterService
 from trtllm_prfaas.router.servicer import FrontDoorConfig
 from trtllm_prfaas.telemetry.logging import get_logger
+from trtllm_prfaas.telemetry.metrics import DiscoveryMetrics
 from trtllm_prfaas.transport import RelaySecurity
 
 __all__ = [
@@ -82,6 +102,7 @@ ROLES = ("prefill", "decode")
 DEFAULT_LISTEN = "0.0.0.0:8001"
 DEFAULT_PRFAAS_CLUSTERS = ("dc-remote",)
 DEFAULT_GRACE_S = 25.0  # under Kubernetes' 30 s default; compose gives the router 35 s
+_DISCOVERY_WAIT_S = 5.0  # at start: the first listing and the workers it names, at most this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +130,8 @@ class RouterFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     http_listen: str | None = None  # --http-listen: KServe v2 REST
     openai_listen: str | None = None  # --openai-listen: the OpenAI-compatible API
     workers: list[str] | None = None  # --worker, one string each
+    discovery: str | None = None  # --discovery etcd://HOST:PORT[,HOST:PORT]
+    namespace: str | None = None  # --namespace
     prfaas_clusters: list[str] | None = None  # --prfaas-cluster
     model_name: str | None = None  # --model-name
     tokenizer_dir: str | None = None  # --tokenizer: the served model's Hugging Face directory
@@ -138,6 +161,8 @@ class RouterSettings:
     prfaas_clusters: tuple[str, ...]
     router: RouterConfig
     frontdoor: FrontDoorConfig
+    discovery: DiscoveryConfig | None = None  # None: the static list only
+    namespace: str = DEFAULT_NAMESPACE
 
     def worker_names(self) -> dict[str, WorkerAddress]:
         return name_workers(self.workers)
@@ -179,6 +204,10 @@ def parse_worker(text: str, what: str = "--worker") -> WorkerAddress:
     return WorkerAddress(cluster=cluster, role=role, host=host, port=port)
 
 
+def _parse_namespace(text: str, what: str = "--namespace") -> str:
+    return check_name(text, what)
+
+
 def _argparse_type(parse: Any) -> Any:
     """Turn a ConfigError-raising parser into an argparse ``type`` (bad flags exit 2)."""
 
@@ -211,6 +240,19 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         type=_argparse_type(parse_worker),
         metavar="CLUSTER/ROLE=HOST:PORT",
         help="a worker's control endpoint; repeat for each worker (ROLE: prefill or decode)",
+    )
+    parser.add_argument(
+        "--discovery",
+        type=_argparse_type(parse_discovery),
+        default=None,
+        metavar="etcd://HOST:PORT[,HOST:PORT]",
+        help="also route to the workers registered in etcd, as they come and go",
+    )
+    parser.add_argument(
+        "--namespace",
+        type=_argparse_type(_parse_namespace),
+        default=None,
+        help=f"membership namespace (keys /NS/workers/...; default {DEFAULT_NAMESPACE})",
     )
     parser.add_argument(
         "--prfaas-cluster",
@@ -322,6 +364,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, under their RouterFile names (parsed values; None when absent)."""
     values = {name: getattr(args, name, None) for name in RouterFile.__struct_fields__}
     values["workers"] = args.worker
+    values["discovery"] = args.discovery
     values["prfaas_clusters"] = args.prfaas_cluster
     values["tokenizer_dir"] = None if args.tokenizer is None else str(args.tokenizer)
     values["curve_keys"] = None if args.curve_keys is None else str(args.curve_keys)
@@ -343,7 +386,11 @@ def _settings(v: dict[str, Any], where: str) -> RouterSettings:
     openai = None if openai is None else _parsed(openai, parse_listen, f"{where}openai_listen")
     workers = tuple(_parsed(w, parse_worker, f"{where}workers:") for w in v["workers"] or ())
     prfaas = tuple(v["prfaas_clusters"] or DEFAULT_PRFAAS_CLUSTERS)
-    _check_workers(workers, prfaas)
+    discovery = v["discovery"]
+    discovery = None if discovery is None else _parsed(discovery, parse_discovery,
+                                                       f"{where}discovery")  # fmt: skip
+    namespace = _parsed(v["namespace"] or DEFAULT_NAMESPACE, _parse_namespace, f"{where}namespace")
+    _check_workers(workers, prfaas, is_discovering=discovery is not None)
     specs = tuple(
         WorkerSpec(name, w.endpoint, w.cluster in prfaas)
         for name, w in name_workers(workers).items()
@@ -357,13 +404,18 @@ def _settings(v: dict[str, Any], where: str) -> RouterSettings:
         prfaas_clusters=prfaas,
         router=_router_config(specs, v),
         frontdoor=_frontdoor_config(listen, v),
+        discovery=discovery,
+        namespace=namespace,
     )
 
 
-def _check_workers(workers: tuple[WorkerAddress, ...], prfaas: tuple[str, ...]) -> None:
-    if not workers:
+def _check_workers(
+    workers: tuple[WorkerAddress, ...], prfaas: tuple[str, ...], *, is_discovering: bool = False
+) -> None:
+    if not workers and not is_discovering:
         raise ConfigError(
-            "no workers: give --worker CLUSTER/ROLE=HOST:PORT (or workers: in a --config)"
+            "no workers: give --worker CLUSTER/ROLE=HOST:PORT (or workers: in a --config), "
+            "or --discovery etcd://HOST:PORT to find them"
         )
     endpoints = [w.endpoint for w in workers]
     twice = sorted({e for e in endpoints if endpoints.count(e) > 1})
@@ -375,6 +427,8 @@ def _check_workers(workers: tuple[WorkerAddress, ...], prfaas: tuple[str, ...]) 
                 f"--worker {w.cluster}/{w.role}: {w.cluster} is a PrfaaS cluster, which holds "
                 "prefill workers only (decode runs in the local PD cluster)"
             )
+    if is_discovering:  # workers register as they start: none may be listed yet
+        return
     if not any(w.role == "decode" for w in workers):
         raise ConfigError("the router needs at least one decode worker (ROLE decode)")
     if not any(w.role == "prefill" for w in workers):
@@ -426,13 +480,23 @@ def run(command: str, args: argparse.Namespace) -> int:
     service = _start(settings)
     stop = threading.Event()
     try:
+        discovered = _discover(settings, service)
+    except BaseException:
+        service.close()
+        raise
+    try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         print(json.dumps(_ready_line(settings, service)), flush=True)
         stop.wait()
         log.info("router_stopping", grace_s=settings.frontdoor.shutdown_grace_s)
     finally:
-        service.close()
+        try:
+            if discovered is not None:  # no worker joins or leaves while the doors drain
+                service.run_on_loop(discovered.close(), 15.0)
+                discovered.membership.close()
+        finally:
+            service.close()
     print(json.dumps({"event": "stopped", "listen": service.address}), file=sys.stderr)
     return 0
 
@@ -464,6 +528,26 @@ def _start(settings: RouterSettings) -> RouterService:
     return service
 
 
+def _discover(settings: RouterSettings, service: RouterService) -> DiscoveredWorkers | None:
+    """With ``--discovery``: watch the registered workers and route to them as they come and
+    go (``router/discovered.py``); waits a few seconds for the first listing."""
+    if settings.discovery is None:
+        return None
+    membership = open_membership(settings.discovery)
+    discovered = DiscoveredWorkers(
+        service.orchestrator,
+        membership,
+        settings.namespace,
+        DiscoveryMetrics(service.registry),
+    )
+    try:
+        service.run_on_loop(discovered.start(wait_s=_DISCOVERY_WAIT_S), _DISCOVERY_WAIT_S + 10.0)
+    except BaseException:
+        membership.close()
+        raise
+    return discovered
+
+
 def _check_roles(settings: RouterSettings, service: RouterService) -> None:
     states = service.orchestrator.cluster.workers
     for name, worker in settings.worker_names().items():
@@ -483,5 +567,7 @@ def _ready_line(settings: RouterSettings, service: RouterService) -> dict[str, A
         "metrics": metrics.url if metrics is not None else None,
         "http": service.http_url,
         "openai": service.openai_url,
-        "workers": {name: w.endpoint for name, w in settings.worker_names().items()},
+        "workers": {name: w.endpoint for name, w in service.orchestrator.cluster.workers.items()},
+        "discovery": None if settings.discovery is None else settings.discovery.url,
+        "namespace": settings.namespace if settings.discovery is not None else None,
     }

@@ -28,6 +28,10 @@ decides: fall back, re-route, or fail). A handshake of a lost worker (it came ba
 restarted at its endpoint: the DEALER reconnects every 100 ms by itself) sends it a ``Ping``; its
 ``WorkerInfo`` answer rejoins it to routing.
 
+Membership: ``connect`` adds a worker, ``disconnect`` closes the socket of one that left (with
+``--discovery``, ``router/discovered.py`` decides); a send to a worker that left raises
+``WorkerLost``, as a send to a dead one would end.
+
 Everything here runs on the event loop's thread: ``connect`` and ``send`` from coroutines, the
 drain from the loop's reader callback. Nothing blocks; a send to a full socket waits at most
 ``send_timeout_s``.
@@ -144,6 +148,24 @@ class WorkerLinks:
         self._loop.add_reader(mfd, self._watch, name)
         self._loop.call_soon(self._watch, name)  # the descriptor's edge may be gone already
 
+    def disconnect(self, name: str) -> bool:
+        """Close worker ``name``'s socket and stop watching it (it left: deregistered, or its
+        lease expired). Sends to it fail with ``WorkerLost`` from now on. False if unknown."""
+        sock = self._sockets.pop(name, None)
+        if sock is None:
+            return False
+        monitor = self._monitors.pop(name)
+        for fd in (self._fds.pop(name, None), self._monitor_fds.pop(name, None)):
+            if fd is not None and self._loop is not None:
+                self._loop.remove_reader(fd)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        self._drains.discard(name)
+        self._relay_bytes.pop(name, None)
+        return True
+
     def close(self) -> None:
         if self._loop is not None:
             for fd in [*self._fds.values(), *self._monitor_fds.values()]:
@@ -159,7 +181,9 @@ class WorkerLinks:
 
     # --------------------------------------------------------------------------- sending
     async def send(self, worker: str, message: p.Message) -> None:
-        sock = self._sockets[worker]
+        sock = self._sockets.get(worker)
+        if sock is None:  # it left (disconnect) while a request still named it
+            raise WorkerLost(f"worker {worker} is not connected (it left the membership)")
         frame = p.encode_message(message)
         try:
             sock.send(frame, zmq.NOBLOCK)
@@ -298,6 +322,15 @@ class WorkerLinks:
             waiter.set_result(info)
         if self.cluster.rejoin(name, info):
             log.info("worker_rejoined", worker=name, role=info.role, relay=info.relay_endpoint)
+        elif waiter is None and self._is_news(name, info):
+            # Unasked: the worker changed role at another router's request (replicas share
+            # workers) and told every router it knows; follow it.
+            self.cluster.on_info(name, info)
+            log.info("worker_info_changed", worker=name, role=info.role, relay=info.relay_endpoint)
+
+    def _is_news(self, name: str, info: p.WorkerInfo) -> bool:
+        worker = self.cluster.workers.get(name)
+        return worker is not None and worker.info != info
 
     def _export_load(self, name: str, report: p.LoadReport) -> None:
         if self.metrics is None:

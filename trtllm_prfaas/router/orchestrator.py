@@ -29,7 +29,10 @@ both workers get ``Cancel`` either way. A lost worker that answers ``Ping`` agai
 
 Module map: this module routes, reserves and composes; ``router/links.py`` owns the sockets (one
 plain ZeroMQ DEALER per worker, ``NOBLOCK`` sends, a drain-all reader callback per socket) and
-delivers worker messages; ``router/flight.py`` runs one request's handoff over them.
+delivers worker messages; ``router/flight.py`` runs one request's handoff over them. Workers
+are the static list (``RouterConfig.workers``, connected in ``start``) and, with
+``--discovery``, those ``add_worker``/``remove_worker`` bring and take at run time
+(``router/discovered.py`` follows the membership store).
 """
 
 from __future__ import annotations
@@ -145,16 +148,55 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     # ------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Connect to every worker and learn its role; raises TransportError if one is silent."""
+        """Connect to every listed worker and learn its role; raises TransportError if one is
+        silent. The list may be empty when workers are discovered (``add_worker``): the router
+        then answers UNAVAILABLE until one has joined."""
         for spec in self.config.workers:
             self._links.connect(spec.name, spec.endpoint)
             info = await self._await_info(spec)
             self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
-        self._max_seq_len = min(w.info.max_seq_len for w in self.cluster.workers.values())
+        self._update_max_seq_len()
         if self.config.control is not None:
             self.control.start()
         self._ready = True
         log.info("router_ready", workers=sorted(self.cluster.workers))
+
+    async def add_worker(self, spec: WorkerSpec) -> p.WorkerInfo:
+        """Connect to a worker that joined (it registered) and route to it once it answered
+        ``Ping``; returns its ``WorkerInfo``. Raises ``TransportError`` if it does not answer
+        within ``connect_timeout_s`` (its socket is closed again), ``ConfigError`` if a worker
+        of that name is known already."""
+        if spec.name in self.cluster.workers:
+            raise errors.ConfigError(f"worker {spec.name} is known already")
+        self._links.connect(spec.name, spec.endpoint)
+        try:
+            info = await self._await_info(spec)
+        except BaseException:
+            self._links.disconnect(spec.name)
+            raise
+        self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
+        self._update_max_seq_len()
+        log.info("worker_added", worker=spec.name, endpoint=spec.endpoint, role=info.role,
+                 prfaas=spec.is_prfaas, relay=info.relay_endpoint)  # fmt: skip
+        return info
+
+    async def remove_worker(self, name: str, why: str) -> bool:
+        """Stop routing to worker ``name`` and close its socket (it deregistered, or its lease
+        expired). Requests in flight on it end as on a lost worker: prefill legs fall back to
+        their decode node, decode legs are routed again before their first token, else fail
+        UNAVAILABLE. False if the worker was unknown."""
+        if name not in self.cluster.workers:
+            return False
+        self._links.on_lost(name, why)
+        self._links.disconnect(name)
+        self.cluster.remove(name)
+        self._update_max_seq_len()
+        log.info("worker_removed", worker=name, why=why, workers=sorted(self.cluster.workers))
+        return True
+
+    def _update_max_seq_len(self) -> None:
+        workers = self.cluster.workers.values()
+        self._max_seq_len = min((w.info.max_seq_len for w in workers), default=0)
 
     async def _await_info(self, spec: WorkerSpec) -> p.WorkerInfo:
         """Ping the worker and wait for its ``WorkerInfo`` (delivered by the links)."""
@@ -220,7 +262,8 @@ class DisaggregatedOrchestrator(Orchestrator):
         return self.tokenizer.encode(text)
 
     def is_ready(self) -> bool:
-        return self._ready
+        """Started, with at least one worker (a discovering router may have none yet)."""
+        return self._ready and bool(self.cluster.workers)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
         self._validate(request)
@@ -283,8 +326,9 @@ class DisaggregatedOrchestrator(Orchestrator):
                     await self._links.cancel(leg_id, decode.name, prefill.name)
 
     def _validate(self, request: GenerateRequest) -> None:
-        if not self._ready:
-            raise errors.AdmissionRejected("router is not ready")
+        if not self.is_ready():
+            why = "no worker has joined yet" if self._ready else "router is not ready"
+            raise errors.AdmissionRejected(why)
         total = len(request.prompt_token_ids) + request.max_tokens
         if total > self._max_seq_len:
             raise InvalidRequestError(

@@ -24,6 +24,15 @@ routers' public keys, ``config.write_testbed_keyset``) makes it a CurveZMQ serve
 only those routers; ``--plaintext`` leaves both planes plaintext (warned). A worker whose role
 may change needs a file with both relay roles' keys (``relay-both.json``). Over Triton without
 ``--curve-keys`` the control endpoint stays plaintext (warned): no relay keys are needed there.
+
+Membership: ``--discovery etcd://HOST:PORT[,HOST:PORT] --namespace NS`` registers the worker's
+record (``/NS/workers/CLUSTER/WORKER_ID``: its role, cluster and control endpoint as
+``--advertise-control`` or the bound address names it) under a lease of ``--lease-ttl-s``
+seconds (default 5), kept alive in the background, updated on a role change and put again after
+etcd comes back; SIGTERM deletes it before the engine stops (``worker/registration.py``). The
+ready line then adds ``key``, ``registered`` and ``advertised``. Routers started with the same
+``--discovery``/``--namespace`` find the worker within a second and drop it within the lease TTL
+of its death.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +53,15 @@ from trtllm_prfaas.config import (
     model_preset,
 )
 from trtllm_prfaas.connector.prfaas_runtime import rank_endpoint
+from trtllm_prfaas.discovery import open_membership
+from trtllm_prfaas.discovery.membership import (
+    DEFAULT_LEASE_TTL_S,
+    DEFAULT_NAMESPACE,
+    DiscoveryConfig,
+    check_name,
+    parse_discovery,
+)
+from trtllm_prfaas.discovery.records import WorkerRecord
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.engines.tokenizer import model_vocabulary
@@ -51,7 +70,10 @@ from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.transport.config import CurveKeys
 from trtllm_prfaas.transport.pinning import parse_cpus
+from trtllm_prfaas.worker.registration import WorkerRegistration, advertised_control
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
+
+DEFAULT_PRFAAS_CLUSTERS = ("dc-remote",)  # as prfaas router's --prfaas-cluster
 
 __all__ = ["add_arguments", "build_config", "run"]
 
@@ -90,6 +112,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
     parser.add_argument("--load-timeout-s", type=float, default=120.0)
     parser.add_argument("--ready-file", type=Path, default=None)
+    _add_discovery_arguments(parser)
     triton = parser.add_argument_group("--engine triton (the connector runs inside Triton)")
     triton.add_argument("--triton-url", default=None, help="Triton gRPC HOST:PORT")
     triton.add_argument("--triton-model", default="tensorrt_llm", help="served model name")
@@ -137,6 +160,58 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Curve key directory (worker.public/.secret, <role>.public)",
     )
+
+
+def _add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("membership (routers find this worker in etcd)")
+    group.add_argument(
+        "--discovery",
+        type=_discovery_url,
+        default=None,
+        metavar="etcd://HOST:PORT[,HOST:PORT]",
+        help="register this worker in etcd under a lease (default: none; routers list it)",
+    )
+    group.add_argument(
+        "--namespace",
+        type=_namespace,
+        default=DEFAULT_NAMESPACE,
+        help=f"membership namespace: keys /NS/workers/CLUSTER/ID (default {DEFAULT_NAMESPACE})",
+    )
+    group.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=DEFAULT_LEASE_TTL_S,
+        help=f"a killed worker leaves routing within this (>= 2, default {DEFAULT_LEASE_TTL_S:g})",
+    )
+    group.add_argument(
+        "--advertise-control",
+        default="",
+        metavar="tcp://HOST:PORT",
+        help="control endpoint as routers reach it (default: --control, a wildcard host "
+        "replaced by this host's address)",
+    )
+    group.add_argument(
+        "--prfaas-cluster",
+        action="append",
+        default=None,
+        metavar="CLUSTER",
+        help="clusters whose workers are PrfaaS (remote prefill) workers; repeatable "
+        "(default: dc-remote, as prfaas router)",
+    )
+
+
+def _discovery_url(text: str) -> DiscoveryConfig:
+    try:
+        return parse_discovery(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _namespace(text: str) -> str:
+    try:
+        return check_name(text, "--namespace")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_config(args: argparse.Namespace) -> WorkerConfig:
@@ -249,22 +324,71 @@ def _warm_up(server: WorkerServer) -> None:
         engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True), timeout_s=60)
 
 
+def _record_of(server: WorkerServer, args: argparse.Namespace) -> Callable[[], WorkerRecord]:
+    """What this worker registers, read afresh each time (the role and relay may change)."""
+    config = server.config
+    control = advertised_control(server.endpoint, args.advertise_control)
+    is_prfaas = config.cluster in (args.prfaas_cluster or DEFAULT_PRFAAS_CLUSTERS)
+    model_id = server.info().model_id
+
+    def record() -> WorkerRecord:
+        return WorkerRecord(
+            name=config.worker_id,
+            cluster=config.cluster,
+            role=server.role.value,
+            is_prfaas=is_prfaas,
+            control_endpoint=control,
+            relay_endpoint=server.relay_endpoint,
+            model_id=model_id,
+        )
+
+    return record
+
+
+def _register(server: WorkerServer, args: argparse.Namespace) -> WorkerRegistration | None:
+    """With ``--discovery``: the worker's record under a lease (see worker/registration.py)."""
+    if args.discovery is None:
+        return None
+    if not args.lease_ttl_s >= 2:
+        raise ConfigError(f"--lease-ttl-s must be >= 2 (etcd's shortest lease), got "
+                          f"{args.lease_ttl_s:g}")  # fmt: skip
+    check_name(server.config.worker_id, "--worker-id")
+    check_name(server.config.cluster, "--cluster")
+    membership = open_membership(args.discovery)
+    try:
+        return WorkerRegistration(
+            membership, args.namespace, _record_of(server, args), ttl_s=args.lease_ttl_s
+        ).start()
+    except BaseException:
+        membership.close()
+        raise
+
+
 def run(command: str, args: argparse.Namespace) -> int:
     config = build_config(args)
     with WorkerServer(config) as server:
         _warm_up(server)
-        ready: dict[str, Any] = {
-            "event": "ready",
-            "worker_id": config.worker_id,
-            "control": server.endpoint,
-            "relay": server.relay_endpoint,
-        }
-        line = json.dumps(ready)
-        print(line, flush=True)
-        if args.ready_file is not None:
-            args.ready_file.write_text(line + "\n")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: server.stop())
-        server.serve()
+        registration = _register(server, args)
+        try:
+            ready: dict[str, Any] = {
+                "event": "ready",
+                "worker_id": config.worker_id,
+                "control": server.endpoint,
+                "relay": server.relay_endpoint,
+            }
+            if registration is not None:
+                ready |= {"key": registration.key, "registered": registration.is_registered,
+                          "advertised": registration.record.control_endpoint}  # fmt: skip
+            line = json.dumps(ready)
+            print(line, flush=True)
+            if args.ready_file is not None:
+                args.ready_file.write_text(line + "\n")
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: server.stop())
+            server.serve()
+        finally:
+            if registration is not None:  # deregister before the engine stops
+                registration.close()
+                registration.membership.close()
     print(json.dumps({"event": "stopped", "worker_id": config.worker_id}), file=sys.stderr)
     return 0
