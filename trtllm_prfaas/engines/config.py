@@ -23,6 +23,13 @@ class EngineConfig:
     connector_timeout_s: float = 60.0
     on_load_failure: str = "recompute"  # a failed connector load: "recompute" locally or "fail"
     num_threads: int = 2
+    # Prefix cache (TensorRT-LLM's enable_block_reuse). Off by default: TensorRT-LLM 1.x turns
+    # block reuse off for hybrid (Mamba) models, so a GPU deployment of the reference engine's
+    # hybrid shape runs without it; a worker turns it on explicitly. See prefix_cache.py.
+    enable_block_reuse: bool = False
+    max_cached_blocks: int | None = None  # unreferenced cached blocks kept (None: whole pool)
+    num_state_snapshots: int = 64  # recurrent-state snapshots (hybrid models), LRU
+    max_kv_events: int = 10000  # KV cache events buffered between drains (oldest dropped)
 
     def __post_init__(self) -> None:
         tpb = self.model.tokens_per_block
@@ -34,9 +41,17 @@ class EngineConfig:
             raise ConfigError(
                 f"on_load_failure must be 'recompute' or 'fail', got {self.on_load_failure!r}"
             )
-        for name in ("num_blocks", "max_num_seqs", "max_waiting", "num_threads"):
+        for name in ("num_blocks", "max_num_seqs", "max_waiting", "num_threads", "max_kv_events"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be > 0")
+        if self.num_state_snapshots < 0:
+            raise ConfigError(
+                f"EngineConfig.num_state_snapshots must be >= 0, got {self.num_state_snapshots}"
+            )
+        if self.max_cached_blocks is not None and self.max_cached_blocks < 0:
+            raise ConfigError(
+                f"EngineConfig.max_cached_blocks must be >= 0 or None, got {self.max_cached_blocks}"
+            )
 
 
 @dataclass
@@ -48,6 +63,12 @@ class EngineStats:
     num_connector_tokens: int = 0  # prompt tokens supplied by the connector instead
     num_generated_tokens: int = 0
     num_failed_requests: int = 0
+    num_prefix_queries: int = 0  # requests admitted with block reuse on
+    num_prefix_hits: int = 0  # ... that reused at least one cached block
+    num_reused_tokens: int = 0  # prompt tokens served from the engine's own cached blocks
+    num_block_evictions: int = 0  # cached blocks evicted (LRU) to make room
+    num_snapshot_evictions: int = 0  # recurrent-state snapshots evicted
+    num_kv_events_dropped: int = 0  # KV cache events discarded because the buffer was full
 
 
 @dataclass

@@ -18,6 +18,13 @@ prefill runs the whole prompt (L tokens) and samples t1; the decode request is t
 by t1, whose connector claims the L relayed tokens and computes t1 alone. A connector may claim a
 block-aligned prefix, or exactly all but the last prompt token; any other count is refused.
 
+Block reuse (``EngineConfig.enable_block_reuse``, see ``prefix_cache.py``): admission first
+matches the prompt against the engine's own cached blocks (whole blocks of the first L-1 tokens,
+ending at a recurrent-state snapshot for a hybrid model); those tokens are computed, and the
+connector is asked with ``num_computed_tokens`` = that count, as TensorRT-LLM asks it after its
+own reuse. Stored and evicted blocks are recorded as KV cache events, drained with
+``drain_kv_events()``.
+
 Every wait has a deadline: a request not admitted within ``admission_timeout_s`` fails with
 AdmissionRejected; a connector load or save not reported within ``connector_timeout_s`` fails
 the request (loads) or force-releases its blocks (saves), logged as errors.
@@ -46,6 +53,7 @@ from trtllm_prfaas.engines.config import (
     KvCacheConfigArgs,
     ReferenceLlmArgs,
 )
+from trtllm_prfaas.engines.prefix_cache import PrefixCache
 from trtllm_prfaas.engines.reference import HybridModel, LayerKind, ModelConfig
 from trtllm_prfaas.engines.request import (
     LlmRequest,
@@ -62,6 +70,7 @@ from trtllm_prfaas.errors import (
     InvalidRequestError,
     PrfaasError,
 )
+from trtllm_prfaas.kv.events import KvEventBatch, KvEventLog
 from trtllm_prfaas.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
@@ -90,7 +99,16 @@ class ReferenceEngine(ConnectorHost):
             (config.num_blocks, cfg.num_full_layers, 2, cfg.block_row_elems), dtype=cfg.torch_dtype
         )
         self.states = torch.zeros((config.max_num_seqs, *cfg.state_shape), dtype=torch.float32)
-        self.blocks = BlockManager(config.num_blocks)
+        self.kv_events = KvEventLog(config.max_kv_events)
+        self.blocks = BlockManager(
+            config.num_blocks, config.max_cached_blocks, self.kv_events.record_removed
+        )
+        self.prefix_cache: PrefixCache | None = None
+        if config.enable_block_reuse:
+            self.prefix_cache = PrefixCache(
+                cfg, self.blocks, self.states, config.num_state_snapshots, self.kv_events
+            )
+            self.kv_events.record_created(config.num_blocks)
         self.slots = SlotAllocator(config.max_num_seqs)
         self.waiting: deque[LlmRequest] = deque()
         self.running: dict[int, LlmRequest] = {}  # admitted: loading, context, generation, saving
@@ -186,7 +204,24 @@ class ReferenceEngine(ConnectorHost):
             outputs += [self._fail(req, exc) for req in scheduled if req.request_id in self.running]
         if self.connector is not None:
             outputs += self._poll_connector()
+        self._update_cache_stats()
         return outputs
+
+    def _update_cache_stats(self) -> None:
+        stats = self.stats
+        stats.num_block_evictions = self.blocks.num_evictions
+        stats.num_kv_events_dropped = self.kv_events.num_dropped
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache.stats
+            stats.num_prefix_queries, stats.num_prefix_hits = cache.num_queries, cache.num_hits
+            stats.num_reused_tokens = cache.num_reused_tokens
+            stats.num_snapshot_evictions = cache.num_snapshot_evictions
+
+    def drain_kv_events(self) -> KvEventBatch:
+        """The KV cache events recorded since the last drain (stored and removed block hashes,
+        TensorRT-LLM's shape; see ``kv/events.py``), and how many overflowed the buffer. Empty
+        with block reuse off. Call from the thread that steps the engine; never blocks."""
+        return self.kv_events.drain()
 
     def _expire_waiting(self) -> list[RequestOutput]:
         now, outputs = time.monotonic(), []
@@ -202,29 +237,53 @@ class ReferenceEngine(ConnectorHost):
         outputs: list[RequestOutput] = []
         while self.waiting and self.slots.num_free:
             req = self.waiting[0]
-            prompt_blocks = self._blocks_for(req.prompt_len)
-            if not self.blocks.can_reserve(self._blocks_for(req.num_tokens_total())):
+            if not self._reserve(req):
                 break  # FIFO: wait for blocks to come back
             self.waiting.popleft()
             try:
-                outputs += self._admit_one(req, prompt_blocks)
+                outputs += self._admit_one(req)
             except PrfaasError as exc:
+                if req.request_id not in self.running:  # refused before it held a slot
+                    self._unreserve(req)
                 outputs.append(self._fail(req, exc))
         return outputs
 
-    def _admit_one(self, req: LlmRequest, prompt_blocks: int) -> list[RequestOutput]:
+    def _unreserve(self, req: LlmRequest) -> None:
+        self.blocks.release(req.block_ids, req.num_reserved_blocks - len(req.block_ids))
+        if self.prefix_cache is not None:
+            self.prefix_cache.release_snapshot(req)
+        req.block_ids, req.num_reserved_blocks = [], 0
+
+    def _reserve(self, req: LlmRequest) -> bool:
+        """Reference the cached prefix (block reuse on) and reserve the rest of the worst case;
+        False (nothing held) when the pool cannot supply it yet."""
+        total = self._blocks_for(req.num_tokens_total())
+        if self.prefix_cache is not None:
+            self.prefix_cache.acquire(req)
+        if not self.blocks.can_reserve(total - len(req.block_ids)):
+            if self.prefix_cache is not None:
+                self.prefix_cache.release_match(req)
+            return False
+        self.blocks.reserve(total - len(req.block_ids))
+        req.num_reserved_blocks = total
+        return True
+
+    def _admit_one(self, req: LlmRequest) -> list[RequestOutput]:
+        cached = req.num_cached_tokens
         matched, load_async = 0, False
         if self.connector is not None:
             matched, load_async = self._connector_call(
-                self.connector.scheduler.get_num_new_matched_tokens, req, 0
+                self.connector.scheduler.get_num_new_matched_tokens, req, cached
             )
-            self._check_match(req, matched, load_async)
-        self.blocks.reserve(self._blocks_for(req.num_tokens_total()))
-        req.num_reserved_blocks = self._blocks_for(req.num_tokens_total())
-        req.block_ids = self.blocks.take(prompt_blocks)
+            self._check_match(req, cached, matched, load_async)
+        req.block_ids += self.blocks.take(self._blocks_for(req.prompt_len) - len(req.block_ids))
         req.state_slot = self.slots.take()
-        self.states[req.state_slot].zero_()
-        req.num_computed_tokens = req.num_connector_tokens = matched
+        if self.prefix_cache is not None:
+            self.prefix_cache.admitted(req)
+        else:
+            self.states[req.state_slot].zero_()
+        req.num_computed_tokens = cached + matched
+        req.num_connector_tokens = matched
         self.stats.num_connector_tokens += matched
         if not load_async:
             self._record_sync_match(req.request_id, matched)
@@ -243,14 +302,15 @@ class ReferenceEngine(ConnectorHost):
             req.state = RequestState.CONTEXT
         return []
 
-    def _check_match(self, req: LlmRequest, matched: int, load_async: bool) -> None:
-        tpb, last = self.cfg.tokens_per_block, req.prompt_len - 1
+    def _check_match(self, req: LlmRequest, cached: int, matched: int, load_async: bool) -> None:
+        tpb, last, total = self.cfg.tokens_per_block, req.prompt_len - 1, cached + matched
         if matched == 0 and load_async:
             raise ConnectorError("connector returned (0, True): load_async needs tokens to load")
-        if not 0 <= matched <= last or (matched % tpb and matched != last):
+        if matched < 0 or total > last or (total % tpb and total != last):
             raise ConnectorError(
-                f"connector claimed {matched} tokens of a {req.prompt_len}-token prompt; it may "
-                f"claim a multiple of {tpb} up to {last}, or exactly {last}"
+                f"connector claimed {matched} tokens of a {req.prompt_len}-token prompt after "
+                f"{cached} cached; cached + claimed must be a multiple of {tpb} up to {last}, "
+                f"or exactly {last}"
             )
 
     def _schedule(self) -> tuple[list[SequenceChunk], list[LlmRequest]]:
@@ -271,6 +331,8 @@ class ReferenceEngine(ConnectorHost):
             if req.state is RequestState.CONTEXT and budget > 0:
                 start = req.num_computed_tokens
                 end = min(start + self.config.chunk_size, req.prompt_len)
+                if self.prefix_cache is not None:
+                    end = self.prefix_cache.chunk_end(req, start, end)
                 if end - start > budget and chunks:
                     break
                 chunks.append(
@@ -312,6 +374,8 @@ class ReferenceEngine(ConnectorHost):
             req.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
             if req.state is RequestState.CONTEXT:
                 self.stats.num_prompt_tokens_computed += len(chunk.token_ids)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.after_chunk(req, req.num_computed_tokens)
             if req.num_computed_tokens < req.prompt_len:
                 continue  # a prefill chunk that does not reach the last prompt token
             token = sample_next(logits[row], req.sampling.temperature, req.generator)
@@ -357,14 +421,21 @@ class ReferenceEngine(ConnectorHost):
         self.running.pop(req.request_id, None)
         self._deadlines.pop(req.request_id, None)
         self.blocks.release(req.block_ids, req.num_reserved_blocks - len(req.block_ids))
+        if self.prefix_cache is not None:
+            self.prefix_cache.release_snapshot(req)
         self.slots.release(req.state_slot)
         req.block_ids, req.num_reserved_blocks = [], 0
         self._forget(req.request_id)
 
     def _recompute(self, req: LlmRequest) -> None:
+        """Forget what the connector supplied; the engine's own cached prefix stays."""
         self.stats.num_connector_tokens -= req.num_connector_tokens
-        req.num_computed_tokens = req.num_connector_tokens = 0
-        self.states[req.state_slot].zero_()
+        req.num_connector_tokens = 0
+        req.num_computed_tokens = req.num_cached_tokens
+        if self.prefix_cache is not None:
+            self.prefix_cache.restore_state(req)
+        else:
+            self.states[req.state_slot].zero_()
         req.state = RequestState.CONTEXT
 
     def _fail(self, req: LlmRequest, error: PrfaasError) -> RequestOutput:
@@ -428,4 +499,6 @@ class ReferenceEngine(ConnectorHost):
             problems.append(blocks)
         if self.slots.num_free != self.slots.num_slots:
             problems.append(f"{self.slots.num_slots - self.slots.num_free} state slots in use")
+        if self.prefix_cache is not None:
+            problems += self.prefix_cache.leak_report()
         return problems

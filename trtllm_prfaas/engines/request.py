@@ -78,6 +78,10 @@ class LlmRequest:
     num_reserved_blocks: int = 0
     num_computed_tokens: int = 0
     num_connector_tokens: int = 0  # prompt tokens the connector supplied
+    num_cached_tokens: int = 0  # prompt tokens reused from the engine's own prefix cache
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full prompt blocks
+    num_committed_blocks: int = 0  # leading prompt blocks named in the prefix cache
+    snapshot_slot: int | None = None  # state snapshot matched, held until the prompt is done
     is_generation_only_request: bool = False
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)

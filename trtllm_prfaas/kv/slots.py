@@ -9,7 +9,11 @@ once for KV blocks (keyed by chained block hash) and once for recurrent-state sn
 - **referenced**: refcount > 0; either *pending* (taken under a key, bytes being written, not
   matchable yet), committed (matchable), or *unkeyed* (a duplicate of an already committed key,
   freed rather than cached on its last release);
-- **raw**: taken without a key (transfer blocks); returned with :meth:`SlotTable.give_raw`.
+- **raw**: taken without a key (transfer blocks, or a request's own blocks before their bytes are
+  final); returned with :meth:`SlotTable.give_raw`, or named later with :meth:`SlotTable.key_raw`.
+
+``on_evict`` (optional) is called with the key of every cached slot evicted to make room, so an
+owner can report removals (KV cache events).
 
 Not thread-safe: the owner serializes calls. No call blocks.
 """
@@ -17,7 +21,7 @@ Not thread-safe: the owner serializes calls. No call blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 from trtllm_prfaas.errors import AdmissionRejected
@@ -30,9 +34,12 @@ K = TypeVar("K", bound=Hashable)
 class SlotTable(Generic[K]):
     """``num_slots`` slots named ``0..num_slots-1``; ``noun`` names them in error messages."""
 
-    def __init__(self, num_slots: int, noun: str) -> None:
+    def __init__(
+        self, num_slots: int, noun: str, on_evict: Callable[[K], None] | None = None
+    ) -> None:
         self.num_slots = num_slots
         self.noun = noun
+        self.on_evict = on_evict
         # Inserted high-to-low so popitem() (LIFO) hands out low ids first on a fresh table.
         self._free: dict[int, None] = dict.fromkeys(range(num_slots - 1, -1, -1))
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached; first = least recently used
@@ -74,6 +81,9 @@ class SlotTable(Generic[K]):
         """True if ``slot`` is referenced or raw (its bytes may be read or written)."""
         return slot in self._refcount or slot in self._raw
 
+    def is_raw(self, slot: int) -> bool:
+        return slot in self._raw
+
     def contains(self, key: K) -> bool:
         """True if ``key`` is committed (matchable); takes no reference, does not touch LRU."""
         return key in self._slot_of
@@ -102,10 +112,24 @@ class SlotTable(Generic[K]):
     def _take_one(self) -> int:
         if self._free:
             return self._free.popitem()[0]
+        return self._evict_lru()
+
+    def _evict_lru(self) -> int:
         slot, _ = self._lru.popitem(last=False)
-        del self._slot_of[self._key_of.pop(slot)]
+        key = self._key_of.pop(slot)
+        del self._slot_of[key]
         self.num_evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key)
         return slot
+
+    def evict_one(self) -> bool:
+        """Evict the least recently used cached slot to the free list (a capacity bound).
+        Returns False when nothing is cached."""
+        if not self._lru:
+            return False
+        self._free[self._evict_lru()] = None
+        return True
 
     def take_keyed(self, keys: Iterable[K]) -> list[int]:
         """One pending slot per key (refcount 1), all or nothing; commit each after writing it."""
@@ -165,6 +189,20 @@ class SlotTable(Generic[K]):
         slots = self._take(count)
         self._raw.update(slots)
         return slots
+
+    def key_raw(self, slot: int, key: K) -> bool:
+        """Name a raw slot whose bytes are now final: it becomes referenced (refcount 1) and
+        committed under ``key``, as if taken keyed and committed. False if ``key`` is already
+        committed elsewhere: the slot then stays referenced but unkeyed (freed on release)."""
+        if slot not in self._raw:
+            raise ValueError(f"{self.noun} {slot} is not raw")
+        self._raw.discard(slot)
+        self._refcount[slot] = 1
+        if key in self._slot_of:
+            return False
+        self._key_of[slot] = key
+        self._slot_of[key] = slot
+        return True
 
     def give_raw(self, slots: Iterable[int]) -> None:
         """Free raw slots taken with :meth:`take_raw`."""

@@ -1,0 +1,182 @@
+"""The reference engine's prefix cache: block reuse as TensorRT-LLM's, plus recurrent-state
+snapshots for the hybrid model's linear layers.
+
+Full-attention blocks are reused on a chained-hash prefix match (``kv/hashing.py``), whole blocks
+only, as upstream with partial reuse off. The match covers the first ``L - 1`` prompt tokens only,
+so the last prompt token is always computed and yields the logits of the first output token:
+upstream ``WindowBlockManager::addSequence`` chops ``inputLength - 1`` tokens into block keys
+("Ignore last token because it can't be recovered") before ``loadOrAllocateBlocks``
+(``cpp/tensorrt_llm/batch_manager/kvCacheManager.cpp``, stored copy 1277673704). A prompt that
+is cached whole therefore reuses ``floor((L - 1) / tokens_per_block)`` blocks and recomputes the
+rest (at least one token).
+
+Linear-attention layers keep one recurrent state per request, valid only after exactly the
+tokens it has seen. So a hybrid model can resume at ``n`` tokens only if a snapshot of the state
+after exactly ``n`` tokens exists (the paper's exact-length rule). The engine takes snapshots
+where it has the state: at every prefill chunk end that is block aligned, and it ends a chunk at
+``floor((L - 1) / tokens_per_block) * tokens_per_block`` so that a repeat of the prompt finds one
+where its match ends, and a follow-up turn (which extends the prompt) finds one at the prompt's
+last full block (that boundary, or L itself when L is block aligned). The match is the
+longest run of cached blocks that ends at a snapshot. Snapshots are keyed by the hash of the block
+they end at, held in their own LRU table of ``num_state_snapshots`` slots.
+
+Only prompt blocks are named and cached, never blocks written by decode steps: a decode step
+computes a token alone, and the model's kernels give bit-identical KV for a token only if every
+route computes it in the same block-aligned segments (``engines/batch.py``); a follow-up turn
+prefills those tokens, so decode-written blocks would change its bits. Blocks filled by a KV
+cache connector's load are prompt blocks from the same kernels and are named like computed ones.
+
+Events: every named block chain is reported stored (parent hash first), every evicted block
+removed, into a :class:`~trtllm_prfaas.kv.events.KvEventLog`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trtllm_prfaas.engines.blocks import BlockManager
+from trtllm_prfaas.engines.reference import ModelConfig
+from trtllm_prfaas.engines.request import LlmRequest
+from trtllm_prfaas.kv.events import KvEventLog
+from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
+from trtllm_prfaas.kv.slots import SlotTable
+
+__all__ = ["PrefixCache", "PrefixCacheStats", "cache_key_for"]
+
+_LAYOUT = "HND"
+
+
+def cache_key_for(cfg: ModelConfig, tp_rank: int = 0) -> CacheKey:
+    """The key that names this model's blocks: a router hashes prompts under the same key."""
+    return CacheKey(cfg.model_id, _LAYOUT, cfg.dtype, tp_rank)
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters a user would watch (the worker exports them as metrics)."""
+
+    num_queries: int = 0  # requests admitted with block reuse on
+    num_hits: int = 0  # ... that reused at least one block
+    num_reused_tokens: int = 0  # prompt tokens served from cached blocks
+    num_query_tokens: int = 0  # prompt tokens of those requests
+    num_snapshot_evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_reused_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+
+class PrefixCache:
+    """Matching, naming and snapshots over the engine's ``BlockManager`` and state tensor."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        blocks: BlockManager,
+        states: torch.Tensor,
+        num_state_snapshots: int,
+        events: KvEventLog,
+    ) -> None:
+        self.cfg, self.blocks, self.states, self.events = cfg, blocks, states, events
+        self.key = cache_key_for(cfg)
+        self.tokens_per_block = cfg.tokens_per_block
+        self.has_states = cfg.num_linear_layers > 0
+        num_snapshots = num_state_snapshots if self.has_states else 0
+        self.snapshots = torch.zeros((num_snapshots, *cfg.state_shape), dtype=states.dtype)
+        self._snapshots: SlotTable[int] = SlotTable(num_snapshots, "state snapshot")
+        self.stats = PrefixCacheStats()
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def acquire(self, req: LlmRequest) -> None:
+        """Find and reference ``req``'s cached prefix: sets ``block_ids`` (the shared blocks),
+        ``num_cached_tokens`` and, for a hybrid model, ``snapshot_slot``. Undo with
+        :meth:`release_match` if the request cannot be admitted after all."""
+        tpb = self.tokens_per_block
+        if not req.block_hashes:
+            req.block_hashes = block_hashes(req.prompt_token_ids, tpb, self.key)
+        usable = req.block_hashes[: (req.prompt_len - 1) // tpb]
+        num_blocks = self.blocks.num_cached_prefix(usable)
+        slot = None
+        if self.has_states:
+            while num_blocks and slot is None:
+                slot = self._snapshots.acquire(usable[num_blocks - 1])
+                num_blocks -= slot is None
+        req.block_ids = self.blocks.acquire(usable[:num_blocks])
+        req.snapshot_slot = slot
+        req.num_cached_tokens = num_blocks * tpb
+
+    def release_match(self, req: LlmRequest) -> None:
+        """Give back what :meth:`acquire` referenced (admission deferred)."""
+        self.blocks.release(req.block_ids, 0)
+        self.release_snapshot(req)
+        req.block_ids, req.num_cached_tokens = [], 0
+
+    def admitted(self, req: LlmRequest) -> None:
+        """Count the request and start its state from the snapshot it matched."""
+        self.stats.num_queries += 1
+        self.stats.num_query_tokens += req.prompt_len
+        self.stats.num_hits += req.num_cached_tokens > 0
+        self.stats.num_reused_tokens += req.num_cached_tokens
+        req.num_committed_blocks = req.num_cached_tokens // self.tokens_per_block
+        self.restore_state(req)
+
+    def restore_state(self, req: LlmRequest) -> None:
+        """The request's state as after its cached prefix (zeros when there is none)."""
+        if req.snapshot_slot is None:
+            self.states[req.state_slot].zero_()
+        else:
+            self.states[req.state_slot].copy_(self.snapshots[req.snapshot_slot])
+
+    def release_snapshot(self, req: LlmRequest) -> None:
+        if req.snapshot_slot is not None:
+            self._snapshots.release(req.snapshot_slot)
+            req.snapshot_slot = None
+
+    # ---- scheduling and after each prefill chunk ----------------------------------------------
+
+    def chunk_end(self, req: LlmRequest, start: int, end: int) -> int:
+        """``end``, or the last block boundary before the prompt's last token when the chunk
+        would run past it, so a hybrid model has a snapshot where a repeat of this prompt, or a
+        follow-up turn that extends it, can resume (the prompt's end itself is a chunk end)."""
+        tpb = self.tokens_per_block
+        boundary = (req.prompt_len - 1) // tpb * tpb
+        return boundary if self.has_states and start < boundary < end else end
+
+    def after_chunk(self, req: LlmRequest, end: int) -> None:
+        """A prefill chunk ending at ``end`` was computed: name the prompt's newly completed
+        blocks (including any a connector loaded below it) and snapshot the state if ``end`` is
+        block aligned."""
+        tpb = self.tokens_per_block
+        first, stop = req.num_committed_blocks, min(end, req.prompt_len) // tpb
+        if stop > first:
+            hashes = req.block_hashes[first:stop]
+            self.blocks.commit_chain(req.block_ids[first:stop], hashes)
+            parent = req.block_hashes[first - 1] if first else None
+            self.events.record_stored(
+                parent, hashes, tpb, req.prompt_token_ids[first * tpb : stop * tpb]
+            )
+            req.num_committed_blocks = stop
+        if self.has_states and end % tpb == 0 and end // tpb <= len(req.block_hashes):
+            self._snapshot(req, req.block_hashes[end // tpb - 1])
+        if end >= req.prompt_len:
+            self.release_snapshot(req)
+
+    def _snapshot(self, req: LlmRequest, block_hash: int) -> None:
+        table = self._snapshots
+        if table.contains(block_hash) or table.num_available == 0:
+            return  # already there, or every snapshot is in use: skip (reuse is best effort)
+        evicted = table.num_evictions
+        slot = table.take_keyed([block_hash])[0]
+        self.stats.num_snapshot_evictions += table.num_evictions - evicted
+        self.snapshots[slot].copy_(self.states[req.state_slot])
+        table.commit(slot)
+        table.release(slot)
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def leak_report(self) -> list[str]:
+        held = self._snapshots.referenced_slots()
+        return [f"state snapshots {held} still referenced"] if held else []
