@@ -272,12 +272,16 @@ def wan_stats(namespace: str) -> QdiscStats:
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
-    """The first /30 of ROOT_POOL that overlaps no address of the root namespace."""
+    """The first /30 of ROOT_POOL that overlaps no address or route of the root namespace."""
     used = []
     for line in _run("ip", "-4", "-o", "addr", "show").splitlines():
         fields = line.split()
         if "inet" in fields:
             used.append(ipaddress.ip_interface(fields[fields.index("inet") + 1]).network)
+    for line in _run("ip", "-4", "route", "show").splitlines():
+        destination = line.split()[0] if line.strip() else "default"
+        if destination != "default":
+            used.append(ipaddress.ip_network(destination, strict=False))
     for subnet in ROOT_POOL.subnets(new_prefix=30):
         if not any(subnet.overlaps(net) for net in used):
             return subnet

@@ -90,7 +90,17 @@ def _up(args: argparse.Namespace) -> int:
         run_id=args.run_id,
     )
     print("starting the namespace testbed ...", flush=True)
-    with NetnsTestbed(config, log_level="ERROR") as hosts:
+    # SIGTERM while starting unwinds like Ctrl-C, so start() still undoes what it did.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    hosts = NetnsTestbed(config, log_level="ERROR")
+    try:
+        hosts.start()
+    except KeyboardInterrupt:
+        print("interrupted while starting: every process stopped, namespaces deleted", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
         print(hosts.describe(), flush=True)
         if args.demo:
             return _demo(hosts)
@@ -99,8 +109,14 @@ def _up(args: argparse.Namespace) -> int:
             signal.signal(signum, lambda *_: stop.set())
         print("serving; Ctrl-C stops every process and deletes the namespaces", flush=True)
         stop.wait()
+    finally:
+        hosts.close()
     print("namespace testbed stopped", flush=True)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _demo(hosts: NetnsTestbed) -> int:
