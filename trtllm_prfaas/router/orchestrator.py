@@ -52,6 +52,7 @@ from trtllm_prfaas.errors import (
     TransportError,
     WorkerLost,
 )
+from trtllm_prfaas.policy.placement import choose_decode_node
 from trtllm_prfaas.policy.route import RequestView, RouteDecision, route
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
@@ -67,6 +68,7 @@ __all__ = ["DisaggregatedOrchestrator", "RouterConfig", "WorkerSpec"]
 
 log = get_logger(__name__)
 
+_NO_LIMIT_YET = 2**31 - 1  # max_seq_len while no worker has joined
 _MAX_REROUTES = 2  # a request whose decode node died before its first token is routed again
 
 
@@ -125,6 +127,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             "prefill_fallback": 0,
             "relay_recomputed": 0,
             "rerouted": 0,
+            "slot_refused": 0,  # decode slots a worker refused (another node was asked)
         }
         self._links = WorkerLinks(
             self.cluster,
@@ -252,7 +255,9 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     @property
     def max_seq_len(self) -> int:
-        return self._max_seq_len
+        """The shortest of the workers' limits. Before any worker joined (discovery) no limit
+        is known: no length is refused here, and ``generate`` answers UNAVAILABLE instead."""
+        return self._max_seq_len if self.cluster.workers else _NO_LIMIT_YET
 
     @property
     def vocab_size(self) -> int:
@@ -295,15 +300,18 @@ class DisaggregatedOrchestrator(Orchestrator):
     async def _generate_once(self, request: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
         """One routing of ``request``: reserve, hand off, release (see the module doc)."""
         decision = self._route(request)
-        decode = self.cluster.workers[decision.decode_node_id or ""]
         prefill = self.cluster.workers[decision.prefill_node_id]
         rid = request.request_id
         flight = self._links.flights[rid] = Flight(decision, len(request.prompt_token_ids))
-        decode.reserved_slots += 1
+        flight.reservation_id = reservation = f"{rid}~slot"
+        self._links.flights[reservation] = flight
+        decode: WorkerState | None = None
         finished, status = False, "cancelled"
         try:
             async with asyncio.timeout(request.deadline_s):
                 flight.submitted_at = time.monotonic()
+                decode = await self._reserve_decode(request, flight)
+                decode.reserved_slots += 1  # a routing hint until its next load report
                 async for chunk in self._handoff.run(request, flight, decode, prefill):
                     finished = chunk.is_final
                     status = "ok" if finished else status
@@ -316,14 +324,50 @@ class DisaggregatedOrchestrator(Orchestrator):
             status = type(exc).__name__
             raise
         finally:
-            decode.reserved_slots -= 1
-            for leg_id in (rid, *flight.leg_ids):
+            if decode is not None:
+                decode.reserved_slots -= 1
+            for leg_id in (rid, reservation, *flight.leg_ids):
                 self._links.flights.pop(leg_id, None)
             if self.metrics is not None:
                 self.metrics.record_request("remote" if decision.is_remote else "local", status)
+            decode_name = flight.decision.decode_node_id or ""
             if not finished:  # cancelled, failed or late: free both workers' blocks
                 for leg_id in (rid, *flight.leg_ids):
-                    await self._links.cancel(leg_id, decode.name, prefill.name)
+                    await self._links.cancel(leg_id, decode_name, prefill.name)
+            if decode is not None:  # free the slot (a no-op if the decode leg finished there)
+                await self._links.cancel(reservation, decode_name)
+
+    async def _reserve_decode(self, request: GenerateRequest, flight: Flight) -> WorkerState:
+        """A decode slot granted by the decode worker itself (the authority, as other router
+        replicas reserve there too): the routed decode node first, then the next best live ones
+        (``choose_decode_node``); ``AdmissionRejected`` (UNAVAILABLE) when every one refused."""
+        tried: list[str] = []
+        why = ""
+        while True:
+            name = flight.decision.decode_node_id or ""
+            decode = self.cluster.workers.get(name)
+            if decode is not None and not decode.is_lost:
+                refusal = await self._handoff.reserve(flight, decode, request.deadline_s)
+                if refusal is None:
+                    return decode
+                why = refusal
+                self.counters["slot_refused"] += 1
+                if self.metrics is not None:
+                    self.metrics.record_slot_refusal(name)
+                log.info("decode_slot_refused", request_id=request.request_id, decode=name,
+                         why=refusal)  # fmt: skip
+                assert flight.reservation_id is not None
+                await self._links.cancel(flight.reservation_id, name)  # a late grant is freed
+            tried.append(name)
+            flight.forget(name)
+            view = self.cluster.view(time.monotonic()).pd_decode
+            node = choose_decode_node(n for n in view if n.node_id not in tried)
+            if node is None:
+                raise errors.AdmissionRejected(
+                    f"no decode slot for request {request.request_id}: "
+                    f"{', '.join(tried)} refused ({why or 'lost'})"
+                )
+            flight.decision = replace(flight.decision, decode_node_id=node.node_id)
 
     def _validate(self, request: GenerateRequest) -> None:
         if not self.is_ready():
