@@ -316,7 +316,9 @@ def test_a_worker_listed_with_the_wrong_role_fails_the_start(workers: Any) -> No
         (["--listen", "::1:8001"], "expected HOST:PORT"),
         (["--grace-s", "-1"], "--grace-s: must be >= 0"),
         (["--connect-timeout-s", "0"], "--connect-timeout-s: must be > 0"),
-        (["--discovery", "etcd://h:2379"], "unrecognized arguments: --discovery"),
+        (["--discovery", "http://h:2379"], "--discovery 'http://h:2379': expected etcd://"),
+        (["--discovery", "etcd://h:2379,h"], "'h' is not HOST:PORT"),
+        (["--namespace", "a/b"], "--namespace 'a/b': use letters"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags: list[str], message: str, capsys: Any) -> None:
