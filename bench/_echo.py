@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from trtllm_prfaas.config import model_preset
@@ -175,16 +175,19 @@ class EchoWorkerServer(WorkerServer):
 
     def __init__(self, config: WorkerConfig) -> None:
         super().__init__(config)
-        echo_config = replace(self.engine.config, max_num_seqs=MAX_NUM_SEQS)
-        self.engine = EchoEngine(echo_config)  # type: ignore[assignment]
+        self.engine = EchoEngine(self.engine.config)  # type: ignore[assignment]
 
     def _transfer_status(self, submit: p.Submit) -> InboundStatus | None:
         return InboundStatus.COMPLETE
 
 
 def worker_config(role: str) -> WorkerConfig:
-    """An echo worker of the local PD cluster: tiny model shape, plaintext relay, loopback."""
-    engine = EngineConfig(model=model_preset("tiny"), num_blocks=64, max_num_seqs=4)
+    """An echo worker of the local PD cluster: tiny model shape, plaintext relay, loopback.
+
+    ``MAX_NUM_SEQS`` from the start, not only in ``EchoEngine``: the worker sizes what it counts
+    from the engine it builds (its decode-slot reservations too), and a tiny reference engine
+    with that many sequence slots costs little."""
+    engine = EngineConfig(model=model_preset("tiny"), num_blocks=64, max_num_seqs=MAX_NUM_SEQS)
     relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
     return WorkerConfig(f"echo-{role}", WorkerRole(role), "dc-local", relay, engine)
 
@@ -216,9 +219,7 @@ def serve_direct(conn: Connection) -> None:
     with (
         FrontDoor(echo, FrontDoorConfig(port=0)) as door,
         HttpDoor(rest_app(echo), HttpDoorConfig(port=0), name="kserve-rest") as rest,
-        HttpDoor(
-            build_openai_app(echo, echo.tokenizer), HttpDoorConfig(port=0), name="openai"
-        ) as openai,  # fmt: skip
+        HttpDoor(build_openai_app(echo), HttpDoorConfig(port=0), name="openai") as openai,
     ):
         conn.send({"grpc": door.address, "rest": rest.url, "openai": openai.url})
         _wait_for_stop(conn)

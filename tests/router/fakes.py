@@ -24,6 +24,7 @@ class FakeOrchestrator(Orchestrator):
             chunks if chunks is not None else [TokenChunk([72, 105], "Hi", True, "length")]
         )
         self.error, self.hang, self.ready, self._model_name = error, hang, ready, model_name
+        self.tokenizer = ByteTokenizer()
         self.requests: list[GenerateRequest] = []
         self.cancelled: list[str] = []
         self.started = threading.Event()
@@ -42,7 +43,7 @@ class FakeOrchestrator(Orchestrator):
         return ByteTokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        return ByteTokenizer().encode(text)
+        return self.tokenizer.encode(text)
 
     def is_ready(self) -> bool:
         return self.ready

@@ -28,6 +28,11 @@ Contract of ``Orchestrator.generate(request)``:
   engine it touched frees its blocks. Cancellation is idempotent and never raises.
 - Thread-safety: ``generate`` may be called concurrently from one event loop; ``is_ready`` and
   the properties may be called from any thread and never block.
+- Tokenizer: ``tokenizer`` is the served model's (``engines/tokenizer.py``'s ``Tokenizer``: the
+  reference byte tokenizer, or a Hugging Face model directory's). ``encode`` and the text of
+  every chunk use it; the doors that need more than ids use it too (the OpenAI door renders
+  chat prompts with its ``chat_template``). Implementations set it in ``__init__``; it never
+  changes afterwards.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+
+from trtllm_prfaas.engines.tokenizer import Tokenizer
 
 __all__ = ["GenerateRequest", "Orchestrator", "TokenChunk"]
 
@@ -69,6 +76,8 @@ class TokenChunk:
 
 class Orchestrator(ABC):
     """Serves ``GenerateRequest``s; see the module docstring for the full contract."""
+
+    tokenizer: Tokenizer  # the served model's; set by each implementation's __init__
 
     @property
     @abstractmethod

@@ -409,14 +409,16 @@ class _OpenAIDoor:
 
 def build_openai_app(
     orchestrator: Orchestrator,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None = None,
     config: OpenAIConfig | None = None,
     metrics: RouterMetrics | None = None,
 ) -> FastAPI:
     """The OpenAI door as an ASGI app for ``HttpDoor`` (see the module docstring).
 
-    ``tokenizer`` is the served model's (the orchestrator's ``tokenizer``): its chat template
-    renders chat prompts. Raises ConfigError when that template does not parse."""
+    ``tokenizer``: the served model's, whose chat template renders chat prompts; by default the
+    orchestrator's own (``Orchestrator.tokenizer``), given only to test a template apart from
+    the orchestrator. Raises ConfigError when that template does not parse."""
+    tokenizer = orchestrator.tokenizer if tokenizer is None else tokenizer
     door = _OpenAIDoor(orchestrator, tokenizer, config or OpenAIConfig(), metrics)
     app = FastAPI(title="trtllm-prfaas OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip

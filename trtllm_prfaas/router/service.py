@@ -49,9 +49,11 @@ class RouterService:
                                     shutdown_grace_s=frontdoor.shutdown_grace_s)  # fmt: skip
             self.http_doors.append(AsyncHttpDoor(app, config, name="kserve-rest"))
         if openai_port is not None:
-            openai = build_openai_app(self.orchestrator, self.orchestrator.tokenizer,
-                                      OpenAIConfig(request_timeout_s=frontdoor.request_timeout_s),
-                                      self.metrics)  # fmt: skip
+            openai = build_openai_app(
+                self.orchestrator,
+                config=OpenAIConfig(request_timeout_s=frontdoor.request_timeout_s),
+                metrics=self.metrics,
+            )
             config = HttpDoorConfig(openai_host or frontdoor.host, openai_port,
                                     shutdown_grace_s=frontdoor.shutdown_grace_s)  # fmt: skip
             self.http_doors.append(AsyncHttpDoor(openai, config, name="openai"))
