@@ -3,7 +3,8 @@
 An in-process orchestrator (no static list: it starts with zero workers and answers
 UNAVAILABLE) with ``DiscoveredWorkers`` on a real etcd; workers started with ``--discovery``
 register under a 2 s lease. Measured here: registration (the put, as a separate watch sees it) to
-routable (in the orchestrator's cluster) <= 1 s; a SIGKILLed decode worker out of the cluster
+routable (in the orchestrator's cluster) <= 1 s; a decode worker SIGKILLed mid-stream fails its
+request with ``WorkerLost`` (UNAVAILABLE) within ``worker_lost_s`` + 1 and is out of the cluster
 within its TTL + 1 s, and a replacement that registers joins and serves single-engine tokens;
 SIGTERM deregisters at once (well before a 10 s lease); a malformed registration put by the test
 is ignored with a ``discovery_bad_record`` log line and counted.
@@ -28,7 +29,7 @@ from tests.etcd_server import EtcdServer
 from tests.harness import WorkerProcess, spawn_worker
 from tests.router.test_disaggregated import _prompt, _reference, _request, _tokens
 from trtllm_prfaas.discovery import EventKind, open_membership, parse_discovery, worker_prefix
-from trtllm_prfaas.errors import AdmissionRejected
+from trtllm_prfaas.errors import AdmissionRejected, WorkerLost
 from trtllm_prfaas.router.discovered import DiscoveredWorkers
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig
 from trtllm_prfaas.telemetry.metrics import DiscoveryMetrics
@@ -153,8 +154,16 @@ def test_workers_join_serve_die_and_are_replaced(etcd: EtcdServer, procs: Any) -
                 assert await _tokens(orch, _request(f"r{n}", _prompt(n))) == _reference(_prompt(n))
             assert orch.counters["remote"] == 1 and orch.counters["local"] == 1
 
+            # SIGKILL mid-stream: the request fails UNAVAILABLE (WorkerLost) as the connection
+            # dies; the worker is out of the cluster once its lease expired.
+            stream = orch.generate(_request("mid-stream", _prompt(40), max_tokens=400))
+            await anext(stream)
             procs["decode-a"].process.kill()
             killed_at = time.monotonic()
+            with pytest.raises(WorkerLost):
+                async for _ in stream:
+                    pass
+            figures["death_to_client_error_s"] = time.monotonic() - killed_at
             left_at = await seen_at.until(seen_at.left, "decode-a", timeout_s=TTL_S + 3.0)
             figures["death_to_unroutable_s"] = left_at - killed_at
             with pytest.raises(AdmissionRejected, match="no decode node"):
@@ -174,6 +183,7 @@ def test_workers_join_serve_die_and_are_replaced(etcd: EtcdServer, procs: Any) -
     print(figures)
     assert all(v <= 1.0 for k, v in figures.items() if k.startswith("join")), figures
     assert figures["death_to_unroutable_s"] <= TTL_S + 1.0, figures
+    assert figures["death_to_client_error_s"] <= 3.0 + 1.0, figures  # worker_lost_s + 1
 
 
 def test_sigterm_deregisters_and_a_malformed_record_is_ignored(
