@@ -134,6 +134,10 @@ def test_measure_reports_one_json_line_whose_counts_add_up(stack: bench.Stack) -
         ratio = via_router["max_rps"] / routed["max_rps"]
         assert result["http_rps_ratio_to_grpc"][door] == pytest.approx(ratio, abs=1e-3)
         assert set(via_router["cpu_ms_per_request"]) == set(routed["cpu_ms_per_request"])
+        cpu_http = sum(via_router["cpu_ms_per_request"].values())
+        cpu_grpc = sum(routed["cpu_ms_per_request"].values())
+        assert http["added_cpu_ms_per_request"] == pytest.approx(cpu_http - cpu_grpc, abs=1e-3)
+        assert http["cpu_bound_rps_ratio_to_grpc"] == pytest.approx(cpu_grpc / cpu_http, abs=1e-3)
         assert set(via_direct["cpu_ms_per_request"]) == {"server", "client"}
     targets = result["http_targets"]
     assert result["http_meets_targets"] == all(
