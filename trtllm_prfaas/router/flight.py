@@ -9,8 +9,13 @@ endpoint unless ``max_tokens == 1``), t1 streamed at once, then the decode leg (
 ``prefill_timeout_s``: the prefill is then cancelled) sends the whole request to the decode node
 (``prefill_fallback``); a remote request whose decode claimed fewer than its L prompt tokens is
 counted and logged (``relay_recomputed``). Leg timings feed the control loop's online profiles.
-The orchestrator owns the deadline, the decode-slot reservation, re-routing and the cancels of a
+The orchestrator owns the deadline, the choice of decode node, re-routing and the cancels of a
 request that did not finish.
+
+Decode slots: the decode worker is their authority (``worker/slots.py``), as several router
+replicas may share it. Before any leg starts, ``Handoff.reserve`` asks the decode node for a
+slot under the flight's reservation id (``Reserve``) and waits at most ``reserve_timeout_s`` for
+the grant or the refusal; both decode legs name the reservation (``Submit.reservation_id``).
 
 Lost workers (``router/links.py`` puts a ``WorkerLost`` error ``Tokens`` from the dead worker
 into every flight it had a leg in): the prefill lost before t1 is a failed prefill (the decode
@@ -68,6 +73,7 @@ class Flight:
         "num_decoded",
         "prefill_first_at",
         "prompt_tokens",
+        "reservation_id",
         "submitted_at",
         "waiter",
     )
@@ -82,10 +88,15 @@ class Flight:
         self.messages: deque[tuple[str, p.Tokens]] = deque()
         self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
         self.leg_ids: list[str] = []  # extra ids its legs run under on workers (``~local``)
+        self.reservation_id: str | None = None  # its decode slot's id (``Reserve``)
 
     def involves(self, worker: str) -> bool:
         """``worker`` is this request's prefill or decode node."""
         return worker in (self.decision.prefill_node_id, self.decision.decode_node_id)
+
+    def forget(self, source: str) -> None:
+        """Drop what ``source`` sent so far (a decode node given up before any leg ran)."""
+        self.messages = deque(m for m in self.messages if m[0] != source)
 
     def put(self, source: str, message: p.Tokens) -> None:
         self.messages.append((source, message))
@@ -116,10 +127,37 @@ class Handoff:
     announce_timeout_s: float
     prefill_timeout_s: float
     worker_silence_s: float
+    # The decode node answers a Reserve from its control loop, between engine steps (a dict
+    # look-up): 5 s covers a slow step on a loaded CPU host; a worker silent that long is
+    # treated as refusing (its late grant is cancelled) and another decode node is asked.
+    reserve_timeout_s: float = 5.0
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)  # decodes the streamed text
     # transfer uuids: this router's random prefix + a counter (unique, like uuid4().hex)
     _transfer_prefix: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:20])
     _transfer_ids: Iterator[int] = field(init=False, default_factory=itertools.count)
+
+    async def reserve(self, flight: Flight, decode: WorkerState, ttl_s: float) -> str | None:
+        """Ask ``decode`` for a slot under ``flight.reservation_id`` (held ``ttl_s`` at most
+        unused); None when granted, else why not (refused, lost, or no answer in time)."""
+        rid = flight.reservation_id
+        assert rid is not None
+        await self.links.send(decode.name, p.Reserve(rid, ttl_s))
+        deadline = time.monotonic() + self.reserve_timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            try:
+                source, message = await asyncio.wait_for(flight.get(), left_s)
+            except TimeoutError:
+                break
+            if source != decode.name:
+                continue
+            if _is_lost(message):
+                return message.error_message or f"worker {decode.name} lost"
+            if message.request_id != rid:
+                continue
+            if message.error_kind:
+                return message.error_message or message.error_kind
+            return None
+        return f"worker {decode.name} did not answer a Reserve within {self.reserve_timeout_s}s"
 
     async def run(
         self, request: GenerateRequest, flight: Flight, decode: WorkerState, prefill: WorkerState
@@ -135,7 +173,9 @@ class Handoff:
         first = await self._first_token(request, flight, prefill)
         if first is None:  # no t1: the decode node runs the whole request, no relay
             self.counters["prefill_fallback"] += 1
-            leg = _submit_to(request, flight, prompt, request.max_tokens)
+            leg = _submit_to(
+                request, flight, prompt, request.max_tokens, reservation_id=flight.reservation_id
+            )
             async for chunk in self._decode_leg(request, flight, decode, leg, decoder):
                 yield chunk
             return
@@ -153,6 +193,7 @@ class Handoff:
             transfer_uuid=transfer,
             announce_timeout_s=self.announce_timeout_s,
             num_skipped_draws=1,
+            reservation_id=flight.reservation_id,
         )
         async for chunk in self._decode_leg(request, flight, decode, leg, decoder, prefill.name):
             yield chunk

@@ -161,12 +161,22 @@ class RouterMetrics:
             ["result"],
             registry=registry,
         )
+        self.slot_refusals = Counter(
+            "prfaas_decode_slot_refusals",
+            "Decode slots a worker refused this router (full, draining, not decode); the request "
+            "went to another decode node or was answered UNAVAILABLE",
+            ["worker"],
+            registry=registry,
+        )
         self.leader_step_downs = Counter(
             "prfaas_router_leader_step_downs",
             "Times this replica stopped leading, by reason (resigned, lease_not_renewed, ...)",
             ["reason"],
             registry=registry,
         )
+
+    def record_slot_refusal(self, worker: str) -> None:
+        self.slot_refusals.labels(worker=worker).inc()
 
     def set_leader(self, is_leader: bool) -> None:
         self.is_leader.set(1 if is_leader else 0)

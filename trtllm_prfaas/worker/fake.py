@@ -11,7 +11,10 @@ ROUTER socket on loopback and, on the router's event loop, answers
   (the prompt followed by t1, ``num_skipped_draws=1``) continues the original prompt's answer, so
   every route gives the same tokens, as on real workers (``first_token`` and
   ``prefill_error`` script a prefill's t1 or its failure, ``relay_wait_s`` a relayed decode's
-  wait for its KV; ``submits`` records what arrived; ``Cancel`` is ignored);
+  wait for its KV; ``submits`` records what arrived);
+- ``Reserve`` as a real decode worker does (``worker/slots.py``: granted while one of its
+  ``max_num_seqs`` slots is free, refused otherwise or on a prefill worker); a decode leg holds
+  its slot until its answer is sent; ``Cancel`` of a reservation frees it;
 - ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
   router sees) and on every ``report_interval_s`` with the last scripted values.
 
@@ -38,6 +41,7 @@ import zmq.asyncio
 from msgspec.structs import replace
 
 from trtllm_prfaas.worker import protocol as p
+from trtllm_prfaas.worker.slots import DecodeSlots
 
 __all__ = ["FakeWorker", "FakeWorkerPool", "FakeWorkerSpec", "fake_tokens"]
 
@@ -81,6 +85,7 @@ class FakeWorker:
         self.routers: set[bytes] = set()
         self.num_submits = 0
         self.submits: list[p.Submit] = []  # every Submit received, in order
+        self.slots = DecodeSlots(spec.max_num_seqs)
         self.silent = False  # True: sends nothing more (reports, replies), as a killed worker
         self.last_report = p.LoadReport(
             spec.name, 0, 0, spec.max_num_seqs, spec.num_blocks, 0, role=spec.role
@@ -151,15 +156,29 @@ class FakeWorker:
             except (msgspec.ValidationError, msgspec.DecodeError):
                 continue
             delay_s, replies = self._answer(message)
-            self._spawn(self._reply(identity, delay_s, replies))
+            leg_id = message.request_id if isinstance(message, p.Submit) else None
+            self._spawn(self._reply(identity, delay_s, replies, leg_id))
 
-    async def _reply(self, identity: bytes, delay_s: float, replies: list[p.Message]) -> None:
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
-        if self.silent:
-            return
-        for reply in replies:
-            await self.socket.send_multipart([identity, p.encode_message(reply)])
+    async def _reply(
+        self, identity: bytes, delay_s: float, replies: list[p.Message], leg_id: str | None
+    ) -> None:
+        try:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            if self.silent:
+                return
+            for reply in replies:
+                await self.socket.send_multipart([identity, p.encode_message(reply)])
+        finally:
+            if leg_id is not None:
+                self.slots.leg_ended(leg_id)
+
+    def _reserve(self, message: p.Reserve) -> p.Tokens:
+        rid = message.request_id
+        if self.role == "decode" and self.slots.reserve(rid, message.ttl_s, 0.0, 0):
+            return p.Tokens(rid, [])
+        why = f"fake worker {self.spec.name} refused a decode slot ({self.role})"
+        return p.Tokens(rid, [], True, "error", "AdmissionRejected", why)
 
     def _answer(self, message: p.Message) -> tuple[float, list[p.Message]]:
         if isinstance(message, p.Ping):
@@ -168,6 +187,12 @@ class FakeWorker:
             self.role = message.role
             self.last_report = replace(self.last_report, role=self.role)
             return 0.0, [self.info()]
+        if isinstance(message, p.Reserve):
+            return 0.0, [self._reserve(message)]
+        if isinstance(message, p.Cancel):
+            self.slots.release(message.request_id)
+            self.slots.detach(message.request_id)
+            return 0.0, []
         if not isinstance(message, p.Submit):
             return 0.0, []
         self.num_submits += 1
@@ -182,6 +207,13 @@ class FakeWorker:
                 fake_tokens(prompt, 1) if self.spec.first_token is None else [self.spec.first_token]
             )
             return prefill_s, [p.Tokens(rid, t1, True, "length"), p.TransferDone(rid)]
+        res = message.reservation_id
+        if res is not None and not (
+            (res in self.slots or self.slots.reserve(res, message.deadline_s, 0.0, 0))
+            and self.slots.attach(res, rid)
+        ):
+            why = f"fake worker {self.spec.name}: no decode slot"
+            return 0.0, [p.Tokens(rid, [], True, "error", "AdmissionRejected", why)]
         # A decode leg's prompt ends with t1, sampled elsewhere: the answer continues the
         # original prompt's, so every route gives the same tokens.
         skipped = message.num_skipped_draws

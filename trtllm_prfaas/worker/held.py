@@ -96,6 +96,9 @@ class HeldDecodes:
     def __contains__(self, request_id: object) -> bool:
         return any(held.submit.request_id == request_id for held in self._held)
 
+    def request_ids(self) -> list[str]:
+        return [held.submit.request_id for held in self._held]
+
     def hold(self, identity: bytes, submit: p.Submit, now: float) -> None:
         self._held.append(
             _Held(identity, submit, now + submit.announce_timeout_s, now + submit.deadline_s)

@@ -12,7 +12,17 @@ Router -> worker
                  has fully arrived (announced within ``announce_timeout_s``), then decodes from
                  t1, claiming the L relayed tokens. Without ``transfer_uuid`` a worker simply
                  runs the request end to end.
-    ``Cancel``   abort a request; its blocks are freed.
+    ``Reserve``  hold one decode slot for ``request_id`` (a reservation id) for up to ``ttl_s``
+                 until the decode leg that names it (``Submit.reservation_id``) arrives; the
+                 worker is the authority on its slots (``worker/slots.py``). Answered with a
+                 ``Tokens`` for the reservation id and no tokens: ``finished=False`` grants it,
+                 ``finished=True`` with ``error_kind="AdmissionRejected"`` refuses it (no free
+                 slot, not a decode worker, draining) and ``error_message`` says why. The slot
+                 is freed when the decode leg finishes, on ``Cancel`` of the reservation id, or
+                 after ``ttl_s`` unused. Idempotent.
+    ``Cancel``   abort a request; its blocks are freed. ``Cancel`` of a reservation id frees
+                 the slot (and aborts a leg still running on it); ``Cancel`` of a leg keeps its
+                 reservation (the router may submit the leg again).
     ``Ping``     ask for ``WorkerInfo``.
     ``SetRole``  switch between the prefill and decode roles: the worker stops taking new requests
                  (its ``LoadReport`` says ``is_draining``), finishes the ones it has (those still
@@ -31,7 +41,9 @@ Worker -> router
     ``WorkerInfo``    answer to ``Ping``, and after a role change.
 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
-``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``), so version-1 peers interoperate.
+``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``), so version-1 peers
+interoperate; a decode ``Submit`` without a reservation is admitted as before (queued), and
+counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts reservations.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ __all__ = [
     "LoadReport",
     "Message",
     "Ping",
+    "Reserve",
     "SetRole",
     "Submit",
     "Tokens",
@@ -69,6 +82,12 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     deadline_s: float = 300.0  # budget for the whole request on this worker
     announce_timeout_s: float = 10.0  # decode workers: wait this long for the transfer
     num_skipped_draws: int = 0  # sampling draws already spent on tokens sampled elsewhere (t1)
+    reservation_id: str | None = None  # decode legs: the slot granted to a ``Reserve``
+
+
+class Reserve(msgspec.Struct, tag=True, frozen=True):
+    request_id: str  # the reservation id (unique per routing of a request)
+    ttl_s: float = 300.0  # freed if no decode leg names it by then (the router died)
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -134,7 +153,16 @@ class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
 
 
 Message = (
-    Submit | Cancel | Ping | SetRole | Tokens | TransferDone | LoadReport | KvEvents | WorkerInfo
+    Submit
+    | Cancel
+    | Ping
+    | SetRole
+    | Reserve
+    | Tokens
+    | TransferDone
+    | LoadReport
+    | KvEvents
+    | WorkerInfo
 )
 
 _encoder = msgspec.msgpack.Encoder()

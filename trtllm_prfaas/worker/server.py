@@ -48,6 +48,7 @@ from trtllm_prfaas.worker.assembly import (
     assemble_triton,
 )
 from trtllm_prfaas.worker.held import HeldDecodes, prefill_plan, remote_load, transfer_status
+from trtllm_prfaas.worker.slots import DecodeSlots
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
 
@@ -101,6 +102,7 @@ class WorkerServer:
         self._requests: dict[str, _Tracked] = {}
         self._by_engine_id: dict[int, str] = {}
         self._held = HeldDecodes(config.fallback)  # relayed decodes waiting for their KV
+        self._slots = DecodeSlots(describe(self.engine).max_num_seqs)  # routers reserve these
         self._routers: set[bytes] = set()
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
@@ -249,7 +251,9 @@ class WorkerServer:
         if isinstance(message, p.Submit):
             self._submit(identity, message)
         elif isinstance(message, p.Cancel):
-            self._abort(message.request_id, "aborted")
+            self._cancel(message.request_id)
+        elif isinstance(message, p.Reserve):
+            self._reserve(identity, message)
         elif isinstance(message, p.Ping):
             self._send(identity, self.info())
         elif isinstance(message, p.SetRole):
@@ -270,6 +274,13 @@ class WorkerServer:
             message = "request id already in use"
             self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", message))
             return
+        if self.role is WorkerRole.DECODE and not self._take_slot(submit):
+            message = (
+                f"worker {self.config.worker_id}: reservation {submit.reservation_id} is gone "
+                f"and no decode slot is free ({self._slots.capacity} taken)"
+            )
+            self._send(identity, _error_tokens(submit.request_id, "AdmissionRejected", message))
+            return
         if self.role is WorkerRole.DECODE and submit.transfer_uuid:
             self._held.hold(identity, submit, time.monotonic())
             return
@@ -277,6 +288,56 @@ class WorkerServer:
         if self.role is WorkerRole.PREFILL and submit.transfer_uuid:
             plan = prefill_plan(submit)
         self._add(identity, submit, plan)
+
+    # -------------------------------------------------------------------- decode slots
+    def _reserve(self, identity: bytes, message: p.Reserve) -> None:
+        """Grant a decode slot (an empty, unfinished ``Tokens``) or refuse it, saying why."""
+        rid, why = message.request_id, ""
+        if self._role_change is not None:
+            why = "it is draining for a role change"
+        elif self.role is not WorkerRole.DECODE:
+            why = f"it is a {self.role.value} worker"
+        elif not self._slots.reserve(rid, message.ttl_s, time.monotonic(), self._num_unreserved()):
+            why = f"all {self._slots.capacity} decode slots are taken"
+        if not why:
+            self._send(identity, p.Tokens(rid, []))
+            return
+        log.info("reservation_refused", worker_id=self.config.worker_id, request_id=rid, why=why)
+        message_text = f"worker {self.config.worker_id} refused a decode slot: {why}"
+        self._send(identity, _error_tokens(rid, "AdmissionRejected", message_text))
+
+    def _take_slot(self, submit: p.Submit) -> bool:
+        """A decode leg's slot: its reservation, or (gone: expired) a free one taken now; a leg
+        without a reservation (a version-1 router) is admitted and counted as unreserved."""
+        rid = submit.reservation_id
+        if rid is None:
+            return True
+        if rid not in self._slots:
+            now, unreserved = time.monotonic(), self._num_unreserved()
+            if not self._slots.reserve(rid, submit.deadline_s, now, unreserved):
+                return False
+        return self._slots.attach(rid, submit.request_id)
+
+    def _cancel(self, request_id: str) -> None:
+        """``Cancel``: of a reservation id, free its slot and end its legs; of a leg, end the
+        leg but keep its reservation (the router may submit it again)."""
+        for leg_id in self._slots.release(request_id):
+            self._abort(leg_id, "aborted")
+        self._slots.detach(request_id)
+        self._abort(request_id, "aborted")
+
+    def _num_unreserved(self) -> int:
+        """Decodes here that came without a reservation (they take slots too)."""
+        legs = [*self._requests, *self._held.request_ids()]
+        return sum(1 for leg_id in legs if not self._slots.has_leg(leg_id))
+
+    def _num_free_slots(self) -> int:
+        """Free slots for routers: the engine's, and on a decode worker no more than the
+        reservations leave."""
+        free = self.engine.slots.num_free
+        if self.role is WorkerRole.DECODE:
+            free = min(free, self._slots.num_free(self._num_unreserved()))
+        return free
 
     def _add(self, identity: bytes, submit: p.Submit, plan: Plan | None) -> None:
         exporting = plan is not None and self.role is WorkerRole.PREFILL
@@ -289,6 +350,7 @@ class WorkerServer:
             engine_id = next(self._ids)
             self.engine.add_request(submit.prompt_token_ids, sampling, engine_id, plan)
         except PrfaasError as exc:
+            self._slots.leg_ended(submit.request_id)
             self._send(identity, _error_tokens(submit.request_id, type(exc).__name__, str(exc)))
             return
         deadline = time.monotonic() + submit.deadline_s
@@ -305,6 +367,7 @@ class WorkerServer:
         now, is_remote = time.monotonic(), self.runtime is None
         for done in self._held.release(now, self._transfer_status, is_remote):
             if done.error_kind:
+                self._slots.leg_ended(done.submit.request_id)
                 error = _error_tokens(done.submit.request_id, done.error_kind, done.error_message)
                 self._send(done.identity, error)
             else:
@@ -347,6 +410,7 @@ class WorkerServer:
         )
         if out.finished:
             self._forget(request_id)
+            self._slots.leg_ended(request_id)
         self._send(tracked.identity, message)
 
     def _verified_load(self, request_id: str, tracked: _Tracked) -> bool:
@@ -384,6 +448,7 @@ class WorkerServer:
 
     def _abort(self, request_id: str, reason: str, error: BaseException | None = None) -> None:
         self._held.drop(request_id)
+        self._slots.leg_ended(request_id)
         tracked = self._requests.get(request_id)
         if tracked is None:
             return
@@ -397,6 +462,9 @@ class WorkerServer:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
+        for reservation_id in self._slots.expire(now):
+            log.warning("reservation_expired", worker_id=self.config.worker_id,
+                        request_id=reservation_id, note="no decode leg came for it")  # fmt: skip
         for request_id, tracked in list(self._requests.items()):
             if now > tracked.deadline:
                 error = DeadlineExceeded(
@@ -440,12 +508,14 @@ class WorkerServer:
                 self._abort(request_id, "error", DeadlineExceeded("role change drain timed out"))
         self._built.close()
         self._transfer_owner.clear()
+        self._slots.clear()
         self._role_change = None
         try:
             self._assemble(change.role)
         except PrfaasError as exc:  # e.g. no receiver keys for a decode role: keep the old one
             log.error("role_change_failed", role=change.role.value, error=str(exc))
             self._assemble(self.role)
+        self._slots.capacity = describe(self.engine).max_num_seqs
         log.info("worker_role", worker_id=self.config.worker_id, role=self.role.value,
                  relay=self.relay_endpoint)  # fmt: skip
         for identity in self._routers:  # the answer to SetRole: the role now in force
@@ -464,7 +534,7 @@ class WorkerServer:
             self.config.worker_id,
             len(engine.waiting) + len(self._held),
             len(engine.running),
-            engine.slots.num_free,
+            self._num_free_slots(),
             engine.blocks.num_available,
             len(self._held),
             relay_bytes_sent=sum(link.bytes_acked for link in links),
