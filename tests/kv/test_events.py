@@ -122,3 +122,12 @@ def test_slot_table_evict_one() -> None:
     assert table.evict_one() and evicted == [7] and table.num_free == 2
     assert not table.evict_one()
     table.check_invariants()
+
+
+def test_block_hash_values_are_pinned() -> None:
+    """Hashes cross processes (engine events, the router's index): their values must not
+    change with an implementation change (this pins the original streaming xxh64 version)."""
+    from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
+
+    key = CacheKey("m", "HND", "float32", 0)
+    assert block_hashes(list(range(64)), 32, key) == [13124479954116406306, 5868160215432901579]

@@ -32,6 +32,7 @@ __all__ = ["CacheKey", "block_hashes", "prefix_hash"]
 _DOMAIN_BLOCK = b"prfaas.kv.block.v1\x00"
 _DOMAIN_PREFIX = b"prfaas.kv.prefix.v1\x00"
 _INT32_MAX = 2**31 - 1
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,9 @@ def block_hashes(token_ids: Sequence[int], tokens_per_block: int, key: CacheKey)
     stride = 4 * tokens_per_block  # bytes of one block's tokens
     parent = xxhash.xxh64_intdigest(_DOMAIN_BLOCK + key_bytes)
     hashes: list[int] = []
-    for start in range(0, len(data) - stride + 1, stride):
-        h = xxhash.xxh64()
-        h.update(struct.pack("<Q", parent))
-        h.update(key_bytes)
-        h.update(data[start : start + stride])
-        parent = h.intdigest()
+    pack, digest = _U64.pack, xxhash.xxh64_intdigest  # one digest call per block: the router
+    for start in range(0, len(data) - stride + 1, stride):  # hashes every prompt it routes
+        parent = digest(pack(parent) + key_bytes + data[start : start + stride])
         hashes.append(parent)
     return hashes
 
