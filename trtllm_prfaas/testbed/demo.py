@@ -20,7 +20,12 @@ import numpy as np
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
-from trtllm_prfaas.engines.tokenizer import load_tokenizer, model_vocabulary
+from trtllm_prfaas.engines.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    model_vocabulary,
+)
 from trtllm_prfaas.errors import EngineError
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
@@ -49,8 +54,10 @@ class DemoResult:
         return None if self.first_at is None else self.first_at - self.sent_at
 
 
-def demo_prompts(threshold_tokens: int) -> list[DemoResult]:
-    """Short prompts under the threshold and long ones over it (bytes + BOS = tokens)."""
+def demo_prompts(threshold_tokens: int, tokenizer: Tokenizer | None = None) -> list[DemoResult]:
+    """Short prompts under the threshold and long ones over it, sized in tokens of ``tokenizer``
+    (the served model's; default the reference byte tokenizer: bytes + BOS = tokens)."""
+    tokenizer = tokenizer or ByteTokenizer()
     lengths = [
         ("short-1", 60),
         ("short-2", threshold_tokens // 2),
@@ -61,9 +68,29 @@ def demo_prompts(threshold_tokens: int) -> list[DemoResult]:
     ]
     results = []
     for i, (name, num_tokens) in enumerate(lengths):
-        text = (_SENTENCE * (num_tokens // len(_SENTENCE) + 1))[: num_tokens - 1]
+        text = text_of_tokens(tokenizer, _SENTENCE, num_tokens)
         results.append(DemoResult(name, text, seed=100 + i, max_tokens=24))
     return results
+
+
+def text_of_tokens(tokenizer: Tokenizer, sentence: str, num_tokens: int) -> str:
+    """The shortest prefix of ``sentence`` repeated that ``tokenizer`` encodes into at least
+    ``num_tokens`` ids (BOS included where it adds one): exactly ``num_tokens`` unless one
+    character adds two tokens at the boundary. Binary search: a longer prefix never has fewer
+    tokens, and each prompt costs ~log2(chars) encodes."""
+    if num_tokens <= len(tokenizer.encode("")):
+        return ""
+    repeated = sentence
+    while len(tokenizer.encode(repeated)) < num_tokens:  # at least one id per few bytes
+        repeated += repeated
+    low, high = 0, len(repeated)  # encode(repeated[:low]) < num_tokens <= encode(...[:high])
+    while high - low > 1:
+        middle = (low + high) // 2
+        if len(tokenizer.encode(repeated[:middle])) < num_tokens:
+            low = middle
+        else:
+            high = middle
+    return repeated[:high]
 
 
 def _inputs(result: DemoResult) -> list[Any]:

@@ -221,7 +221,9 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 def _demo(testbed: Testbed) -> int:
     assert testbed.router is not None
-    results = demo.demo_prompts(testbed.config.threshold_tokens)
+    results = demo.demo_prompts(
+        testbed.config.threshold_tokens, testbed.router.orchestrator.tokenizer
+    )
     print(f"demo: {len(results)} concurrent streaming requests through tritonclient ...")
     demo.run_demo(testbed.router.address, results)
     want = demo.reference_tokens(testbed.config, results)
