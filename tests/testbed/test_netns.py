@@ -13,13 +13,16 @@ Needs root and iproute2 (``ip``, ``tc``): skipped with that reason otherwise (CI
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.router.builders import ids_of, llm_inputs, stream
 from trtllm_prfaas import cli
@@ -59,7 +62,7 @@ def hosts_config(**overrides: object) -> HostsConfig:
 def hosts() -> Iterator[NetnsTestbed]:
     if missing_requirements():
         pytest.skip(f"namespace testbed: {missing_requirements()}")
-    testbed = NetnsTestbed(hosts_config())
+    testbed = NetnsTestbed(hosts_config(num_routers=2))  # etcd membership, two replicas
     testbed.start()
     try:
         yield testbed
@@ -104,6 +107,14 @@ def settled_metrics(url: str, key: str, timeout_s: float = 10.0) -> dict[str, fl
     raise AssertionError(f"{key} never settled: {last}")
 
 
+def gauge(url: str, name: str) -> float:
+    """One unlabelled sample from the router's /metrics."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    return next(s.value for s in samples if s.name == name)
+
+
 def _remote_relayed(figures: dict[str, float]) -> float:
     return sum(v for k, v in figures.items() if k.startswith(REMOTE_LINK))
 
@@ -131,6 +142,19 @@ def test_serves_single_engine_tokens_and_the_relayed_kv_crosses_the_shaped_wan(
     wan = hosts.wan_stats("dc-remote").num_bytes - wan_before
     assert relayed > 0
     assert wan >= relayed, (wan, relayed)  # the KV (plus Curve and TCP framing) left via tbf
+
+
+@needs_root
+def test_every_router_replica_found_the_workers_in_etcd_and_serves(hosts: NetnsTestbed) -> None:
+    assert hosts.etcd is not None and hosts.etcd.poll() is None
+    assert len(hosts.routers) == 2
+    for i, router in enumerate(hosts.routers):
+        assert "--worker" not in hosts.router_args(i) and "--discovery" in hosts.router_args(i)
+        assert router.metrics_url is not None
+        assert len(router.ready["workers"]) == len(hosts.workers), router.ready
+        assert gauge(router.metrics_url, "prfaas_discovery_workers") == len(hosts.workers)
+    tokens = prompt(REMOTE + 20)
+    assert ask(hosts.routers[1].address, tokens) == reference(tokens, 8)
 
 
 @needs_root
@@ -174,6 +198,21 @@ def test_close_stops_every_process_by_pid_and_deletes_the_namespaces(
     assert all(_gone(pid) for pid in pids)
     assert _processes_of(hosts) == []
     assert hosts.close() == {}  # idempotent
+
+
+@needs_root
+def test_the_static_worker_list_serves_without_etcd() -> None:
+    shape = dataclasses.replace(hosts_config().testbed, num_pd_prefill=0)  # remote prefill only
+    with NetnsTestbed(hosts_config(testbed=shape, membership="static")) as testbed:
+        assert testbed.etcd is None
+        assert testbed.router_args(0).count("--worker") == len(testbed.workers) == 2
+        tokens = prompt(REMOTE)
+        before = testbed.wan_stats("dc-remote").num_bytes
+        assert ask(testbed.routers[0].address, tokens) == reference(tokens, 8)
+        assert testbed.wan_stats("dc-remote").num_bytes > before
+        codes = testbed.close()
+    assert codes and all(code == 0 for code in codes.values()), codes
+    assert testbed.run_id not in list_runs()
 
 
 @needs_root

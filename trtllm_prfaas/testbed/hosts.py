@@ -59,7 +59,7 @@ class HostsConfig:
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     wan: WanShape = field(default_factory=WanShape)
     num_routers: int = 1
-    membership: str = "static"  # "etcd": workers register, routers watch (--discovery)
+    membership: str = "etcd"  # workers register, routers watch (--discovery); or "static"
     etcd_namespace: str = "prfaas"  # the key prefix of this deployment in etcd
     fixed_threshold: bool = False  # True: routers keep threshold_tokens (no control loop)
     run_id: str = ""  # "": a fresh random one
@@ -159,7 +159,10 @@ class NetnsTestbed:
     def close(self) -> dict[str, int]:
         """Stop routers, workers and etcd by PID, delete the namespaces; returns exit codes by
         process name. Idempotent."""
+        # One SIGTERM to each at once, so their drains overlap; SIGKILL for the late ones.
+        _stop_all([router.process for router in self.routers], 40.0)
         codes = {router.name: router.stop() for router in self.routers}
+        _stop_all([proc.process for proc in self.workers.values()], 15.0)
         codes.update({name: proc.stop() for name, proc in self.workers.items()})
         self.routers, self.workers = [], {}
         if self.etcd is not None:
@@ -337,6 +340,21 @@ class NetnsTestbed:
         )
         lines.append(f"change the WAN live: prfaas netns wan {self.run_id} --rate 100mbit")
         return "\n".join(lines)
+
+
+def _stop_all(processes: list[subprocess.Popen[str]], timeout_s: float) -> None:
+    """SIGTERM every process still running, wait up to ``timeout_s`` for all of them, SIGKILL
+    those still there (each is signalled once: a second SIGTERM may cut a drain short)."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5.0)
 
 
 def _metric(url: str, name: str) -> float:

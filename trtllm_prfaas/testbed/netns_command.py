@@ -48,7 +48,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     up.add_argument("--wan-burst", default=WanShape.burst, help="tc tbf burst, e.g. 128kb")
     up.add_argument("--wan-latency", default=WanShape.latency, help="tc tbf latency, e.g. 50ms")
     up.add_argument("--routers", type=int, default=1, help="router replicas (processes)")
-    up.add_argument("--membership", choices=MEMBERSHIPS, default="static")
+    up.add_argument(
+        "--membership",
+        choices=MEMBERSHIPS,
+        default="etcd",
+        help="etcd (default): workers register in etcd in dc-local, routers watch it; "
+        "static: routers get a --worker list",
+    )
     up.add_argument("--threshold-tokens", type=int, default=None)
     up.add_argument("--model-preset", default=None)
     up.add_argument("--grpc-port", type=int, default=None, help="router 0's (default 8001)")
