@@ -81,14 +81,31 @@ def test_gpu_testbed_runs_triton_with_both_rendered_repositories() -> None:
 
 def test_cpu_testbed_runs_reference_workers_in_both_datacenters() -> None:
     services = load(DOCKER_DIR / "compose.cpu.yml")["services"]
-    workers = [s["command"] for s in services.values() if s.get("command", [None])[0] == "worker"]
+    commands = [s.get("command") or [None] for s in services.values()]
+    workers = [c for c in commands if c[0] == "worker"]
     roles = {(c[c.index("--role") + 1], c[c.index("--cluster") + 1]) for c in workers}
     assert roles == {("prefill", "dc-remote"), ("prefill", "dc-local"), ("decode", "dc-local")}
     assert all(c[c.index("--engine") + 1] == "reference" for c in workers)
     assert services["router"]["command"][0] == "router"
+    assert services["etcd"]["command"][0] == "etcd"
+
+
+def test_cpu_image_needs_no_registry_and_no_index() -> None:
+    """The CPU image starts from the debootstrapped base (no registry) and installs the project
+    and its pinned CPU torch from the build context's wheelhouse (no PyPI)."""
     dockerfile = (DOCKER_DIR / "cpu.Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in dockerfile
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in dockerfile
+    froms = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+    assert "ARG BASE_IMAGE=prfaas-base:bookworm" in dockerfile
+    assert "pip install --no-index" in dockerfile and "COPY build/wheelhouse" in dockerfile
+    assert "torch.__version__ == '2.13.0+cpu'" in dockerfile
+    script = (ROOT / "scripts" / "compose_images.sh").read_text()
+    assert "debootstrap --variant=minbase" in script and "docker import" in script
+    images = {s.get("image") for s in load(DOCKER_DIR / "compose.cpu.yml")["services"].values()}
+    assert images == {"prfaas-cpu:${PRFAAS_TAG:-latest}",
+                      "${PRFAAS_BASE_IMAGE:-prfaas-base:bookworm}"}  # fmt: skip
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[ignored.index("*") :].count("!build/wheelhouse") == 1  # the context is small
 
 
 def test_gpu_testbed_workers_reach_their_tritons_plan_servers() -> None:

@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
-import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import WorkerProcess, spawn_worker, wait_for
@@ -396,43 +395,3 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prfaas router")
     command.add_arguments("router", parser)
     return parser.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------- compose
-COMPOSE_FILES = sorted((ROOT / "docker").glob("compose*.yml"))
-
-
-@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
-def test_compose_router_command_parses_and_names_the_files_workers(path: Path) -> None:
-    services = yaml.safe_load(path.read_text())["services"]
-    argv = services["router"]["command"]
-    assert argv[0] == "router" and "router" in cli.COMMANDS
-    settings = command.load_settings(parse(argv[1:]))
-    for worker in settings.workers:  # each names a worker service of this file, as it runs
-        worker_argv = services[worker.host]["command"]
-        assert worker_argv[0] == "worker", worker
-        assert _flag(worker_argv, "--control") == f"tcp://0.0.0.0:{worker.port}", worker
-        assert (_flag(worker_argv, "--cluster"), _flag(worker_argv, "--role")) == (
-            worker.cluster,
-            worker.role,
-        )
-    tokenizers = {_flag(services[w.host]["command"], "--tokenizer", "") for w in settings.workers}
-    assert tokenizers == {settings.router.tokenizer_dir}  # the router speaks its workers' tokens
-    listed = {w.host for w in settings.workers}
-    running = {name for name, s in services.items() if (s.get("command") or [None])[0] == "worker"}
-    assert listed == running
-    ports = services["router"]["ports"]
-    assert any(p.endswith(f":{settings.listen[1]}") for p in ports), ports
-    grace_s = settings.frontdoor.shutdown_grace_s
-    assert _seconds(services["router"]["stop_grace_period"]) > grace_s  # no SIGKILL mid-drain
-
-
-def _flag(argv: list[str], name: str, absent: str | None = None) -> str:
-    if name not in argv and absent is not None:
-        return absent
-    return str(argv[argv.index(name) + 1])
-
-
-def _seconds(text: str) -> float:
-    assert text.endswith("s"), text
-    return float(text[:-1])
