@@ -334,3 +334,47 @@ def test_typed_contents_reach_the_ensemble(serve, orchestrator) -> None:
             stub.ModelInfer(request, timeout=20)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_embedding_table" in str(info.value.details())
+
+
+# ------------------------------------------------------------------------- hostile requests
+def test_malformed_and_huge_requests_do_not_hurt_a_concurrent_stream(serve, orchestrator) -> None:
+    """While an ``ensemble`` stream runs, each model gets a 10 MB prompt (refused by length)
+    and the door gets a body that is no protobuf at all (grpcio refuses it before any handler
+    runs):
+    the stream still ends with the unary text, after those refusals, and the door keeps
+    serving both models."""
+    import threading
+    import time
+
+    import grpc
+
+    door, client = serve(orchestrator)
+    args = {"exclude_input_in_output": True}
+    unary = text_of(client.infer(ENSEMBLE, ensemble_inputs(PROMPT, 120, **args)))
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        got["pieces"] = streamed(client, ENSEMBLE, ensemble_inputs(PROMPT, 120, stream=True,
+                                                                   **args), 60)  # fmt: skip
+        got["ended_at"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    huge = "a" * 10_000_000
+    with grpcclient.InferenceServerClient(door.address) as other:
+        for model, inputs in ((MODEL, llm_inputs(huge, 4)), (ENSEMBLE, ensemble_inputs(huge, 4))):
+            assert "exceeds the max length" in refused(other, model, inputs)
+        with grpc.insecure_channel(door.address) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(b"\xff" * 4096, timeout=10)  # bytes as sent: not a ModelInferRequest
+        refused_at = time.monotonic()
+        # grpcio's own answer to an undecodable request (UNKNOWN, naming the parse error)
+        assert caught.value.code() == grpc.StatusCode.UNKNOWN, caught.value
+        assert "Error parsing message" in str(caught.value.details())
+    worker.join(60)
+    assert not worker.is_alive()
+    assert "".join(text_of(r) for r in got["pieces"]) == unary
+    assert got["ended_at"] > refused_at  # the stream was in flight the whole time
+    assert text_of(client.infer(MODEL, llm_inputs(PROMPT, 4)))
+    assert text_of(client.infer(ENSEMBLE, ensemble_inputs(PROMPT, 4)))

@@ -425,3 +425,38 @@ def test_prfaas_router_process_serves_openai_with_single_engine_tokens(workers: 
                 assert done.usage is not None and done.usage.completion_tokens == len(want)
         assert router.stop() == 0
     rc.assert_workers_idle(workers)
+
+
+def test_malformed_and_huge_bodies_do_not_hurt_a_concurrent_stream(
+    open_door: DoorFn, orchestrator: LocalEngineOrchestrator
+) -> None:
+    """While a completion streams, the door gets bodies that are no JSON, a JSON of the wrong
+    shape and a 10 MB prompt: each is refused with a 400, and the stream still ends with the
+    unary text, after those refusals."""
+    import threading
+
+    door, client = open_door(orchestrator)
+    args: dict[str, Any] = dict(model=MODEL, prompt=PROMPT, max_tokens=120, temperature=0.0)
+    unary = client.completions.create(**args).choices[0].text
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        stream = client.completions.create(**args, stream=True)
+        got["text"] = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+        got["ended_at"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    with httpx.Client(base_url=door.url, timeout=30) as http:
+        for body in (b"\xff" * 4096, b'{"model": "tensorrt_llm", "prompt": ', b"[]"):
+            response = http.post("/v1/completions", content=body)
+            assert response.status_code == 400, response.text
+        huge = http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10_000_000,
+                                                   "max_tokens": 4})  # fmt: skip
+        refused_at = time.monotonic()
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "prompt"
+    worker.join(60)
+    assert not worker.is_alive()
+    assert got["text"] == unary != ""
+    assert got["ended_at"] > refused_at  # the stream was in flight the whole time
+    assert _engine_idle(orchestrator)
