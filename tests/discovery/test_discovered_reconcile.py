@@ -1,0 +1,106 @@
+"""``DiscoveredWorkers`` over the in-process store and a recording orchestrator double: what it
+asks the orchestrator to do for each membership change (the etcd and process tests run the
+same class against the real things).
+
+The double records ``add_worker``/``remove_worker`` calls and can refuse an add (a worker that
+does not answer its ``Ping``); it stands in only for the orchestrator's membership methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from trtllm_prfaas.discovery import StaticMembership, WorkerRecord, encode_record, worker_key
+from trtllm_prfaas.errors import TransportError
+from trtllm_prfaas.router.discovered import DiscoveredWorkers
+from trtllm_prfaas.router.orchestrator import WorkerSpec
+from trtllm_prfaas.telemetry.metrics import DiscoveryMetrics
+
+NS = "ns"
+
+
+@dataclass
+class _Cluster:
+    workers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecordingOrchestrator:
+    cluster: _Cluster = field(default_factory=_Cluster)
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+    num_refusals: int = 0  # the next adds that fail as a silent worker would
+
+    async def add_worker(self, spec: WorkerSpec) -> Any:
+        if self.num_refusals:
+            self.num_refusals -= 1
+            raise TransportError(f"worker {spec.name} at {spec.endpoint} did not answer")
+        self.calls.append(("add", spec.name, spec.endpoint))
+        self.cluster.workers[spec.name] = spec
+        return type("Info", (), {"role": "decode"})()
+
+    async def remove_worker(self, name: str, why: str) -> bool:
+        self.calls.append(("remove", name, why))
+        return self.cluster.workers.pop(name, None) is not None
+
+
+def record(name: str, port: int, cluster: str = "dc-local") -> bytes:
+    return encode_record(WorkerRecord(name=name, cluster=cluster, role="decode", is_prfaas=False,
+                                      control_endpoint=f"tcp://127.0.0.1:{port}"))  # fmt: skip
+
+
+async def settle(discovered: DiscoveredWorkers) -> None:
+    """Let the loop deliver the store's events and finish every reconcile task."""
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not discovered._tasks:
+            return
+    raise AssertionError(f"reconcile tasks still running: {list(discovered._tasks)}")
+
+
+def test_membership_changes_become_adds_and_removes() -> None:
+    async def scenario() -> tuple[RecordingOrchestrator, DiscoveryMetrics, list[Any]]:
+        store, orch = StaticMembership(), RecordingOrchestrator()
+        orch.cluster.workers["static-0"] = "a --worker"
+        metrics = DiscoveryMetrics(CollectorRegistry())
+        discovered = DiscoveredWorkers(orch, store, NS, metrics, retry_s=0.05)  # type: ignore[arg-type]
+        existing = store.register(worker_key(NS, "dc-local", "a"), record("a", 7001), ttl_s=5)
+        await discovered.start(wait_s=2.0)  # the listing: "a" joins before start returns
+        assert orch.calls == [("add", "a", "tcp://127.0.0.1:7001")]
+        assert metrics.connected._value.get() == 1 and metrics.workers._value.get() == 1
+        with structlog.testing.capture_logs() as logs:
+            orch.num_refusals = 2  # b is silent twice, then answers: retried every retry_s
+            b = store.register(worker_key(NS, "dc-local", "b"), record("b", 7002), ttl_s=5)
+            existing.update(record("a", 7101))  # a restarted elsewhere: out, then in again
+            store.register(worker_key(NS, "x", "static-0"), record("static-0", 7003, "x"), 5)
+            store.register(worker_key(NS, "dc-local", "junk"), b"[1, 2]", ttl_s=5)
+            await asyncio.sleep(0.3)
+            await settle(discovered)
+            b.close()  # deregistered
+            await settle(discovered)
+        await discovered.close()
+        return orch, metrics, logs
+
+    orch, metrics, logs = asyncio.run(scenario())
+
+    def calls_for(name: str) -> list[tuple[str, str, str]]:  # per worker: tasks interleave
+        return [call for call in orch.calls[1:] if call[1] == name]
+
+    assert calls_for("a") == [
+        ("remove", "a", "registered again elsewhere"),
+        ("add", "a", "tcp://127.0.0.1:7101"),
+    ]
+    assert calls_for("b") == [("add", "b", "tcp://127.0.0.1:7002"), ("remove", "b", "deregistered")]
+    assert {call[1] for call in orch.calls} == {"a", "b"}
+    assert orch.cluster.workers["static-0"] == "a --worker"  # a record may not take its name
+    bad = {e["key"]: e["error"] for e in logs if e["event"] == "discovery_bad_record"}
+    assert set(bad) == {"/ns/workers/x/static-0", "/ns/workers/dc-local/junk"}
+    assert bad["/ns/workers/x/static-0"] == "name static-0 is taken by a --worker"
+    assert "not a WorkerRecord" in bad["/ns/workers/dc-local/junk"]
+    assert metrics.bad_records._value.get() == 2
+    unreachable = [e for e in logs if e["event"] == "discovered_worker_unreachable"]
+    assert len(unreachable) == 2 and metrics.workers._value.get() == 1
