@@ -1,6 +1,6 @@
-"""``DiscoveredWorkers`` over the in-process store and a recording orchestrator double: what it
-asks the orchestrator to do for each membership change (the etcd and process tests run the
-same class against the real things).
+"""``DiscoveredWorkers`` over the in-process store (and once a real etcd) with a recording
+orchestrator double: what it asks the orchestrator to do for each membership change (the etcd
+and process tests run the same class against the real things).
 
 The double records ``add_worker``/``remove_worker`` calls and can refuse an add (a worker that
 does not answer its ``Ping``); it stands in only for the orchestrator's membership methods.
@@ -15,7 +15,15 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from trtllm_prfaas.discovery import StaticMembership, WorkerRecord, encode_record, worker_key
+from tests.etcd_server import EtcdServer
+from trtllm_prfaas.discovery import (
+    StaticMembership,
+    WorkerRecord,
+    encode_record,
+    open_membership,
+    parse_discovery,
+    worker_key,
+)
 from trtllm_prfaas.errors import TransportError
 from trtllm_prfaas.router.discovered import DiscoveredWorkers
 from trtllm_prfaas.router.orchestrator import WorkerSpec
@@ -104,3 +112,34 @@ def test_membership_changes_become_adds_and_removes() -> None:
     assert metrics.bad_records._value.get() == 2
     unreachable = [e for e in logs if e["event"] == "discovered_worker_unreachable"]
     assert len(unreachable) == 2 and metrics.workers._value.get() == 1
+
+
+def test_a_router_started_before_etcd_catches_up_when_it_comes(etcd: EtcdServer) -> None:
+    """etcd down when the router starts: start returns after its wait (logged), the gauge says
+    0; once etcd is up the watch connects and the workers registered there join."""
+
+    async def scenario() -> tuple[RecordingOrchestrator, list[Any], float]:
+        orch, metrics = RecordingOrchestrator(), DiscoveryMetrics(CollectorRegistry())
+        etcd.stop()
+        store = open_membership(parse_discovery(etcd.url), call_timeout_s=0.5)
+        discovered = DiscoveredWorkers(orch, store, NS, metrics)  # type: ignore[arg-type]
+        try:
+            with structlog.testing.capture_logs() as logs:
+                await discovered.start(wait_s=1.0)
+            assert metrics.connected._value.get() == 0 and orch.calls == []
+            await asyncio.to_thread(etcd.start)
+            with open_membership(parse_discovery(etcd.url)) as other:
+                key = worker_key(NS, "dc-local", "a")
+                with other.register(key, record("a", 7001), ttl_s=5):
+                    started = asyncio.get_running_loop().time()
+                    while not orch.calls:
+                        assert asyncio.get_running_loop().time() - started < 10.0, "never joined"
+                        await asyncio.sleep(0.02)
+            return orch, logs, metrics.connected._value.get()
+        finally:
+            await discovered.close()
+            store.close()
+
+    orch, logs, connected = asyncio.run(scenario())
+    assert orch.calls == [("add", "a", "tcp://127.0.0.1:7001")] and connected == 1
+    assert any(e["event"] == "discovery_start_incomplete" for e in logs), logs
