@@ -223,7 +223,7 @@ class _EtcdRegistration(Registration):
         if not responses or responses[0].TTL <= 0:  # expired (etcd was away longer than TTL)
             log.warning("discovery_lease_lost", key=self.key, note="registering again")
             self._lease_id = None
-            self._keep_alive()
+            self._wake.set()  # the next pass grants a new lease at once
 
 
 class _EtcdWatch(Watch):
