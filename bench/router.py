@@ -297,10 +297,18 @@ class OpenLoop:
 
 
 async def open_loop(
-    target: Target, num_requests: int, rate_rps: float, max_tokens: int, poisson: bool, seed: int
+    target: Target,
+    num_requests: int,
+    rate_rps: float,
+    max_tokens: int,
+    poisson: bool,
+    seed: int,
+    caller: Caller | None = None,
 ) -> OpenLoop:
-    """Send ``num_requests`` at ``rate_rps`` (evenly paced or Poisson), each on its own task."""
-    caller = Caller(target, max_tokens)
+    """Send ``num_requests`` at ``rate_rps`` (evenly paced or Poisson), each on its own task,
+    with ``caller`` (kept open) or a client of its own (closed at the end)."""
+    owned = caller is None
+    caller = caller or Caller(target, max_tokens)
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[float | None]] = []
@@ -314,7 +322,8 @@ async def open_loop(
             due += rng.expovariate(rate_rps) if poisson else 1.0 / rate_rps
         results = await asyncio.gather(*tasks)
     finally:
-        await caller.close()
+        if owned:
+            await caller.close()
     latencies = [r for r in results if r is not None]
     return OpenLoop(latencies, len(results) - len(latencies), lateness)
 
@@ -337,10 +346,12 @@ async def closed_loop(
     max_tokens: int,
     warmup_s: float = 0.5,
     total: ClosedLoop | None = None,
+    caller: Caller | None = None,
 ) -> ClosedLoop:
     """``concurrency`` requests always in flight; completions counted after ``warmup_s``
-    (``total``, if given, also counts the warm-up's)."""
-    caller = Caller(target, max_tokens)
+    (``total``, if given, also counts the warm-up's). ``caller`` as for ``open_loop``."""
+    owned = caller is None
+    caller = caller or Caller(target, max_tokens)
     start = time.perf_counter()
     measure_from, end = start + warmup_s, start + warmup_s + duration_s
     counts = [0, 0]  # completed in the window, errors
@@ -357,7 +368,8 @@ async def closed_loop(
     try:
         await asyncio.gather(*(one_slot() for _ in range(concurrency)))
     finally:
-        await caller.close()
+        if owned:
+            await caller.close()
     return ClosedLoop(counts[0], counts[1], duration_s)
 
 
@@ -372,7 +384,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def closed_loop_cpu(
-    target: Target, pids: dict[str, int], s: Settings
+    target: Target, pids: dict[str, int], s: Settings, caller: Caller | None = None
 ) -> tuple[ClosedLoop, dict[str, float]]:
     """``closed_loop``, and the CPU milliseconds per completed request of each process in
     ``pids`` and of this client (whole run, warm-up included, over every completion)."""
@@ -380,7 +392,7 @@ async def closed_loop_cpu(
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     counting = ClosedLoop(0, 0, 0.0)
     result = await closed_loop(
-        target, s.concurrency, s.rps_seconds, s.max_tokens, s.rps_warmup_s, counting
+        target, s.concurrency, s.rps_seconds, s.max_tokens, s.rps_warmup_s, counting, caller
     )
     after = {name: cpu_seconds(pid) for name, pid in pids.items()}
     done = max(1, counting.num_completed + counting.num_errors)
@@ -434,20 +446,34 @@ def path_figures(
 
 
 async def measure(stack: Stack, s: Settings) -> dict[str, Any]:
-    """Every path, interleaved: warm-up, ``rounds`` open-loop blocks each, then closed loops."""
-    for target in stack.paths.values():
-        await open_loop(target, s.warmup_requests, s.rate_rps, s.max_tokens, s.poisson, s.seed)
+    """Every path, interleaved: warm-up, ``rounds`` open-loop blocks each, then closed loops.
+
+    One client per path for the whole run, so the connections the warm-up opens (HTTP/1.1 needs
+    one per request in flight; gRPC multiplexes one) serve the measured rounds too."""
+    callers = {name: Caller(target, s.max_tokens) for name, target in stack.paths.items()}
+    try:
+        return await _measure(stack, s, callers)
+    finally:
+        for caller in callers.values():
+            await caller.close()
+
+
+async def _measure(stack: Stack, s: Settings, callers: dict[str, Caller]) -> dict[str, Any]:
+    for name, target in stack.paths.items():
+        await open_loop(target, s.warmup_requests, s.rate_rps, s.max_tokens, s.poisson, s.seed,
+                        callers[name])  # fmt: skip
     runs: dict[str, list[OpenLoop]] = {name: [] for name in stack.paths}
     per_round = [s.num_requests // s.rounds + (i < s.num_requests % s.rounds)
                  for i in range(s.rounds)]  # fmt: skip
     for i, count in enumerate(per_round):
         for name, target in stack.paths.items():
             seed = s.seed + i + 1
-            run = await open_loop(target, count, s.rate_rps, s.max_tokens, s.poisson, seed)
+            run = await open_loop(target, count, s.rate_rps, s.max_tokens, s.poisson, seed,
+                                  callers[name])  # fmt: skip
             runs[name].append(run)
     figures = {}
     for name, target in stack.paths.items():
-        rps, cpu_ms = await closed_loop_cpu(target, stack.pids[name], s)
+        rps, cpu_ms = await closed_loop_cpu(target, stack.pids[name], s, callers[name])
         figures[name] = path_figures(runs[name], rps, cpu_ms)
     return report(figures, s)
 
