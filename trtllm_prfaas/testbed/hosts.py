@@ -20,8 +20,6 @@ stopped by PID, then the namespaces are deleted (stopping by PID anything left i
 
 from __future__ import annotations
 
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ from typing import Any
 
 from trtllm_prfaas.config import TestbedKeys, load_control_security, write_testbed_keyset
 from trtllm_prfaas.errors import ConfigError, PrfaasError
+from trtllm_prfaas.testbed.etcd import ETCD_CLIENT_PORT, start_etcd, stop_etcd
 from trtllm_prfaas.testbed.netns import Network, QdiscStats, WanShape
 from trtllm_prfaas.testbed.processes import (
     WorkerProcess,
@@ -43,9 +42,8 @@ from trtllm_prfaas.testbed.processes import (
 from trtllm_prfaas.testbed.spec import TestbedConfig
 from trtllm_prfaas.transport import RelaySecurity
 
-__all__ = ["ETCD_CLIENT_PORT", "HostsConfig", "NetnsTestbed", "RouterReplica"]
+__all__ = ["HostsConfig", "NetnsTestbed", "RouterReplica"]
 
-ETCD_CLIENT_PORT = 2379
 MEMBERSHIPS = ("static", "etcd")
 REPLICA_PORT_STEP = 10  # router replica i serves on each configured port + 10 * i
 
@@ -139,7 +137,9 @@ class NetnsTestbed:
             if self.config.testbed.curve:
                 self._keys = write_testbed_keyset(self.directory / "keys")
             if self.config.membership == "etcd":
-                self.etcd = self._start_etcd(deadline)
+                hosts = (self.network.wan_address("dc-local"), self.network.local_address)
+                prefix = self.network.exec_prefix("dc-local")
+                self.etcd = start_etcd(prefix, hosts, self.directory, deadline)
             prefixes = {
                 name: self.network.exec_prefix(self._datacenter(name))
                 for name in self.config.testbed.worker_args()
@@ -166,9 +166,7 @@ class NetnsTestbed:
         codes.update({name: proc.stop() for name, proc in self.workers.items()})
         self.routers, self.workers = [], {}
         if self.etcd is not None:
-            code = stop_process(self.etcd, 10.0)
-            # etcd cleans up on SIGTERM, then re-raises it on itself: that is its clean exit.
-            codes["etcd"] = 0 if code == -signal.SIGTERM else code
+            codes["etcd"] = stop_etcd(self.etcd)
             self.etcd = None
         self.network.close()
         self._dir.cleanup()
@@ -203,12 +201,13 @@ class NetnsTestbed:
             where = ["--control", f"tcp://{host}:0", "--relay", f"tcp://{host}:0"]
             specs[name] = [*args, *where, *self._worker_security(datacenter)]
             if self.config.membership == "etcd":
-                specs[name] += ["--discovery", self.etcd_url, "--namespace", self._etcd_prefix]
+                specs[name] += [
+                    "--discovery",
+                    self.etcd_url,
+                    "--namespace",
+                    self.config.etcd_namespace,
+                ]
         return specs
-
-    @property
-    def _etcd_prefix(self) -> str:
-        return self.config.etcd_namespace
 
     def _worker_security(self, datacenter: str) -> list[str]:
         if self._keys is None:
@@ -268,7 +267,7 @@ class NetnsTestbed:
         keys = self._keys
         args += ["--curve-keys", str(keys.router)] if keys is not None else ["--plaintext"]
         if self.config.membership == "etcd":
-            return [*args, "--discovery", self.etcd_url, "--namespace", self._etcd_prefix]
+            return [*args, "--discovery", self.etcd_url, "--namespace", self.config.etcd_namespace]
         return [*args, *self.worker_flags()]
 
     def worker_flags(self) -> list[str]:
@@ -279,36 +278,6 @@ class NetnsTestbed:
             address = self.workers[name].control.removeprefix("tcp://")
             flags += ["--worker", f"{cluster}/{role}={address}"]
         return flags
-
-    def _start_etcd(self, deadline: float) -> subprocess.Popen[str]:
-        """One etcd member in dc-local: clients on its WAN address (both datacenters) and on
-        the root-link address (the operator's etcdctl), peers on its loopback."""
-        binary = shutil.which("etcd") or "/usr/bin/etcd"
-        if not Path(binary).exists():
-            raise PrfaasError("membership etcd needs etcd (Debian: apt-get install etcd-server)")
-        wan, root = self.network.wan_address("dc-local"), self.network.local_address
-        clients = f"http://{wan}:{ETCD_CLIENT_PORT},http://{root}:{ETCD_CLIENT_PORT}"
-        peer = "http://127.0.0.1:2380"
-        argv = [
-            *self.network.exec_prefix("dc-local"), binary, "--name", "dc-local",
-            "--data-dir", str(self.directory / "etcd"),
-            "--listen-client-urls", clients,
-            "--advertise-client-urls", f"http://{wan}:{ETCD_CLIENT_PORT}",
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"dc-local={peer}", "--initial-cluster-state", "new",
-        ]  # fmt: skip
-        with (self.directory / "etcd.log").open("w") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-        health = f"http://{root}:{ETCD_CLIENT_PORT}/health"
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = (self.directory / "etcd.log").read_text(errors="replace")[-1000:]
-                raise PrfaasError(f"etcd exited with {process.returncode}: {tail}")
-            if _is_healthy(health):
-                return process
-            time.sleep(0.1)
-        stop_process(process, 10.0)
-        raise PrfaasError("etcd did not become healthy in time")
 
     # ------------------------------------------------------------------------ report
     def describe(self) -> str:
@@ -364,11 +333,3 @@ def _metric(url: str, name: str) -> float:
             if line.startswith(f"{name} "):
                 return float(line.split()[1])
     return 0.0
-
-
-def _is_healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return b'"true"' in response.read()
-    except OSError:
-        return False
