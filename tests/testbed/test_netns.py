@@ -14,6 +14,7 @@ Needs root and iproute2 (``ip``, ``tc``): skipped with that reason otherwise (CI
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import time
 import urllib.request
@@ -32,7 +33,7 @@ from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.testbed import demo
 from trtllm_prfaas.testbed.hosts import HostsConfig, NetnsTestbed
-from trtllm_prfaas.testbed.netns import WanShape, list_runs, missing_requirements
+from trtllm_prfaas.testbed.netns import Network, WanShape, list_runs, missing_requirements
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
 THRESHOLD = 100
@@ -223,6 +224,37 @@ def test_a_failed_start_leaves_no_namespace_and_no_process() -> None:
     assert testbed.run_id not in list_runs()
     assert testbed.workers == {} and testbed.routers == []
     assert _processes_of(testbed) == []
+
+
+@needs_root
+def test_runs_side_by_side_get_their_own_namespaces_and_root_links() -> None:
+    with Network(run_id="") as first, Network(WanShape(rate="10mbit")) as second:
+        assert first.run_id != second.run_id
+        assert first.local_address != second.local_address
+        assert {first.run_id, second.run_id} <= set(list_runs())
+        assert first.wan_stats("dc-remote").rate_bytes_per_s == 125_000_000  # 1gbit default
+        assert second.wan_stats("dc-local").rate_bytes_per_s == 1_250_000
+    assert not {first.run_id, second.run_id} & set(list_runs())
+
+
+@needs_root
+def test_down_stops_what_a_dead_owner_left_by_pid_and_deletes_its_namespaces() -> None:
+    network = Network().create()
+    try:
+        orphan = subprocess.Popen([*network.exec_prefix("dc-local"), "sleep", "600"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and str(orphan.pid) not in _netns_pids(network):
+            time.sleep(0.1)
+        assert cli.main(["netns", "down", network.run_id]) == 0
+        assert orphan.wait(15) == -signal.SIGTERM
+        assert network.run_id not in list_runs()
+    finally:
+        network.close()
+
+
+def _netns_pids(network: Network) -> str:
+    argv = ["ip", "netns", "pids", network.namespace("dc-local")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
 
 
 def _processes_of(testbed: NetnsTestbed) -> list[str]:
