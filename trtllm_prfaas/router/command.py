@@ -40,6 +40,13 @@ worker has joined (the ready line's ``workers`` are those joined by then). If et
 router keeps the last membership (logged, ``prfaas_discovery_connected`` 0) and catches up when
 it is back. The worker's PrfaaS flag comes from its record, not from ``--prfaas-cluster``.
 
+Replicas: with ``--discovery`` the router also campaigns for leadership among the routers of
+its namespace (``discovery/leader.py``: the key ``/NS/leader`` under a 3 s lease). Only the
+leader runs the control loop's long-timescale work (the threshold, drains and role conversions)
+and publishes it to ``/NS/policy``; the others follow it and route every request themselves. A
+killed leader is replaced within the lease TTL; SIGTERM resigns at once. The ready line names
+this replica (``replica``); ``prfaas_router_is_leader`` says whether it leads.
+
 The YAML file's keys are :class:`RouterFile`'s fields (flags win over the file; ``--worker``
 flags, when given, replace the file's ``workers``); an unknown key or a value of the wrong type is
 refused.
@@ -57,7 +64,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -68,6 +77,7 @@ import msgspec
 
 from trtllm_prfaas.config import load_control_security, load_yaml
 from trtllm_prfaas.discovery import open_membership
+from trtllm_prfaas.discovery.leader import EtcdLeadership, LeaderConfig
 from trtllm_prfaas.discovery.membership import (
     DEFAULT_NAMESPACE,
     DiscoveryConfig,
@@ -479,19 +489,27 @@ def run(command: str, args: argparse.Namespace) -> int:
     settings = load_settings(args)
     service = _start(settings)
     stop = threading.Event()
+    leadership = discovered = None
     try:
         discovered = _discover(settings, service)
+        leadership = _campaign(settings, service)
     except BaseException:
+        if discovered is not None:
+            discovered.membership.close()
         service.close()
         raise
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        print(json.dumps(_ready_line(settings, service)), flush=True)
+        ready = _ready_line(settings, service)
+        ready["replica"] = leadership.replica_id if leadership is not None else None
+        print(json.dumps(ready), flush=True)
         stop.wait()
         log.info("router_stopping", grace_s=settings.frontdoor.shutdown_grace_s)
     finally:
         try:
+            if leadership is not None:  # resign first: another replica leads at once
+                service.run_on_loop(leadership.stop(), 10.0)
             if discovered is not None:  # no worker joins or leaves while the doors drain
                 service.run_on_loop(discovered.close(), 15.0)
                 discovered.membership.close()
@@ -546,6 +564,23 @@ def _discover(settings: RouterSettings, service: RouterService) -> DiscoveredWor
         membership.close()
         raise
     return discovered
+
+
+def _campaign(settings: RouterSettings, service: RouterService) -> EtcdLeadership | None:
+    """With ``--discovery``: campaign for leadership among the namespace's routers (returns at
+    once) and let it decide whether this control loop leads or follows."""
+    if settings.discovery is None:
+        return None
+    replica_id = f"{socket.gethostname()}:{os.getpid()}@{service.address}"
+    config = LeaderConfig(
+        endpoints=settings.discovery.endpoints,
+        namespace=settings.namespace,
+        replica_id=replica_id,
+    )
+    leadership = EtcdLeadership(config, metrics=service.metrics)
+    service.orchestrator.control.replica = leadership
+    service.run_on_loop(leadership.start(), 10.0)
+    return leadership
 
 
 def _check_roles(settings: RouterSettings, service: RouterService) -> None:
