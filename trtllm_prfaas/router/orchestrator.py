@@ -2,13 +2,15 @@
 
 For each request: ``policy.route`` (pure) picks the cluster by the threshold ``t`` and the
 cache-affine, least-loaded prefill node, and the decode node; the router reserves a slot on the
-decode node, then runs the handoff TensorRT-LLM's own disaggregated serving uses, prompt plus first
-token: the prefill worker runs the whole prompt (L tokens, ``max_tokens=1``), relays its KV layer
-by layer to the decode node and returns t1, which is streamed to the client at once; the decode
-worker then gets the prompt followed by t1 with ``max_tokens - 1`` (and one sampling draw
-skipped, so seeded sampling continues exactly as one engine would), claims the L relayed tokens
-and computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or
-``max_tokens == 1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
+decode node (the worker grants or refuses it: it is the authority on its slots, which router
+replicas share; a refusal is tried on the next best decode node, then answered UNAVAILABLE;
+``_reserve_decode``), then runs the handoff TensorRT-LLM's own disaggregated serving uses, prompt
+plus first token: the prefill worker runs the whole prompt (L tokens, ``max_tokens=1``), relays its
+KV layer by layer to the decode node and returns t1, which is streamed to the client at once; the
+decode worker then gets the prompt followed by t1 with ``max_tokens - 1`` (and one sampling draw
+skipped, so seeded sampling continues exactly as one engine would), claims the L relayed tokens and
+computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or ``max_tokens ==
+1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
 
 The threshold is live state: a :class:`~trtllm_prfaas.router.control.ControlLoop` on the same
 event loop (started with the orchestrator when ``RouterConfig.control`` is set, the default)
@@ -70,6 +72,7 @@ log = get_logger(__name__)
 
 _NO_LIMIT_YET = 2**31 - 1  # max_seq_len while no worker has joined
 _MAX_REROUTES = 2  # a request whose decode node died before its first token is routed again
+_RESERVE_SLACK_S = 10.0  # a decode slot's unused TTL beyond prefill_timeout_s (see _reserve_decode)
 
 
 @dataclass(frozen=True)
@@ -343,11 +346,15 @@ class DisaggregatedOrchestrator(Orchestrator):
         (``choose_decode_node``); ``AdmissionRejected`` (UNAVAILABLE) when every one refused."""
         tried: list[str] = []
         why = ""
+        # Unused, the slot is freed after the decode leg would have come at the latest (no t1
+        # by prefill_timeout_s sends the whole request there), so a router that dies in
+        # between leaves no slot held for long; a late leg takes a free slot if there is one.
+        ttl_s = min(request.deadline_s, self.config.prefill_timeout_s + _RESERVE_SLACK_S)
         while True:
             name = flight.decision.decode_node_id or ""
             decode = self.cluster.workers.get(name)
             if decode is not None and not decode.is_lost:
-                refusal = await self._handoff.reserve(flight, decode, request.deadline_s)
+                refusal = await self._handoff.reserve(flight, decode, ttl_s)
                 if refusal is None:
                     return decode
                 why = refusal
