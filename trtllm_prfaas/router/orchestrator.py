@@ -9,8 +9,8 @@ plus first token: the prefill worker runs the whole prompt (L tokens, ``max_toke
 KV layer by layer to the decode node and returns t1, which is streamed to the client at once; the
 decode worker then gets the prompt followed by t1 with ``max_tokens - 1`` (and one sampling draw
 skipped, so seeded sampling continues exactly as one engine would), claims the L relayed tokens and
-computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or ``max_tokens ==
-1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
+computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or
+``max_tokens == 1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
 
 The threshold is live state: a :class:`~trtllm_prfaas.router.control.ControlLoop` on the same
 event loop (started with the orchestrator when ``RouterConfig.control`` is set, the default)
