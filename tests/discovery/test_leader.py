@@ -23,10 +23,10 @@ from trtllm_prfaas.testbed.processes import stop_process
 TTL_S = 2  # the smallest TTL etcd keeps as asked: hand-overs stay quick in the tests
 
 
-def _elector(etcd: EtcdServer, name: str) -> EtcdLeadership:
+def _elector(etcd: EtcdServer, name: str, poll_s: float = 0.5) -> EtcdLeadership:
     config = LeaderConfig(
         endpoints=((etcd.host, etcd.client_port),), namespace="prfaas-test", replica_id=name,
-        ttl_s=TTL_S, call_timeout_s=0.5, poll_s=0.5,
+        ttl_s=TTL_S, call_timeout_s=0.5, poll_s=poll_s,
     )  # fmt: skip
     return EtcdLeadership(config, metrics=RouterMetrics(CollectorRegistry()))
 
@@ -76,7 +76,7 @@ def test_exactly_one_leader_and_hand_over_when_it_dies(etcd: EtcdServer) -> None
 
 def test_resign_hands_over_at_once(etcd: EtcdServer) -> None:
     async def scenario() -> None:
-        a, b = _elector(etcd, "a"), _elector(etcd, "b")
+        a, b = _elector(etcd, "a"), _elector(etcd, "b", poll_s=10.0)  # b: only its watch
         try:
             await a.start()
             await _until(a.is_leader, 5.0)
@@ -85,7 +85,7 @@ def test_resign_hands_over_at_once(etcd: EtcdServer) -> None:
             assert not b.is_leader() and b.leader_id == "a"
             await a.stop()  # SIGTERM: revoke the lease, the key goes at once
             handover_s = await _until(b.is_leader, 1.0)
-            assert handover_s < 1.0  # the watch wakes b: no TTL to wait for
+            assert handover_s < 1.0  # the watch wakes b: no TTL, no poll to wait for
             assert a.metrics is not None
             assert a.metrics.leader_step_downs.labels(reason="resigned")._value.get() == 1
         finally:
