@@ -53,7 +53,9 @@ _GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Pings only while a call (a watch stream) is open: etcd's server counts pings on an idle
+    # connection as abuse (PermitWithoutStream false) and closes it with "too_many_pings".
+    ("grpc.keepalive_permit_without_calls", 0),
 ]
 _STOP = object()  # wakes a watch thread waiting for events
 
