@@ -186,7 +186,7 @@ class DisaggregatedOrchestrator(Orchestrator):
                  prfaas=spec.is_prfaas, relay=info.relay_endpoint)  # fmt: skip
         return info
 
-    async def remove_worker(self, name: str, why: str) -> bool:
+    async def remove_worker(self, name: str, why: str = "it left the membership") -> bool:
         """Stop routing to worker ``name`` and close its socket (it deregistered, or its lease
         expired). Requests in flight on it end as on a lost worker: prefill legs fall back to
         their decode node, decode legs are routed again before their first token, else fail
