@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from trtllm_prfaas.config import MODEL_PRESETS
 from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.testbed import demo
 from trtllm_prfaas.testbed.hosts import MEMBERSHIPS, HostsConfig, NetnsTestbed
@@ -56,7 +57,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         "static: routers get a --worker list",
     )
     up.add_argument("--threshold-tokens", type=int, default=None)
-    up.add_argument("--model-preset", default=None)
+    up.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None)
     up.add_argument("--grpc-port", type=int, default=None, help="router 0's (default 8001)")
     up.add_argument("--metrics-port", type=int, default=None, help="router 0's (default 8002)")
     up.add_argument("--fixed-threshold", action="store_true", help="no control loop")
