@@ -156,6 +156,11 @@ def test_every_router_replica_found_the_workers_in_etcd_and_serves(hosts: NetnsT
         assert gauge(router.metrics_url, "prfaas_discovery_workers") == len(hosts.workers)
     tokens = prompt(REMOTE + 20)
     assert ask(hosts.routers[1].address, tokens) == reference(tokens, 8)
+    urls = [str(router.metrics_url) for router in hosts.routers]
+    deadline = time.monotonic() + 10  # the etcd election settles within its 3 s lease
+    while sum(gauge(url, "prfaas_router_is_leader") for url in urls) != 1:
+        assert time.monotonic() < deadline, "the two replicas never settled on one leader"
+        time.sleep(0.2)
 
 
 @needs_root
