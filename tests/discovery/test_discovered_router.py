@@ -5,7 +5,8 @@ UNAVAILABLE) with ``DiscoveredWorkers`` on a real etcd; workers started with ``-
 register under a 2 s lease. Measured here: registration (the put, as a separate watch sees it) to
 routable (in the orchestrator's cluster) <= 1 s; a decode worker SIGKILLed mid-stream fails its
 request with ``WorkerLost`` (UNAVAILABLE) within ``worker_lost_s`` + 1 and is out of the cluster
-within its TTL + 1 s, and a replacement that registers joins and serves single-engine tokens;
+within its TTL + 1 s, a replacement that registers joins and serves single-engine tokens, and
+the killed worker restarted under its name rejoins and serves;
 SIGTERM deregisters at once (well before a 10 s lease); a malformed registration put by the test
 is ignored with a ``discovery_bad_record`` log line and counted.
 
@@ -103,9 +104,12 @@ class Appearances:
             known = names
             await asyncio.sleep(0.005)
 
-    async def until(self, table: dict[str, float], name: str, timeout_s: float) -> float:
+    async def until(
+        self, table: dict[str, float], name: str, timeout_s: float, after: float = 0.0
+    ) -> float:
+        """When ``name`` last entered ``table`` (joined or left), once that is after ``after``."""
         deadline = time.monotonic() + timeout_s
-        while name not in table:
+        while table.get(name, -1.0) <= after:
             assert time.monotonic() < deadline, f"{name} not within {timeout_s}s"
             await asyncio.sleep(0.01)
         return table[name]
@@ -173,6 +177,14 @@ def test_workers_join_serve_die_and_are_replaced(etcd: EtcdServer, procs: Any) -
             for n in (40, 600):
                 assert await _tokens(orch, _request(f"b{n}", _prompt(n))) == _reference(_prompt(n))
             assert metrics.workers._value.get() == 3
+            # The killed worker restarted under its name (a new process, a new port) rejoins.
+            procs["decode-a (killed)"] = procs.pop("decode-a")
+            restarted = await spawn(procs, etcd, "decode-a", "decode", "dc-local")
+            await seen_at.until(seen_at.joined, "decode-a", timeout_s=5.0, after=left_at)
+            assert orch.cluster.workers["decode-a"].endpoint == restarted.control
+            procs["decode-b"].process.kill()  # the restarted one must serve alone
+            await seen_at.until(seen_at.left, "decode-b", timeout_s=TTL_S + 3.0)
+            assert await _tokens(orch, _request("again", _prompt(600))) == _reference(_prompt(600))
             seen_at.close()
         return figures
 
