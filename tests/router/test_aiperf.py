@@ -40,7 +40,8 @@ def aiperf_executable() -> str | None:
     given = os.environ.get("PRFAAS_AIPERF", "")
     if not given:
         return None
-    return shutil.which(given) or shutil.which(str(REPO / given))
+    found = shutil.which(given) or shutil.which(str(REPO / given))
+    return str(Path(found).resolve()) if found else None  # absolute: aiperf runs in tmp_path
 
 
 AIPERF = aiperf_executable()
