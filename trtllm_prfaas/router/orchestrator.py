@@ -197,6 +197,8 @@ class DisaggregatedOrchestrator(Orchestrator):
         self._links.disconnect(name)
         self.cluster.remove(name)
         self._update_max_seq_len()
+        if self.metrics is not None:
+            self.metrics.forget_worker(name)
         log.info("worker_removed", worker=name, why=why, workers=sorted(self.cluster.workers))
         return True
 

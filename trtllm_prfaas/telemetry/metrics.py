@@ -25,6 +25,7 @@ it is a context manager whose ``close()`` shuts the server down and joins the th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from types import TracebackType
 from typing import Any
@@ -236,6 +237,15 @@ class RouterMetrics:
             )
         children[0].set(queue_depth)
         children[1].set(free_decode_slots)
+
+    def forget_worker(self, worker: str) -> None:
+        """A worker left the membership: drop its gauges (its last queue depth, free slots and
+        relay goodput would otherwise be scraped forever); its counters keep their totals."""
+        if self._load_children.pop((worker,), None) is not None:
+            self.queue_depth.remove(worker)
+            self.free_decode_slots.remove(worker)
+        with contextlib.suppress(KeyError):
+            self.relay_goodput_gbps.remove(worker)
 
 
 class DiscoveryMetrics:
