@@ -41,3 +41,21 @@ def test_text_of_tokens_edges() -> None:
     assert demo.text_of_tokens(tokenizer, "ab", 1) == ""  # BOS alone
     assert demo.text_of_tokens(tokenizer, "ab", 2) == "a"
     assert demo.text_of_tokens(tokenizer, "ab", 6) == "ababa"
+
+
+def test_loadgen_prompts_in_served_tokens(hf_model_dir: Path) -> None:  # noqa: F811
+    """``prfaas bench --tokenizer DIR``: text and ids sized in the served tokenizer's tokens;
+    without a tokenizer, the byte prompts as before."""
+    from trtllm_prfaas.engines.tokenizer import BOS_ID
+    from trtllm_prfaas.loadgen.prompts import prompt_ids, prompt_text
+
+    tokenizer = HfTokenizer.from_dir(hf_model_dir)
+    for num_tokens in (2, 17, 300, 2000):
+        text = prompt_text(num_tokens, 3, 9, tokenizer)
+        assert 0 <= len(tokenizer.encode(text)) - num_tokens <= 1, num_tokens
+        assert prompt_ids(num_tokens, 3, 9, tokenizer) == tokenizer.encode(text)
+        assert prompt_text(num_tokens, 3, 9, tokenizer) == text  # deterministic
+    assert prompt_text(300, 3, 9, tokenizer) != prompt_text(300, 4, 9, tokenizer)
+    ids = prompt_ids(300, 3, 9)
+    assert len(ids) == 300 and ids[0] == BOS_ID
+    assert bytes(ids[1:]).decode() == prompt_text(300, 3, 9)

@@ -38,6 +38,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int,
                         help="the longest prompt; default from the server, else 8192")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (0)")
+    parser.add_argument("--tokenizer", default="", metavar="DIR",
+                        help="the served model's Hugging Face directory: prompt lengths in its "
+                        "tokens (default: the reference byte tokenizer)")  # fmt: skip
     parser.add_argument("--prompt", choices=[k.value for k in PromptKind], default="text",
                         help="text_input (text) or input_ids (ids) prompts (text)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="lengths, prompts, arrivals (0)")
@@ -74,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         request_timeout_s=args.request_timeout_s,
         run_timeout_s=args.run_timeout_s,
         metrics_url=args.metrics_url,
+        tokenizer_dir=args.tokenizer,
     )
 
 

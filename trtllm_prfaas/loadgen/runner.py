@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
+from trtllm_prfaas.engines.tokenizer import Tokenizer, load_tokenizer
 from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.loadgen.client import RequestSpec, ServerInfo, probe, send_one
 from trtllm_prfaas.loadgen.lengths import LengthSampler
@@ -73,6 +74,7 @@ class BenchConfig:
     run_timeout_s: float | None = None
     probe_timeout_s: float = 10.0
     metrics_url: str | None = None
+    tokenizer_dir: str = ""  # the served model's HF directory: prompts sized in its tokens
 
     def __post_init__(self) -> None:
         if (self.rate_rps is None) == (self.concurrency is None):
@@ -112,7 +114,8 @@ async def run_bench(config: BenchConfig, progress_stream: TextIO | None = None) 
         info = await _probe(client, config)
         max_prompt, source = _max_prompt_tokens(config, info)
         lengths = LengthSampler(max_prompt, config.seed).sample(config.num_requests)
-        specs = [_spec(config, i, n) for i, n in enumerate(lengths)]
+        tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else None
+        specs = [_spec(config, i, n, tokenizer) for i, n in enumerate(lengths)]
         before = _scrape(config.metrics_url)
         bar = ProgressBar(len(specs), progress_stream or sys.stderr, progress_stream is not None)
         records = await _send_all(client, config, info, specs, bar)
@@ -148,12 +151,14 @@ def _max_prompt_tokens(config: BenchConfig, info: ServerInfo) -> tuple[int, str]
     return DEFAULT_MAX_PROMPT_TOKENS, "default"
 
 
-def _spec(config: BenchConfig, index: int, num_tokens: int) -> RequestSpec:
+def _spec(
+    config: BenchConfig, index: int, num_tokens: int, tokenizer: Tokenizer | None = None
+) -> RequestSpec:
     prompt: str | list[int]
     if config.prompt_kind is PromptKind.IDS:
-        prompt = prompt_ids(num_tokens, index, config.seed)
+        prompt = prompt_ids(num_tokens, index, config.seed, tokenizer)
     else:
-        prompt = prompt_text(num_tokens, index, config.seed)
+        prompt = prompt_text(num_tokens, index, config.seed, tokenizer)
     return RequestSpec(index, num_tokens, prompt, config.max_tokens, config.temperature,
                        config.seed + index)  # fmt: skip
 

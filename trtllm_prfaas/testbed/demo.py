@@ -27,6 +27,7 @@ from trtllm_prfaas.engines.tokenizer import (
     model_vocabulary,
 )
 from trtllm_prfaas.errors import EngineError
+from trtllm_prfaas.loadgen.prompts import text_of_tokens
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
 __all__ = ["DemoResult", "demo_prompts", "run_demo"]
@@ -71,26 +72,6 @@ def demo_prompts(threshold_tokens: int, tokenizer: Tokenizer | None = None) -> l
         text = text_of_tokens(tokenizer, _SENTENCE, num_tokens)
         results.append(DemoResult(name, text, seed=100 + i, max_tokens=24))
     return results
-
-
-def text_of_tokens(tokenizer: Tokenizer, sentence: str, num_tokens: int) -> str:
-    """The shortest prefix of ``sentence`` repeated that ``tokenizer`` encodes into at least
-    ``num_tokens`` ids (BOS included where it adds one): exactly ``num_tokens`` unless one
-    character adds two tokens at the boundary. Binary search: a longer prefix never has fewer
-    tokens, and each prompt costs ~log2(chars) encodes."""
-    if num_tokens <= len(tokenizer.encode("")):
-        return ""
-    repeated = sentence
-    while len(tokenizer.encode(repeated)) < num_tokens:  # at least one id per few bytes
-        repeated += repeated
-    low, high = 0, len(repeated)  # encode(repeated[:low]) < num_tokens <= encode(...[:high])
-    while high - low > 1:
-        middle = (low + high) // 2
-        if len(tokenizer.encode(repeated[:middle])) < num_tokens:
-            low = middle
-        else:
-            high = middle
-    return repeated[:high]
 
 
 def _inputs(result: DemoResult) -> list[Any]:
