@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool aiperf-test
+.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool compose-test aiperf-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ $(AIPERF_VENV)/bin/aiperf:
 
 aiperf-test: $(STAMP) $(AIPERF_VENV)/bin/aiperf
 	PRFAAS_AIPERF=$(AIPERF_VENV)/bin/aiperf $(BIN)/pytest -q -rA tests/router/test_aiperf.py
+
+# The CPU compose testbed run for real (tests/deploy/test_compose_run.py; `make test` skips it):
+# images built without a registry (scripts/compose_images.sh: the debootstrapped base is cached),
+# the testbed up, requests through tritonclient, then down. Needs root; starts dockerd when none
+# runs and stops it after. CI runs it after `make test` (.ci/run).
+compose-test: $(STAMP) compose-tool
+	PRFAAS_COMPOSE_TEST=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/deploy/test_compose_run.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py

@@ -14,7 +14,11 @@ command -v tc >/dev/null 2>&1 || { apk add --no-cache iproute2 >/dev/null 2>&1 |
     (apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null); }
 tc qdisc del dev "$dev" root 2>/dev/null || true
 if [ "$delay" != "0ms" ]; then
-    tc qdisc add dev "$dev" root handle 1: netem delay "$delay"
+    tc qdisc add dev "$dev" root handle 1: netem delay "$delay" || {
+        echo "wan-shaper: WAN_DELAY=$delay needs the kernel's sch_netem, absent here:" \
+            "set WAN_DELAY=0ms (rate shaping alone, tbf)" >&2
+        exit 1
+    }
     tc qdisc add dev "$dev" parent 1: handle 2: tbf rate "$rate" burst "$burst" latency "$latency"
 else
     tc qdisc add dev "$dev" root tbf rate "$rate" burst "$burst" latency "$latency"

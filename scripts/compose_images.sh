@@ -24,6 +24,9 @@ PIP=${PIP:-.venv/bin/pip}
 PYTHON=${PYTHON:-.venv/bin/python}
 WHEELHOUSE=build/wheelhouse
 
+ROOTFS=  # the debootstrap root while one is built: removed on any exit
+trap '[ -z "$ROOTFS" ] || rm -rf "$ROOTFS"' EXIT
+
 log() { printf 'compose_images: %s\n' "$*" >&2; }
 
 # Run a noisy command with its output in a log file, shown only when it fails.
@@ -52,9 +55,8 @@ base() {
         quietly apt-get update -qq
         DEBIAN_FRONTEND=noninteractive quietly apt-get install -y -qq debootstrap
     fi
-    local root
-    root=$(mktemp -d /tmp/prfaas-rootfs.XXXXXX)
-    trap 'rm -rf "$root"' RETURN
+    ROOTFS=$(mktemp -d /tmp/prfaas-rootfs.XXXXXX)
+    local root=$ROOTFS
     log "debootstrap bookworm ($PACKAGES) into $root"
     quietly debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR"
     # apt's lists and caches and the docs are not needed at run time (about 60 MB).
@@ -64,6 +66,8 @@ base() {
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+    rm -rf "$root"
+    ROOTFS=
     log "$BASE_IMAGE built"
 }
 
