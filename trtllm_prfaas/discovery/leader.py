@@ -199,13 +199,13 @@ class EtcdLeadership(Replica):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._cancel_watches()
+        await self._cancel_watches()
         if self._leading:
             self._set_leading(False, "resigned" if resign else "stopped")
         if resign:
             await self._revoke()
-        with contextlib.suppress(Exception):
-            self._client.close()
+        with contextlib.suppress(Exception):  # closes its channels: a thread, bounded as well
+            await self._call(self._client.close)
 
     async def __aenter__(self) -> EtcdLeadership:
         await self.start()
@@ -365,7 +365,7 @@ class EtcdLeadership(Replica):
                 self._watch_ids.append(watch_id)
         except Exception as exc:
             log.warning("leader_watch_failed", replica=self.replica_id, error=repr(exc))
-            self._cancel_watches()
+            await self._cancel_watches()
 
     def _on_watch(self, response: Any) -> None:
         """pyetcd's watch thread: hand the response to the loop."""
@@ -387,8 +387,8 @@ class EtcdLeadership(Replica):
             elif key == self.config.policy_key and not is_delete:
                 self._take_policy(bytes(event.value))
 
-    def _cancel_watches(self) -> None:
+    async def _cancel_watches(self) -> None:
         ids, self._watch_ids = self._watch_ids, []
         for watch_id in ids:
-            with contextlib.suppress(Exception):
-                self._client.cancel_watch(watch_id)
+            with contextlib.suppress(Exception):  # a broken stream has no watch left to cancel
+                await self._call(self._client.cancel_watch, watch_id)
