@@ -1,4 +1,5 @@
-"""A real etcd for the tests: Debian's ``etcd-server`` (3.4, v3 API) on loopback.
+"""A real etcd for the tests: Debian's ``etcd-server`` (3.4, v3 API) on loopback, started by
+``trtllm_prfaas.testbed.etcd`` (as the namespace testbed starts its own).
 
 ``make test`` installs the package when it is missing (the ``etcd-tool`` target); without the
 binary the tests that need etcd skip with that reason. Each server gets its own data directory
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from trtllm_prfaas.testbed.etcd import start_etcd
 
 __all__ = ["EtcdServer", "etcd_binary", "free_loopback_port", "running_etcd"]
 
@@ -35,15 +38,16 @@ def free_loopback_port(host: str = "127.0.0.1") -> int:
 class EtcdServer:
     """One etcd member listening for clients on ``host:client_port``."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", netns: str = "") -> None:
-        binary = etcd_binary()
-        if binary is None:
-            raise RuntimeError("etcd is not installed (Debian: apt-get install etcd-server)")
-        self.binary, self.data_dir, self.host, self.netns = binary, data_dir, host, netns
+    def __init__(self, directory: Path, host: str = "127.0.0.1", netns: str = "") -> None:
+        """``directory`` holds its data (``etcd/``) and log (``etcd.log``)."""
+        self.directory, self.host, self.netns = directory, host, netns
         self.client_port = free_loopback_port() if not netns else 2379
         self.peer_port = free_loopback_port() if not netns else 2380
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "etcd"
 
     @property
     def endpoint(self) -> str:
@@ -56,45 +60,12 @@ class EtcdServer:
         return f"etcd://{self.endpoint}"
 
     def start(self, timeout_s: float = 20.0) -> None:
-        client, peer = (
-            f"http://{self.host}:{self.client_port}",
-            f"http://{self.host}:{self.peer_port}",
-        )
-        argv = [
-            self.binary, "--name", "prfaas-test", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"prfaas-test={peer}", "--initial-cluster-state", "new",
-        ]  # fmt: skip
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"etcd exited {self.process.returncode}: {self._log_tail()}")
-            if self._is_healthy():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"etcd did not become healthy in {timeout_s}s: {self._log_tail()}")
-
-    def _is_healthy(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1.0) as r:
-                return b'"true"' in r.read()
-        except OSError:
-            return False
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+        """Start (or start again, on the same ports and data) and wait until healthy."""
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        self.process = start_etcd(prefix, [self.host], self.directory,
+                                  time.monotonic() + timeout_s, client_port=self.client_port,
+                                  peer_url=peer_url)  # fmt: skip
 
     def stop(self, timeout_s: float = 10.0) -> None:
         process, self.process = self.process, None
@@ -119,7 +90,7 @@ def running_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     """Yield a started etcd (skip when the binary is missing); stop it afterwards."""
     if etcd_binary() is None:
         pytest.skip("etcd is not installed: `make test` installs Debian's etcd-server (as root)")
-    server = EtcdServer(tmp_path / "etcd-data")
+    server = EtcdServer(tmp_path)
     server.start()
     try:
         yield server

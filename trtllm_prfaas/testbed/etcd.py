@@ -22,20 +22,27 @@ ETCD_PEER_URL = "http://127.0.0.1:2380"  # one member: peers only on its own loo
 
 
 def start_etcd(
-    prefix: Sequence[str], client_hosts: Sequence[str], directory: Path, deadline: float
+    prefix: Sequence[str],
+    client_hosts: Sequence[str],
+    directory: Path,
+    deadline: float,
+    *,
+    client_port: int = ETCD_CLIENT_PORT,
+    peer_url: str = ETCD_PEER_URL,
 ) -> subprocess.Popen[str]:
     """etcd under ``prefix`` (``ip netns exec NS``), serving clients on ``client_hosts`` (the
-    first is advertised) at ETCD_CLIENT_PORT, healthy (checked from this namespace through the
-    last of them) by ``deadline``; PrfaasError with its log's tail otherwise."""
+    first is advertised) at ``client_port``, healthy (checked from this namespace through the
+    last of them) by ``deadline``; PrfaasError with its log's tail otherwise. On the root
+    namespace's loopback (benchmarks) pass free ports: ``client_port`` and ``peer_url``."""
     binary = shutil.which("etcd") or "/usr/bin/etcd"
     if not Path(binary).exists():
         raise PrfaasError("membership etcd needs etcd (Debian: apt-get install etcd-server)")
-    clients = [f"http://{host}:{ETCD_CLIENT_PORT}" for host in client_hosts]
+    clients = [f"http://{host}:{client_port}" for host in client_hosts]
     argv = [
         *prefix, binary, "--name", "prfaas", "--data-dir", str(directory / "etcd"),
         "--listen-client-urls", ",".join(clients), "--advertise-client-urls", clients[0],
-        "--listen-peer-urls", ETCD_PEER_URL, "--initial-advertise-peer-urls", ETCD_PEER_URL,
-        "--initial-cluster", f"prfaas={ETCD_PEER_URL}", "--initial-cluster-state", "new",
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"prfaas={peer_url}", "--initial-cluster-state", "new",
     ]  # fmt: skip
     log_path = directory / "etcd.log"
     with log_path.open("w") as log:
