@@ -2,10 +2,11 @@
 gRPC door: ``perf_analyzer`` (KServe v2 gRPC, the ensemble's inputs from a JSON file) and
 ``genai-perf`` with its ``tensorrtllm`` backend (which runs perf_analyzer underneath).
 
-Neither can run on a plain PyPI machine: ``perf_analyzer`` is a C++ binary shipped in Triton's
-SDK container (``nvcr.io/nvidia/tritonserver:<tag>-py3-sdk``); the ``perf-analyzer`` name on
-this project's package index is a 0.1.0 placeholder without it, and ``genai-perf`` (0.0.16
-installs) fails at its first step with ``FileNotFoundError: 'perf_analyzer'``. So these tests
+Neither could run where this was written: ``perf_analyzer`` is a C++ binary, shipped in Triton's
+SDK container (``nvcr.io/nvidia/tritonserver:<tag>-py3-sdk``) and in PyPI's ``perf-analyzer``
+2.x, but the package index of these machines offers only a 0.1.0 placeholder without it, and
+``genai-perf`` (0.0.16 installs) fails at its first step with ``FileNotFoundError:
+'perf_analyzer'``. So these tests
 skip, saying so, unless a ``perf_analyzer`` is on PATH (``genai-perf`` also: on PATH or named by
 ``PRFAAS_GENAI_PERF``). They have not run here for that reason; what they check is what those
 tools export (perf_analyzer's ``-f`` CSV, genai-perf's ``profile_export_genai_perf.json``). What
@@ -33,8 +34,8 @@ TOOL_TIMEOUT_S = 180.0
 PERF_ANALYZER = shutil.which("perf_analyzer")
 GENAI_PERF = shutil.which(os.environ.get("PRFAAS_GENAI_PERF", "") or "genai-perf")
 NO_PERF_ANALYZER = (
-    "perf_analyzer is not installed: it ships in Triton's SDK container, no pip wheel has it "
-    "(PyPI's perf-analyzer here is a 0.1.0 placeholder), and genai-perf needs it too"
+    "perf_analyzer is not on PATH (Triton's SDK container or PyPI's perf-analyzer 2.x has it; "
+    "this package index offers only a 0.1.0 placeholder), and genai-perf needs it too"
 )
 
 
