@@ -10,8 +10,11 @@ aiperf's service processes (~15 s), which ``make test`` should not pay.
 
 The testbed is the in-process ``Testbed`` that ``prfaas up`` runs (router with the disaggregated
 orchestrator, prefill and decode worker processes, the emulated inter-DC link), serving the
-tests' real Hugging Face tokenizer (``hf_model_dir``); aiperf gets the same tokenizer directory,
-so its synthetic prompts and its token counts are the served model's tokens.
+tests' real Hugging Face tokenizer (``hf_model_dir``, with a chat template); aiperf gets the
+same directory, so its synthetic prompts have the lengths it asks for in the served model's
+tokens. Token counts are the door's ``usage`` (``--use-server-token-count``): aiperf re-encoding
+the text a tiny random-weight model writes (broken UTF-8 pieces, U+FFFD) counts about twice the
+tokens generated, and warns so.
 """
 
 from __future__ import annotations
