@@ -67,7 +67,13 @@ from trtllm_prfaas.policy.solver import (
 )
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.router.online import Ewma, OnlineProfiles
-from trtllm_prfaas.router.replicas import PublishedPolicy, Replica, SoleReplica
+from trtllm_prfaas.router.replicas import (
+    PublishedPolicy,
+    Replica,
+    SoleReplica,
+    followed_state,
+    next_publication,
+)
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 
@@ -213,32 +219,15 @@ class ControlLoop:
         replica = self.replica
         if not replica.has_followers or not replica.is_leader():
             return False
-        current = (self.state.threshold_tokens, self.state.cache_policy.value, self._drained())
-        last = self._published
-        if last is not None and current == (
-            last.threshold_tokens,
-            last.cache_policy,
-            last.draining,
-        ):
-            return False
-        policy = PublishedPolicy(
-            leader_id=replica.replica_id,
-            sequence=(last.sequence + 1) if last is not None else 1,
-            threshold_tokens=current[0],
-            cache_policy=current[1],
-            draining=current[2],
-        )
-        if not await replica.publish(policy):
+        drained = tuple(sorted(w.name for w in self.cluster.workers.values() if w.is_draining))
+        policy = next_publication(replica.replica_id, self._published, self.state, drained)
+        if policy is None or not await replica.publish(policy):
             return False
         self._published = policy
         t = round(policy.threshold_tokens, 1)
         log.info("policy_published", leader=policy.leader_id, sequence=policy.sequence,
                  threshold=t, draining=list(policy.draining))  # fmt: skip
         return True
-
-    def _drained(self) -> tuple[str, ...]:
-        """Workers this router drains (rebalancer drains, role changes under way)."""
-        return tuple(sorted(w.name for w in self.cluster.workers.values() if w.is_draining))
 
     def _follow(self, now: float) -> str:
         """A follower's tick: apply the leader's last publication (if any, and new); returns
@@ -248,23 +237,11 @@ class ControlLoop:
             return "follow-none"
         if policy == self._followed:
             return "follow"
-        previous, self._followed = self._followed, policy
-        try:
-            cache = ctl.CachePolicy(policy.cache_policy)
-        except ValueError:
-            log.warning("policy_unknown_cache_policy", value=policy.cache_policy)
-            cache = self.state.cache_policy
-        before = self.state
-        self.state = ctl.ControllerState(
-            policy.threshold_tokens, cache, now, before.healthy_since_s, before.low_egress_since_s
-        )
+        previous, self._followed, before = self._followed, policy, self.state
+        self.state = followed_state(policy, before, now)
         self.policy = PolicyState.from_controller(self.state)
-        for name in set(previous.draining if previous else ()) - set(policy.draining):
-            if (worker := self.cluster.workers.get(name)) is not None:
-                worker.is_draining = False
-        for name in policy.draining:
-            if (worker := self.cluster.workers.get(name)) is not None:
-                worker.is_draining = True
+        _set_draining(self.cluster, set(previous.draining if previous else ()), False)
+        _set_draining(self.cluster, set(policy.draining), True)
         t, t_before = round(policy.threshold_tokens, 1), round(before.threshold_tokens, 1)
         log.info("policy_applied", leader=policy.leader_id, sequence=policy.sequence,
                  threshold=t, previous=t_before, draining=list(policy.draining))  # fmt: skip
@@ -281,9 +258,7 @@ class ControlLoop:
             self._followed = None
             return
         self._published = None
-        for name in self._followed.draining if self._followed else ():
-            if (worker := self.cluster.workers.get(name)) is not None:
-                worker.is_draining = False
+        _set_draining(self.cluster, set(self._followed.draining if self._followed else ()), False)
         self.rebalancer = rb.initial_rebalancer_state()
         self._last_rebalance_s = now
 
@@ -497,6 +472,12 @@ class ControlLoop:
         )
         self.policy = PolicyState.from_controller(self.state)
         log.info("threshold_resolved", threshold=round(t_opt, 1), deployment=self._deployment())
+
+
+def _set_draining(cluster: ClusterState, names: set[str], is_draining: bool) -> None:
+    for name in names:
+        if (worker := cluster.workers.get(name)) is not None:
+            worker.is_draining = is_draining
 
 
 def _queued(pool: list[WorkerState]) -> int:

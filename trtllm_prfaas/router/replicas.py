@@ -30,8 +30,17 @@ import abc
 import msgspec
 
 from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.policy.controller import CachePolicy, ControllerState
 
-__all__ = ["LocalBoard", "LocalReplica", "PublishedPolicy", "Replica", "SoleReplica"]
+__all__ = [
+    "LocalBoard",
+    "LocalReplica",
+    "PublishedPolicy",
+    "Replica",
+    "SoleReplica",
+    "followed_state",
+    "next_publication",
+]
 
 
 class PublishedPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
@@ -57,6 +66,40 @@ class PublishedPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             return msgspec.json.decode(data, type=cls)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ConfigError(f"malformed published policy: {exc}") from exc
+
+
+def next_publication(
+    leader_id: str, last: PublishedPolicy | None, state: ControllerState, draining: tuple[str, ...]
+) -> PublishedPolicy | None:
+    """The leader's next publication of ``state`` and its drains; None when ``last`` (this
+    leader's previous one) already says the same."""
+    threshold, cache = state.threshold_tokens, state.cache_policy.value
+    if last is not None and (last.threshold_tokens, last.cache_policy, last.draining) == (
+        threshold,
+        cache,
+        draining,
+    ):
+        return None
+    sequence = last.sequence + 1 if last is not None else 1
+    return PublishedPolicy(
+        leader_id=leader_id,
+        sequence=sequence,
+        threshold_tokens=threshold,
+        cache_policy=cache,
+        draining=draining,
+    )
+
+
+def followed_state(policy: PublishedPolicy, before: ControllerState, now: float) -> ControllerState:
+    """A follower's controller state under the leader's ``policy`` (an unknown cache policy
+    keeps the one in force)."""
+    try:
+        cache = CachePolicy(policy.cache_policy)
+    except ValueError:
+        cache = before.cache_policy
+    return ControllerState(
+        policy.threshold_tokens, cache, now, before.healthy_since_s, before.low_egress_since_s
+    )
 
 
 class Replica(abc.ABC):
