@@ -19,12 +19,14 @@ from typing import Any
 import grpc
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry
 
 from trtllm_prfaas.errors import AdmissionRejected, WorkerLost
 from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.links import heartbeat_options
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
 from trtllm_prfaas.router.servicer import status_for
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker.fake import FakeWorkerPool, FakeWorkerSpec, fake_tokens
 
 PROMPT = [(i * 37 + 11) % 256 for i in range(300)]  # above the threshold: remote
@@ -43,10 +45,12 @@ def _pool(*extra: FakeWorkerSpec, **decode: Any) -> FakeWorkerPool:
 
 
 @contextlib.asynccontextmanager
-async def _router(pool: FakeWorkerPool) -> AsyncIterator[DisaggregatedOrchestrator]:
+async def _router(
+    pool: FakeWorkerPool, metrics: RouterMetrics | None = None
+) -> AsyncIterator[DisaggregatedOrchestrator]:
     specs = tuple(WorkerSpec(n, w.endpoint, n == "prfaas") for n, w in pool.workers.items())
     config = RouterConfig(specs, threshold_tokens=100, control=None, worker_lost_s=LOST_S)
-    orch = DisaggregatedOrchestrator(config)
+    orch = DisaggregatedOrchestrator(config, metrics)
     await orch.start()
     try:
         yield orch
@@ -86,8 +90,13 @@ def test_a_lost_worker_is_unavailable_at_the_front_door() -> None:
 
 def test_decode_killed_mid_stream_fails_with_worker_lost_and_leaves_routing() -> None:
     async def scenario() -> None:
-        async with _pool(decode_delay_s=30.0) as pool, _router(pool) as orch:
-            killer = asyncio.create_task(_kill_after(pool, "decode", 0.3))
+        metrics = RouterMetrics(CollectorRegistry())
+        async with _pool(decode_delay_s=30.0) as pool, _router(pool, metrics) as orch:
+            up = lambda w: metrics.registry.get_sample_value("prfaas_worker_up", {"worker": w})  # noqa: E731
+            assert up("decode") == 1.0
+            # t1 comes at ~0.3 s (300 tokens at 1 ms) plus the decode-slot reservation's round
+            # trip: kill well after it, so the client surely holds t1 when the decode dies
+            killer = asyncio.create_task(_kill_after(pool, "decode", 1.0))
             chunks = []
             with pytest.raises(WorkerLost, match="decode"):
                 async for chunk in orch.generate(_request("orphan")):
@@ -96,6 +105,9 @@ def test_decode_killed_mid_stream_fails_with_worker_lost_and_leaves_routing() ->
             assert time.monotonic() - killed_at < LOST_S + 1.0
             assert [c.token_ids for c in chunks] == [fake_tokens(PROMPT, 1)]
             assert orch.cluster.workers["decode"].is_lost
+            assert up("decode") == 0.0 and up("pd-p") == 1.0  # the lost worker shows in metrics
+            lost = {"worker": "decode"}
+            assert metrics.registry.get_sample_value("prfaas_workers_lost_total", lost) == 1.0
             assert orch.counters["rerouted"] == 0  # the client had t1: no re-route
             _assert_released(orch)
             with pytest.raises(AdmissionRejected, match="no decode node"):

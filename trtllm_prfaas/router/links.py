@@ -244,6 +244,8 @@ class WorkerLinks:
         ``WorkerLost`` error from it (as if the worker had sent one); an info waiter fails."""
         if not self.cluster.mark_lost(name):
             return
+        if self.metrics is not None:
+            self.metrics.record_worker_up(name, False)
         log.warning("worker_lost", worker=name, why=why, num_flights=len(self.flights))
         message = f"worker {name} lost: {why}"
         for request_id, flight in list(self.flights.items()):
@@ -321,6 +323,8 @@ class WorkerLinks:
         if waiter is not None and not waiter.done():
             waiter.set_result(info)
         if self.cluster.rejoin(name, info):
+            if self.metrics is not None:
+                self.metrics.record_worker_up(name, True)
             log.info("worker_rejoined", worker=name, role=info.role, relay=info.relay_endpoint)
         elif waiter is None and self._is_news(name, info):
             # Unasked: the worker changed role at another router's request (replicas share

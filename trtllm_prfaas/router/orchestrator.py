@@ -160,7 +160,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         for spec in self.config.workers:
             self._links.connect(spec.name, spec.endpoint)
             info = await self._await_info(spec)
-            self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
+            self._join(spec, info)
         self._update_max_seq_len()
         if self.config.control is not None:
             self.control.start()
@@ -180,7 +180,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         except BaseException:
             self._links.disconnect(spec.name)
             raise
-        self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
+        self._join(spec, info)
         self._update_max_seq_len()
         log.info("worker_added", worker=spec.name, endpoint=spec.endpoint, role=info.role,
                  prfaas=spec.is_prfaas, relay=info.relay_endpoint)  # fmt: skip
@@ -205,6 +205,11 @@ class DisaggregatedOrchestrator(Orchestrator):
     def _update_max_seq_len(self) -> None:
         workers = self.cluster.workers.values()
         self._max_seq_len = min((w.info.max_seq_len for w in workers), default=0)
+
+    def _join(self, spec: WorkerSpec, info: p.WorkerInfo) -> None:
+        self.cluster.add(WorkerState(spec.name, spec.endpoint, info, spec.is_prfaas))
+        if self.metrics is not None:
+            self.metrics.record_worker_up(spec.name, True)
 
     async def _await_info(self, spec: WorkerSpec) -> p.WorkerInfo:
         """Ping the worker and wait for its ``WorkerInfo`` (delivered by the links)."""

@@ -61,6 +61,19 @@ class RouterMetrics:
         self._ttft_children: dict[tuple[str, ...], Any] = {}
         self._tpot_children: dict[tuple[str, ...], Any] = {}
         self._load_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self.workers_lost = Counter(
+            "prfaas_workers_lost",
+            "Times a worker's connection died and it left routing (process gone or heartbeats "
+            "missed); it rejoins when it answers again",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_up = Gauge(
+            "prfaas_worker_up",
+            "1 while the worker's control connection is up and it is routable, 0 while lost",
+            ["worker"],
+            registry=registry,
+        )
         self.frontdoor_requests = Counter(
             "prfaas_frontdoor_requests",
             "Inference requests answered by the front door, by gRPC status",
@@ -238,6 +251,12 @@ class RouterMetrics:
         children[0].set(queue_depth)
         children[1].set(free_decode_slots)
 
+    def record_worker_up(self, worker: str, is_up: bool) -> None:
+        """A worker joined or rejoined (``is_up``), or its connection died (counted)."""
+        self.worker_up.labels(worker=worker).set(1 if is_up else 0)
+        if not is_up:
+            self.workers_lost.labels(worker=worker).inc()
+
     def forget_worker(self, worker: str) -> None:
         """A worker left the membership: drop its gauges (its last queue depth, free slots and
         relay goodput would otherwise be scraped forever); its counters keep their totals."""
@@ -246,6 +265,8 @@ class RouterMetrics:
             self.free_decode_slots.remove(worker)
         with contextlib.suppress(KeyError):
             self.relay_goodput_gbps.remove(worker)
+        with contextlib.suppress(KeyError):
+            self.worker_up.remove(worker)
 
 
 class DiscoveryMetrics:
