@@ -6,15 +6,19 @@ Every engine here is leak-checked by ``make_engine``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from tests.builders import tiny_model
 from tests.conftest import EngineFactory
+from tests.connector.fakes import CallLog, RecordingScheduler, RecordingWorker
+from trtllm_prfaas.connector.base import ConnectorPair
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
-from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.errors import ConfigError, ConnectorError
 from trtllm_prfaas.kv.events import KvCacheCreated, KvCacheRemoved, KvCacheStored
 from trtllm_prfaas.kv.hashing import block_hashes
 
@@ -214,3 +218,51 @@ def test_config_validation() -> None:
         EngineConfig(model=tiny_model(), chunk_size=32, max_cached_blocks=-2)
     with pytest.raises(ConfigError, match="max_kv_events"):
         EngineConfig(model=tiny_model(), chunk_size=32, max_kv_events=0)
+
+
+class _GreedyClaimer(RecordingScheduler):
+    """Records ``num_computed_tokens``; claims all but the last token when told to (too much
+    once the engine has matched a prefix itself: upstream's 'at least one uncomputed token')."""
+
+    claim_all = False
+
+    def __init__(self, llm_args: Any, log: CallLog, pin_saves: bool = False) -> None:
+        super().__init__(llm_args, log, pin_saves)
+        self.seen: list[int] = []
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        super().get_num_new_matched_tokens(request, num_computed_tokens)
+        self.seen.append(num_computed_tokens)
+        return (request.prompt_len - 1 if self.claim_all else 0), False
+
+
+def _claimer(pin_saves: bool = False) -> tuple[ConnectorPair, _GreedyClaimer]:
+    log = CallLog()
+    args = ReferenceEngine.llm_args_for(tiny_model())
+    scheduler = _GreedyClaimer(args, log, pin_saves)
+    return ConnectorPair(scheduler, RecordingWorker(args, log)), scheduler
+
+
+def test_connector_sees_the_cached_prefix_as_computed(make_engine: EngineFactory) -> None:
+    """As TensorRT-LLM: the connector is asked after the engine's own reuse, with the reused
+    count; a new request's computed_position includes it and its new_block_ids include the
+    shared blocks. A claim on top that leaves no token to compute fails the request only."""
+    pair, scheduler = _claimer(pin_saves=True)
+    engine = make_engine(connector=pair, enable_block_reuse=True)
+    prompt = _tokens(3 * TPB + 4, seed=15)
+    engine.generate([prompt], GREEDY)
+    assert engine.blocks.num_cached == 3  # released after the pinned save, then cached
+    engine.generate([prompt], GREEDY)
+    assert scheduler.seen == [0, 3 * TPB]
+    first_of_second = [o for o in scheduler.outputs if o.new_requests][-1].new_requests[0]
+    assert first_of_second.computed_position == 3 * TPB
+    assert len(first_of_second.new_block_ids) == 4  # 3 shared + the tail block
+    scheduler.claim_all = True
+    rid = engine.add_request(prompt, GREEDY)
+    outputs = engine.step()
+    assert outputs[0].request_id == rid and outputs[0].finish_reason == "error"
+    assert isinstance(outputs[0].error, ConnectorError)
+    assert "after 48 cached" in str(outputs[0].error)
+    assert engine.blocks.num_cached == 3  # the refused request's references were given back
