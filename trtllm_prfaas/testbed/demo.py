@@ -158,7 +158,7 @@ def scrape(metrics_url: str) -> dict[str, float]:
         if line.startswith("prfaas_") and " " in line:
             name_labels, value = line.rsplit(" ", 1)
             name = name_labels.split("{", 1)[0]
-            key = name + ("" if "{" not in name_labels else "|" + name_labels.split("{", 1)[1])
-            sums[key] = float(value)
+            if "{" in name_labels:  # one labelled sample, and its family's sum
+                sums[name + "|" + name_labels.split("{", 1)[1]] = float(value)
             sums[name] = sums.get(name, 0.0) + float(value)
     return sums
