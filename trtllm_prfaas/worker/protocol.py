@@ -37,11 +37,18 @@ Worker -> router
     ``TransferDone``  a prefill's relay transfer ended (``error`` empty when acknowledged).
     ``LoadReport``    every ``load_report_interval_s``: queue depth, running requests, free
                       slots and blocks (what the router balances on).
-    ``KvEvents``      block hashes stored and removed on the worker (feeds the prefix index).
+    ``KvEvents``      what the worker's prefix cache stored and removed (feeds the router's
+                      prefix index): ``batch`` is the engine's drained ``KvEventBatch`` as is
+                      (``kv/events.py``: chained block hashes, event ids, the dropped count), at
+                      most ``MAX_KV_EVENTS_PER_MESSAGE`` events per message, sent with the load
+                      reports to every router the worker knows; only workers whose
+                      ``WorkerInfo.prefix_cache`` is ``"events"`` send it.
     ``WorkerInfo``    answer to ``Ping``, and after a role change.
 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
-``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``), so version-1 peers
+``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``, ``KvEvents.batch``,
+``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``, ``LoadReport``'s prefix-cache
+counters), so version-1 peers
 interoperate; a decode ``Submit`` without a reservation is admitted as before (queued), and
 counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts reservations.
 """
@@ -50,7 +57,10 @@ from __future__ import annotations
 
 import msgspec
 
+from trtllm_prfaas.kv.events import KvEventBatch
+
 __all__ = [
+    "MAX_KV_EVENTS_PER_MESSAGE",
     "PROTOCOL_VERSION",
     "Cancel",
     "KvEvents",
@@ -68,6 +78,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+# A larger drained batch is split (event ids stay consecutive across the messages): ~30 bytes
+# per removal hash, ~40 per stored block, so one message stays well under a megabyte.
+MAX_KV_EVENTS_PER_MESSAGE = 1024
 
 
 class Submit(msgspec.Struct, tag=True, frozen=True):
@@ -129,12 +142,20 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     relay_goodput_gbps: float = 0.0
     is_draining: bool = False  # a role change is pending: send no new requests
     role: str = ""
+    # Prefix cache (block reuse on), totals since the engine started (a role change restarts
+    # them): requests that asked the cache, their prompt tokens, the tokens served from it.
+    num_prefix_queries: int = 0
+    num_prefix_query_tokens: int = 0
+    num_prefix_reused_tokens: int = 0
+    num_cached_blocks: int = 0  # named blocks in the pool (referenced or evictable)
+    num_block_evictions: int = 0
 
 
 class KvEvents(msgspec.Struct, tag=True, frozen=True):
     worker_id: str
-    stored: list[int]
-    removed: list[int]
+    stored: list[int] = []  # version-1 shape (no chain, no ids): unused, kept for old peers
+    removed: list[int] = []
+    batch: KvEventBatch | None = None  # the engine's events in order (``kv/events.py``)
 
 
 class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
@@ -149,6 +170,12 @@ class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
     relay_endpoint: str = ""  # decode workers: where prefill workers send KV
     kv_bytes_per_token: int = 0  # S_kv(l) = kv_state_bytes + kv_bytes_per_token * l
     kv_state_bytes: int = 0
+    # How the router may know this worker's prefix cache: "" none (block reuse off: it reuses
+    # nothing), "events" (it sends ``KvEvents``), "approximate" (it reuses blocks but reports
+    # nothing, e.g. TensorRT-LLM inside Triton: the router guesses from its own routing).
+    prefix_cache: str = ""
+    kv_layout: str = ""  # with model_id, kv_dtype, tokens_per_block: the blocks' CacheKey
+    kv_dtype: str = ""
     version: int = PROTOCOL_VERSION
 
 
