@@ -19,7 +19,13 @@ from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import ConfigError, ConnectorError
-from trtllm_prfaas.kv.events import KvCacheCreated, KvCacheRemoved, KvCacheStored
+from trtllm_prfaas.kv.events import (
+    KvCacheCreated,
+    KvCacheRemoved,
+    KvCacheStored,
+    KvStateRemoved,
+    KvStateStored,
+)
 from trtllm_prfaas.kv.hashing import block_hashes
 
 TPB = 16  # tiny_model's tokens_per_block
@@ -154,7 +160,10 @@ def test_max_cached_blocks_bounds_the_cache(make_engine: EngineFactory) -> None:
 
 
 def test_kv_events_shape_and_overflow(make_engine: EngineFactory) -> None:
-    engine = make_engine(enable_block_reuse=True, max_kv_events=2, chunk_size=32)
+    engine = make_engine(
+        model=tiny_model(layer_pattern="F"), enable_block_reuse=True, max_kv_events=2,
+        chunk_size=32,
+    )  # fmt: skip
     prompt = _tokens(6 * TPB + 3, seed=9)
     engine.generate([prompt], GREEDY)
     batch = engine.drain_kv_events()
@@ -266,3 +275,22 @@ def test_connector_sees_the_cached_prefix_as_computed(make_engine: EngineFactory
     assert isinstance(outputs[0].error, ConnectorError)
     assert "after 48 cached" in str(outputs[0].error)
     assert engine.blocks.num_cached == 3  # the refused request's references were given back
+
+
+def test_state_snapshot_events(make_engine: EngineFactory) -> None:
+    """A hybrid engine reports each snapshot it keeps, by the hash of the block it ends at,
+    and each it evicts."""
+    engine = make_engine(enable_block_reuse=True, chunk_size=32, num_state_snapshots=2)
+    prompt = _tokens(4 * TPB + 3, seed=16)
+    engine.generate([prompt], GREEDY)
+    hashes = block_hashes(prompt, TPB, cache_key_for(engine.cfg))
+    events = [e.data for e in engine.drain_kv_events().events]
+    stored = [(d.block_hash, d.num_tokens) for d in events if isinstance(d, KvStateStored)]
+    removed = [h for d in events if isinstance(d, KvStateRemoved) for h in d.block_hashes]
+    # chunk ends at 32 and 64 tokens (block aligned); the prompt's last boundary is 64 too
+    assert stored == [(hashes[1], 2 * TPB), (hashes[3], 4 * TPB)]
+    assert removed == []
+    engine.generate([_tokens(2 * TPB + 3, seed=17)], GREEDY)
+    events = [e.data for e in engine.drain_kv_events().events]
+    removed = [h for d in events if isinstance(d, KvStateRemoved) for h in d.block_hashes]
+    assert removed == [hashes[1]] and engine.stats.num_snapshot_evictions == 1

@@ -84,7 +84,15 @@ def test_batch_round_trips_through_msgpack() -> None:
     log.record_created(8)
     log.record_stored(None, [2**64 - 1, 3], 16)
     log.record_removed(3)
+    log.record_state_stored(2**64 - 1, 16)
+    log.record_state_removed(2**64 - 1)
+    log.record_state_removed(5)  # joins the previous state removal
     batch = log.drain()
+    assert len(batch.events) == 5
+    assert batch.events[-1].to_trtllm_dict()["data"] == {
+        "type": "state_removed",
+        "block_hashes": [2**64 - 1, 5],
+    }
     wire = msgspec.msgpack.encode(batch)
     assert msgspec.msgpack.decode(wire, type=KvEventBatch) == batch
 

@@ -32,7 +32,7 @@ def _stored(log: KvEventLog, tokens: list[int], first: int, stop: int) -> None:
 def test_index_follows_a_real_engine(make_engine: EngineFactory) -> None:
     """What the index says node 'a' holds is what the engine then reuses."""
     engine = make_engine(enable_block_reuse=True, num_blocks=20)
-    index = PrefixIndex(cache_key_for(engine.cfg), TPB)
+    index = PrefixIndex(cache_key_for(engine.cfg), TPB, requires_states=True)
     index.add_node("a", "pd")
     index.add_node("b", "pd")
     prompt = _tokens(6 * TPB + 5, seed=1)
@@ -148,3 +148,23 @@ def test_unknown_node_and_bad_config() -> None:
     assert index.best_in_cluster("nowhere", [], 0.0) is None
     with pytest.raises(ConfigError, match="tokens_per_block"):
         PrefixIndex(KEY, 0)
+
+
+def test_hybrid_match_ends_at_a_reported_state_snapshot(make_engine: EngineFactory) -> None:
+    """A prompt that shares 5 cached blocks with an earlier one, whose snapshots are at chunk
+    ends (32, 64, 96 tokens): the engine can resume at 64 only, and so says the index."""
+    engine = make_engine(enable_block_reuse=True, chunk_size=32)
+    hybrid = PrefixIndex(cache_key_for(engine.cfg), TPB, requires_states=True)
+    blocks_only = PrefixIndex(cache_key_for(engine.cfg), TPB)
+    earlier = _tokens(6 * TPB + 5, seed=12)
+    engine.generate([earlier], ONE_TOKEN)
+    batch = engine.drain_kv_events()
+    for index in (hybrid, blocks_only):
+        index.add_node("a", "pd")
+        index.apply("a", batch)
+    probe = earlier[: 5 * TPB] + _tokens(3 * TPB, seed=13)
+    assert blocks_only.match("a", blocks_only.hashes_for(probe), 0.0).num_tokens == 5 * TPB
+    held = hybrid.match("a", hybrid.hashes_for(probe), 0.0)
+    assert held.num_tokens == 4 * TPB
+    engine.generate([probe], ONE_TOKEN)
+    assert engine.stats.num_reused_tokens == held.num_tokens

@@ -27,7 +27,8 @@ prefills those tokens, so decode-written blocks would change its bits. Blocks fi
 cache connector's load are prompt blocks from the same kernels and are named like computed ones.
 
 Events: every named block chain is reported stored (parent hash first), every evicted block
-removed, into a :class:`~trtllm_prfaas.kv.events.KvEventLog`.
+removed, and every snapshot taken or evicted (``state_stored`` / ``state_removed``), into a
+:class:`~trtllm_prfaas.kv.events.KvEventLog`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class PrefixCache:
         self.has_states = cfg.num_linear_layers > 0
         num_snapshots = num_state_snapshots if self.has_states else 0
         self.snapshots = torch.zeros((num_snapshots, *cfg.state_shape), dtype=states.dtype)
-        self._snapshots: SlotTable[int] = SlotTable(num_snapshots, "state snapshot")
+        self._snapshots: SlotTable[int] = SlotTable(
+            num_snapshots, "state snapshot", events.record_state_removed
+        )
         self.stats = PrefixCacheStats()
 
     # ---- admission ---------------------------------------------------------------------------
@@ -160,11 +163,11 @@ class PrefixCache:
             )
             req.num_committed_blocks = stop
         if self.has_states and end % tpb == 0 and end // tpb <= len(req.block_hashes):
-            self._snapshot(req, req.block_hashes[end // tpb - 1])
+            self._snapshot(req, req.block_hashes[end // tpb - 1], end)
         if end >= req.prompt_len:
             self.release_snapshot(req)
 
-    def _snapshot(self, req: LlmRequest, block_hash: int) -> None:
+    def _snapshot(self, req: LlmRequest, block_hash: int, num_tokens: int) -> None:
         table = self._snapshots
         if table.contains(block_hash) or table.num_available == 0:
             return  # already there, or every snapshot is in use: skip (reuse is best effort)
@@ -174,6 +177,7 @@ class PrefixCache:
         self.snapshots[slot].copy_(self.states[req.state_slot])
         table.commit(slot)
         table.release(slot)
+        self.events.record_state_stored(block_hash, num_tokens)
 
     # ---- checks ---------------------------------------------------------------------------------
 

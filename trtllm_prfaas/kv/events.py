@@ -10,6 +10,11 @@ TensorRT-LLM users do with ``LLM.get_kv_cache_events()``. The shapes follow upst
 of consecutive blocks batch into one event, and a full buffer discards the OLDEST events
 (upstream logs a warning; here the discarded count is also kept and handed to the consumer).
 
+Two event types are this project's own, for hybrid models: ``state_stored`` / ``state_removed``
+name the recurrent-state snapshots an engine keeps (by the hash of the block they end at), since
+a hybrid engine resumes a prefix only where it also has the state after exactly that prefix.
+TensorRT-LLM reports no such events (its 1.x hybrid managers turn block reuse off).
+
 Hashes are this project's chained block hashes (:func:`~trtllm_prfaas.kv.hashing.block_hashes`,
 under the engine's :class:`~trtllm_prfaas.kv.hashing.CacheKey`), so a router that knows the key
 hashes a prompt itself and never needs the tokens: ``StoredBlock.tokens`` stays empty unless the
@@ -43,6 +48,8 @@ __all__ = [
     "KvCacheStored",
     "KvEventBatch",
     "KvEventLog",
+    "KvStateRemoved",
+    "KvStateStored",
     "StoredBlock",
 ]
 
@@ -81,7 +88,20 @@ class KvCacheRemoved(msgspec.Struct, frozen=True, tag="removed"):
     block_hashes: list[int]
 
 
-EventData = KvCacheCreated | KvCacheStored | KvCacheRemoved
+class KvStateStored(msgspec.Struct, frozen=True, tag="state_stored"):
+    """A recurrent-state snapshot after exactly the prefix that ends with ``block_hash``."""
+
+    block_hash: int
+    num_tokens: int
+
+
+class KvStateRemoved(msgspec.Struct, frozen=True, tag="state_removed"):
+    """Snapshots evicted (named by the hash of the block each ends at)."""
+
+    block_hashes: list[int]
+
+
+EventData = KvCacheCreated | KvCacheStored | KvCacheRemoved | KvStateStored | KvStateRemoved
 
 
 class KvCacheEvent(msgspec.Struct, frozen=True):
@@ -112,6 +132,14 @@ class KvCacheEvent(msgspec.Struct, frozen=True):
             }
         elif isinstance(self.data, KvCacheRemoved):
             data = {"type": "removed", "block_hashes": list(self.data.block_hashes)}
+        elif isinstance(self.data, KvStateStored):  # no upstream equivalent (see above)
+            data = {
+                "type": "state_stored",
+                "block_hash": self.data.block_hash,
+                "num_tokens": self.data.num_tokens,
+            }
+        elif isinstance(self.data, KvStateRemoved):
+            data = {"type": "state_removed", "block_hashes": list(self.data.block_hashes)}
         else:
             data = {
                 "type": "created",
@@ -178,6 +206,16 @@ class KvEventLog:
             last.data.block_hashes.append(block_hash)
             return
         self._append(KvCacheRemoved([block_hash]))
+
+    def record_state_stored(self, block_hash: int, num_tokens: int) -> None:
+        self._append(KvStateStored(block_hash, num_tokens))
+
+    def record_state_removed(self, block_hash: int) -> None:
+        last = self._events[-1] if self._events else None
+        if last is not None and isinstance(last.data, KvStateRemoved):
+            last.data.block_hashes.append(block_hash)
+            return
+        self._append(KvStateRemoved([block_hash]))
 
     def drain(self) -> KvEventBatch:
         """Every buffered event, oldest first, and the count discarded since the last drain."""

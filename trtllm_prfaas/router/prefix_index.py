@@ -21,9 +21,11 @@ index assumes the node holds those blocks for ``ttl_s`` after the last use, at m
 ``max_approx_blocks`` per node (least recently used first out, a chain's tail before its head).
 Their answers carry ``is_approximate=True`` and ``stats()`` counts them apart.
 
-For a hybrid model the engine resumes only where a recurrent-state snapshot exists (it keeps one
-at every prompt's last block boundary), so the index is an upper bound for prefixes that no
-request has ended near; for full-attention models it is exact.
+Hybrid models (``requires_states=True``): an engine resumes a prefix only where it also holds
+the recurrent state after exactly that prefix, so exact nodes also track the snapshots they
+report (``state_stored`` / ``state_removed`` events) and a match ends at the longest held prefix
+that has one (a step back from the block match, usually zero steps: engines keep a snapshot at
+every prompt's last block boundary). Approximate nodes assume one wherever they hold blocks.
 
 Time is passed in (``now``), as in ``policy/``; the index does no I/O. Not thread-safe: the
 router's event loop owns it.
@@ -36,7 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trtllm_prfaas.errors import ConfigError
-from trtllm_prfaas.kv.events import KvCacheCreated, KvCacheRemoved, KvCacheStored, KvEventBatch
+from trtllm_prfaas.kv.events import (
+    KvCacheCreated,
+    KvCacheRemoved,
+    KvCacheStored,
+    KvEventBatch,
+    KvStateRemoved,
+    KvStateStored,
+)
 from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
 
 __all__ = ["PrefixIndex", "PrefixIndexStats", "PrefixMatch"]
@@ -72,11 +81,13 @@ class _ExactNode:
         self.cluster_id = cluster_id
         self.depth: dict[int, int] = {}
         self.children: dict[int, set[int]] = {}
+        self.states: set[int] = set()  # hashes of blocks a state snapshot ends at
         self.next_event_id: int | None = None  # None: the next id is unknown, take any
 
     def clear(self) -> None:
         self.depth.clear()
         self.children.clear()
+        self.states.clear()
 
     def store(self, parent: int | None, hashes: Sequence[int]) -> int:
         """Add a chain below ``parent``; returns the number of blocks left unreachable."""
@@ -155,6 +166,7 @@ class PrefixIndex:
         tokens_per_block: int,
         ttl_s: float = 300.0,
         max_approx_blocks: int = 1 << 20,
+        requires_states: bool = False,
     ) -> None:
         if tokens_per_block < 1 or ttl_s <= 0 or max_approx_blocks < 1:
             raise ConfigError(
@@ -163,6 +175,7 @@ class PrefixIndex:
             )
         self.key, self.tokens_per_block = key, tokens_per_block
         self.ttl_s, self.max_approx_blocks = ttl_s, max_approx_blocks
+        self.requires_states = requires_states
         self._nodes: dict[str, _Node] = {}
         self._stats = PrefixIndexStats()
 
@@ -209,6 +222,10 @@ class PrefixIndex:
             elif isinstance(data, KvCacheRemoved):
                 for block_hash in data.block_hashes:
                     node.remove(block_hash)
+            elif isinstance(data, KvStateStored):
+                node.states.add(data.block_hash)
+            elif isinstance(data, KvStateRemoved):
+                node.states.difference_update(data.block_hashes)
             elif isinstance(data, KvCacheCreated):
                 node.clear()
 
@@ -232,6 +249,9 @@ class PrefixIndex:
             self._stats.num_approximate_lookups += 1
             node.expire(now)
         num_blocks = _held_prefix(node, hashes, now)
+        if self.requires_states and isinstance(node, _ExactNode):
+            while num_blocks and hashes[num_blocks - 1] not in node.states:
+                num_blocks -= 1
         return PrefixMatch(
             node_id, num_blocks, num_blocks * self.tokens_per_block, node.is_approximate
         )
