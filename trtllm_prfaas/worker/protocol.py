@@ -124,6 +124,7 @@ class Tokens(msgspec.Struct, tag=True, frozen=True):
     error_kind: str = ""  # e.g. "InvalidRequestError", "AdmissionRejected"
     error_message: str = ""
     num_connector_tokens: int = 0  # prompt tokens that came over the relay (on finish)
+    num_cached_tokens: int = 0  # prompt tokens the worker's own prefix cache supplied (on finish)
 
 
 class TransferDone(msgspec.Struct, tag=True, frozen=True):
