@@ -39,21 +39,26 @@ def _median_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def _feed(index: PrefixIndex, node_id: str, hashes: list[int], chain: int) -> None:
-    """Store ``hashes`` on an exact node as an engine does: chains of ``chain`` blocks."""
+def _feed(
+    index: PrefixIndex, node_id: str, hashes: list[int], chain: int, with_state: bool = True
+) -> None:
+    """Store ``hashes`` on an exact node as an engine does: chains of ``chain`` blocks, and a
+    state snapshot where the last chain ends (a hybrid engine keeps one there)."""
     log = KvEventLog(max_events=1 << 20)
     for start in range(0, len(hashes), chain):
         parent = hashes[start - 1] if start else None
         log.record_stored(parent, hashes[start : start + chain], TOKENS_PER_BLOCK)
+    if hashes and with_state:
+        log.record_state_stored(hashes[-1], len(hashes) * TOKENS_PER_BLOCK)
     index.apply(node_id, log.drain())
 
 
 def build(
-    num_tokens: int, num_nodes: int, noise_blocks: int, seed: int
+    num_tokens: int, num_nodes: int, noise_blocks: int, seed: int, requires_states: bool = False
 ) -> tuple[PrefixIndex, list[int]]:
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, 50_000, num_tokens).tolist()
-    index = PrefixIndex(KEY, TOKENS_PER_BLOCK)
+    index = PrefixIndex(KEY, TOKENS_PER_BLOCK, requires_states=requires_states)
     hashes = index.hashes_for(prompt)
     for cluster in ("prfaas", "pd"):
         for i in range(num_nodes):
@@ -84,6 +89,13 @@ def run(num_tokens: int, num_nodes: int, noise_blocks: int, repeats: int) -> dic
     mixed_us = _median_us(lambda: index.best_in_cluster("pd", hashes, 1.0), repeats)
     best = index.best_in_cluster("pd", hashes, 1.0)
     assert best is not None and best.num_blocks == len(hashes), best  # the last node holds all
+    hybrid, _ = build(num_tokens, num_nodes, noise_blocks, seed=0, requires_states=True)
+    hybrid_us = _median_us(lambda: hybrid.best_in_cluster("prfaas", hashes, 1.0), repeats)
+    # Worst case: the node holds every block but no snapshot, so the match steps back to 0.
+    worst = PrefixIndex(KEY, TOKENS_PER_BLOCK, requires_states=True)
+    worst.add_node("n", "c")
+    _feed(worst, "n", hashes, chain=64, with_state=False)
+    worst_us = _median_us(lambda: worst.match("n", hashes, 1.0), max(5, repeats // 20))
     return {
         "num_tokens": num_tokens,
         "num_blocks": len(hashes),
@@ -93,6 +105,8 @@ def run(num_tokens: int, num_nodes: int, noise_blocks: int, repeats: int) -> dic
         "match_node_us": round(node_us, 2),
         "best_in_cluster_exact_us": round(cluster_us, 2),
         "best_in_cluster_mixed_us": round(mixed_us, 2),
+        "best_in_cluster_hybrid_us": round(hybrid_us, 2),
+        "match_hybrid_no_snapshot_worst_us": round(worst_us, 1),
         "cluster_lookup_over_hash": round(max(cluster_us, mixed_us) / hash_us, 4),
         "lookup_ok": max(cluster_us, mixed_us) < 1000.0,
     }
