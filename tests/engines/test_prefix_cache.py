@@ -202,6 +202,18 @@ def test_aborted_request_leaves_only_named_blocks_cached(make_engine: EngineFact
     assert engine.stats.num_reused_tokens == 2 * TPB
 
 
+def test_finishing_output_reports_cached_tokens(make_engine: EngineFactory) -> None:
+    """What the worker reports per request (hit rate per node): reused prompt tokens."""
+    engine = make_engine(enable_block_reuse=True, chunk_size=32)
+    prompt = _tokens(2 * TPB + 1, seed=18)
+    finals = []
+    for _ in range(2):
+        engine.add_request(prompt, GREEDY)
+        while engine.has_unfinished():
+            finals += [o for o in engine.step() if o.finished]
+    assert [o.num_cached_tokens for o in finals] == [0, 2 * TPB]
+
+
 def test_snapshot_eviction_falls_back_to_an_earlier_or_no_match(
     make_engine: EngineFactory,
 ) -> None:

@@ -394,7 +394,15 @@ class ReferenceEngine(ConnectorHost):
         if reason is None:
             return RequestOutput(req.request_id, [token])
         self._finish(req)
-        return RequestOutput(req.request_id, [token], True, reason, None, req.num_connector_tokens)
+        return RequestOutput(
+            req.request_id,
+            [token],
+            True,
+            reason,
+            None,
+            req.num_connector_tokens,
+            req.num_cached_tokens,
+        )
 
     def _finish(self, req: LlmRequest) -> None:
         """End of generation: ask the connector whether blocks stay pinned for a save."""

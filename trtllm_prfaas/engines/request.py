@@ -63,6 +63,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "length", "stop", "aborted", "error"
     error: PrfaasError | None = None
     num_connector_tokens: int = 0  # on the finishing output: prompt tokens the connector supplied
+    num_cached_tokens: int = 0  # on the finishing output: prompt tokens reused from the cache
 
 
 @dataclass
