@@ -104,11 +104,22 @@ def choose_prefill_node(nodes: Iterable[NodeView]) -> NodeView | None:
 
 
 def choose_decode_node(nodes: Iterable[NodeView]) -> NodeView | None:
-    """Most free decode slots, then fewest queued, then id; ``None`` if no usable node."""
+    """Among nodes with a free slot the one caching the longest prefix of the request (its
+    own cached prefix need not cross the link again), then most free decode slots, then fewest
+    queued, then id; ``None`` if no usable node. With no prefix anywhere: most free slots."""
     usable = _usable(nodes)
     if not usable:
         return None
-    return min(usable, key=lambda n: (-n.free_decode_slots, n.queue_depth, n.node_id))
+    return min(
+        usable,
+        key=lambda n: (
+            n.free_decode_slots <= 0,
+            -n.prefix_tokens,
+            -n.free_decode_slots,
+            n.queue_depth,
+            n.node_id,
+        ),
+    )
 
 
 def _scarce(prompt: int, pfx_prfaas: int, pfx_pd: int, t: float) -> Placement:

@@ -10,7 +10,8 @@ pool and every node with a non-zero prefix match for this request (a small route
 pass every node). With that contract the decision equals the one over the full pool, and a
 1,250-instance simulation stays O(log n) per request.
 
-Decode: if ``pd_decode`` is non-empty the decision names the decode node (most free slots, see
+Decode: if ``pd_decode`` is non-empty the decision names the decode node (a free slot and the
+longest cached prefix, then most free slots, see
 :func:`~trtllm_prfaas.policy.placement.choose_decode_node`); the router reserves a slot there
 before prefill. An empty ``pd_decode`` means the caller assigns decode slots itself (the
 simulator models the decode tier as one pool of slots) and ``decode_node_id`` is ``None``.

@@ -14,15 +14,23 @@ a lost worker is out of routing. With ``--discovery`` workers also come and go a
 (``add``/``remove``, driven by ``router/discovered.py``). Load-report silence for
 ``STALE_AFTER_S`` is the last resort (a worker whose connection stays up but that reports
 nothing: a wedged process).
+
+Prefix caches: ``prefix`` (``router/prefix_tracker.py``) follows the workers that keep one,
+with the same membership (a worker is followed from ``add``/``on_info``/``rejoin``, its view
+empty, until ``remove``/``mark_lost``). ``view(now, hashes)`` gives each node the prefix of
+this request it holds (``hashes``: the prompt's block hashes, ``prefix.hashes_for``, computed
+once per request), so ``policy.route`` places it by its incremental length.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from trtllm_prfaas.policy.placement import NodeView
 from trtllm_prfaas.policy.route import ClusterView
+from trtllm_prfaas.router.prefix_tracker import PrefixTracker
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["ClusterState", "WorkerState"]
@@ -75,14 +83,21 @@ class WorkerState:
 @dataclass
 class ClusterState:
     workers: dict[str, WorkerState] = field(default_factory=dict)
+    prefix: PrefixTracker = field(default_factory=PrefixTracker)
 
     def add(self, worker: WorkerState) -> None:
         self.workers[worker.name] = worker
+        self.prefix.add(worker.name, worker.info)
 
     def remove(self, name: str) -> WorkerState | None:
         """Forget worker ``name`` (it deregistered, or its lease expired); None if unknown.
         Requests already holding its state finish against the detached object."""
+        self.prefix.remove(name)
         return self.workers.pop(name, None)
+
+    def on_kv_events(self, name: str, message: p.KvEvents) -> bool:
+        """A worker's KV cache events: applied to its view; False if it is not followed."""
+        return name in self.workers and self.prefix.apply(name, message)
 
     def on_report(self, name: str, report: p.LoadReport) -> None:
         worker = self.workers.get(name)
@@ -95,6 +110,7 @@ class ClusterState:
         worker = self.workers.get(name)
         if worker is not None:
             worker.info, worker.report, worker.reported_at = info, None, time.monotonic()
+            self.prefix.add(name, info)  # a new engine (role change, restart): its cache is empty
 
     def mark_lost(self, name: str) -> bool:
         """Take worker ``name`` out of routing (its connection died); its last load report is
@@ -103,6 +119,7 @@ class ClusterState:
         if worker is None or worker.is_lost:
             return False
         worker.is_lost, worker.report = True, None
+        self.prefix.remove(name)
         return True
 
     def rejoin(self, name: str, info: p.WorkerInfo) -> bool:
@@ -116,8 +133,9 @@ class ClusterState:
         worker.is_lost = False
         return True
 
-    def view(self, now: float) -> ClusterView:
-        """Live workers by pool, in ``workers`` order (one pass: it runs once per request)."""
+    def view(self, now: float, hashes: Sequence[int] = ()) -> ClusterView:
+        """Live workers by pool, in ``workers`` order (one pass: it runs once per request),
+        each with the prefix of the prompt whose block ``hashes`` are given that it holds."""
         prfaas: list[NodeView] = []
         pd_prefill: list[NodeView] = []
         pd_decode: list[NodeView] = []
@@ -125,10 +143,13 @@ class ClusterState:
             if not w.is_live(now):
                 continue
             role = w.info.role
+            if role not in ("prefill", "decode") or (role == "decode" and w.is_prfaas):
+                continue
+            node = w.view(self.prefix.prefix_tokens(w.name, hashes, now))
             if role == "prefill":
-                (prfaas if w.is_prfaas else pd_prefill).append(w.view())
-            elif role == "decode" and not w.is_prfaas:
-                pd_decode.append(w.view())
+                (prfaas if w.is_prfaas else pd_prefill).append(node)
+            else:
+                pd_decode.append(node)
         return ClusterView(tuple(prfaas), tuple(pd_prefill), tuple(pd_decode))
 
     def decode_capacity(self) -> int:

@@ -297,7 +297,8 @@ class Handoff:
         offload): loud."""
         if not flight.decision.is_remote:
             return  # a failed prefill leg (no relay at all) counts as recomputed too
-        relayed = message.num_connector_tokens >= flight.prompt_tokens
+        # With block reuse the decode node supplies its cached prefix itself and claims the rest
+        relayed = message.num_connector_tokens + message.num_cached_tokens >= flight.prompt_tokens
         if self.metrics:
             self.metrics.record_relay_outcome("relayed" if relayed else "recomputed")
         if relayed:

@@ -12,7 +12,8 @@ drain is scheduled if messages became readable meanwhile.
 
 Delivery: ``Tokens`` to the request's inbox in ``flights`` (dropped if the request is gone),
 ``WorkerInfo`` to the future in ``info_waiters`` (the answer to ``Ping`` or ``SetRole``),
-``LoadReport`` to the cluster state and the metrics; ``TransferDone`` is dropped. A message that
+``LoadReport`` to the cluster state and the metrics, ``KvEvents`` to the cluster state's prefix
+index (``ClusterState.on_kv_events``); ``TransferDone`` is dropped. A message that
 cannot be delivered is logged and ends whoever waits on it (its request gets an error ``Tokens``,
 an info waiter the exception); the drain goes on with the next message.
 
@@ -299,6 +300,8 @@ class WorkerLinks:
             if name in self.cluster.workers:
                 self.cluster.on_report(name, message)
                 self._export_load(name, message)
+        elif isinstance(message, p.KvEvents):
+            self.cluster.on_kv_events(name, message)
         elif isinstance(message, p.WorkerInfo):
             self._on_info(name, message)
         # TransferDone: nothing waits on it (a request ends with the decode node's tokens)
@@ -340,6 +343,14 @@ class WorkerLinks:
         if self.metrics is None:
             return
         self.metrics.set_worker_load(name, report.queue_depth, report.num_free_slots)
+        if report.num_prefix_queries:
+            self.metrics.set_worker_prefix_cache(
+                name,
+                report.num_prefix_query_tokens,
+                report.num_prefix_reused_tokens,
+                report.num_cached_blocks,
+                report.num_block_evictions,
+            )
         delta = report.relay_bytes_sent - self._relay_bytes.get(name, 0)
         if delta > 0:
             self._relay_bytes[name] = report.relay_bytes_sent

@@ -131,6 +131,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             "relay_recomputed": 0,
             "rerouted": 0,
             "slot_refused": 0,  # decode slots a worker refused (another node was asked)
+            "cache_move_skipped": 0,  # abundant-bandwidth moves decided but not done (item 5)
         }
         self._links = WorkerLinks(
             self.cluster,
@@ -397,10 +398,12 @@ class DisaggregatedOrchestrator(Orchestrator):
     def _route(self, request: GenerateRequest) -> RouteDecision:
         now = time.monotonic()
         view = RequestView(request.request_id, len(request.prompt_token_ids))
-        state, snapshot = self.control.policy, self.cluster.view(now)
+        hashes = self.cluster.prefix.hashes_for(request.prompt_token_ids)  # once per request
+        state, snapshot = self.control.policy, self.cluster.view(now, hashes)
         decision = route(view, snapshot, state, now)
         if decision.decode_node_id is None:
             raise errors.AdmissionRejected("no decode node is available")
+        self._note_prefix(decision, hashes, now)
         self.route_log.append(RouteRecord(now, view, snapshot, state, decision))
         self.control.on_routed(decision, view.prompt_tokens, request.max_tokens)
         self.counters["remote" if decision.is_remote else "local"] += 1
@@ -413,6 +416,40 @@ class DisaggregatedOrchestrator(Orchestrator):
             prefill=decision.prefill_node_id,
             decode=decision.decode_node_id,
             tokens=len(request.prompt_token_ids),
+            prefix=decision.prefix_tokens,
             threshold=decision.threshold_tokens,
         )
         return decision
+
+    def _note_prefix(self, decision: RouteDecision, hashes: list[int], now: float) -> None:
+        """After a decision: approximate nodes remember the prompt (both legs cache it), and
+        the metrics count the prefix reused. A ``cache_move`` (abundant bandwidth, the longer
+        prefix in the other cluster) is not carried out yet (issue 15 item 5): the prefill
+        node recomputes what it lacks, so it is counted and logged."""
+        prefix = self.cluster.prefix
+        names = (decision.prefill_node_id, decision.decode_node_id or "")
+        prefix.record_routed(names, hashes, now)
+        if decision.cache_move is not None:
+            self.counters["cache_move_skipped"] += 1
+            log.info("cache_move_skipped", request_id=decision.request_id,
+                     tokens=decision.cache_move.tokens,
+                     source=decision.cache_move.source.value)  # fmt: skip
+        if self.metrics is None:
+            return
+        route_name = "remote" if decision.is_remote else "local"
+        prompt = decision.incremental_tokens + decision.prefix_tokens
+        own = prompt - decision.incremental_tokens if decision.cache_move is None else 0
+        is_approximate = prefix.is_approximate(decision.prefill_node_id)
+        self.metrics.record_routed_prefix(route_name, prompt, own, is_approximate)
+        stats = prefix.stats()
+        if stats is not None:
+            approximate = {name for name in stats.blocks_per_node if prefix.is_approximate(name)}
+            counts = {
+                "events": stats.num_events,
+                "resyncs": stats.num_resyncs,
+                "lookups": stats.num_lookups,
+                "approximate_lookups": stats.num_approximate_lookups,
+                "unreachable_blocks": stats.num_unreachable_blocks,
+                "expired_blocks": stats.num_expired_blocks,
+            }
+            self.metrics.set_prefix_index(stats.blocks_per_node, approximate, counts)

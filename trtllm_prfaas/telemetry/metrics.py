@@ -103,6 +103,89 @@ class RouterMetrics:
         self._init_relay_and_workers(registry)
         self._init_control(registry)
         self._init_replicas(registry)
+        self._init_prefix(registry)
+
+    def _init_prefix(self, registry: CollectorRegistry) -> None:
+        """Prefix caches: the workers' own counters (from their load reports, totals since
+        their engine started) and the router's prefix index and routing."""
+        self.worker_prefix_hit_rate = Gauge(
+            "prfaas_worker_prefix_hit_rate",
+            "Share of a worker's prompt tokens served from its prefix cache (block reuse on)",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_prefix_reused_tokens = Gauge(
+            "prfaas_worker_prefix_reused_tokens",
+            "Prompt tokens a worker served from its prefix cache since its engine started",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_prefix_cached_blocks = Gauge(
+            "prfaas_worker_prefix_cached_blocks",
+            "Named (reusable) KV blocks in a worker's pool",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_prefix_evictions = Gauge(
+            "prfaas_worker_prefix_evictions",
+            "Cached blocks a worker evicted (LRU) since its engine started",
+            ["worker"],
+            registry=registry,
+        )
+        self.prefix_index_blocks = Gauge(
+            "prfaas_prefix_index_blocks",
+            "Blocks the router's prefix index holds per worker; mode=approximate: guessed from "
+            "the router's own routing (the worker reports no KV cache events)",
+            ["worker", "mode"],
+            registry=registry,
+        )
+        self.prefix_index_counts = Gauge(
+            "prfaas_prefix_index_count",
+            "Prefix index totals since the router started: events applied, resyncs (a worker's "
+            "view cleared after lost events), lookups and approximate lookups",
+            ["what"],
+            registry=registry,
+        )
+        self.routed_prompt_tokens = Counter(
+            "prfaas_routed_prompt_tokens",
+            "Prompt tokens routed, by route, and how many of them the chosen prefill node held "
+            "(kind=prefix; mode=approximate when that node's holding was guessed)",
+            ["route", "kind", "mode"],
+            registry=registry,
+        )
+
+    def set_worker_prefix_cache(
+        self,
+        worker: str,
+        query_tokens: int,
+        reused_tokens: int,
+        cached_blocks: int,
+        evictions: int,
+    ) -> None:
+        """A worker's prefix-cache counters from its load report."""
+        rate = reused_tokens / query_tokens if query_tokens else 0.0
+        self.worker_prefix_hit_rate.labels(worker=worker).set(rate)
+        self.worker_prefix_reused_tokens.labels(worker=worker).set(reused_tokens)
+        self.worker_prefix_cached_blocks.labels(worker=worker).set(cached_blocks)
+        self.worker_prefix_evictions.labels(worker=worker).set(evictions)
+
+    def set_prefix_index(
+        self, blocks_per_node: dict[str, int], approximate: set[str], counts: dict[str, int]
+    ) -> None:
+        """The prefix index's size per followed worker and its totals (``counts`` by name)."""
+        self.prefix_index_blocks.clear()  # a worker no longer followed leaves no stale gauge
+        for worker, num_blocks in blocks_per_node.items():
+            mode = "approximate" if worker in approximate else "exact"
+            self.prefix_index_blocks.labels(worker=worker, mode=mode).set(num_blocks)
+        for what, value in counts.items():
+            self.prefix_index_counts.labels(what=what).set(value)
+
+    def record_routed_prefix(
+        self, route: str, prompt_tokens: int, prefix_tokens: int, is_approximate: bool
+    ) -> None:
+        mode = "approximate" if is_approximate else "exact"
+        self.routed_prompt_tokens.labels(route=route, kind="prompt", mode=mode).inc(prompt_tokens)
+        self.routed_prompt_tokens.labels(route=route, kind="prefix", mode=mode).inc(prefix_tokens)
 
     def _init_relay_and_workers(self, registry: CollectorRegistry) -> None:
         self.relay_bytes = Counter(
@@ -267,6 +350,14 @@ class RouterMetrics:
             self.relay_goodput_gbps.remove(worker)
         with contextlib.suppress(KeyError):
             self.worker_up.remove(worker)
+        for gauge in (
+            self.worker_prefix_hit_rate,
+            self.worker_prefix_reused_tokens,
+            self.worker_prefix_cached_blocks,
+            self.worker_prefix_evictions,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(worker)
 
 
 class DiscoveryMetrics:

@@ -107,6 +107,18 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument(
+        "--enable-block-reuse",
+        action="store_true",
+        help="keep a prefix cache (TensorRT-LLM's enable_block_reuse) and publish its KV cache "
+        "events to routers for cache-aware routing",
+    )
+    parser.add_argument(
+        "--max-cached-blocks",
+        type=int,
+        default=None,
+        help="with --enable-block-reuse: unreferenced cached blocks kept (LRU; default the pool)",
+    )
     parser.add_argument("--num-threads", type=int, default=2, help="torch threads of the engine")
     parser.add_argument("--fallback", choices=["recompute", "fail"], default="recompute")
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
@@ -228,6 +240,8 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         chunk_size=chunk,
         max_num_tokens=max(chunk, 4096),
         num_threads=args.num_threads,
+        enable_block_reuse=args.enable_block_reuse,
+        max_cached_blocks=args.max_cached_blocks,
     )
     if args.engine == "triton" and args.curve_keys is None:
         # Never used: this process opens no relay socket (Triton's connector does the relay,
@@ -335,7 +349,7 @@ def _record_of(server: WorkerServer, args: argparse.Namespace) -> Callable[[], W
         return WorkerRecord(
             name=config.worker_id,
             cluster=config.cluster,
-            role=server.role.value,
+            role=server.role,
             is_prfaas=is_prfaas,
             control_endpoint=control,
             relay_endpoint=server.relay_endpoint,

@@ -17,6 +17,15 @@ Over a remote Triton engine (``WorkerConfig.triton``) the connector runs inside 
 posts plans to the connector's plan endpoint and answers transfer-status queries from it, a
 prefill sends no ``TransferDone``, and the role is fixed by the Triton deployment (``SetRole`` to
 another role is answered with the current ``WorkerInfo``).
+
+Prefix cache. With block reuse on (``EngineConfig.enable_block_reuse``, ``prfaas worker
+--enable-block-reuse``) the worker says so in ``WorkerInfo.prefix_cache = "events"`` and, with
+every load report, drains the engine's KV cache events and sends them to every router it knows
+(``KvEvents``, split into messages of at most ``MAX_KV_EVENTS_PER_MESSAGE`` events; the ids run
+on across messages, so a router that misses one sees the gap and resyncs that node). The load
+report carries the cache's counters (queries, reused tokens, cached blocks, evictions). A Triton
+worker says ``"approximate"``: TensorRT-LLM reuses blocks inside Triton, but no events reach
+this process, so routers guess from their own routing history.
 """
 
 from __future__ import annotations
@@ -34,8 +43,11 @@ from zmq.utils.monitor import recv_monitor_message
 from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
 from trtllm_prfaas.engines.base import describe
+from trtllm_prfaas.engines.engine import ReferenceEngine
+from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
+from trtllm_prfaas.kv.events import KvEventBatch
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus, RelaySecurity
 from trtllm_prfaas.transport.security import ServerAuth, secure_server
@@ -71,6 +83,7 @@ class _Tracked:
     deadline: float
     verify: p.Submit | None = None  # a remote decode with a plan: check its load at 1st output
     num_relayed_tokens: int = 0  # what a remote connector reported loading (on finish)
+    num_cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,7 @@ class WorkerServer:
 
     def info(self) -> p.WorkerInfo:
         engine = describe(self.engine)
+        mode, layout, dtype = self._prefix_cache_info()
         return p.WorkerInfo(
             self.config.worker_id,
             self.role.value,
@@ -209,7 +223,19 @@ class WorkerServer:
             self.relay_endpoint,
             kv_bytes_per_token=engine.kv_bytes_per_token,
             kv_state_bytes=engine.kv_state_bytes,
+            prefix_cache=mode,
+            kv_layout=layout,
+            kv_dtype=dtype,
         )
+
+    def _prefix_cache_info(self) -> tuple[str, str, str]:
+        """``WorkerInfo``'s prefix cache, kv_layout, kv_dtype (see the module docstring)."""
+        if self.config.triton is not None:
+            return "approximate", "", ""
+        if not self.config.engine.enable_block_reuse:
+            return "", "", ""
+        key = cache_key_for(self.config.engine.model)
+        return "events", key.layout, key.dtype
 
     # ---------------------------------------------------------------------- control plane
     def _poll_control(self, timeout_s: float) -> None:
@@ -382,6 +408,7 @@ class WorkerServer:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+            self._note_cached_tokens()
         except Exception as exc:  # a broken iteration: end every request it touched, go on
             log.error("engine_step_failed", error=repr(exc))
             for request_id in list(self._requests):
@@ -390,6 +417,19 @@ class WorkerServer:
         for out in outputs:
             self._emit(out)
         self._emit_transfer_results()
+
+    def _note_cached_tokens(self) -> None:
+        """Each running request's prompt tokens reused from the prefix cache (decided at its
+        admission; reported on its finishing ``Tokens``). A request admitted and finished in
+        one step is missed (it reports 0)."""
+        engine = self.engine
+        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
+            return
+        for engine_id, req in engine.running.items():
+            request_id = self._by_engine_id.get(engine_id)
+            tracked = self._requests.get(request_id) if request_id else None
+            if tracked is not None:
+                tracked.num_cached_tokens = req.num_cached_tokens
 
     def _emit(self, out: RequestOutput) -> None:
         request_id = self._by_engine_id.get(out.request_id)
@@ -407,6 +447,7 @@ class WorkerServer:
             type(error).__name__ if error else "",
             str(error) if error else "",
             max(out.num_connector_tokens, tracked.num_relayed_tokens),
+            tracked.num_cached_tokens if out.finished else 0,
         )
         if out.finished:
             self._forget(request_id)
@@ -541,9 +582,39 @@ class WorkerServer:
             relay_goodput_gbps=max((link.goodput_gbps for link in links), default=0.0),
             is_draining=self._role_change is not None,
             role=self.role.value,
+            **self._prefix_cache_counters(),
         )
         for identity in self._routers:
             self._send(identity, report)
+        self._publish_kv_events()
+
+    def _prefix_cache_counters(self) -> dict[str, int]:
+        engine = self.engine
+        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
+            return {}
+        cache = engine.prefix_cache.stats
+        return {
+            "num_prefix_queries": cache.num_queries,
+            "num_prefix_query_tokens": cache.num_query_tokens,
+            "num_prefix_reused_tokens": cache.num_reused_tokens,
+            "num_cached_blocks": engine.blocks.num_cached,
+            "num_block_evictions": engine.blocks.num_evictions,
+        }
+
+    def _publish_kv_events(self) -> None:
+        """The engine's KV cache events since the last report, to every router (bounded
+        messages; the first carries the dropped count)."""
+        engine = self.engine
+        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
+            return
+        batch = engine.drain_kv_events()
+        step = p.MAX_KV_EVENTS_PER_MESSAGE
+        for start in range(0, max(len(batch.events), 1 if batch.dropped else 0), step):
+            dropped = 0 if start else batch.dropped
+            part = KvEventBatch(batch.events[start : start + step], dropped)
+            message = p.KvEvents(self.config.worker_id, batch=part)
+            for identity in self._routers:
+                self._send(identity, message)
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:
