@@ -15,6 +15,7 @@ from tests.builders import tiny_model
 from tests.conftest import EngineFactory
 from tests.connector.fakes import CallLog, RecordingScheduler, RecordingWorker
 from trtllm_prfaas.connector.base import ConnectorPair
+from trtllm_prfaas.engines.base import SupportsKvEvents
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
@@ -183,6 +184,7 @@ def test_kv_events_shape_and_overflow(make_engine: EngineFactory) -> None:
 
 def test_created_event_and_no_events_without_reuse(make_engine: EngineFactory) -> None:
     on = make_engine(enable_block_reuse=True)
+    assert isinstance(on, SupportsKvEvents)
     assert isinstance(on.drain_kv_events().events[0].data, KvCacheCreated)
     off = make_engine()
     off.generate([_tokens(3 * TPB, seed=1)], GREEDY)

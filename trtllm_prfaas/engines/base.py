@@ -22,6 +22,8 @@
 ``has_unfinished()``, ``waiting`` / ``running`` (sized), ``slots.num_free``,
 ``blocks.num_available``, ``connector`` (a ``ConnectorPair`` hosted in this process, or None when
 the connector lives elsewhere, e.g. inside TensorRT-LLM's workers), ``config``.
+Optional capability ``SupportsKvEvents`` (``drain_kv_events() -> KvEventBatch``): the engine's
+prefix cache reports stored and removed blocks for the router's prefix index.
 
 ``describe(engine) -> EngineDescriptor`` is what a worker advertises about its engine (model id,
 lengths, pool and batch sizes, KV bytes): an engine's own ``descriptor`` when it has one (remote
@@ -49,6 +51,7 @@ from trtllm_prfaas.errors import AdmissionRejected, InvalidRequestError
 
 if TYPE_CHECKING:
     from trtllm_prfaas.connector.plans import Plan
+    from trtllm_prfaas.kv.events import KvEventBatch
 
 __all__ = [
     "BlocksView",
@@ -57,6 +60,7 @@ __all__ = [
     "LoopBridge",
     "RemoteFlights",
     "SlotsView",
+    "SupportsKvEvents",
     "describe",
     "remaining_s",
 ]
@@ -109,6 +113,17 @@ class Engine(Protocol):
     def abort(self, request_id: int) -> RequestOutput | None: ...
 
     def has_unfinished(self) -> bool: ...
+
+
+@runtime_checkable
+class SupportsKvEvents(Protocol):
+    """An engine whose prefix cache reports KV cache events (``ReferenceEngine``: nothing to
+    report unless ``enable_block_reuse``; see ``kv/events.py``). The worker drains after each
+    ``step()``, on the thread that steps the engine, and publishes the batch; the router feeds
+    it to ``router.prefix_index.PrefixIndex.apply``. Engines without it are indexed
+    approximately."""
+
+    def drain_kv_events(self) -> KvEventBatch: ...
 
 
 @dataclass(frozen=True)
