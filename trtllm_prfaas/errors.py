@@ -3,7 +3,9 @@
     PrfaasError
      ├── ConfigError          bad configuration (file, flags, dataclass validation)
      ├── InvalidRequestError  bad input from a client: empty prompt, too long, bad token ids
+     ├── ModelNotFound        the request names a model (or version) this server does not serve
      ├── AdmissionRejected    the system cannot take the request now (pool exhausted, no slot)
+     │    └── NotReady        the server is not serving yet (or any more)
      ├── EngineError          an engine failed while running a request
      ├── DeadlineExceeded     a request or one of its legs ran past its deadline
      ├── ConnectorError       a KV cache connector broke its contract or failed a transfer
@@ -13,6 +15,8 @@
      └── DependencyMissing    an optional dependency is not installed (says what to install)
 
 Low-level errors (zmq, torch, OS) are translated at one boundary with ``raise ... from exc``.
+How each one crosses the wire (its kind name) and which gRPC and HTTP status it ends with is
+one table, ``vocabulary.ERROR_KINDS``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ __all__ = [
     "DependencyMissing",
     "EngineError",
     "InvalidRequestError",
+    "ModelNotFound",
+    "NotReady",
     "PrfaasError",
     "TransferTimeout",
     "TransportError",
@@ -44,8 +50,17 @@ class InvalidRequestError(PrfaasError):
     """A request is malformed; the message names what was wrong."""
 
 
+class ModelNotFound(PrfaasError):
+    """The request names a model (or version) this server does not serve."""
+
+
 class AdmissionRejected(PrfaasError):
     """The request is valid but cannot be admitted now (no blocks, no slot)."""
+
+
+class NotReady(AdmissionRejected):
+    """The server is not serving yet (or any more): the OpenAI door's 503, not the 429 of a
+    full one."""
 
 
 class EngineError(PrfaasError):

@@ -30,7 +30,6 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from trtllm_prfaas.connector.device import DeviceEvent
@@ -39,6 +38,7 @@ from trtllm_prfaas.errors import ConfigError, TransportError
 from trtllm_prfaas.kv.hashing import CacheKey, prefix_hash
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import RelayConfig, RelayReceiver, RelaySecurity, RelaySender
+from trtllm_prfaas.vocabulary import Role
 
 __all__ = [
     "PrfaasConnectorConfig",
@@ -53,11 +53,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-
-class Role(Enum):
-    PREFILL = "prefill"  # exports KV: runs prompts with max_tokens=1 and streams their KV out
-    DECODE = "decode"  # imports KV: claims relayed prefixes, then decodes
 
 
 @dataclass(frozen=True)

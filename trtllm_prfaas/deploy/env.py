@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+
+from trtllm_prfaas.vocabulary import Role
 
 __all__ = [
     "ENV_PREFIX",
@@ -31,11 +32,9 @@ ENV_PREFIX = "TRTLLM_PRFAAS_"
 _REFERENCE = re.compile(r"\bTRTLLM_PRFAAS_[A-Z0-9_]*[A-Z0-9]\b")
 
 
-class DeployRole(Enum):
-    """Which side of the relay a Triton deployment is."""
-
-    PREFILL = "prefill"  # PrfaaS cluster: prefills with max_tokens=1, sends KV layer by layer
-    DECODE = "decode"  # local PD cluster: receives the relayed KV, claims it, decodes
+DeployRole = Role  # which side of the relay a Triton deployment is (``vocabulary.Role``):
+# prefill in the PrfaaS cluster (max_tokens=1, KV sent layer by layer), decode in the local PD
+# cluster (receives the relayed KV, claims it, decodes)
 
 
 _BOTH = frozenset(DeployRole)

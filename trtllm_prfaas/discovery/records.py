@@ -7,7 +7,8 @@ routers reach it. Load, queues and relay goodput stay on the ZeroMQ control plan
 reads the rest of ``WorkerInfo`` from the worker itself after it connects).
 
 Decoding is strict: JSON types are not coerced, a required field missing, a role other than
-``prefill``/``decode``, a PrfaaS decode worker, an endpoint that is not ``tcp://HOST:PORT``, or
+``prefill``/``decode`` (``vocabulary.Role``; the error names it), a PrfaaS decode worker, an
+endpoint that is not ``tcp://HOST:PORT``, or
 a record whose name or cluster disagrees with its key is refused with :class:`BadRecord`, and the
 reader (``router/discovered.py``) logs it and counts it instead of routing to it. Unknown fields
 are accepted so a newer worker can add some without breaking older routers.
@@ -20,6 +21,7 @@ import re
 import msgspec
 
 from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.vocabulary import Role, role_field
 
 __all__ = ["RECORD_VERSION", "BadRecord", "WorkerRecord", "decode_record", "encode_record"]
 
@@ -35,12 +37,15 @@ class BadRecord(ConfigError):
 class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     name: str  # unique in its cluster; the router's name for the worker
     cluster: str
-    role: str  # "prefill" or "decode"
+    role: str  # a Role once constructed or decoded
     is_prfaas: bool  # a member of a PrfaaS (remote prefill) cluster
     control_endpoint: str  # tcp://HOST:PORT as routers reach it (never a wildcard host)
     relay_endpoint: str = ""  # decode: its relay receiver (informational; WorkerInfo rules)
     model_id: str = ""
     version: int = RECORD_VERSION
+
+    def __post_init__(self) -> None:
+        role_field(self, "role")
 
 
 _decoder = msgspec.json.Decoder(WorkerRecord, strict=True)
@@ -73,9 +78,7 @@ def check_record(record: WorkerRecord) -> None:
         raise BadRecord(f"version {record.version} < 1")
     if not record.name or not record.cluster or "/" in record.name + record.cluster:
         raise BadRecord(f"name {record.name!r} / cluster {record.cluster!r}: empty or has '/'")
-    if record.role not in ("prefill", "decode"):
-        raise BadRecord(f"role {record.role!r}: expected 'prefill' or 'decode'")
-    if record.is_prfaas and record.role != "prefill":
+    if record.is_prfaas and record.role != Role.PREFILL:
         raise BadRecord(f"{record.name}: a PrfaaS worker must be a prefill worker")
     match = _ENDPOINT.fullmatch(record.control_endpoint)
     if match is None or not 0 < int(match.group(2)) < 65536:

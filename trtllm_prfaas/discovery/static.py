@@ -25,6 +25,7 @@ from trtllm_prfaas.discovery.membership import (
 )
 from trtllm_prfaas.discovery.records import WorkerRecord, encode_record
 from trtllm_prfaas.errors import ConfigError
+from trtllm_prfaas.vocabulary import parse_role
 
 __all__ = ["StaticMembership"]
 
@@ -46,7 +47,7 @@ class StaticMembership(Membership):
             record = WorkerRecord(
                 name=f"{cluster}-{role}-{i}",
                 cluster=cluster,
-                role=role,
+                role=parse_role(role, f"worker {cluster}/{role}"),
                 is_prfaas=is_prfaas,
                 control_endpoint=endpoint,
             )

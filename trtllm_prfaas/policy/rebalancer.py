@@ -41,6 +41,7 @@ from enum import Enum
 
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy.placement import NodeView
+from trtllm_prfaas.vocabulary import Role
 
 __all__ = [
     "RebalanceAction",
@@ -54,13 +55,6 @@ __all__ = [
     "initial_rebalancer_state",
     "step_rebalancer",
 ]
-
-
-class Role(Enum):
-    """Role of a local PD node."""
-
-    PREFILL = "prefill"
-    DECODE = "decode"
 
 
 class RebalanceAction(Enum):

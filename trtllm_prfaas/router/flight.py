@@ -41,7 +41,6 @@ from typing import Any
 
 from msgspec.structs import replace
 
-from trtllm_prfaas import errors
 from trtllm_prfaas.engines.tokenizer import ByteTokenizer, Tokenizer
 from trtllm_prfaas.errors import PrfaasError, WorkerLost
 from trtllm_prfaas.policy.route import RouteDecision
@@ -52,6 +51,7 @@ from trtllm_prfaas.router.detokenize import IncrementalDetokenizer
 from trtllm_prfaas.router.links import WorkerLinks
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.vocabulary import error_from_wire, is_kind
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["Flight", "Handoff"]
@@ -347,10 +347,9 @@ def _submit_to(
 
 
 def _is_lost(message: p.Tokens) -> bool:
-    return message.error_kind == WorkerLost.__name__
+    return is_kind(message.error_kind, WorkerLost)
 
 
 def _error(message: p.Tokens) -> PrfaasError:
-    kind = getattr(errors, message.error_kind, errors.EngineError)
-    cls = kind if isinstance(kind, type) and issubclass(kind, PrfaasError) else errors.EngineError
-    return cls(message.error_message or message.error_kind)
+    return error_from_wire(message.error_kind, message.error_message,
+                           request_id=message.request_id)  # fmt: skip

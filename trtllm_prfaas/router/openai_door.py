@@ -50,19 +50,16 @@ from starlette.responses import Response, StreamingResponse
 
 from trtllm_prfaas.engines.tokenizer import Tokenizer
 from trtllm_prfaas.errors import (
-    AdmissionRejected,
     ConfigError,
-    DeadlineExceeded,
-    InvalidRequestError,
+    ModelNotFound,
+    NotReady,
     PrfaasError,
     TransferTimeout,
-    WorkerLost,
 )
 from trtllm_prfaas.router.api import Orchestrator
 from trtllm_prfaas.router.openai_protocol import (
     ChatPrompt,
     FieldError,
-    ModelNotFound,
     OpenAIRequest,
     ParseContext,
     StopCutter,
@@ -71,6 +68,7 @@ from trtllm_prfaas.router.openai_protocol import (
 )
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.vocabulary import kind_of
 
 __all__ = ["OPENAI_PORT", "OpenAIConfig", "build_openai_app"]
 
@@ -96,26 +94,12 @@ class RequestCancelled(PrfaasError):
     """The client went away (or the server is stopping) before the request finished."""
 
 
-class NotReady(AdmissionRejected):
-    """The server is not serving yet (or any more): 503, not the 429 of a full one."""
-
-
 # ---------------------------------------------------------------------------- error mapping
 def http_error_for(exc: BaseException) -> tuple[int, str, str | None]:
-    """(HTTP status, OpenAI error ``type``, ``code``) of a failed request."""
-    if isinstance(exc, ModelNotFound):
-        return 404, "invalid_request_error", "model_not_found"
-    if isinstance(exc, InvalidRequestError):
-        return 400, "invalid_request_error", None
-    if isinstance(exc, NotReady):
-        return 503, "server_error", "not_ready"
-    if isinstance(exc, AdmissionRejected):
-        return 429, "rate_limit_error", "no_capacity"
-    if isinstance(exc, WorkerLost):
-        return 503, "server_error", "worker_lost"
-    if isinstance(exc, TransferTimeout | DeadlineExceeded | TimeoutError):
-        return 504, "server_error", "timeout"
-    return 500, "server_error", None
+    """(HTTP status, OpenAI error ``type``, ``code``) of a failed request: its row in
+    ``vocabulary.ERROR_KINDS``, the table the gRPC door's ``status_for`` reads."""
+    kind = kind_of(exc)
+    return kind.http_status, kind.openai_type, kind.openai_code
 
 
 def _error_body(exc: BaseException, status: int, kind: str, code: str | None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ import msgspec
 
 from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 from trtllm_prfaas.engines.tokenizer import Tokenizer
-from trtllm_prfaas.errors import InvalidRequestError, PrfaasError
+from trtllm_prfaas.errors import InvalidRequestError, ModelNotFound
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator
 
 __all__ = [
@@ -85,10 +85,6 @@ class FieldError(InvalidRequestError):
     def __init__(self, message: str, param: str | None) -> None:
         super().__init__(message)
         self.param = param
-
-
-class ModelNotFound(PrfaasError):
-    """The request names a model this server does not serve."""
 
 
 # ------------------------------------------------------------------------------ body schema

@@ -10,10 +10,10 @@ them) and ModelStreamInfer (decoupled: one response per token chunk as tokens ar
 the ``triton_final_response`` parameter, true on the last; a failed request gets one in-stream
 ``error_message``; several requests may share a stream and run concurrently).
 
-Error mapping (one boundary, ``status_for``): bad input -> INVALID_ARGUMENT, unknown model ->
-NOT_FOUND, ``AdmissionRejected`` and ``WorkerLost`` (a worker died under the request) ->
-UNAVAILABLE, ``TransferTimeout`` -> DEADLINE_EXCEEDED, any other failure -> INTERNAL. The
-details name what was wrong; the server keeps serving.
+Error mapping (one boundary, ``status_for``, reading ``vocabulary.ERROR_KINDS``): bad input ->
+INVALID_ARGUMENT, unknown model -> NOT_FOUND, ``AdmissionRejected`` and ``WorkerLost`` (a worker
+died under the request) -> UNAVAILABLE, ``TransferTimeout`` -> DEADLINE_EXCEEDED, any other
+failure -> INTERNAL. The details name what was wrong; the server keeps serving.
 
 Cancellation: a client that cancels (or a server shutdown) cancels the handler task; the
 orchestrator's generator is closed (``aclosing``) and cancels the request in its engines.
@@ -37,19 +37,13 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from trtllm_prfaas.errors import (
-    AdmissionRejected,
-    ConfigError,
-    InvalidRequestError,
-    PrfaasError,
-    TransferTimeout,
-    WorkerLost,
-)
+from trtllm_prfaas.errors import ConfigError, ModelNotFound, PrfaasError
 from trtllm_prfaas.router import kserve
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
 from trtllm_prfaas.router.served_models import Parsed, Reply, ServedModel, served_models
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.vocabulary import kind_of
 
 __all__ = ["FrontDoorConfig", "KServeServicer", "ModelNotFound", "status_for"]
 
@@ -75,21 +69,9 @@ class FrontDoorConfig:
             raise ConfigError("FrontDoorConfig timeouts and sizes must be > 0")
 
 
-class ModelNotFound(PrfaasError):
-    """The request names a model (or version) this server does not serve."""
-
-
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status a failed request ends with."""
-    if isinstance(exc, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, AdmissionRejected | WorkerLost):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, TransferTimeout | TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status a failed request ends with (its row in ``vocabulary.ERROR_KINDS``)."""
+    return grpc.StatusCode[kind_of(exc).grpc_status]
 
 
 @dataclass

@@ -17,24 +17,23 @@ its Triton connector's relay receiver (``advertise_relay``) instead of binding o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 from trtllm_prfaas.connector.base import ConnectorPair
 from trtllm_prfaas.connector.prfaas import PrfaasConnectorScheduler, PrfaasConnectorWorker
-from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime, Role
+from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, PrfaasRuntime
 from trtllm_prfaas.engines.base import Engine
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.triton import TritonEngine, TritonEngineConfig
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+from trtllm_prfaas.vocabulary import Role
 
 __all__ = ["Assembly", "WorkerConfig", "WorkerRole", "assemble", "assemble_triton"]
 
 
-class WorkerRole(Enum):
-    PREFILL = "prefill"  # a PrfaaS-cluster prefill node or a local PD-P node
-    DECODE = "decode"  # a local PD-D node
+WorkerRole = Role  # one vocabulary (``vocabulary.Role``): prefill is a PrfaaS-cluster or local
+# PD-P node, decode a local PD-D node
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ Worker -> router
                       ``WorkerInfo.prefix_cache`` is ``"events"`` send it.
     ``WorkerInfo``    answer to ``Ping``, and after a role change.
 
+Roles are the strings of ``vocabulary.Role`` (``"prefill"``, ``"decode"``); a message naming any
+other role fails to decode (``msgspec.ValidationError`` naming the role), and a decoded role is a
+``Role``. Error kinds are the names in ``vocabulary.ERROR_KINDS``; an unknown one still decodes
+(a newer peer's) and the router reads it as a generic internal error.
+
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
 ``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``, ``KvEvents.batch``,
 ``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``, ``LoadReport``'s prefix-cache
@@ -58,6 +63,7 @@ from __future__ import annotations
 import msgspec
 
 from trtllm_prfaas.kv.events import KvEventBatch
+from trtllm_prfaas.vocabulary import role_field
 
 __all__ = [
     "MAX_KV_EVENTS_PER_MESSAGE",
@@ -112,8 +118,11 @@ class Ping(msgspec.Struct, tag=True, frozen=True):
 
 
 class SetRole(msgspec.Struct, tag=True, frozen=True):
-    role: str  # "prefill" or "decode"
+    role: str  # a Role once constructed or decoded (typed str until every sender passes a Role)
     drain_timeout_s: float = 300.0  # in-flight requests left after this are aborted
+
+    def __post_init__(self) -> None:
+        role_field(self, f"{type(self).__name__}.role")
 
 
 class Tokens(msgspec.Struct, tag=True, frozen=True):
@@ -142,7 +151,11 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     relay_bytes_sent: int = 0
     relay_goodput_gbps: float = 0.0
     is_draining: bool = False  # a role change is pending: send no new requests
-    role: str = ""
+    role: str = ""  # a Role, or "" from a sender that does not say
+
+    def __post_init__(self) -> None:
+        role_field(self, "LoadReport.role", allow_empty=True)
+
     # Prefix cache (block reuse on), totals since the engine started (a role change restarts
     # them): requests that asked the cache, their prompt tokens, the tokens served from it.
     num_prefix_queries: int = 0
@@ -161,7 +174,7 @@ class KvEvents(msgspec.Struct, tag=True, frozen=True):
 
 class WorkerInfo(msgspec.Struct, tag=True, frozen=True):
     worker_id: str
-    role: str
+    role: str  # a Role once constructed or decoded
     cluster: str
     model_id: str
     max_seq_len: int
