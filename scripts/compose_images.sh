@@ -72,19 +72,18 @@ base() {
 }
 
 wheelhouse() {
-    # deps/: the project's runtime dependencies (requirements.txt, from pyproject.toml) as wheels,
-    # fetched again only when pyproject.toml changes. project/: the project's own wheel, rebuilt
-    # every time (its sources are what the testbed runs).
-    local deps=$WHEELHOUSE/deps project=$WHEELHOUSE/project
-    local stamp=$deps/.pyproject-$(sha256sum pyproject.toml | cut -c1-16)
-    if [ ! -e "$stamp" ]; then
+    # deps/: the project's runtime dependencies (requirements.txt, pyproject.toml's list) as
+    # wheels, fetched again only when that list changes (then the image's dependency stage is
+    # rebuilt too). project/: the project's own wheel, rebuilt every time.
+    local deps=$WHEELHOUSE/deps project=$WHEELHOUSE/project wanted
+    wanted=$("$PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))")
+    if [ ! -e "$deps/.complete" ] || [ "$wanted" != "$(cat "$deps/requirements.txt")" ]; then
         rm -rf "$deps"
         mkdir -p "$deps"
-        "$PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-            > "$deps/requirements.txt"
+        printf '%s\n' "$wanted" > "$deps/requirements.txt"
         log "pip wheel: the project's dependencies into $deps"
         quietly "$PIP" wheel --wheel-dir "$deps" --requirement "$deps/requirements.txt"
-        touch "$stamp"
+        touch "$deps/.complete"
     fi
     # Reproducible (fixed zip timestamps): the same sources give the same wheel, and the image
     # build's cache holds (docker hashes COPY'd files' contents).
@@ -95,7 +94,11 @@ wheelhouse() {
 images() {
     base
     wheelhouse
-    docker-compose -f docker/compose.cpu.yml build
+    if docker compose version >/dev/null 2>&1; then
+        docker compose -f docker/compose.cpu.yml build
+    else
+        docker-compose -f docker/compose.cpu.yml build
+    fi
 }
 
 case "${1:-all}" in
