@@ -54,6 +54,9 @@ class TestbedConfig:
     fallback: str = "recompute"
     num_threads: int = 1  # torch threads per worker: 3+ workers share these 2 cores
     tokenizer_dir: str = ""  # a Hugging Face model directory; "": the reference byte tokenizer
+    # Workers keep prefix caches (block reuse) and publish their KV cache events: the router
+    # routes cache-aware (docs/design/prefix_cache.md). Off: as TensorRT-LLM ships hybrid models.
+    enable_block_reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -83,6 +86,8 @@ class TestbedConfig:
         ]
         if self.tokenizer_dir:
             common += ["--tokenizer", self.tokenizer_dir]
+        if self.enable_block_reuse:
+            common.append("--enable-block-reuse")
         pacing = ["--link-gbps", str(self.link_gbps)] if self.link_gbps else []
         specs: dict[str, list[str]] = {}
         for i in range(self.num_pd_decode):

@@ -177,6 +177,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), default=None)
     parser.add_argument("--threshold-tokens", type=int, default=None)
     parser.add_argument(
+        "--enable-block-reuse",
+        action="store_const",
+        const=True,
+        default=None,
+        help="workers keep prefix caches and publish KV cache events (cache-aware routing)",
+    )
+    parser.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
@@ -195,6 +202,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         openai_port=args.openai_port,
         model_preset=args.model_preset,
         threshold_tokens=args.threshold_tokens,
+        enable_block_reuse=args.enable_block_reuse,
         tokenizer_dir=str(args.tokenizer) if args.tokenizer is not None else None,
     )
     if config.http_port is None:

@@ -1,0 +1,33 @@
+"""The switch for prefix caches: ``prfaas worker --enable-block-reuse`` (and ``prfaas up``'s
+``enable_block_reuse`` key) reaches the engine config; off by default."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trtllm_prfaas.testbed.spec import load_testbed_config
+from trtllm_prfaas.worker import command
+
+
+def _worker_args(*extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.add_arguments("worker", parser)
+    return parser.parse_args(["--role", "prefill", "--cluster", "dc", "--plaintext", *extra])
+
+
+def test_worker_flag_turns_block_reuse_on() -> None:
+    assert not command.build_config(_worker_args()).engine.enable_block_reuse
+    config = command.build_config(_worker_args("--enable-block-reuse", "--max-cached-blocks", "9"))
+    assert config.engine.enable_block_reuse and config.engine.max_cached_blocks == 9
+
+
+def test_testbed_key_passes_the_flag_to_every_worker(tmp_path: Path) -> None:
+    assert all(
+        "--enable-block-reuse" not in args
+        for args in load_testbed_config(None).worker_args().values()
+    )
+    path = tmp_path / "testbed.yaml"
+    path.write_text("enable_block_reuse: true\n")
+    workers = load_testbed_config(path).worker_args()
+    assert workers and all("--enable-block-reuse" in args for args in workers.values())
