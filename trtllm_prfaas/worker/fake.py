@@ -67,6 +67,7 @@ class FakeWorkerSpec:
     relay_wait_s: float = 0.0  # a decode leg with a transfer waits this much more (its KV)
     first_token: int | None = None  # a prefill answers this t1 instead of the fake one
     prefill_error: str = ""  # a prefill answers with this error kind instead of t1
+    prefix_cache: str = ""  # WorkerInfo.prefix_cache: "approximate" (reuses, reports nothing)
 
 
 class FakeWorker:
@@ -129,6 +130,7 @@ class FakeWorker:
         return p.WorkerInfo(
             s.name, self.role, s.cluster, "fake", s.max_seq_len, 16, s.num_blocks,
             s.max_num_seqs, relay, kv_bytes_per_token=1024, kv_state_bytes=65536,
+            prefix_cache=s.prefix_cache,
         )  # fmt: skip
 
     async def report(self, **fields: object) -> None:
