@@ -123,6 +123,11 @@ class Scraper:
     def resume(self) -> None:
         self._running.set()
 
+    def latest(self) -> State | None:
+        """The gauges as last scraped (None before the first scrape)."""
+        with self._lock:
+            return self.history[-1][1] if self.history else None
+
     def first(self, predicate: Callable[[State], bool], after: float, timeout_s: float) -> float:
         """When the gauges first satisfied ``predicate`` at or after ``after`` (a state that
         already held then counts from ``after``); RuntimeError past ``timeout_s``."""

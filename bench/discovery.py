@@ -186,6 +186,9 @@ class Stacks:
     def start_decode(self) -> float:
         """Start the discovered decode worker; its join time (put to routable on every replica)."""
         flags = ["--role", "decode", "--cluster", CLUSTER, *self.discovered_worker_flags(DECODE_ID)]
+        assert self.puts is not None
+        while not self.puts.empty():  # earlier events (the killed one's delete, other puts)
+            self.puts.get_nowait()
         self.decode = self.bed.start_workers({DECODE_ID: flags})[DECODE_ID]
         put_at = self.put_time(DECODE_ID)
         up = [scraper.first(lambda st: _up(st, DECODE_ID), put_at, 10.0)
@@ -271,6 +274,8 @@ def fail_over(st: Stacks) -> float:
     followers = [pair for pair in replicas if pair is not leader]
     led = [sc.first(_leads, killed_at, LEADER_TTL_S + 10.0) for _, sc in followers]
     failover_s = min(led) - killed_at
+    survivor = followers[led.index(min(led))][0]
+    _timed_once(survivor.address, st.s)  # the new leader serves (it never stopped to)
     assert st.replicas is not None
     st.replicas.remove(leader)
     leader[1].pause()
@@ -281,7 +286,7 @@ def fail_over(st: Stacks) -> float:
 def _one_leader(replicas: list[tuple[Router, Scraper]]) -> tuple[Router, Scraper]:
     deadline = time.monotonic() + LEADER_TTL_S + 10.0
     while time.monotonic() < deadline:
-        leaders = [pair for pair in replicas if pair[1].history and _leads(pair[1].history[-1][1])]
+        leaders = [pair for pair in replicas if _leads(pair[1].latest() or {})]
         if len(leaders) == 1:
             return leaders[0]
         time.sleep(0.05)
@@ -308,6 +313,14 @@ def alternating_latencies(
         for client in clients.values():
             client.close()
     return latencies
+
+
+def _timed_once(address: str, s: Settings) -> float:
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        return _timed(client, llm_inputs(prompt(s.prompt_tokens), s.max_tokens, False))
+    finally:
+        client.close()
 
 
 def _timed(client: Any, inputs: list[grpcclient.InferInput]) -> float:
