@@ -319,7 +319,8 @@ class Handoff:
             if flight.prefill_first_at is None and num_tokens:
                 flight.prefill_first_at = now
                 is_remote = flight.decision.is_remote
-                self.control.on_prefill(is_remote, flight.prompt_tokens, now - flight.submitted_at)
+                tokens = flight.decision.incremental_tokens  # what it computed (prefix cached)
+                self.control.on_prefill(is_remote, tokens, now - flight.submitted_at)
             return
         if flight.decode_first_at is None and num_tokens:
             flight.decode_first_at = now

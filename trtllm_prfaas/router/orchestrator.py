@@ -405,7 +405,9 @@ class DisaggregatedOrchestrator(Orchestrator):
             raise errors.AdmissionRejected("no decode node is available")
         self._note_prefix(decision, hashes, now)
         self.route_log.append(RouteRecord(now, view, snapshot, state, decision))
-        self.control.on_routed(decision, view.prompt_tokens, request.max_tokens)
+        # The controller's workload is the work prefill does: the incremental (uncached) length,
+        # which is also what routing compares with t (PAPER.md); without caches, the prompt.
+        self.control.on_routed(decision, decision.incremental_tokens, request.max_tokens)
         self.counters["remote" if decision.is_remote else "local"] += 1
         self.decisions.append(decision)
         del self.decisions[:-1000]
