@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import statistics
 import sys
 import tempfile
@@ -451,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need --lease-ttl-s >= 2, --worker-lost-s > 0 and --poll-ms > 0")
     if min(s.num_worker_kills, s.num_failovers, s.num_requests) < 1:
         parser.error("--worker-kills, --failovers and --num-requests must be >= 1")
+    # SIGTERM ends the run as an error would: every process started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run(s)
     if args.json:
         print(json.dumps(result))
