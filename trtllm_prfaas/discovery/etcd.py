@@ -43,7 +43,7 @@ from trtllm_prfaas.discovery.membership import (
 from trtllm_prfaas.errors import ConfigError, DependencyMissing
 from trtllm_prfaas.telemetry.logging import get_logger
 
-__all__ = ["EtcdMembership"]
+__all__ = ["EtcdMembership", "connect_etcd"]
 
 log = get_logger(__name__)
 
@@ -66,6 +66,21 @@ def _pyetcd() -> Any:
     except ImportError as exc:
         raise DependencyMissing("pyetcd", "'etcd-sdk-python==0.0.7'") from exc
     return pyetcd
+
+
+def connect_etcd(
+    endpoints: tuple[tuple[str, int], ...], call_timeout_s: float, retry_s: float
+) -> Any:
+    """A pyetcd client over ``endpoints`` (no I/O until the first call) that reconnects within
+    a second of etcd coming back: an endpoint that failed is benched ``retry_s`` (pyetcd's
+    default: 300 s) and gRPC's reconnect backoff is capped at 1 s (its default grows to 120 s).
+    The one client setup membership (``EtcdMembership``) and leadership (``leader.py``) share."""
+    pyetcd = _pyetcd()
+    eps = [
+        pyetcd.Endpoint(host, port, secure=False, time_retry=retry_s, opts=_GRPC_OPTIONS)
+        for host, port in endpoints
+    ]
+    return pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=call_timeout_s, failover=True)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -91,14 +106,7 @@ class EtcdMembership(Membership):
 
     def new_client(self) -> Any:
         """A fresh pyetcd client over every endpoint (no I/O until the first call)."""
-        pyetcd = _pyetcd()
-        endpoints = [
-            pyetcd.Endpoint(host, port, secure=False, time_retry=self.retry_s, opts=_GRPC_OPTIONS)
-            for host, port in self.config.endpoints
-        ]
-        return pyetcd.MultiEndpointEtcd3Client(
-            endpoints=endpoints, timeout=self.call_timeout_s, failover=True
-        )
+        return connect_etcd(self.config.endpoints, self.call_timeout_s, self.retry_s)
 
     def register(self, key: str, value: bytes, ttl_s: float) -> Registration:
         """Start keeping ``key`` alive; waits up to ``call_timeout_s`` for the first put (if

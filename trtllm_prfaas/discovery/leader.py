@@ -55,7 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trtllm_prfaas.errors import ConfigError, DependencyMissing, PrfaasError
+from trtllm_prfaas.discovery.etcd import connect_etcd
+from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.router.replicas import PublishedPolicy, Replica
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
@@ -65,26 +66,6 @@ __all__ = ["DEFAULT_TTL_S", "EtcdLeadership", "LeaderConfig", "connect_etcd"]
 log = get_logger(__name__)
 
 DEFAULT_TTL_S = 3  # see the module doc
-_GRPC_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
-def connect_etcd(endpoints: tuple[tuple[str, int], ...], call_timeout_s: float) -> Any:
-    """A pyetcd client over ``endpoints`` that reconnects within a second of etcd coming back:
-    endpoints are never benched after an error (pyetcd's default: 300 s) and gRPC's reconnect
-    backoff is capped at 1 s (its default grows to 120 s)."""
-    try:
-        import pyetcd
-    except ImportError as exc:
-        raise DependencyMissing("pyetcd", "'etcd-sdk-python==0.0.7'") from exc
-    eps = [
-        pyetcd.Endpoint(host, port, secure=False, time_retry=0.0, opts=_GRPC_OPTIONS)
-        for host, port in endpoints
-    ]
-    return pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=call_timeout_s, failover=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +115,9 @@ class EtcdLeadership(Replica):
     ) -> None:
         self.config, self.metrics, self.on_change = config, metrics, on_change
         self._client = (
-            client if client is not None else connect_etcd(config.endpoints, config.call_timeout_s)
+            client
+            if client is not None
+            else connect_etcd(config.endpoints, config.call_timeout_s, retry_s=0.0)  # never benched
         )
         self._lease_id: int | None = None
         self._valid_until = 0.0  # monotonic s: leader until then, if not renewed

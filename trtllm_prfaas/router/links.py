@@ -247,7 +247,8 @@ class WorkerLinks:
             return
         if self.metrics is not None:
             self.metrics.record_worker_up(name, False)
-        log.warning("worker_lost", worker=name, why=why, num_flights=len(self.flights))
+        num_requests = len({id(inbox) for inbox in self.flights.values()})  # a request: 1+ keys
+        log.warning("worker_lost", worker=name, why=why, num_flights=num_requests)
         message = f"worker {name} lost: {why}"
         for request_id, flight in list(self.flights.items()):
             if flight.involves(name):
