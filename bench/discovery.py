@@ -26,6 +26,11 @@ every sample are under ``samples``):
 - ``worker_lost_to_client_error_s``: the same SIGKILL, the decode worker streaming a request
   (first token received) through a replica, to the client's error (UNAVAILABLE). Target <=
   ``--worker-lost-s`` + 1 s.
+- ``frozen_to_client_error_s``, ``frozen_to_unroutable_s``, ``frozen_to_deregistered_s``: the
+  same with SIGSTOP instead (``--freezes``): a frozen host, whose connections stay open and
+  silent, found by the routers' ZMTP heartbeats within ``worker_lost_s`` or by its lease
+  running out, whichever first; then it is SIGKILLed and restarted. Targets <= ``worker_lost_s``
+  + 1, min(lease TTL, ``worker_lost_s``) + 1 and lease TTL + 1 s.
 - ``leader_failover_s``: SIGKILL of the leading replica to ``prfaas_router_is_leader == 1`` on
   the follower (then a fresh replica joins as follower for the next sample). Target <= the
   leader lease TTL (``discovery.leader.DEFAULT_TTL_S``) + 1 s.
@@ -91,6 +96,15 @@ WORKER_FLAGS = [
 ]
 STREAM_PROMPT_TOKENS, STREAM_MAX_TOKENS = 40, 400  # long enough to be mid-stream at the kill
 TARGET_JOIN_S = 1.0
+# What stop_decode_mid_stream measures, named by the signal that stopped the worker.
+SIGNAL_FIGURES = {
+    signal.SIGKILL: {"to_client_error_s": "worker_lost_to_client_error_s",
+                     "to_unroutable_s": "death_to_unroutable_s",
+                     "to_deregistered_s": "death_to_deregistered_s"},
+    signal.SIGSTOP: {"to_client_error_s": "frozen_to_client_error_s",
+                     "to_unroutable_s": "frozen_to_unroutable_s",
+                     "to_deregistered_s": "frozen_to_deregistered_s"},
+}  # fmt: skip
 TARGET_P99_RATIO = 1.1
 
 
@@ -99,6 +113,7 @@ class Settings:
     lease_ttl_s: int = 2  # the workers' registrations (the minimum etcd allows, see the worker)
     worker_lost_s: float = 3.0  # the routers' (the CLI's default)
     num_worker_kills: int = 3  # SIGKILL + restart of the decode worker
+    num_freezes: int = 1  # SIGSTOP of the decode worker (then SIGKILL + restart)
     num_failovers: int = 3  # SIGKILL of the leading replica
     num_requests: int = 300  # per stack, alternating request by request
     warmup_requests: int = 10  # per stack, before measuring
@@ -221,8 +236,12 @@ def _leads(state: State) -> bool:
 # ---- figures ----------------------------------------------------------------------------------
 
 
-def kill_decode_mid_stream(st: Stacks) -> dict[str, float]:
-    """SIGKILL the discovered decode worker while it streams a request through a replica."""
+def stop_decode_mid_stream(st: Stacks, signum: int) -> dict[str, float]:
+    """Signal the discovered decode worker while it streams a request through a replica:
+    SIGKILL (the kernel closes its connections: the router sees them close) or SIGSTOP (a frozen
+    host: its sockets stay open and silent, its lease is no longer renewed; it is SIGKILLed once
+    measured). Seconds from the signal to the client's error, to unroutable and to deregistered
+    on every replica."""
     assert st.decode is not None
     router, _ = st.live_replicas()[0]
     client = grpcclient.InferenceServerClient(router.address)
@@ -233,31 +252,33 @@ def kill_decode_mid_stream(st: Stacks) -> dict[str, float]:
         client.async_stream_infer(MODEL, inputs, request_id="mid-stream")
         first = received.get(timeout=60.0)[1]
         if isinstance(first, InferenceServerException):
-            raise RuntimeError(f"the stream failed before the kill: {first}")
-        st.decode.process.kill()
-        killed_at = time.monotonic()
+            raise RuntimeError(f"the stream failed before the signal: {first}")
+        st.decode.process.send_signal(signum)
+        signalled_at = time.monotonic()
         while True:
             at, item = received.get(timeout=st.s.worker_lost_s + 30.0)
             if isinstance(item, InferenceServerException):
                 break
             if item.get_response().parameters["triton_final_response"].bool_param:
-                raise RuntimeError("the stream finished before the kill: raise its max_tokens")
+                raise RuntimeError("the stream finished before the signal: raise its max_tokens")
     finally:
         client.stop_stream()
         client.close()
     # A stream's error carries the router's message, not its gRPC status: it names the worker.
     if f"worker {DECODE_ID} lost" not in str(item):
         raise RuntimeError(f"expected the decode worker lost, got {item}")
-    st.decode.process.wait(10.0)
     limit_s = st.s.lease_ttl_s + 10.0
     scrapers = [sc for _, sc in st.live_replicas()]
-    unroutable = [sc.first(lambda s: not _up(s, DECODE_ID), killed_at, limit_s) for sc in scrapers]
-    gone = [sc.first(lambda s: ("prfaas_worker_up", DECODE_ID) not in s, killed_at, limit_s)
+    unroutable = [sc.first(lambda s: not _up(s, DECODE_ID), signalled_at, limit_s)
+                  for sc in scrapers]  # fmt: skip
+    gone = [sc.first(lambda s: ("prfaas_worker_up", DECODE_ID) not in s, signalled_at, limit_s)
             for sc in scrapers]  # fmt: skip
+    st.decode.process.kill()  # SIGSTOP: end the frozen process now that it is measured
+    st.decode.process.wait(10.0)
     return {
-        "worker_lost_to_client_error_s": at - killed_at,
-        "death_to_unroutable_s": max(unroutable) - killed_at,
-        "death_to_deregistered_s": max(gone) - killed_at,
+        "to_client_error_s": at - signalled_at,
+        "to_unroutable_s": max(unroutable) - signalled_at,
+        "to_deregistered_s": max(gone) - signalled_at,
     }
 
 
@@ -344,6 +365,7 @@ def measure(bed: Testbed, s: Settings) -> dict[str, Any]:
     assert puts is not None
     watch = store.watch_prefix(worker_prefix(NAMESPACE), lambda e: puts.put((time.monotonic(), e)))
     samples: dict[str, list[float]] = {"join_to_routable_s": [], "leader_failover_s": []}
+    samples |= {name: [] for figures in SIGNAL_FIGURES.values() for name in figures.values()}
     phases: dict[str, float] = {}
     try:
         mark = time.monotonic()
@@ -357,9 +379,9 @@ def measure(bed: Testbed, s: Settings) -> dict[str, Any]:
         for _, scraper in st.replicas:
             scraper.resume()
         phases["latency"], mark = time.monotonic() - mark, time.monotonic()
-        for _ in range(s.num_worker_kills):
-            for name, value in kill_decode_mid_stream(st).items():
-                samples.setdefault(name, []).append(value)
+        for signum in [signal.SIGKILL] * s.num_worker_kills + [signal.SIGSTOP] * s.num_freezes:
+            for name, value in stop_decode_mid_stream(st, signum).items():
+                samples[SIGNAL_FIGURES[signum][name]].append(value)
             samples["join_to_routable_s"].append(st.start_decode())
         phases["worker_kills"], mark = time.monotonic() - mark, time.monotonic()
         for _ in range(s.num_failovers):
@@ -394,6 +416,9 @@ def report(samples: dict[str, list[float]], latencies: dict[str, list[float]],
         "death_to_deregistered_s": s.lease_ttl_s + 1.0,
         "leader_failover_s": LEADER_TTL_S + 1.0,
         "worker_lost_to_client_error_s": s.worker_lost_s + 1.0,
+        "frozen_to_client_error_s": s.worker_lost_s + 1.0,
+        "frozen_to_unroutable_s": min(s.lease_ttl_s, s.worker_lost_s) + 1.0,
+        "frozen_to_deregistered_s": s.lease_ttl_s + 1.0,
         "p99_ratio": TARGET_P99_RATIO,
     }
     figures = {**worst, "p99_ratio": ratio}
@@ -438,20 +463,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lease-ttl-s", type=int, default=d.lease_ttl_s)
     parser.add_argument("--worker-lost-s", type=float, default=d.worker_lost_s)
     parser.add_argument("--worker-kills", type=int, default=None, help=f"({d.num_worker_kills})")
+    parser.add_argument("--freezes", type=int, default=None, help=f"({d.num_freezes})")
     parser.add_argument("--failovers", type=int, default=None, help=f"({d.num_failovers})")
     parser.add_argument("--num-requests", type=int, default=None, help=f"({d.num_requests})")
     parser.add_argument("--poll-ms", type=float, default=d.poll_ms)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else d
-    overrides = {"num_worker_kills": args.worker_kills, "num_failovers": args.failovers,
+    overrides = {"num_worker_kills": args.worker_kills, "num_freezes": args.freezes,
+                 "num_failovers": args.failovers,
                  "num_requests": args.num_requests}  # fmt: skip
     s = Settings(**{**asdict(base), "lease_ttl_s": args.lease_ttl_s,
                     "worker_lost_s": args.worker_lost_s, "poll_ms": args.poll_ms,
                     **{k: v for k, v in overrides.items() if v is not None}})  # fmt: skip
     if s.lease_ttl_s < 2 or s.worker_lost_s <= 0 or s.poll_ms <= 0:
         parser.error("need --lease-ttl-s >= 2, --worker-lost-s > 0 and --poll-ms > 0")
-    if min(s.num_worker_kills, s.num_failovers, s.num_requests) < 1:
-        parser.error("--worker-kills, --failovers and --num-requests must be >= 1")
+    if min(s.num_worker_kills, s.num_freezes, s.num_failovers, s.num_requests) < 1:
+        parser.error("--worker-kills, --freezes, --failovers and --num-requests must be >= 1")
     # SIGTERM ends the run as an error would: every process started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run(s)

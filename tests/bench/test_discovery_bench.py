@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ("join_to_routable_s", "death_to_unroutable_s", "death_to_deregistered_s",
-           "leader_failover_s", "worker_lost_to_client_error_s")  # fmt: skip
+           "leader_failover_s", "worker_lost_to_client_error_s", "frozen_to_client_error_s",
+           "frozen_to_unroutable_s", "frozen_to_deregistered_s")  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None and not Path("/usr/bin/etcd").exists(),
@@ -56,7 +57,8 @@ def test_quick_run_reports_every_figure_within_its_target(tmp_path: Path) -> Non
         samples = result["samples"][name]
         assert all(v > 0 for v in samples["samples"]), (name, samples)
         assert result[name] == samples["max"] >= samples["median"] > 0, (name, samples)
-    assert len(result["samples"]["join_to_routable_s"]["samples"]) == 2  # first start + restart
+    # the first start, and a restart after the SIGKILL and after the SIGSTOP
+    assert len(result["samples"]["join_to_routable_s"]["samples"]) == 3
     assert result["static_p99_ms"] > 0 and result["discovered_p99_ms"] > 0
     ratio = result["discovered_p99_ms"] / result["static_p99_ms"]
     assert result["p99_ratio"] == pytest.approx(ratio, abs=2e-3)
@@ -70,7 +72,9 @@ def test_quick_run_reports_every_figure_within_its_target(tmp_path: Path) -> Non
     assert result["targets"] == {
         "join_to_routable_s": 1.0, "death_to_unroutable_s": ttl + 1.0,
         "death_to_deregistered_s": ttl + 1.0, "leader_failover_s": leader_ttl + 1.0,
-        "worker_lost_to_client_error_s": lost + 1.0, "p99_ratio": 1.1,
+        "worker_lost_to_client_error_s": lost + 1.0, "frozen_to_client_error_s": lost + 1.0,
+        "frozen_to_unroutable_s": min(ttl, lost) + 1.0, "frozen_to_deregistered_s": ttl + 1.0,
+        "p99_ratio": 1.1,
     }  # fmt: skip
     figures = {**{name: result[name] for name in FIGURES}, "p99_ratio": result["p99_ratio"]}
     assert result["meets_targets"] == {
@@ -79,6 +83,7 @@ def test_quick_run_reports_every_figure_within_its_target(tmp_path: Path) -> Non
     # Unroutable is the first of lost (the connection) and deregistered (the lease), so never
     # after the latter; a SIGKILLed leader's lease runs out by itself (renewed every TTL / 3).
     assert result["death_to_unroutable_s"] <= result["death_to_deregistered_s"]
+    assert result["frozen_to_unroutable_s"] <= result["frozen_to_deregistered_s"]
     assert result["leader_failover_s"] >= leader_ttl / 3
     for name in FIGURES:  # the targets this machine must hold, loaded or not
         assert result["meets_targets"][name], (name, result[name], result["targets"][name])
