@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
+from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.testbed.spec import load_testbed_config
 from trtllm_prfaas.worker import command
 
@@ -20,6 +23,13 @@ def test_worker_flag_turns_block_reuse_on() -> None:
     assert not command.build_config(_worker_args()).engine.enable_block_reuse
     config = command.build_config(_worker_args("--enable-block-reuse", "--max-cached-blocks", "9"))
     assert config.engine.enable_block_reuse and config.engine.max_cached_blocks == 9
+
+
+def test_triton_worker_refuses_the_reference_engines_flag() -> None:
+    with pytest.raises(ConfigError, match="TensorRT-LLM's"):
+        command.build_config(
+            _worker_args("--engine", "triton", "--triton-url", "h:1", "--enable-block-reuse")
+        )
 
 
 def test_testbed_key_passes_the_flag_to_every_worker(tmp_path: Path) -> None:

@@ -263,6 +263,12 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
     if args.engine == "triton":
         if not args.triton_url:
             raise ConfigError("--engine triton needs --triton-url HOST:PORT")
+        if args.enable_block_reuse or args.max_cached_blocks is not None:
+            raise ConfigError(
+                "--enable-block-reuse/--max-cached-blocks configure the reference engine; a "
+                "Triton worker's block reuse is TensorRT-LLM's (model.yaml kv_cache_config), "
+                "and routers follow it approximately"
+            )
         if args.tokenizer is None:
             raise ConfigError(
                 "--engine triton needs --tokenizer DIR: the served model's Hugging Face "
