@@ -7,10 +7,8 @@ Nothing here imports from ``tests/``: the bench runs from a clean checkout witho
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trtllm_prfaas.testbed.etcd import start_etcd, stop_etcd
 from trtllm_prfaas.testbed.processes import (
     WorkerProcess,
+    launch_prfaas,
     read_ready_line,
     start_workers,
     stop_process,
@@ -48,13 +47,9 @@ class Router:
     """A ``prfaas router`` child: ``ready`` is its JSON ready line; its log goes to a file."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", LOG_LEVEL, "--log-json",
-               "router", *args]  # fmt: skip
         with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )  # fmt: skip
+            self.process = launch_prfaas("router", args, log_level=LOG_LEVEL, json_logs=True,
+                                         stderr=log, cwd=ROOT)  # fmt: skip
         self.ready: dict[str, Any] = {}
 
     def wait_ready(self, deadline: float) -> dict[str, Any]:

@@ -6,15 +6,36 @@ context manager that started it, even when the test fails.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from trtllm_prfaas.testbed.processes import WorkerProcess, spawn_worker
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.client import WorkerClient
 
-__all__ = ["WorkerProcess", "collect", "new_uuid", "spawn_worker", "wait_for"]
+__all__ = ["WorkerProcess", "collect", "new_uuid", "serving_on_thread", "spawn_worker", "wait_for"]
+
+if TYPE_CHECKING:
+    from trtllm_prfaas.worker.server import WorkerServer
+
+Server = TypeVar("Server", bound="WorkerServer")
+
+
+@contextmanager
+def serving_on_thread(server: Server) -> Iterator[Server]:
+    """``server`` (already entered) serving on a thread; stopped and joined even on failure."""
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
 
 
 def new_uuid() -> str:

@@ -30,10 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.deploy.conftest import DOCKER_DIR, ROOT
-from tests.router.builders import ids_of, llm_inputs, stream
+from tests.router.builders import ask, prompt, reference
 from trtllm_prfaas.config import model_preset
-from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
-from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.testbed.processes import stop_process
 
 pytestmark = [
@@ -49,19 +47,7 @@ BUILD_TIMEOUT_S = 1200.0
 # Containers start, workers warm up and register, the router finds them: about 30 s under
 # overlay2; under vfs creating each container copies its 1.35 GB image first.
 UP_TIMEOUT_S = {"overlay2": 240.0, "vfs": 1200.0}
-SEED, TEMPERATURE = 9, 0.7
 LOCAL_LENGTH, REMOTE_LENGTH = 40, 1500  # the router's t is 1024 tokens (its default)
-
-
-def prompt(n: int) -> list[int]:
-    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
-
-
-def reference(tokens: list[int], max_tokens: int) -> list[int]:
-    """The same request on one engine: the workers' model (default preset, seed 0)."""
-    engine = ReferenceEngine(EngineConfig(model=model_preset("default")))
-    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
-    return engine.generate([tokens], sampling)[0]
 
 
 def run(*argv: str, timeout_s: float, env: dict[str, str] | None = None) -> str:
@@ -131,8 +117,8 @@ def storage_driver() -> str:
 
 
 def start_dockerd(driver: str, log_dir: Path) -> subprocess.Popen[str]:
-    """``dockerd --storage-driver DRIVER``, answering within 60 s; overlay2 refused by this
-    kernel or file system falls back to vfs (as the Docker documentation advises)."""
+    """``dockerd --storage-driver DRIVER``, answering within 60 s; if it exits at once (overlay2
+    refused by this kernel or file system), ``vfs``, which works everywhere."""
     log_path = log_dir / f"dockerd-{driver}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -251,18 +237,6 @@ def router_ready(address: str) -> bool:
         client.close()
 
 
-def ask(address: str, tokens: list[int], max_tokens: int) -> list[int]:
-    """One streaming request through stock tritonclient; the tokens it returned."""
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
-        responses = stream(client, inputs, timeout_s=120.0)
-    finally:
-        client.close()
-    assert all(hasattr(r, "get_response") for r in responses), responses
-    return [t for r in responses for t in ids_of(r)]
-
-
 def metric(metrics_url: str, name: str, **labels: str) -> float:
     """The sum of a router metric's samples with these labels (0 when absent or unreachable)."""
     try:
@@ -282,12 +256,12 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
 def test_local_and_remote_requests_give_single_engine_tokens(testbed: Testbed) -> None:
     started = time.monotonic()
     local = prompt(LOCAL_LENGTH)
-    assert ask(testbed.grpc_address, local, 8) == reference(local, 8)
+    assert ask(testbed.grpc_address, local, 8, timeout_s=120.0) == reference(local, 8)
     assert metric(testbed.metrics_url, "prfaas_requests_total", route="local") >= 1
 
     remote = prompt(REMOTE_LENGTH)
     sent_before = testbed.wan_sent_bytes()
-    assert ask(testbed.grpc_address, remote, 8) == reference(remote, 8)
+    assert ask(testbed.grpc_address, remote, 8, timeout_s=120.0) == reference(remote, 8)
     assert metric(testbed.metrics_url, "prfaas_requests_total", route="remote") >= 1
     relayed = testbed.wan_sent_bytes() - sent_before
     kv_bytes = model_preset("default").kv_spec.s_kv(REMOTE_LENGTH - 1)  # all but the last token

@@ -13,9 +13,6 @@ Every process started here is stopped by PID (SIGTERM, then SIGKILL) even when a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +28,7 @@ from tests.harness import WorkerProcess, spawn_worker, wait_for
 from tests.router.builders import llm_inputs
 from tests.router.test_router_command import MODEL, ask, prompt, reference, scrape
 from trtllm_prfaas.discovery import decode_record, open_membership, parse_discovery
-from trtllm_prfaas.testbed.processes import read_ready_line, stop_process
+from trtllm_prfaas.testbed.processes import launch_prfaas, read_ready_line, stop_process
 from trtllm_prfaas.worker import protocol as p
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,13 +44,9 @@ class Router:
         args = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--plaintext",
                 "--threshold-tokens", "100", "--fixed-threshold",
                 "--discovery", etcd.url, "--namespace", NS]  # fmt: skip
-        cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", "INFO", "--log-json",
-               "router", *args]  # fmt: skip
         with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )  # fmt: skip
+            self.process = launch_prfaas("router", args, log_level="INFO", json_logs=True,
+                                         stderr=log, cwd=ROOT)  # fmt: skip
         self.ready = read_ready_line(self.process, "router", time.monotonic() + 60.0)
 
     def metric(self, name: str) -> float | None:

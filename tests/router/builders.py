@@ -1,5 +1,6 @@
-"""Builders for KServe v2 requests the way a Triton + TensorRT-LLM client writes them, and a
-helper that runs one request over a stock tritonclient stream."""
+"""Builders for KServe v2 requests the way a Triton + TensorRT-LLM client writes them, a helper
+that runs one request over a stock tritonclient stream, and the request the process tests (the
+``prfaas router`` command, the netns and compose testbeds) serve and check against one engine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.request import SamplingParams
+
 MODEL = "tensorrt_llm"
+SEED, TEMPERATURE = 9, 0.7  # sampled, so a token relayed or computed differently shows
 _DTYPES = {"BYTES": object, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64,
            "FP32": np.float32, "BOOL": bool}  # fmt: skip
 
@@ -75,3 +81,28 @@ def stream(
                 return items
     finally:
         client.stop_stream()
+
+
+# ---------------------------------------------------------------------------- served and checked
+def prompt(n: int) -> list[int]:
+    """An ``n``-token prompt for the byte tokenizer's vocabulary (BOS first)."""
+    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
+
+
+def reference(tokens: list[int], max_tokens: int) -> list[int]:
+    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
+    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
+    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
+    return engine.generate([tokens], sampling)[0]
+
+
+def ask(address: str, tokens: list[int], max_tokens: int = 8, timeout_s: float = 60.0) -> list[int]:
+    """One streaming request through stock tritonclient; the tokens it returned."""
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
+        responses = stream(client, inputs, timeout_s=timeout_s)
+    finally:
+        client.close()
+    assert all(hasattr(r, "get_response") for r in responses), responses
+    return [t for r in responses for t in ids_of(r)]

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,26 +30,33 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import WorkerProcess, spawn_worker, wait_for
-from tests.router.builders import MODEL, ids_of, is_final, llm_inputs, stream
+from tests.router.builders import (  # noqa: F401 (ask, prompt, reference: other tests import them here)
+    MODEL,
+    SEED,
+    TEMPERATURE,
+    ask,
+    ids_of,
+    is_final,
+    llm_inputs,
+    prompt,
+    reference,
+    stream,
+)
 from trtllm_prfaas import cli
 from trtllm_prfaas.config import (
     TestbedKeys,
     load_control_security,
-    model_preset,
     write_testbed_keyset,
 )
-from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
-from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.router import command
-from trtllm_prfaas.testbed.processes import stop_process
+from trtllm_prfaas.testbed.processes import launch_prfaas, stop_process
 from trtllm_prfaas.transport import generate_keypair
 from trtllm_prfaas.worker.protocol import LoadReport
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--model-preset", "tiny", "--num-blocks", "512", "--chunk-size", "64"]
 THRESHOLD = 100
-SEED, TEMPERATURE = 9, 0.7
 
 
 # ---------------------------------------------------------------------------- processes
@@ -59,11 +64,7 @@ class RouterProcess:
     """A ``prfaas router`` child: ``ready`` is its JSON ready line; ``stop()`` by PID."""
 
     def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "trtllm_prfaas", "--log-level", "ERROR", "router", *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-        )
+        self.process = launch_prfaas("router", args, stderr=subprocess.PIPE, cwd=ROOT)
         self.ready: dict[str, Any] = {}
 
     def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -156,29 +157,6 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- tokens
-def prompt(n: int) -> list[int]:
-    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
-
-
-def reference(tokens: list[int], max_tokens: int) -> list[int]:
-    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
-    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
-    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
-    return engine.generate([tokens], sampling)[0]
-
-
-def ask(address: str, tokens: list[int], max_tokens: int) -> list[int]:
-    """One streaming request through stock tritonclient; the tokens it returned."""
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
-        responses = stream(client, inputs, timeout_s=60.0)
-    finally:
-        client.close()
-    assert all(hasattr(r, "get_response") for r in responses), responses
-    return [t for r in responses for t in ids_of(r)]
-
-
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())

@@ -22,14 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.router.builders import ids_of, llm_inputs, stream
+from tests.router.builders import ask, prompt, reference
 from trtllm_prfaas import cli
-from trtllm_prfaas.config import model_preset
-from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
-from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.testbed import demo
 from trtllm_prfaas.testbed.hosts import HostsConfig, NetnsTestbed
@@ -37,7 +33,6 @@ from trtllm_prfaas.testbed.netns import Network, WanShape, list_runs, missing_re
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
 THRESHOLD = 100
-SEED, TEMPERATURE = 9, 0.7
 REMOTE, LOCAL = 400, 40  # prompt lengths: l > t prefills in dc-remote, l <= t in dc-local
 REMOTE_LINK = 'prfaas_relay_bytes_total|link="dc-remote-'
 REMOTE_OK = 'prfaas_requests_total|route="remote",status="ok"}'
@@ -69,29 +64,6 @@ def hosts() -> Iterator[NetnsTestbed]:
         yield testbed
     finally:
         testbed.close()
-
-
-def prompt(n: int) -> list[int]:
-    return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
-
-
-def reference(tokens: list[int], max_tokens: int) -> list[int]:
-    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
-    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
-    sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
-    return engine.generate([tokens], sampling)[0]
-
-
-def ask(address: str, tokens: list[int], max_tokens: int = 8) -> list[int]:
-    """One streaming request from the root namespace through stock tritonclient."""
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        inputs = llm_inputs(None, max_tokens, TEMPERATURE, SEED, True, tokens)
-        responses = stream(client, inputs, timeout_s=60.0)
-    finally:
-        client.close()
-    assert all(hasattr(r, "get_response") for r in responses), responses
-    return [t for r in responses for t in ids_of(r)]
 
 
 def settled_metrics(url: str, key: str, timeout_s: float = 10.0) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tests.harness import collect
+from tests.harness import collect, serving_on_thread
 from trtllm_prfaas.config import (
     TestbedKeys,
     load_control_security,
@@ -58,15 +57,8 @@ def serving(control: RelaySecurity | None) -> Iterator[WorkerServer]:
         ENGINE,
         control_security=control,
     )
-    with WorkerServer(config) as server:
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+    with WorkerServer(config) as server, serving_on_thread(server):
+        yield server
 
 
 def router_security(keys: TestbedKeys) -> RelaySecurity:

@@ -10,7 +10,6 @@ back."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import collect
+from tests.harness import collect, serving_on_thread
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
@@ -80,15 +79,8 @@ def serving(name: str, role: WorkerRole, max_num_seqs: int = SLOTS) -> Iterator[
     """An in-process worker serving on a thread; stopped and joined even on failure."""
     relay = RelayConfig(RelaySecurity.insecure_plaintext())
     config = WorkerConfig(name, role, "dc-local", relay, engine_config(max_num_seqs))
-    with CountingWorker(config) as server:
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+    with CountingWorker(config) as server, serving_on_thread(server):
+        yield server
 
 
 def _answer(client: WorkerClient, request_id: str) -> p.Tokens:

@@ -47,6 +47,10 @@ and publishes it to ``/NS/policy``; the others follow it and route every request
 killed leader is replaced within the lease TTL; SIGTERM resigns at once. The ready line names
 this replica (``replica``); ``prfaas_router_is_leader`` says whether it leads.
 
+Modules: this one runs the process (start, ready line, signals, drain); ``router/settings.py``
+reads the file and merges the flags into :class:`RouterSettings`; ``router/flags.py`` declares
+the flags; ``router/wiring.py`` joins etcd membership and leadership to the running service.
+
 The YAML file's keys are :class:`RouterFile`'s fields (flags win over the file; ``--worker``
 flags, when given, replace the file's ``workers``); an unknown key or a value of the wrong type is
 refused.

@@ -21,7 +21,6 @@ stopped by PID, then the namespaces are deleted (stopping by PID anything left i
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -35,6 +34,7 @@ from trtllm_prfaas.testbed.etcd import ETCD_CLIENT_PORT, start_etcd, stop_etcd
 from trtllm_prfaas.testbed.netns import Network, QdiscStats, WanShape
 from trtllm_prfaas.testbed.processes import (
     WorkerProcess,
+    launch_prfaas,
     read_ready_line,
     start_workers,
     stop_process,
@@ -219,10 +219,9 @@ class NetnsTestbed:
         routers = []
         try:
             for i in range(self.config.num_routers):
-                cmd = [*self.network.exec_prefix("dc-local"), sys.executable, "-m",
-                       "trtllm_prfaas", "--log-level", self.log_level, "router",
-                       *self.router_args(i)]  # fmt: skip
-                process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+                prefix = self.network.exec_prefix("dc-local")
+                process = launch_prfaas("router", self.router_args(i), log_level=self.log_level,
+                                        prefix=prefix)  # fmt: skip
                 routers.append(RouterReplica(f"router-{i}", process))
             for router in routers:
                 router.ready = read_ready_line(router.process, router.name, deadline)

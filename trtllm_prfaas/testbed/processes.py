@@ -18,6 +18,7 @@ from trtllm_prfaas.worker.client import WorkerClient
 
 __all__ = [
     "WorkerProcess",
+    "launch_prfaas",
     "read_ready_line",
     "spawn_worker",
     "start_workers",
@@ -67,21 +68,30 @@ def stop_process(process: subprocess.Popen[str], timeout_s: float) -> int:
     return int(process.returncode)
 
 
+def launch_prfaas(
+    command: str,
+    args: Sequence[str],
+    *,
+    log_level: str = "ERROR",
+    json_logs: bool = False,
+    prefix: Sequence[str] = (),
+    stderr: Any = None,
+    cwd: Any = None,
+) -> subprocess.Popen[str]:
+    """A ``prfaas COMMAND ARGS`` child (``python -m trtllm_prfaas``, unbuffered) with its stdout
+    piped for the ready line; ``prefix``: a command it runs under (``ip netns exec NS``, which
+    must exec it), ``stderr``: where its log goes (inherited by default). The caller stops it
+    by PID (``stop_process``)."""
+    logs = ["--log-level", log_level, *(["--log-json"] if json_logs else [])]
+    cmd = [*prefix, sys.executable, "-m", "trtllm_prfaas", *logs, command, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd)
+
+
 def _launch(
     name: str, args: list[str], log_level: str, prefix: Sequence[str] = ()
 ) -> WorkerProcess:
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "trtllm_prfaas",
-        "--log-level",
-        log_level,
-        "worker",
-        *args,
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return WorkerProcess(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+    return WorkerProcess(name, launch_prfaas("worker", args, log_level=log_level, prefix=prefix))
 
 
 def start_workers(
