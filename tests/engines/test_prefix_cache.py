@@ -308,3 +308,17 @@ def test_state_snapshot_events(make_engine: EngineFactory) -> None:
     events = [e.data for e in engine.drain_kv_events().events]
     removed = [h for d in events if isinstance(d, KvStateRemoved) for h in d.block_hashes]
     assert removed == [hashes[1]] and engine.stats.num_snapshot_evictions == 1
+
+
+def test_a_chunk_off_the_block_grid_is_not_cached(make_engine: EngineFactory) -> None:
+    """A claim of exactly L-1 tokens (the handoff's decode) leaves the last token to compute
+    alone, off the block grid: not bit-identical to a prefill, so the block it completes and
+    the state after it are not cached; the claimed blocks below it are."""
+    pair, scheduler = _claimer()
+    scheduler.claim_all = True
+    engine = make_engine(connector=pair, enable_block_reuse=True)
+    prompt = _tokens(3 * TPB, seed=19)  # the last token completes block 2
+    engine.generate([prompt], GREEDY)
+    assert engine.blocks.num_cached == 2
+    events = [e.data for e in engine.drain_kv_events().events]
+    assert not [d for d in events if isinstance(d, KvStateStored)]

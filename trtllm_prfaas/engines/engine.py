@@ -375,7 +375,7 @@ class ReferenceEngine(ConnectorHost):
             if req.state is RequestState.CONTEXT:
                 self.stats.num_prompt_tokens_computed += len(chunk.token_ids)
                 if self.prefix_cache is not None:
-                    self.prefix_cache.after_chunk(req, req.num_computed_tokens)
+                    self.prefix_cache.after_chunk(req, chunk.start_pos, req.num_computed_tokens)
             if req.num_computed_tokens < req.prompt_len:
                 continue  # a prefill chunk that does not reach the last prompt token
             token = sample_next(logits[row], req.sampling.temperature, req.generator)

@@ -148,12 +148,18 @@ class PrefixCache:
         boundary = (req.prompt_len - 1) // tpb * tpb
         return boundary if self.has_states and start < boundary < end else end
 
-    def after_chunk(self, req: LlmRequest, end: int) -> None:
-        """A prefill chunk ending at ``end`` was computed: name the prompt's newly completed
+    def after_chunk(self, req: LlmRequest, start: int, end: int) -> None:
+        """A prefill chunk ``[start, end)`` was computed: name the prompt's newly completed
         blocks (including any a connector loaded below it) and snapshot the state if ``end`` is
-        block aligned."""
+        block aligned. A chunk that starts off the block grid (after a connector's claim of
+        exactly L-1 tokens: the decode of the remote handoff computes t1 alone) is not
+        bit-identical to a prefill of the same tokens, so the block it writes into and the
+        state after it are not cached; the blocks below it are."""
         tpb = self.tokens_per_block
         first, stop = req.num_committed_blocks, min(end, req.prompt_len) // tpb
+        on_grid = start % tpb == 0
+        if not on_grid:
+            stop = min(stop, start // tpb)
         if stop > first:
             hashes = req.block_hashes[first:stop]
             self.blocks.commit_chain(req.block_ids[first:stop], hashes)
@@ -162,7 +168,7 @@ class PrefixCache:
                 parent, hashes, tpb, req.prompt_token_ids[first * tpb : stop * tpb]
             )
             req.num_committed_blocks = stop
-        if self.has_states and end % tpb == 0 and end // tpb <= len(req.block_hashes):
+        if self.has_states and on_grid and end % tpb == 0:
             self._snapshot(req, req.block_hashes[end // tpb - 1], end)
         if end >= req.prompt_len:
             self.release_snapshot(req)
