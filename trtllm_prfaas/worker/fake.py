@@ -40,6 +40,7 @@ import zmq
 import zmq.asyncio
 from msgspec.structs import replace
 
+from trtllm_prfaas.vocabulary import Role, parse_role
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.slots import DecodeSlots
 
@@ -77,7 +78,7 @@ class FakeWorker:
         self, spec: FakeWorkerSpec, ctx: zmq.asyncio.Context, report_interval_s: float
     ) -> None:
         self.spec = spec
-        self.role = spec.role
+        self.role = parse_role(spec.role, f"FakeWorkerSpec {spec.name}")
         self._ctx = ctx
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
@@ -126,7 +127,7 @@ class FakeWorker:
 
     def info(self) -> p.WorkerInfo:
         s = self.spec
-        relay = f"tcp://127.0.0.1:1/{s.name}" if self.role == "decode" else ""
+        relay = f"tcp://127.0.0.1:1/{s.name}" if self.role == Role.DECODE else ""
         return p.WorkerInfo(
             s.name, self.role, s.cluster, "fake", s.max_seq_len, 16, s.num_blocks,
             s.max_num_seqs, relay, kv_bytes_per_token=1024, kv_state_bytes=65536,
@@ -177,7 +178,7 @@ class FakeWorker:
 
     def _reserve(self, message: p.Reserve) -> p.Tokens:
         rid = message.request_id
-        if self.role == "decode" and self.slots.reserve(rid, message.ttl_s, 0.0, 0):
+        if self.role == Role.DECODE and self.slots.reserve(rid, message.ttl_s, 0.0, 0):
             return p.Tokens(rid, [])
         why = f"fake worker {self.spec.name} refused a decode slot ({self.role})"
         return p.Tokens(rid, [], True, "error", "AdmissionRejected", why)
@@ -186,7 +187,7 @@ class FakeWorker:
         if isinstance(message, p.Ping):
             return 0.0, [self.info()]
         if isinstance(message, p.SetRole):
-            self.role = message.role
+            self.role = parse_role(message.role, "SetRole")
             self.last_report = replace(self.last_report, role=self.role)
             return 0.0, [self.info()]
         if isinstance(message, p.Reserve):
@@ -201,10 +202,10 @@ class FakeWorker:
         self.submits.append(message)
         prompt, rid = message.prompt_token_ids, message.request_id
         prefill_s = len(prompt) * self.spec.prefill_s_per_token
-        if self.role == "prefill" and self.spec.prefill_error:
+        if self.role == Role.PREFILL and self.spec.prefill_error:
             kind = self.spec.prefill_error
             return prefill_s, [p.Tokens(rid, [], True, "error", kind, "scripted prefill failure")]
-        if self.role == "prefill" and message.transfer_uuid:
+        if self.role == Role.PREFILL and message.transfer_uuid:
             t1 = (
                 fake_tokens(prompt, 1) if self.spec.first_token is None else [self.spec.first_token]
             )
