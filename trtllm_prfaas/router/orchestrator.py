@@ -72,6 +72,7 @@ log = get_logger(__name__)
 
 _NO_LIMIT_YET = 2**31 - 1  # max_seq_len while no worker has joined
 _MAX_REROUTES = 2  # a request whose decode node died before its first token is routed again
+_INDEX_EXPORT_S = 1.0  # the prefix index's size gauges: O(workers) each, so at most this often
 _RESERVE_SLACK_S = 10.0  # a decode slot's unused TTL beyond prefill_timeout_s (see _reserve_decode)
 
 
@@ -152,6 +153,7 @@ class DisaggregatedOrchestrator(Orchestrator):
         )
         self._max_seq_len = 0
         self._ready = False
+        self._next_index_export = 0.0  # monotonic s: the prefix index's gauges, at most 1/s
 
     # ------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -443,6 +445,9 @@ class DisaggregatedOrchestrator(Orchestrator):
         own = prompt - decision.incremental_tokens if decision.cache_move is None else 0
         is_approximate = prefix.is_approximate(decision.prefill_node_id)
         self.metrics.record_routed_prefix(route_name, prompt, own, is_approximate)
+        if now < self._next_index_export:
+            return
+        self._next_index_export = now + _INDEX_EXPORT_S
         stats = prefix.stats()
         if stats is not None:
             approximate = {name for name in stats.blocks_per_node if prefix.is_approximate(name)}
