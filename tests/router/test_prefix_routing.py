@@ -118,8 +118,11 @@ def test_shared_prefix_goes_to_the_node_holding_it(testbed: dict[str, WorkerProc
             p1 = orch.cluster.workers["p1"]
             await _until(lambda: p1.report is not None and p1.report.num_prefix_reused_tokens > 0)
             assert p1.report is not None and p1.report.num_prefix_reused_tokens == held
-            # the decode node cached the relayed prompt too: its prefix is known
-            assert prefix.prefix_tokens("dec", hashes, time.monotonic()) >= held
+            # the decode node keeps no recurrent-state snapshot of a relayed prompt (hybrid
+            # model), so it reuses none of it, and the index (state events) says so
+            assert prefix.prefix_tokens("dec", hashes, time.monotonic()) == 0
+            dec = orch.cluster.workers["dec"]
+            assert dec.report is not None and dec.report.num_prefix_reused_tokens == 0
             stats = prefix.stats()
             assert stats is not None and stats.num_resyncs == 0 and stats.num_events > 0
             # a worker that leaves takes its entries with it
@@ -176,7 +179,11 @@ def test_index_follows_stored_and_evicted_blocks() -> None:
                     assert cluster.prefix.prefix_tokens("ev", hashes["x"], now) == 6 * TPB
             now = time.monotonic()
             held = {name: cluster.prefix.prefix_tokens("ev", h, now) for name, h in hashes.items()}
-            assert held == {"x": 0, "y": 2 * TPB, "z": 6 * TPB}  # 8 blocks: z's 6, y's head
+            # 8 blocks left: z's 6 and y's head, but y's state snapshot (at its last block) is
+            # gone with its tail, so the hybrid engine could not resume y: the index says 0
+            assert held == {"x": 0, "y": 0, "z": 6 * TPB}
+            stats = cluster.prefix.stats()
+            assert stats is not None and stats.blocks_per_node == {"ev": 8}
             assert removed == [0, 4, 6]
             report = None
             while report is None:  # the worker's own counters agree

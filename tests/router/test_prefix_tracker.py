@@ -52,7 +52,10 @@ def test_router_hashes_equal_the_worker_engines_events() -> None:
     batch = engine.drain_kv_events()
     stored = [b.block_hash for e in batch.events if isinstance(e.data, KvCacheStored)
               for b in e.data.blocks]  # fmt: skip
-    cluster = _cluster(("w", "prefill", "events", True))
+    cluster = ClusterState()  # a hybrid model: the index also wants the engine's snapshots
+    info = _info("w", "prefill", kv_state_bytes=TINY.kv_spec.state_bytes)
+    cluster.add(WorkerState("w", "tcp://x", info, True))
+    assert cluster.prefix.index is not None and cluster.prefix.index.requires_states
     hashes = cluster.prefix.hashes_for(prompt)
     assert len(hashes) == (len(prompt) - 1) // TPB == 6
     assert stored[: len(hashes)] == hashes

@@ -9,6 +9,8 @@
   its ``tokens_per_block``: the router hashes prompts under the same key, so the hashes match the
   worker's by construction (tested). The first such worker fixes the index's key; a worker
   whose key or block size differs is not followed (logged once; it counts as holding nothing).
+  A hybrid model (``kv_state_bytes > 0``: recurrent state) makes the index require a state
+  snapshot where a match ends (``PrefixIndex(requires_states=True)``), as the engine does.
 - ``"approximate"``: the worker reuses blocks but reports nothing (TensorRT-LLM inside Triton);
   the index keeps what the router sent it (``record_routed``) for ``ttl_s`` and says so.
 - ``""``: no prefix cache (block reuse off): it reuses nothing, so it is not followed and its
@@ -96,7 +98,8 @@ class PrefixTracker:
     def _rebuild(self, info: p.WorkerInfo | None, model_id: str, tokens_per_block: int) -> None:
         """A new index: the first exact worker's key (approximate members restart empty)."""
         key = cache_key_of(info) if info else CacheKey(model_id, _APPROX_LAYOUT, "", 0)
-        self.index = PrefixIndex(key, tokens_per_block, ttl_s=self.ttl_s)
+        hybrid = info is not None and info.kv_state_bytes > 0  # resumes only at a snapshot
+        self.index = PrefixIndex(key, tokens_per_block, ttl_s=self.ttl_s, requires_states=hybrid)
         for name, (mode, cluster) in self._modes.items():
             self.index.add_node(name, cluster, approximate=mode == APPROXIMATE)
 

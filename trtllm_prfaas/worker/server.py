@@ -42,7 +42,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
-from trtllm_prfaas.engines.base import describe
+from trtllm_prfaas.engines.base import SupportsKvEvents, describe
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
@@ -83,7 +83,6 @@ class _Tracked:
     deadline: float
     verify: p.Submit | None = None  # a remote decode with a plan: check its load at 1st output
     num_relayed_tokens: int = 0  # what a remote connector reported loading (on finish)
-    num_cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
 
 
 @dataclass(frozen=True)
@@ -408,7 +407,6 @@ class WorkerServer:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-            self._note_cached_tokens()
         except Exception as exc:  # a broken iteration: end every request it touched, go on
             log.error("engine_step_failed", error=repr(exc))
             for request_id in list(self._requests):
@@ -417,19 +415,6 @@ class WorkerServer:
         for out in outputs:
             self._emit(out)
         self._emit_transfer_results()
-
-    def _note_cached_tokens(self) -> None:
-        """Each running request's prompt tokens reused from the prefix cache (decided at its
-        admission; reported on its finishing ``Tokens``). A request admitted and finished in
-        one step is missed (it reports 0)."""
-        engine = self.engine
-        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
-            return
-        for engine_id, req in engine.running.items():
-            request_id = self._by_engine_id.get(engine_id)
-            tracked = self._requests.get(request_id) if request_id else None
-            if tracked is not None:
-                tracked.num_cached_tokens = req.num_cached_tokens
 
     def _emit(self, out: RequestOutput) -> None:
         request_id = self._by_engine_id.get(out.request_id)
@@ -447,7 +432,7 @@ class WorkerServer:
             type(error).__name__ if error else "",
             str(error) if error else "",
             max(out.num_connector_tokens, tracked.num_relayed_tokens),
-            tracked.num_cached_tokens if out.finished else 0,
+            out.num_cached_tokens,
         )
         if out.finished:
             self._forget(request_id)
@@ -605,7 +590,7 @@ class WorkerServer:
         """The engine's KV cache events since the last report, to every router (bounded
         messages; the first carries the dropped count)."""
         engine = self.engine
-        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
+        if not isinstance(engine, SupportsKvEvents) or not self.config.engine.enable_block_reuse:
             return
         batch = engine.drain_kv_events()
         step = p.MAX_KV_EVENTS_PER_MESSAGE
