@@ -226,3 +226,12 @@ def flag(argv: list[str], name: str, absent: str | None = None) -> str:
 def seconds(text: str) -> float:
     assert text.endswith("s"), text
     return float(text[:-1])
+
+
+def test_cpu_workers_run_the_model_the_compose_run_checks_against() -> None:
+    """`make compose-test` compares the testbed's tokens with one engine of this preset."""
+    from tests.deploy.test_compose_run import PRESET
+
+    for name, argv in prfaas_commands(DOCKER_DIR / "compose.cpu.yml").items():
+        if argv[0] == "worker":
+            assert flag(argv, "--model-preset", "default") == PRESET, name

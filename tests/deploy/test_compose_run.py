@@ -47,6 +47,7 @@ BUILD_TIMEOUT_S = 1200.0
 # Containers start, workers warm up and register, the router finds them: about 30 s under
 # overlay2; under vfs creating each container copies its 1.35 GB image first.
 UP_TIMEOUT_S = {"overlay2": 240.0, "vfs": 1200.0}
+PRESET = "default"  # the compose workers' model: no --model-preset, the reference engine's own
 LOCAL_LENGTH, REMOTE_LENGTH = 40, 1500  # the router's t is 1024 tokens (its default)
 
 
@@ -256,15 +257,15 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
 def test_local_and_remote_requests_give_single_engine_tokens(testbed: Testbed) -> None:
     started = time.monotonic()
     local = prompt(LOCAL_LENGTH)
-    assert ask(testbed.grpc_address, local, 8, timeout_s=120.0) == reference(local, 8)
+    assert ask(testbed.grpc_address, local, 8, timeout_s=120.0) == reference(local, 8, PRESET)
     assert metric(testbed.metrics_url, "prfaas_requests_total", route="local") >= 1
 
     remote = prompt(REMOTE_LENGTH)
     sent_before = testbed.wan_sent_bytes()
-    assert ask(testbed.grpc_address, remote, 8, timeout_s=120.0) == reference(remote, 8)
+    assert ask(testbed.grpc_address, remote, 8, timeout_s=120.0) == reference(remote, 8, PRESET)
     assert metric(testbed.metrics_url, "prfaas_requests_total", route="remote") >= 1
     relayed = testbed.wan_sent_bytes() - sent_before
-    kv_bytes = model_preset("default").kv_spec.s_kv(REMOTE_LENGTH - 1)  # all but the last token
+    kv_bytes = model_preset(PRESET).kv_spec.s_kv(REMOTE_LENGTH - 1)  # all but the last token
     testbed.figures.update(wan_sent_bytes=relayed, kv_bytes=kv_bytes)
     assert relayed >= kv_bytes, (relayed, kv_bytes)  # the KV crossed the shaped WAN
     testbed.figures["requests_s"] = time.monotonic() - started

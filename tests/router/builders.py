@@ -89,9 +89,9 @@ def prompt(n: int) -> list[int]:
     return [256] + [(i * 131 + n) % 256 for i in range(n - 1)]
 
 
-def reference(tokens: list[int], max_tokens: int) -> list[int]:
-    """The same request on one engine (the workers' model: tiny preset, seed 0)."""
-    engine = ReferenceEngine(EngineConfig(model=model_preset("tiny"), num_blocks=512))
+def reference(tokens: list[int], max_tokens: int, preset: str = "tiny") -> list[int]:
+    """The same request on one engine (the workers' model: ``preset``, tiny by default; seed 0)."""
+    engine = ReferenceEngine(EngineConfig(model=model_preset(preset), num_blocks=512))
     sampling = SamplingParams(max_tokens, TEMPERATURE, SEED, ignore_eos=False)
     return engine.generate([tokens], sampling)[0]
 
