@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +65,6 @@ class Router:
         if self.process.stdout is not None:
             self.process.stdout.close()
         return code
-
-
-@pytest.fixture
-def procs() -> Iterator[dict[str, WorkerProcess]]:
-    started: dict[str, WorkerProcess] = {}
-    try:
-        yield started
-    finally:
-        codes = {name: proc.stop() for name, proc in started.items()}
-        assert all(code == 0 for code in codes.values()), codes
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.discovery.test_router_process import Router, procs, start, wait_until  # noqa: F401
+from tests.discovery.test_router_process import Router, start, wait_until
 from tests.etcd_server import EtcdServer
 from tests.harness import WorkerProcess
 from tests.router.test_router_command import ask, prompt, reference
@@ -24,7 +24,7 @@ def _is_leader(router: Router) -> bool:
 def test_leader_sigkill_hands_over_within_the_ttl_and_both_keep_answering(
     etcd: EtcdServer,
     procs: dict[str, WorkerProcess],
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     start(procs, etcd, "decode", "decode", "dc-local")
     start(procs, etcd, "pd-prefill", "prefill", "dc-local")
