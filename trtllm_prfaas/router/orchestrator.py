@@ -117,7 +117,11 @@ class DisaggregatedOrchestrator(Orchestrator):
         self.cluster = ClusterState()
         self.tokenizer = load_tokenizer(config.tokenizer_dir)
         self.decisions: list[RouteDecision] = []  # recent decisions (for tests and parity)
-        self.route_log: deque[RouteRecord] = deque(maxlen=10_000)  # inputs of each decision
+        # The inputs of each recent decision (replay, parity). 1000, not more: each record holds
+        # a cluster snapshot (~10 objects a node), and every object here is walked by each full
+        # garbage collection, which pauses the router's loop (10K records: ~100K objects, pauses
+        # of 13-50 ms measured with bench/router.py, the doors' p99 tail).
+        self.route_log: deque[RouteRecord] = deque(maxlen=1_000)
         self.control = ControlLoop(
             config.control or ControlConfig(),
             self.cluster,
