@@ -34,7 +34,7 @@ class Settings:
     num_freezes: int = 1  # SIGSTOP of the decode worker (then SIGKILL + restart)
     num_failovers: int = 3  # SIGKILL of the leading replica
     # per stack, alternating request by request; a p99 over 300 swung 0.82-1.16 between runs
-    # here (its 3rd worst), over 1000 (its 10th worst) it held within a few percent
+    # here (its 3rd worst request); over 1000 (its 10th worst) a run gave 0.984
     num_requests: int = 1000
     warmup_requests: int = 10  # per stack, before measuring
     prompt_tokens: int = 16
