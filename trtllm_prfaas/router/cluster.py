@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from trtllm_prfaas.policy.placement import NodeView
 from trtllm_prfaas.policy.route import ClusterView
 from trtllm_prfaas.router.prefix_tracker import PrefixTracker
+from trtllm_prfaas.vocabulary import ROLE_NAMES, Role
 from trtllm_prfaas.worker import protocol as p
 
 __all__ = ["ClusterState", "WorkerState"]
@@ -143,15 +144,15 @@ class ClusterState:
             if not w.is_live(now):
                 continue
             role = w.info.role
-            if role not in ("prefill", "decode") or (role == "decode" and w.is_prfaas):
+            if role not in ROLE_NAMES or (role == Role.DECODE and w.is_prfaas):
                 continue
             node = w.view(self.prefix.prefix_tokens(w.name, hashes, now))
-            if role == "prefill":
+            if role == Role.PREFILL:
                 (prfaas if w.is_prfaas else pd_prefill).append(node)
             else:
                 pd_decode.append(node)
         return ClusterView(tuple(prfaas), tuple(pd_prefill), tuple(pd_decode))
 
     def decode_capacity(self) -> int:
-        decodes = [w for w in self.workers.values() if w.role == "decode" and not w.is_lost]
+        decodes = [w for w in self.workers.values() if w.role == Role.DECODE and not w.is_lost]
         return sum(w.view().free_decode_slots for w in decodes)

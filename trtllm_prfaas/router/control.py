@@ -76,6 +76,7 @@ from trtllm_prfaas.router.replicas import (
 )
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
+from trtllm_prfaas.vocabulary import Role
 
 __all__ = ["ControlConfig", "ControlLoop", "Converter", "RouteRecord", "TickRecord"]
 
@@ -315,8 +316,8 @@ class ControlLoop:
             )
 
     def _signals(self, elapsed: float) -> tuple[ctl.LinkSignals, float, float]:
-        remote = self._pool(prfaas=True, role="prefill")
-        local = self._pool(prfaas=False, role="prefill")
+        remote = self._pool(prfaas=True, role=Role.PREFILL)
+        local = self._pool(prfaas=False, role=Role.PREFILL)
         sent, goodput = 0, 0.0
         for w in remote:
             total = w.report.relay_bytes_sent if w.report else 0
@@ -347,12 +348,12 @@ class ControlLoop:
         if self._routed:
             self.offload_share.update(self._offloaded / self._routed)
         self._routed = self._offloaded = 0
-        decode = self._pool(prfaas=False, role="decode")
+        decode = self._pool(prfaas=False, role=Role.DECODE)
         slots = sum(w.info.max_num_seqs for w in decode)
         free = sum(w.report.num_free_slots if w.report else w.info.max_num_seqs for w in decode)
         self._decode_util.append(1 - free / slots if slots else 0.0)
 
-    def _pool(self, prfaas: bool, role: str) -> list[WorkerState]:
+    def _pool(self, prfaas: bool, role: Role) -> list[WorkerState]:
         now = self.clock()
         return [
             w
@@ -368,9 +369,9 @@ class ControlLoop:
 
     def _deployment(self) -> Deployment:
         return Deployment(
-            len(self._pool(prfaas=True, role="prefill")),
-            len(self._pool(prfaas=False, role="prefill")),
-            len(self._pool(prfaas=False, role="decode")),
+            len(self._pool(prfaas=True, role=Role.PREFILL)),
+            len(self._pool(prfaas=False, role=Role.PREFILL)),
+            len(self._pool(prfaas=False, role=Role.DECODE)),
         )
 
     def _targets(self, link_gbps: float) -> tuple[float, float, float]:
@@ -394,7 +395,7 @@ class ControlLoop:
         return KvSize(float(info.kv_state_bytes), float(max(info.kv_bytes_per_token, 1)))
 
     def _slots(self) -> int:
-        decode = self._pool(prfaas=False, role="decode")
+        decode = self._pool(prfaas=False, role=Role.DECODE)
         return max((w.info.max_num_seqs for w in decode), default=0)
 
     def _export(self, t_opt: float, egress_gbps: float, link_gbps: float) -> None:
@@ -410,8 +411,8 @@ class ControlLoop:
             return
         period = now - self._last_rebalance_s
         self._last_rebalance_s = now
-        prefill = self._pool(prfaas=False, role="prefill")
-        decode = self._pool(prfaas=False, role="decode")
+        prefill = self._pool(prfaas=False, role=Role.PREFILL)
+        decode = self._pool(prfaas=False, role=Role.DECODE)
         signals = self._stage_signals(prefill, decode, period)
         views = [w.view() for w in prefill], [w.view() for w in decode]
         d = rb.step_rebalancer(config, self.rebalancer, signals, *views, now)
@@ -433,8 +434,8 @@ class ControlLoop:
             decode_utilisation=util_d,
             decode_queue_per_node=sum(w.report.num_pending_decodes for w in decode if w.report)
             / max(num_d, 1),
-            num_p=num_p + (node is not None and node.role == "prefill"),
-            num_d=num_d + (node is not None and node.role == "decode"),
+            num_p=num_p + (node is not None and node.role == Role.PREFILL),
+            num_d=num_d + (node is not None and node.role == Role.DECODE),
             is_drain_complete=node is not None and node.is_idle(),
         )
 
