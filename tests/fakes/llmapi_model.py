@@ -15,7 +15,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from trtllm_prfaas.deploy.contract import LLMAPI_INPUTS, LLMAPI_OUTPUTS
 from trtllm_prfaas.engines.hf_tokenizer import HfTokenizer
 
 __all__ = [
@@ -33,14 +32,38 @@ __all__ = [
 ]
 
 MODEL_NAME = "tensorrt_llm"
-# (name, TYPE_* without the prefix, dims, optional) as upstream config.pbtxt (0a71057) declares
-# them, in its order: the shared tables in ``trtllm_prfaas.deploy.contract`` (one source).
-INPUTS: tuple[tuple[str, str, tuple[int, ...], bool], ...] = tuple(
-    (d.name, d.data_type.removeprefix("TYPE_"), d.dims, d.optional) for d in LLMAPI_INPUTS
-)
-OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = tuple(
-    (d.name, d.data_type.removeprefix("TYPE_"), d.dims) for d in LLMAPI_OUTPUTS
-)
+# Transcribed here from upstream, not imported from the product's own table
+# (``trtllm_prfaas.deploy.contract``), so the fake stays a witness of upstream: a test checks the
+# product's table against this one (tests/fakes/test_llmapi_triton.py).
+_S, _B, _I32, _U64, _F32, _I64 = "STRING", "BOOL", "INT32", "UINT64", "FP32", "INT64"
+# (name, TYPE_*, dims, optional) as upstream config.pbtxt (0a71057) declares them, in its order.
+INPUTS: tuple[tuple[str, str, tuple[int, ...], bool], ...] = (
+    ("text_input", _S, (-1,), False), ("image_url", _S, (-1,), True),
+    ("streaming", _B, (1,), True), ("sampling_param_best_of", _I32, (1,), True),
+    ("sampling_param_temperature", _F32, (1,), True), ("sampling_param_top_k", _I32, (1,), True),
+    ("sampling_param_top_p", _F32, (1,), True),
+    ("sampling_param_frequency_penalty", _F32, (1,), True),
+    ("sampling_param_presence_penalty", _F32, (1,), True),
+    ("sampling_param_max_tokens", _I32, (1,), True), ("sampling_param_stop", _S, (-1,), True),
+    ("sampling_param_seed", _U64, (1,), True),
+    ("sampling_param_exclude_input_from_output", _B, (1,), True),
+    ("sampling_param_return_perf_metrics", _B, (1,), True),
+    ("return_finish_reason", _B, (1,), True), ("return_stop_reason", _B, (1,), True),
+    ("return_cumulative_logprob", _B, (1,), True), ("stop", _B, (1,), True),
+    ("lora_id", _U64, (1,), True), ("lora_name", _S, (1,), True), ("lora_path", _S, (1,), True),
+    ("lora_ckpt_source", _S, (1,), True),
+)  # fmt: skip
+OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("text_output", _S, (-1,)), ("finish_reason", _S, (-1,)), ("stop_reason", _S, (-1,)),
+    ("cumulative_logprob", _F32, (-1,)), ("kv_cache_reused_block", _I32, (-1,)),
+    ("kv_cache_missed_block", _I32, (-1,)), ("kv_cache_alloc_new_blocks", _I32, (-1,)),
+    ("kv_cache_alloc_total_blocks", _I32, (-1,)), ("kv_cache_hit_rate", _F32, (-1,)),
+    ("arrival_time_ns", _I64, (1,)), ("first_scheduled_time_ns", _I64, (1,)),
+    ("first_token_time_ns", _I64, (1,)), ("last_token_time_ns", _I64, (1,)),
+    ("acceptance_rate", _F32, (1,)), ("total_accepted_draft_tokens", _I32, (1,)),
+    ("total_draft_tokens", _I32, (1,)),
+)  # fmt: skip
+
 _DEFAULT_MAX_TOKENS = 32  # tensorrt_llm SamplingParams.max_tokens default
 
 

@@ -130,3 +130,18 @@ def test_decoupled_streams_cumulative_text_and_refuses_unary(hf_model_dir: Path)
     assert reasons == ["None"] * 11 + ["length"]  # str(None) until the end, as upstream
     assert finals == [False] * 11 + [True]
     assert all(r.get_response().id == "42" for r, _ in items)
+
+
+def test_products_contract_table_is_the_upstream_transcription() -> None:
+    """``deploy/contract.py`` (what the front door serves and ``prfaas triton-repo`` renders) says
+    exactly what upstream's ``llmapi/tensorrt_llm/config.pbtxt`` (0a71057), transcribed in the fake,
+    declares: names, types, dims, optionality, order."""
+    from trtllm_prfaas.deploy.contract import LLMAPI_INPUTS, LLMAPI_OUTPUTS
+
+    def row(d: Any) -> tuple[str, str, tuple[int, ...]]:
+        return d.name, d.data_type.removeprefix("TYPE_"), d.dims
+
+    product_in = [(*row(d), d.optional) for d in LLMAPI_INPUTS]
+    product_out = [row(d) for d in LLMAPI_OUTPUTS]
+    assert product_in == list(INPUTS)
+    assert product_out == list(OUTPUTS)

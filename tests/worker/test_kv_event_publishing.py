@@ -4,13 +4,13 @@ prompt it served; a lost message is a gap the index resyncs on (never an over-re
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from tests.harness import serving_on_thread
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig
 from trtllm_prfaas.kv.events import KvCacheCreated
@@ -29,15 +29,8 @@ def serving(engine: EngineConfig) -> Iterator[WorkerServer]:
     """An in-process prefill worker serving on a thread; stopped and joined even on failure."""
     relay = RelayConfig(RelaySecurity.insecure_plaintext())
     config = WorkerConfig("w0", WorkerRole.PREFILL, "dc", relay, engine)
-    with WorkerServer(config) as server:
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+    with WorkerServer(config) as server, serving_on_thread(server):
+        yield server
 
 
 def _events_until_done(client: WorkerClient, rid: str, quiet_s: float = 0.5) -> list[p.KvEvents]:
