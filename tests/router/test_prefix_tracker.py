@@ -15,6 +15,7 @@ from trtllm_prfaas.kv.events import KvCacheEvent, KvCacheStored, KvEventBatch, S
 from trtllm_prfaas.policy.placement import NodeView, choose_decode_node
 from trtllm_prfaas.policy.route import PolicyState, RequestView, route
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
+from trtllm_prfaas.router.prefix_tracker import PrefixTracker
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker import protocol as p
 
@@ -85,6 +86,28 @@ def test_view_gives_each_node_its_prefix_and_route_goes_cache_affine() -> None:
     assert decision.incremental_tokens == len(prompt) - 12 * TPB
     assert decision.decode_node_id == "d0"  # its own cached prefix, both have free slots
     assert cluster.view(now).prfaas[1].prefix_tokens == 0  # no hashes: no prefix
+
+
+def test_a_cache_blind_cluster_follows_events_but_routes_as_if_nothing_were_cached() -> None:
+    """``prefix_routing: false``: the index still follows r1's events (its metrics count), but
+    every node's prefix is 0, so route takes the least-loaded tie-break (r0), not r1's cache."""
+    cluster = ClusterState(prefix=PrefixTracker(is_blind=True))
+    for name, role in (("r0", "prefill"), ("r1", "prefill"), ("d0", "decode")):
+        cluster.add(WorkerState(name, "tcp://x", _info(name, role), role == "prefill"))
+    prompt = _prompt(20 * TPB + 5)
+    hashes = cluster.prefix.hashes_for(prompt)
+    assert len(hashes) == 20
+    for name in ("r1", "d0"):
+        batch = KvEventBatch([_stored(0, None, hashes[:12])])
+        assert cluster.on_kv_events(name, p.KvEvents(name, batch=batch))
+    stats = cluster.prefix.stats()
+    assert stats is not None and stats.blocks_per_node["r1"] == 12
+    now = time.monotonic()
+    view = cluster.view(now, hashes)
+    assert [n.prefix_tokens for n in (*view.prfaas, *view.pd_decode)] == [0, 0, 0]
+    decision = route(RequestView("q", len(prompt)), view, PolicyState(100.0), now)
+    assert decision.prefill_node_id == "r0" and decision.prefix_tokens == 0
+    assert decision.incremental_tokens == len(prompt)
 
 
 def test_decode_choice_prefers_a_free_slot_over_a_cached_prefix() -> None:

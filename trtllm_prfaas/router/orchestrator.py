@@ -61,6 +61,7 @@ from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.router.control import ControlConfig, ControlLoop, RouteRecord
 from trtllm_prfaas.router.flight import Flight, Handoff
 from trtllm_prfaas.router.links import WorkerLinks
+from trtllm_prfaas.router.prefix_tracker import PrefixTracker
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.transport import RelaySecurity
@@ -106,6 +107,9 @@ class RouterConfig:
     # The control sockets to workers: Curve (the router's key pair and the workers' control
     # public key, config.load_control_security) or, when None, plaintext with a warning.
     control_security: RelaySecurity | None = None
+    # False: route cache-blind, as if no node held any prefix (the index still follows the
+    # workers' events and their caches stay on); bench/prefix.py compares the two.
+    prefix_routing: bool = True
 
 
 class DisaggregatedOrchestrator(Orchestrator):
@@ -114,7 +118,7 @@ class DisaggregatedOrchestrator(Orchestrator):
     def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics
-        self.cluster = ClusterState()
+        self.cluster = ClusterState(prefix=PrefixTracker(is_blind=not config.prefix_routing))
         self.tokenizer = load_tokenizer(config.tokenizer_dir)
         self.decisions: list[RouteDecision] = []  # recent decisions (for tests and parity)
         # The inputs of each recent decision (replay, parity). 1000, not more: each record holds

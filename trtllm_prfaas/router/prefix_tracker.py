@@ -21,6 +21,11 @@ with a new ``WorkerInfo`` after a role change or a restart: its cache starts emp
 engine's does) until ``remove`` (it left, or was lost). Until the first followed worker joins
 there is no index, and a prompt is not hashed (``hashes_for`` returns ``[]``).
 
+Cache-blind (``is_blind``, the router's ``prefix_routing: false``): everything above still
+runs (the index follows the workers, its metrics count), but ``prefix_tokens`` answers 0 for
+every node, so routing is what a router that knows nothing of caches would do, in front of
+workers whose caches stay on. ``bench/prefix.py`` measures cache-aware against it.
+
 Plain data, time passed in, no I/O; the router's event loop owns it.
 """
 
@@ -50,8 +55,11 @@ def cache_key_of(info: p.WorkerInfo) -> CacheKey:
 class PrefixTracker:
     """One ``PrefixIndex`` for the router's model, its members, and its counters."""
 
-    def __init__(self, ttl_s: float = 300.0) -> None:
+    def __init__(self, ttl_s: float = 300.0, is_blind: bool = False) -> None:
         self.ttl_s = ttl_s
+        self.is_blind = is_blind  # route as if no node held any prefix (the index still runs)
+        if is_blind:
+            log.info("prefix_routing_off", why="cache-blind: every node's prefix counts as 0")
         self.index: PrefixIndex | None = None
         self._modes: dict[str, tuple[str, str]] = {}  # followed worker -> (mode, cluster)
         self.num_events_ignored = 0  # KvEvents from workers not followed (a key mismatch)
@@ -133,8 +141,9 @@ class PrefixTracker:
         return self.index.hashes_for(prompt_token_ids)
 
     def prefix_tokens(self, name: str, hashes: Sequence[int], now: float) -> int:
-        """How many leading prompt tokens worker ``name`` holds (0 if it is not followed)."""
-        if not hashes or name not in self._modes:
+        """How many leading prompt tokens worker ``name`` holds (0 if it is not followed, and
+        for every node when the router is cache-blind)."""
+        if self.is_blind or not hashes or name not in self._modes:
             return 0
         assert self.index is not None
         return self.index.match(name, hashes, now).num_tokens
