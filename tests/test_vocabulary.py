@@ -58,7 +58,7 @@ def test_error_kinds_round_trip_and_unknown_ones_are_internal() -> None:
         (errors.NotReady("x"), grpc.StatusCode.UNAVAILABLE, 503),
         (errors.WorkerLost("x"), grpc.StatusCode.UNAVAILABLE, 503),
         (errors.TransferTimeout("x"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
-        (errors.DeadlineExceeded("x"), grpc.StatusCode.INTERNAL, 504),
+        (errors.DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
         (errors.EngineError("x"), grpc.StatusCode.INTERNAL, 500),
         (KeyError("a bug"), grpc.StatusCode.INTERNAL, 500),

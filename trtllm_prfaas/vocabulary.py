@@ -117,9 +117,9 @@ ERROR_KINDS: Mapping[str, ErrorKind] = MappingProxyType({
         _row(errors.AdmissionRejected, "UNAVAILABLE", 429, "rate_limit_error", "no_capacity"),
         _row(errors.NotReady, "UNAVAILABLE", 503, openai_code="not_ready"),
         _row(errors.EngineError, "INTERNAL", 500),
-        # The gRPC door has always ended a DeadlineExceeded with INTERNAL (only a transfer's
-        # timeout is DEADLINE_EXCEEDED there); kept as it was, the OpenAI door says 504.
-        _row(errors.DeadlineExceeded, "INTERNAL", 504, openai_code=_TIMEOUT),
+        # A request (or leg) past its deadline is DEADLINE_EXCEEDED on every door, as a
+        # transfer's timeout is (the gRPC door said INTERNAL until 2026-12-06).
+        _row(errors.DeadlineExceeded, "DEADLINE_EXCEEDED", 504, openai_code=_TIMEOUT),
         _row(errors.ConnectorError, "INTERNAL", 500),
         _row(errors.TransportError, "INTERNAL", 500),
         _row(errors.TransferTimeout, "DEADLINE_EXCEEDED", 504, openai_code=_TIMEOUT),

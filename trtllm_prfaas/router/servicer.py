@@ -12,8 +12,9 @@ the ``triton_final_response`` parameter, true on the last; a failed request gets
 
 Error mapping (one boundary, ``status_for``, reading ``vocabulary.ERROR_KINDS``): bad input ->
 INVALID_ARGUMENT, unknown model -> NOT_FOUND, ``AdmissionRejected`` and ``WorkerLost`` (a worker
-died under the request) -> UNAVAILABLE, ``TransferTimeout`` -> DEADLINE_EXCEEDED, any other
-failure -> INTERNAL. The details name what was wrong; the server keeps serving.
+died under the request) -> UNAVAILABLE, ``DeadlineExceeded`` and ``TransferTimeout`` ->
+DEADLINE_EXCEEDED, any other failure -> INTERNAL. The details name what was wrong; the server
+keeps serving.
 
 Cancellation: a client that cancels (or a server shutdown) cancels the handler task; the
 orchestrator's generator is closed (``aclosing``) and cancels the request in its engines.
