@@ -354,6 +354,24 @@ def test_config_file_values_and_flags_over_them(tmp_path: Path) -> None:
     assert [s.endpoint for s in flagged.router.workers] == ["tcp://x:1", "tcp://y:2"]
 
 
+def test_prefix_routing_key_and_flags(tmp_path: Path) -> None:
+    """``prefix_routing: false`` (or ``--no-prefix-routing``) routes cache-blind; a flag wins
+    over the file; absent, the router routes by prefix."""
+    workers = ["--plaintext", "--worker", "far/prefill=p:1", "--worker", "near/decode=d:1"]
+    assert command.load_settings(parse(workers)).router.prefix_routing is True
+    path = tmp_path / "router.yaml"
+    path.write_text("prefix_routing: false\n")
+    blind = command.load_settings(parse(["--config", str(path), *workers]))
+    assert blind.router.prefix_routing is False
+    over = command.load_settings(parse(["--config", str(path), "--prefix-routing", *workers]))
+    assert over.router.prefix_routing is True
+    flag = command.load_settings(parse(["--no-prefix-routing", *workers]))
+    assert flag.router.prefix_routing is False
+    path.write_text("prefix_routing: sometimes\n")
+    with pytest.raises(ConfigError, match="prefix_routing"):
+        command.load_settings(parse(["--config", str(path), *workers]))
+
+
 def test_worker_lists_that_cannot_serve_are_refused() -> None:
     cases = {
         ("a/decode=h:1",): "at least one prefill worker",

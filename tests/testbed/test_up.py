@@ -72,9 +72,22 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     assert len(paced) == 1 and "dc-remote" in paced[0]  # only the inter-DC sender is paced
 
 
+def test_prefix_routing_key_reaches_the_router(tmp_path: Path) -> None:
+    """``prefix_routing: false`` makes the testbed's router cache-blind (default: aware)."""
+    path = tmp_path / "testbed.yaml"
+    path.write_text("prefix_routing: false\nenable_block_reuse: true\n")
+    for config, expected in ((load_testbed_config(None), True), (load_testbed_config(path), False)):
+        testbed = Testbed(config)
+        try:
+            assert testbed._router_config().prefix_routing is expected
+        finally:
+            testbed.close()
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
+        ("prefix_routing: sometimes\n", "prefix_routing"),
         ("bogus: 1\n", "unknown keys"),
         ("clusters: {gpus: 3}\n", "clusters.gpus"),
         ("model_preset: huge\n", "model_preset"),

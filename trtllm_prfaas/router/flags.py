@@ -96,6 +96,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         default=None,
         help="control sockets without encryption or authentication (warned)",
     )
+    parser.add_argument(
+        "--prefix-routing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="route by the prefixes workers hold (default); --no-prefix-routing: cache-blind, "
+        "as if no node held any (their caches stay on)",
+    )
     positive = _above(0.0)
     _optional(parser, "--threshold-tokens", _at_least(int, 0), "initial t (default 1024)")
     _optional(parser, "--link-gbps", positive, "PrfaaS egress capacity (default: measured)")

@@ -92,6 +92,7 @@ class RouterFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     grace_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
     curve_keys: str | None = None  # --curve-keys: the router's control-plane key file
     plaintext: bool | None = None  # --plaintext: control sockets without Curve (warned)
+    prefix_routing: bool | None = None  # --[no-]prefix-routing: False routes cache-blind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +266,7 @@ def _router_config(specs: tuple[WorkerSpec, ...], v: dict[str, Any]) -> RouterCo
         threshold_tokens=_default(v["threshold_tokens"], defaults.threshold_tokens),
         control=control,
         control_security=_control_security(v),
+        prefix_routing=_default(v["prefix_routing"], defaults.prefix_routing),
         **{name: _default(v[name], getattr(defaults, name)) for name in timeouts},
     )
 

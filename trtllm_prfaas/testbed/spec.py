@@ -57,6 +57,9 @@ class TestbedConfig:
     # Workers keep prefix caches (block reuse) and publish their KV cache events: the router
     # routes cache-aware (docs/design/prefix_cache.md). Off: as TensorRT-LLM ships hybrid models.
     enable_block_reuse: bool = False
+    # The router routes by the prefixes workers hold. False: cache-blind (their caches stay on),
+    # the baseline bench/prefix.py measures cache-aware routing against.
+    prefix_routing: bool = True
 
     def __post_init__(self) -> None:
         if self.model_preset not in MODEL_PRESETS:
@@ -65,6 +68,8 @@ class TestbedConfig:
             raise ConfigError("the testbed needs a decode worker and at least one prefill worker")
         if self.link_gbps is not None and self.link_gbps <= 0:
             raise ConfigError("link_gbps must be > 0")
+        if not isinstance(self.prefix_routing, bool):
+            raise ConfigError(f"prefix_routing {self.prefix_routing!r}: true or false")
 
     def worker_args(self) -> dict[str, list[str]]:
         """``prfaas worker`` arguments by worker name (without security flags)."""

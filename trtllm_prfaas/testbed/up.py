@@ -114,6 +114,7 @@ class Testbed:
             control=control,
             tokenizer_dir=self.config.tokenizer_dir,
             control_security=self.control_security,
+            prefix_routing=self.config.prefix_routing,
         )
 
     def describe(self) -> str:
@@ -184,6 +185,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         help="workers keep prefix caches and publish KV cache events (cache-aware routing)",
     )
     parser.add_argument(
+        "--prefix-routing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the router routes by the prefixes workers hold (default); --no-prefix-routing: "
+        "cache-blind",
+    )
+    parser.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
@@ -203,6 +211,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         model_preset=args.model_preset,
         threshold_tokens=args.threshold_tokens,
         enable_block_reuse=args.enable_block_reuse,
+        prefix_routing=args.prefix_routing,
         tokenizer_dir=str(args.tokenizer) if args.tokenizer is not None else None,
     )
     if config.http_port is None:
