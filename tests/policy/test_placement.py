@@ -60,21 +60,58 @@ def test_full_prefix_hit_still_computes_the_last_token() -> None:
 
 
 def test_cache_affine_node_then_least_loaded() -> None:
-    nodes = [node("a", backlog=5.0), node("b", prefix=800, backlog=9.0), node("c", backlog=1.0)]
-    assert choose_prefill_node(nodes).node_id == "b"  # type: ignore[union-attr]
+    # 1 ms per token: b's 800 cached tokens save 0.8 s of its 1,000-token prefill.
+    nodes = [
+        node("a", backlog=5.0, prefill_s_per_token=1e-3),
+        node("b", prefix=800, backlog=1.5, prefill_s_per_token=1e-3),
+        node("c", backlog=1.0, prefill_s_per_token=1e-3),
+    ]
+    assert choose_prefill_node(nodes, 1000).node_id == "b"  # type: ignore[union-attr]
     nodes = [node("a", backlog=5.0), node("c", backlog=1.0), node("d", backlog=1.0)]
-    assert choose_prefill_node(nodes).node_id == "c"  # type: ignore[union-attr]
+    assert choose_prefill_node(nodes, 1000).node_id == "c"  # type: ignore[union-attr]
     assert choose_prefill_node([node("x", prefix=9, is_draining=True)]) is None
     dec = [node("d1", free_decode_slots=3), node("d2", free_decode_slots=7)]
     assert choose_decode_node(dec).node_id == "d2"  # type: ignore[union-attr]
 
 
+def test_equal_load_keeps_affinity_and_a_hot_node_overflows() -> None:
+    rate = 1e-3  # s per computed token
+    # A shared 4K system prompt cached on h only; an 8K prompt. At equal load h wins (its
+    # prefill finishes 4 s earlier); with 3 s of queued work it still does (4 s saved > 3 s).
+    for backlog in (0.0, 3.0):
+        hot = node("h", prefix=4096, backlog=backlog, prefill_s_per_token=rate)
+        idle = node("i", prefill_s_per_token=rate)
+        assert choose_prefill_node([idle, hot], 8192).node_id == "h"  # type: ignore[union-attr]
+    # Once its queue is longer than what the prefix saves, the idle node takes the request.
+    hot = node("h", prefix=4096, backlog=5.0, prefill_s_per_token=rate)
+    assert choose_prefill_node([hot, idle], 8192).node_id == "i"  # type: ignore[union-attr]
+    # Without a per-token estimate load decides, and the prefix breaks a tie of load.
+    assert choose_prefill_node([node("h", prefix=4096, backlog=0.1), node("i")], 8192) == node("i")
+    assert choose_prefill_node([node("i"), node("h", prefix=4096)], 8192) == node("h", prefix=4096)
+
+
+def test_route_reuses_only_the_chosen_nodes_prefix() -> None:
+    # r1 holds 30K of a 50K prompt but is 40 s behind: r0 (idle) recomputes all of it sooner.
+    rate = 1e-3
+    view = ClusterView(
+        prfaas=(node("r0", prefill_s_per_token=rate),
+                node("r1", prefix=30_000, backlog=40.0, prefill_s_per_token=rate)),
+        pd_prefill=(node("p0", prefill_s_per_token=rate),),
+    )  # fmt: skip
+    d = route(RequestView("q", 50_000), view, PolicyState(T), now_s=1.0)
+    assert (d.prefill_node_id, d.prefix_tokens, d.incremental_tokens) == ("r0", 0, 50_000)
+    # Under abundant bandwidth the move is judged from the chosen nodes' prefixes as well.
+    d = route(RequestView("q", 50_000), view, PolicyState(T, CachePolicy.ABUNDANT), now_s=1.0)
+    assert (d.prefill_node_id, d.cache_move) == ("r0", None)
+
+
 def test_route_picks_cluster_node_and_decode() -> None:
     view = ClusterView(
-        prfaas=(node("r0", backlog=2.0), node("r1", prefix=30_000, backlog=4.0)),
+        prfaas=(node("r0", backlog=2.0, prefill_s_per_token=1e-3),
+                node("r1", prefix=30_000, backlog=4.0, prefill_s_per_token=1e-3)),
         pd_prefill=(node("p0"),),
         pd_decode=(node("d0", free_decode_slots=1), node("d1", free_decode_slots=5)),
-    )
+    )  # fmt: skip
     d = route(RequestView("q1", 50_000), view, PolicyState(T), now_s=12.5)
     assert (d.cluster, d.prefill_node_id, d.decode_node_id) == (Cluster.PRFAAS, "r1", "d1")
     assert d.incremental_tokens == 20_000 and d.is_remote and d.decided_at_s == 12.5

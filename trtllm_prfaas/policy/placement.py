@@ -17,9 +17,18 @@ Placement rules, with ``t`` the threshold and ``l_total`` the prompt length:
 - a cluster with no usable (non-draining) prefill node is never chosen; if neither has one the
   request cannot be placed (:class:`~trtllm_prfaas.errors.AdmissionRejected`).
 
-Node choice inside a cluster: the longest prefix match, then the least backlog, then the fewest
-queued requests, then the smallest ``node_id`` (deterministic, so a replayed trace makes the same
-decisions). Draining nodes are never chosen.
+Node choice inside a cluster weighs the prefix against load, in seconds (as Dynamo's KV router
+scores a worker by the blocks it must prefill plus its queued work, and SGLang's cache-aware
+router falls back to the least loaded node when load is imbalanced): the node where this
+request's prefill would *finish first*, ``backlog_s + (prompt - prefix) * prefill_s_per_token``,
+then the longest prefix, then the fewest queued requests, then the smallest ``node_id``
+(deterministic, so a replayed trace makes the same decisions). So at equal load the node holding
+the prefix keeps it (cache affinity), and a node whose queue is longer than the prefix saves is
+passed over for an idler one (a shared system prompt no longer sends every request to the node
+that first cached it). A caller that has no per-token estimate leaves ``prefill_s_per_token`` 0:
+then the least backlog wins and the prefix breaks ties (at equal backlog, as before: affinity).
+Draining nodes are never chosen. The cluster's prefix in :func:`place` is the chosen node's:
+what the request will actually reuse there.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ __all__ = [
     "choose_prefill_node",
     "cluster_prefix_tokens",
     "place",
+    "prefill_finish_s",
 ]
 
 
@@ -55,7 +65,9 @@ class NodeView:
     """One node as the router sees it for one request (a snapshot; never mutated).
 
     ``backlog_s`` is the estimated seconds of queued and running work before the node could start
-    this request; ``queue_depth`` counts requests waiting (not running) on it.
+    this request; ``queue_depth`` counts requests waiting (not running) on it;
+    ``prefill_s_per_token`` the caller's estimate of the seconds this node takes per prompt token
+    it computes for this request (0: unknown, then load alone decides and the prefix breaks ties).
     """
 
     node_id: str
@@ -64,6 +76,7 @@ class NodeView:
     backlog_s: float = 0.0
     free_decode_slots: int = 0
     is_draining: bool = False
+    prefill_s_per_token: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +108,28 @@ def cluster_prefix_tokens(nodes: Iterable[NodeView]) -> int:
     return max((n.prefix_tokens for n in nodes if not n.is_draining), default=0)
 
 
-def choose_prefill_node(nodes: Iterable[NodeView]) -> NodeView | None:
-    """Cache-affine choice: longest prefix, then least backlog, then fewest queued, then id."""
+def prefill_finish_s(node: NodeView, prompt_tokens: int) -> float:
+    """Seconds from now until ``node`` would finish this request's prefill: its backlog plus
+    the tokens it lacks (the last prompt token is always computed) at its per-token cost."""
+    reused = min(node.prefix_tokens, max(prompt_tokens - 1, 0))
+    return node.backlog_s + (prompt_tokens - reused) * node.prefill_s_per_token
+
+
+def choose_prefill_node(nodes: Iterable[NodeView], prompt_tokens: int = 0) -> NodeView | None:
+    """Prefix weighed against load (see the module doc): the earliest prefill finish for a
+    ``prompt_tokens`` prompt, then the longest prefix, then fewest queued, then id."""
     usable = _usable(nodes)
     if not usable:
         return None
-    return min(usable, key=lambda n: (-n.prefix_tokens, n.backlog_s, n.queue_depth, n.node_id))
+    return min(
+        usable,
+        key=lambda n: (
+            prefill_finish_s(n, prompt_tokens),
+            -n.prefix_tokens,
+            n.queue_depth,
+            n.node_id,
+        ),
+    )
 
 
 def choose_decode_node(nodes: Iterable[NodeView]) -> NodeView | None:

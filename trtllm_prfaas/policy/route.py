@@ -6,9 +6,12 @@ state and has no side effects, so a recorded trace of its inputs replays to the 
 
 Contract for :class:`ClusterView`: each tuple holds *candidate* nodes of one pool, not
 necessarily all of them. A caller must include at least the least-loaded usable node of every
-pool and every node with a non-zero prefix match for this request (a small router may simply
-pass every node). With that contract the decision equals the one over the full pool, and a
-1,250-instance simulation stays O(log n) per request.
+pool (least ``backlog_s``, then ``queue_depth``, then ``node_id``) and every node with a non-zero
+prefix match for this request (a small router may simply pass every node). With that contract,
+and one ``prefill_s_per_token`` for the nodes of a pool that hold no prefix, the decision equals
+the one over the full pool (the prefill node is the one that would finish first, see
+:mod:`~trtllm_prfaas.policy.placement`), and a 1,250-instance simulation stays O(log n) per
+request.
 
 Decode: if ``pd_decode`` is non-empty the decision names the decode node (a free slot and the
 longest cached prefix, then most free slots, see
@@ -29,7 +32,6 @@ from trtllm_prfaas.policy.placement import (
     NodeView,
     choose_decode_node,
     choose_prefill_node,
-    cluster_prefix_tokens,
     place,
 )
 
@@ -99,12 +101,12 @@ def route(
     Raises ``AdmissionRejected`` when neither cluster has a usable prefill node, or when decode
     candidates were given but none is usable.
     """
-    remote_node = choose_prefill_node(cluster.prfaas)
-    local_node = choose_prefill_node(cluster.pd_prefill)
+    remote_node = choose_prefill_node(cluster.prfaas, request.prompt_tokens)
+    local_node = choose_prefill_node(cluster.pd_prefill, request.prompt_tokens)
     placement = place(
         request.prompt_tokens,
-        cluster_prefix_tokens(cluster.prfaas),
-        cluster_prefix_tokens(cluster.pd_prefill),
+        remote_node.prefix_tokens if remote_node else 0,  # what the chosen node reuses
+        local_node.prefix_tokens if local_node else 0,
         state.threshold_tokens,
         state.cache_policy,
         has_prfaas=remote_node is not None,

@@ -40,16 +40,12 @@ import numpy as np
 import numpy.typing as npt
 
 from trtllm_prfaas.policy import controller as ctl
+from trtllm_prfaas.policy import threshold
 from trtllm_prfaas.policy.model import Deployment, Workload
 from trtllm_prfaas.policy.placement import CacheMove, Cluster, NodeView
 from trtllm_prfaas.policy.profile import FloatArray, SystemProfile
 from trtllm_prfaas.policy.rebalancer import RebalancerConfig
 from trtllm_prfaas.policy.route import ClusterView, PolicyState, RequestView, route
-from trtllm_prfaas.policy.solver import (
-    max_local_threshold,
-    min_remote_threshold,
-    solve_fixed_split,
-)
 from trtllm_prfaas.sim.link import LinkSchedule
 from trtllm_prfaas.sim.pools import DecodeSlots, PrefillPool
 from trtllm_prfaas.sim.rebalance import Rebalancing
@@ -155,21 +151,26 @@ class _Sim:
 
     # ---- per-request path ---------------------------------------------------------------
 
-    def _views(self, pool: PrefillPool, holder: int, pfx: int, now: float) -> tuple[NodeView, ...]:
+    def _views(
+        self, pool: PrefillPool, holder: int, pfx: int, now: float, rate: float
+    ) -> tuple[NodeView, ...]:
+        """The least-loaded node and the prefix holder; ``rate``: prefill s/token here."""
         views = []
         k = pool.least_loaded()
         if k is not None:
-            views.append(NodeView(pool.node_ids[k], 0, 0, max(pool.free_at[k] - now, 0.0)))
+            back = max(pool.free_at[k] - now, 0.0)
+            views.append(NodeView(pool.node_ids[k], 0, 0, back, prefill_s_per_token=rate))
         if holder >= 0 and holder < len(pool.node_ids) and pool.is_member[holder]:
             back = max(pool.free_at[holder] - now, 0.0)
-            views.append(NodeView(pool.node_ids[holder], pfx, 0, back))
+            views.append(NodeView(pool.node_ids[holder], pfx, 0, back, prefill_s_per_token=rate))
         return tuple(views)
 
     def _arrive(self, i: int, now: float) -> None:
         pfx, holder, in_pd = self.pfx[i], self.pfx_node[i], self.pfx_pd[i]
+        prompt = self.prompts[i]
         view = ClusterView(
-            self._views(self.prfaas, -1 if in_pd else holder, pfx, now),
-            self._views(self.pd, holder if in_pd else -1, pfx, now),
+            self._views(self.prfaas, -1 if in_pd else holder, pfx, now, self.t_full[0][i] / prompt),
+            self._views(self.pd, holder if in_pd else -1, pfx, now, self.t_full[1][i] / prompt),
         )
         d = route(RequestView(str(i), self.prompts[i]), view, self.policy, now)
         remote = d.cluster is Cluster.PRFAAS
@@ -207,12 +208,16 @@ class _Sim:
 
     # ---- control ticks ------------------------------------------------------------------
 
+    def _deployment(self) -> Deployment:
+        return Deployment(self.c.deployment.num_prfaas, self.pd.num_active, self.decode.num_active)
+
     def _t_opt(self, link_gbps: float) -> float:
-        key = (link_gbps, self.pd.num_active, self.decode.num_active)
+        """:func:`~trtllm_prfaas.policy.threshold.anchor` at ``link_gbps`` and the current
+        split (cached per split)."""
+        dep = self._deployment()
+        key = (link_gbps, dep.num_p, dep.num_d)
         if key not in self.t_cache:
-            system = replace(self.c.system, link_gbps=link_gbps)
-            dep = Deployment(self.c.deployment.num_prfaas, key[1], key[2])
-            self.t_cache[key] = solve_fixed_split(system, self.c.workload, dep).threshold_tokens
+            self.t_cache[key] = threshold.anchor(self.c.system, self.c.workload, dep, link_gbps)
         return self.t_cache[key]
 
     def _anchor(self, live_gbps: float) -> float:
@@ -221,20 +226,35 @@ class _Sim:
         live = self.c.mode is ThresholdMode.DYNAMIC_LIVE and not math.isinf(live_gbps)
         return self._t_opt(live_gbps if live else self.c.system.link_gbps)
 
-    def _bounds(self, link_gbps: float) -> tuple[float, float]:
-        """``(t_min, t_max)`` for the controller: PrfaaS (at the live link rate) and PD-P each at
-        ``local_max_utilisation`` for the measured arrival rate (rate bucketed to 2% steps so the
-        grid evaluations are cached)."""
-        bucket = round(math.log(max(self.rate_ewma, 1e-6)) / math.log(1.02))
-        key = (float(bucket), link_gbps, -1 - self.pd.num_active, self.decode.num_active)
+    def _inputs(self, live_gbps: float) -> threshold.ThresholdInputs:
+        """The tick's plain inputs to the shared policy, as the live router builds them."""
+        c = self.c
+        provisioned = live_gbps if c.mode is ThresholdMode.DYNAMIC_LIVE else c.system.link_gbps
+        return threshold.ThresholdInputs(
+            provisioned_gbps=provisioned,
+            live_gbps=live_gbps,
+            arrival_rate_per_s=self.rate_ewma,
+            deployment=self._deployment(),
+            local_max_utilisation=c.local_max_utilisation,
+            offload_below_opt=c.offload_below_opt,
+        )
+
+    def _bounds(self, inputs: threshold.ThresholdInputs) -> tuple[float, float]:
+        """``(t_min, t_max)`` from :func:`~trtllm_prfaas.policy.threshold.bounds`, cached per
+        2% rate bucket, live link and split."""
+        bucket = threshold.bucket_rate(inputs.arrival_rate_per_s)
+        dep = inputs.deployment
+        key = (bucket, inputs.live_gbps, dep.num_p, dep.num_d)
         if key not in self.bound_cache:
-            dep = Deployment(self.c.deployment.num_prfaas, self.pd.num_active, key[3])
-            system = replace(self.c.system, link_gbps=link_gbps)
-            util, rate = self.c.local_max_utilisation, 1.02**bucket
-            lo = min_remote_threshold(system, self.c.workload, dep, rate, util)
-            hi = max_local_threshold(system, self.c.workload, dep, rate, util)
-            self.bound_cache[key] = (lo, hi)
+            self.bound_cache[key] = threshold.bounds(self.c.system, self.c.workload, inputs)
         return self.bound_cache[key]
+
+    def _targets(self, live_gbps: float) -> threshold.ThresholdTargets:
+        """:func:`~trtllm_prfaas.policy.threshold.targets`, through the caches above."""
+        inputs = self._inputs(live_gbps)
+        t_opt = self._t_opt(inputs.provisioned_gbps)
+        t_min, t_max = self._bounds(inputs)
+        return threshold.ThresholdTargets(t_opt, t_min if inputs.offload_below_opt else t_opt, t_max)
 
     @staticmethod
     def _backlog_s(pool: PrefillPool, now: float) -> float:
@@ -242,7 +262,6 @@ class _Sim:
         return float(np.maximum(free - now, 0.0).mean()) if len(free) else 0.0
 
     def _control(self, now: float, egress: float, waiting: int, rate: float) -> None:
-        c = self.c
         signals = ctl.LinkSignals(
             egress_utilisation=egress,
             prfaas_queue_depth=waiting,
@@ -252,11 +271,11 @@ class _Sim:
             prfaas_backlog_s=self._backlog_s(self.prfaas, now),
             pd_backlog_s=self._backlog_s(self.pd, now),
         )
-        finite = not math.isinf(rate)
-        t_opt = self._anchor(rate) if finite else self.base_t
-        t_min, t_max = self._bounds(rate) if finite else (t_opt, t_opt)
-        t_min = t_min if c.offload_below_opt else t_opt
-        self.ctrl = ctl.step(c.controller, self.ctrl, signals, t_opt, t_max, now, t_min).state
+        if math.isinf(rate):  # an unconstrained link: nothing to solve against
+            goal = threshold.ThresholdTargets(self.base_t, self.base_t, self.base_t)
+        else:
+            goal = self._targets(rate)
+        self.ctrl = threshold.control_step(self.c.controller, self.ctrl, signals, goal, now).state
         self.policy = PolicyState.from_controller(self.ctrl)
 
     def _tick(self, now: float) -> None:
