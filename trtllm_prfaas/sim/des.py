@@ -41,11 +41,13 @@ import numpy.typing as npt
 
 from trtllm_prfaas.policy import controller as ctl
 from trtllm_prfaas.policy import threshold
+from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy.model import Deployment, Workload
 from trtllm_prfaas.policy.placement import CacheMove, Cluster, NodeView
 from trtllm_prfaas.policy.profile import FloatArray, SystemProfile
 from trtllm_prfaas.policy.rebalancer import RebalancerConfig
 from trtllm_prfaas.policy.route import ClusterView, PolicyState, RequestView, route
+from trtllm_prfaas.sim.caches import CacheModel, SimPrefixCaches
 from trtllm_prfaas.sim.link import LinkSchedule
 from trtllm_prfaas.sim.pools import DecodeSlots, PrefillPool
 from trtllm_prfaas.sim.rebalance import Rebalancing
@@ -81,6 +83,10 @@ class DesConfig:
     local_max_utilisation: float = 0.85
     offload_below_opt: bool = True
     rate_window_s: float = 10.0
+    # Modelled prefix caches (``sim/caches.py``; the trace needs ``prompt_hashes``) and the
+    # cache policy routing starts with (the dynamic modes' controller switches it).
+    caches: CacheModel | None = None
+    cache_policy: ctl.CachePolicy = ctl.CachePolicy.SCARCE
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,12 @@ class DesResult:
     timeline: Timeline
     wall_s: float
     num_conversions: int
+    computed_tokens: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )  # prefill tokens each request computed (prompt minus the prefix it reused)
+    prefix_tokens: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.int64)
+    )  # the prefix it reused
 
 
 class _Sim:
@@ -126,12 +138,16 @@ class _Sim:
         self.num_arrived, self.rate_ewma = 0, 0.0
         self.ttft = np.full(trace.num_requests, math.nan)
         self.remote = np.zeros(trace.num_requests, dtype=np.bool_)
+        self.computed = np.zeros(trace.num_requests, dtype=np.int64)
+        self.reused = np.zeros(trace.num_requests, dtype=np.int64)
+        self.node_of: list[str] = [""] * trace.num_requests
+        self.caches = self._make_caches()
         self._precompute()
         self.base_t = config.threshold_tokens
         self.t_cache: dict[tuple[float, int, int], float] = {}
         self.bound_cache: dict[tuple[float, float, int, int], tuple[float, float]] = {}
         self.ctrl = ctl.initial_state(self.base_t, 0.0)
-        self.policy = PolicyState(self.base_t, ctl.CachePolicy.SCARCE)
+        self.policy = PolicyState(self.base_t, config.cache_policy)
         self.rows: list[tuple[float, float, float, float, float, float]] = []
         self.rebal = Rebalancing(config.rebalancer) if config.rebalancer else None
 
@@ -151,6 +167,44 @@ class _Sim:
 
     # ---- per-request path ---------------------------------------------------------------
 
+    def _make_caches(self) -> SimPrefixCaches | None:
+        model, tr = self.c.caches, self.tr
+        if model is None:
+            return None
+        if tr.prompt_hashes is None or tr.tokens_per_block != model.tokens_per_block:
+            raise ConfigError(
+                "DesConfig.caches needs a trace with prompt_hashes in blocks of "
+                f"{model.tokens_per_block} tokens (sim/conversations.py); this trace has "
+                f"{'none' if tr.prompt_hashes is None else tr.tokens_per_block}"
+            )
+        return SimPrefixCaches(model)
+
+    def _cache_views(
+        self, caches: SimPrefixCaches, pool: PrefillPool, i: int, now: float, rate: float
+    ) -> tuple[NodeView, ...]:
+        """Every member node with the prefix the index says it holds (the live router's view).
+        A node the rebalancer added since starts with an empty cache."""
+        for nid in pool.node_ids:
+            if nid not in caches.nodes:
+                caches.add_node(nid, pool.prefix)
+        nodes = [
+            (nid, max(pool.free_at[k] - now, 0.0))
+            for k, nid in enumerate(pool.node_ids)
+            if pool.is_member[k]
+        ]
+        assert self.tr.prompt_hashes is not None  # checked by _make_caches
+        return caches.views(nodes, self.tr.prompt_hashes[i], now, rate)
+
+    def _service_s(self, i: int, remote: bool, computed: int) -> float:
+        """Prefill seconds of request ``i`` computing ``computed`` tokens."""
+        side = 0 if remote else 1
+        if computed >= self.prompts[i]:
+            return float(self.t_full[side][i])
+        if self.caches is None:
+            return float(self.t_part[side][i])
+        profile = (self.c.system.prfaas if remote else self.c.system.pd).prefill
+        return float(profile.seconds(np.asarray([max(computed, 1)], dtype=np.float64))[0])
+
     def _views(
         self, pool: PrefillPool, holder: int, pfx: int, now: float, rate: float
     ) -> tuple[NodeView, ...]:
@@ -168,18 +222,26 @@ class _Sim:
     def _arrive(self, i: int, now: float) -> None:
         pfx, holder, in_pd = self.pfx[i], self.pfx_node[i], self.pfx_pd[i]
         prompt = self.prompts[i]
-        view = ClusterView(
-            self._views(self.prfaas, -1 if in_pd else holder, pfx, now, self.t_full[0][i] / prompt),
-            self._views(self.pd, holder if in_pd else -1, pfx, now, self.t_full[1][i] / prompt),
-        )
-        d = route(RequestView(str(i), self.prompts[i]), view, self.policy, now)
+        rates = (self.t_full[0][i] / prompt, self.t_full[1][i] / prompt)
+        if self.caches is not None:
+            view = ClusterView(
+                self._cache_views(self.caches, self.prfaas, i, now, rates[0]),
+                self._cache_views(self.caches, self.pd, i, now, rates[1]),
+            )
+        else:
+            view = ClusterView(
+                self._views(self.prfaas, -1 if in_pd else holder, pfx, now, rates[0]),
+                self._views(self.pd, holder if in_pd else -1, pfx, now, rates[1]),
+            )
+        d = route(RequestView(str(i), prompt), view, self.policy, now)
         remote = d.cluster is Cluster.PRFAAS
         pool = self.prfaas if remote else self.pd
         k = self.index[d.cluster][d.prefill_node_id]
         ready = self._move_cache(d.cache_move, now) if d.cache_move else now
-        times = self.t_part if d.prefix_tokens > 0 else self.t_full
-        service = float(times[0 if remote else 1][i])
+        service = self._service_s(i, remote, d.incremental_tokens)
         end = pool.dispatch(k, now, ready, service) + service
+        self.computed[i], self.reused[i] = d.incremental_tokens, d.prefix_tokens
+        self.node_of[i] = d.prefill_node_id
         self.remote[i] = remote
         self.num_arrived += 1
         heapq.heappush(self.events, (end, 2 * i + (_LINK if remote else _READY)))
@@ -200,6 +262,9 @@ class _Sim:
 
     def _on_event(self, code: int, now: float) -> None:
         i, kind = code >> 1, code & 1
+        if self.caches is not None and (kind == _LINK or not self.remote[i]):
+            assert self.tr.prompt_hashes is not None
+            self.caches.prefill_done(self.node_of[i], self.tr.prompt_hashes[i])  # prefill ended
         if kind == _LINK:
             heapq.heappush(self.events, (self._send(self.xfer_gb[i], now), 2 * i + _READY))
             return
@@ -254,7 +319,8 @@ class _Sim:
         inputs = self._inputs(live_gbps)
         t_opt = self._t_opt(inputs.provisioned_gbps)
         t_min, t_max = self._bounds(inputs)
-        return threshold.ThresholdTargets(t_opt, t_min if inputs.offload_below_opt else t_opt, t_max)
+        t_min = t_min if inputs.offload_below_opt else t_opt
+        return threshold.ThresholdTargets(t_opt, t_min, t_max)
 
     @staticmethod
     def _backlog_s(pool: PrefillPool, now: float) -> float:
@@ -325,7 +391,10 @@ class _Sim:
         cols = np.asarray(self.rows, dtype=np.float64).reshape(-1, 6).T
         timeline = Timeline(*(np.asarray(col) for col in cols))
         conversions = self.rebal.num_conversions if self.rebal else 0
-        return DesResult(self.tr.arrival_s, self.ttft, self.remote, timeline, wall_s, conversions)
+        return DesResult(
+            self.tr.arrival_s, self.ttft, self.remote, timeline, wall_s, conversions,
+            self.computed, self.reused,
+        )  # fmt: skip
 
 
 def simulate(config: DesConfig, trace: Trace) -> DesResult:
