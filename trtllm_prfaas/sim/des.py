@@ -39,9 +39,9 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
+from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy import controller as ctl
 from trtllm_prfaas.policy import threshold
-from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy.model import Deployment, Workload
 from trtllm_prfaas.policy.placement import CacheMove, Cluster, NodeView
 from trtllm_prfaas.policy.profile import FloatArray, SystemProfile

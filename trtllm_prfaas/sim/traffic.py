@@ -140,13 +140,20 @@ class PrefixModel:
 @dataclass(frozen=True)
 class Trace:
     """Requests in arrival order. ``prefix_tokens[i] > 0`` means ``prefix_node[i]`` of cluster
-    ``prefix_in_pd[i]`` (True: PD prefill pool, False: PrfaaS pool) caches that much of it."""
+    ``prefix_in_pd[i]`` (True: PD prefill pool, False: PrfaaS pool) caches that much of it.
+
+    Token-level identity (``sim/conversations.py``): ``prompt_hashes[i]`` are request ``i``'s
+    chained block hashes (``PrefixIndex.hashes_for`` of its prompt, blocks of
+    ``tokens_per_block`` tokens); a simulator that models caches (``DesConfig.caches``) derives
+    prefixes from them and ignores the three prefix arrays."""
 
     arrival_s: FloatArray
     prompt_tokens: IntArray
     prefix_tokens: IntArray
     prefix_in_pd: npt.NDArray[np.bool_]
     prefix_node: IntArray
+    prompt_hashes: tuple[list[int], ...] | None = None
+    tokens_per_block: int = 0
 
     @property
     def num_requests(self) -> int:
