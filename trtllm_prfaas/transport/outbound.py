@@ -17,7 +17,7 @@ from trtllm_prfaas.transport.config import RelayConfig
 from trtllm_prfaas.transport.handle import OutboundItem, TransferHandle
 from trtllm_prfaas.transport.pacing import TokenBucket
 from trtllm_prfaas.transport.security import secure_client
-from trtllm_prfaas.transport.stats import ConnectionTracker, SendCounters
+from trtllm_prfaas.transport.stats import ConnectionTracker, PumpState, SendCounters
 from trtllm_prfaas.transport.wire import (
     WIRE_VERSION,
     Control,
@@ -132,14 +132,23 @@ class StreamSet:
     # ---- sending --------------------------------------------------------------------------
 
     def pump(self, transfers: Iterable[Outbound], bucket: TokenBucket | None, now: float) -> None:
-        """Send control messages, then as many credited (and paced) chunks as streams accept."""
+        """Send control messages, then as many credited (and paced) chunks as streams accept;
+        tell the counters why sending stopped (link-bound, waiting for credit, or idle)."""
+        self._counters.on_pump(self._pump(transfers, bucket, now), now)
+
+    def _pump(
+        self, transfers: Iterable[Outbound], bucket: TokenBucket | None, now: float
+    ) -> PumpState:
         self._blocked = False
         self.pacing_wait_s = float("inf")
         if not self._flush_control():
-            return
-        for outbound in list(transfers):
+            return PumpState.LINK
+        pending = list(transfers)
+        for outbound in pending:
             if not self._pump_one(outbound, bucket, now):
-                return
+                return PumpState.LINK
+        is_waiting = any(o.items for o in pending)  # what is left waits for credit
+        return PumpState.CREDIT if is_waiting else PumpState.IDLE
 
     def _pump_one(self, outbound: Outbound, bucket: TokenBucket | None, now: float) -> bool:
         """Send ``outbound``'s chunks; False when streams or pacing stop all sending for now."""

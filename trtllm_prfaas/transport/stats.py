@@ -15,7 +15,10 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -23,16 +26,20 @@ from zmq.utils.monitor import recv_monitor_message
 __all__ = [
     "ConnectionTracker",
     "LinkStats",
+    "PumpState",
     "ReceiverStats",
     "SendCounters",
     "StreamStats",
     "TcpInfo",
     "read_tcp_info",
+    "relay_report_fields",
 ]
 
 _TCP_INFO_LEN = 232
-# struct tcp_info offsets (linux/tcp.h): u8 state @0; u32 retrans @36, rtt @68 (us),
-# snd_cwnd @80, total_retrans @100; u64 bytes_acked @120, bytes_received @128.
+# struct tcp_info offsets (linux/tcp.h): u8 state @0, delivery_rate_app_limited bit 0 of @7;
+# u32 retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100; u64 bytes_acked @120,
+# bytes_received @128; u32 segs_out @136, notsent_bytes @144; u64 delivery_rate @160 (B/s).
+_TCP_INFO_RATE_LEN = 168  # kernels older than 4.9 stop before delivery_rate: rate reads 0
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
     | zmq.EVENT_ACCEPTED
@@ -58,6 +65,15 @@ class TcpInfo:
     total_retrans: int  # all retransmissions over the connection's life
     bytes_acked: int
     bytes_received: int
+    segs_out: int = 0
+    notsent_bytes: int = 0  # queued in the kernel, not yet sent (the link or cwnd holds them)
+    delivery_rate_bps: int = 0  # bytes/s of the latest delivery-rate sample
+    is_app_limited: bool = True  # that sample was limited by the application, not the path
+
+    @property
+    def is_link_limited(self) -> bool:
+        """The kernel holds unsent bytes and its latest rate sample was not app-limited."""
+        return self.notsent_bytes > 0 and not self.is_app_limited and self.delivery_rate_bps > 0
 
 
 def read_tcp_info(fd: int) -> TcpInfo | None:
@@ -79,7 +95,15 @@ def read_tcp_info(fd: int) -> TcpInfo | None:
         return None
     retrans, rtt, cwnd, total = (struct.unpack_from("=I", raw, off)[0] for off in (36, 68, 80, 100))
     acked, received = struct.unpack_from("=QQ", raw, 120)
-    return TcpInfo(local[1], peer[1], raw[0], rtt, cwnd, retrans, total, acked, received)
+    segs_out = notsent = rate = 0
+    limited = True
+    if len(raw) >= _TCP_INFO_RATE_LEN:
+        segs_out, notsent = (struct.unpack_from("=I", raw, off)[0] for off in (136, 144))
+        rate, limited = struct.unpack_from("=Q", raw, 160)[0], bool(raw[7] & 1)
+    return TcpInfo(
+        local[1], peer[1], raw[0], rtt, cwnd, retrans, total, acked, received,
+        segs_out, notsent, rate, limited,
+    )  # fmt: skip
 
 
 class ConnectionTracker:
@@ -182,6 +206,24 @@ class LinkStats:
     streams: tuple[StreamStats, ...]
     tcp_total_retrans: int | None
     auth_failures: int
+    # Why the sender was not sending (cumulative seconds; see the module doc), the bytes it
+    # handed over while link-bound, the summed send-queue delay behind the average, and the
+    # kernel's view (``None`` / 0 without ``TCP_INFO``).
+    link_wait_s: float = 0.0
+    link_wait_bytes: int = 0
+    credit_wait_s: float = 0.0
+    send_queue_delay_sum_s: float = 0.0
+    chunks_sent: int = 0
+    tcp_segs_out: int | None = None
+    tcp_delivery_gbps: float = 0.0  # link-limited connections' delivery rates, summed
+
+
+class PumpState(Enum):
+    """Why a pump of the sender's I/O thread stopped sending (see the module doc)."""
+
+    IDLE = "idle"  # nothing credited and ready: the producer is the bottleneck (or no work)
+    CREDIT = "credit"  # data ready, waiting for the receiver's credit
+    LINK = "link"  # data credited and ready, held by the pacer or full stream queues
 
 
 @dataclass(frozen=True)
@@ -218,6 +260,12 @@ class SendCounters:
     chunks: int = 0
     stream_bytes: list[int] = field(default_factory=list)
     stream_chunks: list[int] = field(default_factory=list)
+    pump_state: PumpState = PumpState.IDLE
+    pump_state_since_s: float | None = None
+    pump_bytes: int = 0  # handed over since the last on_pump
+    link_wait_s: float = 0.0
+    link_wait_bytes: int = 0
+    credit_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.stream_bytes = [0] * self.num_streams
@@ -238,6 +286,20 @@ class SendCounters:
             self.bytes_in_flight += nbytes
             self.stream_bytes[stream] += nbytes
             self.stream_chunks[stream] += 1
+            self.pump_bytes += nbytes
+
+    def on_pump(self, state: PumpState, now_s: float) -> None:
+        """A pump ended in ``state``: charge the time since the previous pump, and the bytes
+        handed over since, to the state the previous pump ended in."""
+        with self.lock:
+            since, previous = self.pump_state_since_s, self.pump_state
+            if since is not None and previous is PumpState.LINK:
+                self.link_wait_s += max(now_s - since, 0.0)
+                self.link_wait_bytes += self.pump_bytes
+            elif since is not None and previous is PumpState.CREDIT:
+                self.credit_wait_s += max(now_s - since, 0.0)
+            self.pump_bytes = 0
+            self.pump_state, self.pump_state_since_s = state, now_s
 
     def on_settled(self, sent_bytes: int, acked: bool, now_s: float) -> None:
         """A transfer that had sent ``sent_bytes`` ended (acknowledged or not)."""
@@ -282,4 +344,28 @@ class SendCounters:
                 streams=streams,
                 tcp_total_retrans=sum(i.total_retrans for i in infos) if infos else None,
                 auth_failures=auth_failures,
+                link_wait_s=self.link_wait_s,
+                link_wait_bytes=self.link_wait_bytes,
+                credit_wait_s=self.credit_wait_s,
+                send_queue_delay_sum_s=self.delay_sum_s,
+                chunks_sent=self.chunks,
+                tcp_segs_out=sum(i.segs_out for i in infos) if infos else None,
+                tcp_delivery_gbps=sum(i.delivery_rate_bps for i in infos if i.is_link_limited)
+                * 8
+                / 1e9,
             )
+
+
+def relay_report_fields(links: Sequence[LinkStats]) -> dict[str, Any]:
+    """``LoadReport``'s ``relay_*`` sender counters: sums over a worker's links."""
+    return {
+        "relay_bytes_out": sum(link.bytes_sent for link in links),
+        "relay_link_wait_s": sum(link.link_wait_s for link in links),
+        "relay_link_wait_bytes": sum(link.link_wait_bytes for link in links),
+        "relay_credit_wait_s": sum(link.credit_wait_s for link in links),
+        "relay_send_delay_sum_s": sum(link.send_queue_delay_sum_s for link in links),
+        "relay_chunks_sent": sum(link.chunks_sent for link in links),
+        "relay_tcp_retrans": sum(link.tcp_total_retrans or 0 for link in links),
+        "relay_tcp_segs_out": sum(link.tcp_segs_out or 0 for link in links),
+        "relay_tcp_delivery_gbps": sum(link.tcp_delivery_gbps for link in links),
+    }

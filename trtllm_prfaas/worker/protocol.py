@@ -164,6 +164,23 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     num_cached_blocks: int = 0  # named blocks in the pool (referenced or evictable)
     num_block_evictions: int = 0
 
+    # Relay sender counters, totals over this worker's senders (``transport/stats.py``; they
+    # restart with a sender): payload handed to the streams, time link-bound (pacer or full
+    # stream queues with credited data ready) and the payload handed over meanwhile, time
+    # waiting for credit, summed send-queue delay over chunks sent, and the kernel's TCP view
+    # (0 without ``TCP_INFO``): retransmitted and sent segments, and the delivery rate of the
+    # connections the link holds back. The router's link estimate (``policy/link_estimate.py``)
+    # reads them to tell a slow link from a slow producer.
+    relay_bytes_out: int = 0
+    relay_link_wait_s: float = 0.0
+    relay_link_wait_bytes: int = 0
+    relay_credit_wait_s: float = 0.0
+    relay_send_delay_sum_s: float = 0.0
+    relay_chunks_sent: int = 0
+    relay_tcp_retrans: int = 0
+    relay_tcp_segs_out: int = 0
+    relay_tcp_delivery_gbps: float = 0.0
+
 
 class KvEvents(msgspec.Struct, tag=True, frozen=True):
     worker_id: str

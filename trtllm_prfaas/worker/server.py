@@ -51,6 +51,7 @@ from trtllm_prfaas.kv.events import KvEventBatch
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus, RelaySecurity
 from trtllm_prfaas.transport.security import ServerAuth, secure_server
+from trtllm_prfaas.transport.stats import relay_report_fields
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.assembly import (
     Assembly,
@@ -568,6 +569,7 @@ class WorkerServer:
             is_draining=self._role_change is not None,
             role=self.role.value,
             **self._prefix_cache_counters(),
+            **relay_report_fields(links),
         )
         for identity in self._routers:
             self._send(identity, report)
