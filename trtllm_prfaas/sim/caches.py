@@ -13,16 +13,18 @@ index's answers, exactly as ``router/cluster.py`` does.
 
 What a node caches, as the engine: the full blocks of a prompt's first ``L - 1`` tokens (its
 ``hashes_for``, the last prompt token is always computed) once its prefill has finished, and,
-for a hybrid model, a recurrent-state snapshot where that chain ends (the engine ends a chunk at
-``floor((L - 1) / B) * B`` for this). A match ends only where the node holds a snapshot (the
-paper's exact-length rule for linear-attention state); the index applies the same rule
-(``requires_states``). Blocks are evicted least recently used first; a request touches its
-chain tail first and head last, so a parent is always more recent than its children and the
-cache stays closed under prefixes (evicting a block never strands a child). Snapshots live in
-their own LRU table (``max_snapshots``) and go with their block.
+for a hybrid model, recurrent-state snapshots at every prefill chunk end (``chunk_tokens`` apart
+from where the prefill resumed, as the engine's block-aligned chunks) and where the chain ends
+(the engine ends a chunk at ``floor((L - 1) / B) * B`` for this). A match ends only where the
+node holds a snapshot (the paper's exact-length rule for linear-attention state); the index
+applies the same rule (``requires_states``). Blocks are evicted least recently used first; a
+request touches its chain tail first and head last, so a parent is always more recent than its
+children and the cache stays closed under prefixes (evicting a block never strands a child).
+Snapshots live in their own LRU table (``max_snapshots``) and go with their block.
 
-Not modelled: chunk-end snapshots inside a prompt (only the chain end), decode-written blocks
-(never cached by the engine either), and the transfer-cache blocks (dropped after a transfer).
+Not modelled: decode-written blocks (never cached by the engine either), the transfer-cache
+blocks (dropped after a transfer), and the decode nodes' caches (the DES's decode tier is a pool
+of slots; a relayed hybrid decode keeps no snapshot, so the live index says 0 for it too).
 """
 
 from __future__ import annotations
@@ -48,18 +50,24 @@ _MAX_EVENTS = 1 << 20  # drained after every store: never reached
 class CacheModel:
     """Per-node prefix caches: ``max_blocks`` blocks of ``tokens_per_block`` tokens each, and
     for a hybrid model (``is_hybrid``) up to ``max_snapshots`` state snapshots (``None``: one
-    per cached block at most)."""
+    per cached block at most) taken every ``chunk_tokens`` (the engine's prefill chunk)."""
 
     max_blocks: int
     tokens_per_block: int = 32
     is_hybrid: bool = True
     max_snapshots: int | None = None
+    chunk_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.max_blocks < 1 or self.tokens_per_block < 1:
             raise ConfigError(
                 f"CacheModel needs max_blocks >= 1 and tokens_per_block >= 1, got "
                 f"{self.max_blocks} and {self.tokens_per_block}"
+            )
+        if self.chunk_tokens < 1 or self.chunk_tokens % self.tokens_per_block:
+            raise ConfigError(
+                f"CacheModel.chunk_tokens {self.chunk_tokens} must be a positive multiple of "
+                f"tokens_per_block {self.tokens_per_block}"
             )
         if self.max_snapshots is not None and self.max_snapshots < 1:
             raise ConfigError(f"CacheModel.max_snapshots must be >= 1, got {self.max_snapshots}")
@@ -87,9 +95,10 @@ class NodePrefixCache:
     def store(self, chain: Sequence[int]) -> None:
         """A prefill of a prompt whose reusable blocks are ``chain`` finished here: every block
         is cached (new ones reported ``stored`` under their parent), the chain touched tail
-        first, a snapshot taken where it ends; then evict down to capacity."""
+        first, snapshots taken at its chunk ends; then evict down to capacity."""
         if not chain:
             return
+        resumed = self.match_blocks(chain)  # where the engine's prefill started
         held = self._held(chain)
         tpb = self.model.tokens_per_block
         if held < len(chain):
@@ -99,11 +108,16 @@ class NodePrefixCache:
             self.blocks[block_hash] = None
             self.blocks.move_to_end(block_hash)
         if self.model.is_hybrid:
-            if chain[-1] not in self.snapshots:
-                self.log.record_state_stored(chain[-1], len(chain) * tpb)
-            self.snapshots[chain[-1]] = None
-            self.snapshots.move_to_end(chain[-1])
+            step = self.model.chunk_tokens // tpb
+            for end in [*range(resumed + step, len(chain), step), len(chain)]:
+                self._snapshot(chain[end - 1], end * tpb)
         self._evict()
+
+    def _snapshot(self, block_hash: int, num_tokens: int) -> None:
+        if block_hash not in self.snapshots:
+            self.log.record_state_stored(block_hash, num_tokens)
+        self.snapshots[block_hash] = None
+        self.snapshots.move_to_end(block_hash)
 
     def drain(self) -> KvEventBatch:
         """The events recorded since the last drain (what the worker would publish)."""

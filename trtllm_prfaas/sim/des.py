@@ -117,6 +117,8 @@ class DesResult:
     prefix_tokens: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.zeros(0, dtype=np.int64)
     )  # the prefix it reused
+    num_cache_moves: int = 0  # prefixes moved across the link first (abundant policy)
+    prefill_node_ids: tuple[str, ...] = ()  # where each request prefilled
 
 
 class _Sim:
@@ -141,6 +143,7 @@ class _Sim:
         self.computed = np.zeros(trace.num_requests, dtype=np.int64)
         self.reused = np.zeros(trace.num_requests, dtype=np.int64)
         self.node_of: list[str] = [""] * trace.num_requests
+        self.num_moves = 0
         self.caches = self._make_caches()
         self._precompute()
         self.base_t = config.threshold_tokens
@@ -238,6 +241,7 @@ class _Sim:
         pool = self.prfaas if remote else self.pd
         k = self.index[d.cluster][d.prefill_node_id]
         ready = self._move_cache(d.cache_move, now) if d.cache_move else now
+        self.num_moves += d.cache_move is not None
         service = self._service_s(i, remote, d.incremental_tokens)
         end = pool.dispatch(k, now, ready, service) + service
         self.computed[i], self.reused[i] = d.incremental_tokens, d.prefix_tokens
@@ -393,7 +397,7 @@ class _Sim:
         conversions = self.rebal.num_conversions if self.rebal else 0
         return DesResult(
             self.tr.arrival_s, self.ttft, self.remote, timeline, wall_s, conversions,
-            self.computed, self.reused,
+            self.computed, self.reused, self.num_moves, tuple(self.node_of),
         )  # fmt: skip
 
 
