@@ -18,6 +18,12 @@ ROUTER socket on loopback and, on the router's event loop, answers
 - ``LoadReport`` whenever :meth:`FakeWorker.report` is called (the test scripts the load the
   router sees) and on every ``report_interval_s`` with the last scripted values.
 
+Prefix caches: ``prefix_cache="approximate"`` only says so in ``WorkerInfo``; with ``"events"``
+a prefill worker keeps the simulator's cache model (``sim/caches.py``: ``max_cached_blocks``
+blocks of 16 tokens, hybrid snapshots, LRU) under the key its ``WorkerInfo`` names, stores each
+prefilled prompt's blocks in it and sends the KV cache events (``KvEvents``) just before the
+prefill's answer, so the router's index has them when the leg ends (the sim/router parity test).
+
 Failures: ``silent`` stops every message while the connection stays up (a wedged process:
 its libzmq still answers heartbeats); :meth:`FakeWorker.kill` closes the socket (as SIGKILL
 does: the kernel closes the TCP connection, the router's socket monitor sees it);
@@ -40,11 +46,16 @@ import zmq
 import zmq.asyncio
 from msgspec.structs import replace
 
+from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
+from trtllm_prfaas.sim.caches import CacheModel, NodePrefixCache
 from trtllm_prfaas.vocabulary import Role, parse_role
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.slots import DecodeSlots
 
-__all__ = ["FakeWorker", "FakeWorkerPool", "FakeWorkerSpec", "fake_tokens"]
+__all__ = ["FAKE_CACHE_KEY", "FakeWorker", "FakeWorkerPool", "FakeWorkerSpec", "fake_tokens"]
+
+FAKE_TOKENS_PER_BLOCK = 16
+FAKE_CACHE_KEY = CacheKey("fake", "HND", "bfloat16", 0)  # an "events" fake's blocks' key
 
 
 def fake_tokens(prompt: list[int], count: int) -> list[int]:
@@ -69,6 +80,7 @@ class FakeWorkerSpec:
     first_token: int | None = None  # a prefill answers this t1 instead of the fake one
     prefill_error: str = ""  # a prefill answers with this error kind instead of t1
     prefix_cache: str = ""  # WorkerInfo.prefix_cache: "approximate" (reuses, reports nothing)
+    max_cached_blocks: int = 4096  # "events": the modelled cache's capacity
 
 
 class FakeWorker:
@@ -94,6 +106,10 @@ class FakeWorker:
         )
         self._interval_s = report_interval_s
         self._tasks: set[asyncio.Task[None]] = set()
+        self.cache: NodePrefixCache | None = None
+        if spec.prefix_cache == "events":
+            model = CacheModel(spec.max_cached_blocks, FAKE_TOKENS_PER_BLOCK, is_hybrid=True)
+            self.cache = NodePrefixCache(model)
 
     def start(self) -> None:
         self._spawn(self._serve())
@@ -128,10 +144,11 @@ class FakeWorker:
     def info(self) -> p.WorkerInfo:
         s = self.spec
         relay = f"tcp://127.0.0.1:1/{s.name}" if self.role == Role.DECODE else ""
+        key = FAKE_CACHE_KEY if self.cache is not None else CacheKey("fake", "", "", 0)
         return p.WorkerInfo(
-            s.name, self.role, s.cluster, "fake", s.max_seq_len, 16, s.num_blocks,
-            s.max_num_seqs, relay, kv_bytes_per_token=1024, kv_state_bytes=65536,
-            prefix_cache=s.prefix_cache,
+            s.name, self.role, s.cluster, key.model_id, s.max_seq_len, FAKE_TOKENS_PER_BLOCK,
+            s.num_blocks, s.max_num_seqs, relay, kv_bytes_per_token=1024, kv_state_bytes=65536,
+            prefix_cache=s.prefix_cache, kv_layout=key.layout, kv_dtype=key.dtype,
         )  # fmt: skip
 
     async def report(self, **fields: object) -> None:
@@ -209,7 +226,8 @@ class FakeWorker:
             t1 = (
                 fake_tokens(prompt, 1) if self.spec.first_token is None else [self.spec.first_token]
             )
-            return prefill_s, [p.Tokens(rid, t1, True, "length"), p.TransferDone(rid)]
+            done: list[p.Message] = [p.Tokens(rid, t1, True, "length"), p.TransferDone(rid)]
+            return prefill_s, self._cache_events(prompt) + done
         res = message.reservation_id
         if res is not None and not (
             (res in self.slots or self.slots.reserve(res, message.deadline_s, 0.0, 0))
@@ -225,6 +243,14 @@ class FakeWorker:
         relayed = len(prompt) - 1 if message.transfer_uuid else 0  # as if the relay delivered
         delay_s = self.spec.decode_delay_s + (self.spec.relay_wait_s if relayed else 0.0)
         return delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
+
+    def _cache_events(self, prompt: list[int]) -> list[p.Message]:
+        """An ``"events"`` prefill worker caches the prompt: the events it reports (or none)."""
+        if self.cache is None:
+            return []
+        chain = block_hashes(prompt[:-1], FAKE_TOKENS_PER_BLOCK, FAKE_CACHE_KEY)
+        self.cache.store(chain)
+        return [p.KvEvents(self.spec.name, batch=self.cache.drain())]
 
 
 class FakeWorkerPool:
