@@ -6,28 +6,42 @@ every ``period_s``. All clocks and I/O stay here; the decisions are the pure ``p
 the simulator calls too (``controller.step``, ``solver.solve_fixed_split`` and its bounds,
 ``rebalancer.step_rebalancer``). One tick:
 
-1. **Signals** over the last period (:class:`~trtllm_prfaas.policy.controller.LinkSignals`):
+1. **Link estimate** (:mod:`~trtllm_prfaas.policy.link_estimate`): each PrfaaS worker's relay
+   sender counters (``LoadReport.relay_*``: time link-bound and the bytes handed over meanwhile,
+   the kernel's delivery rate of backlogged connections, TCP retransmits) since the last tick
+   update the live estimate of the link's capacity. A slow producer or an idle relay never
+   lowers it; it follows a slower link at once and relaxes back to the provisioned rate once
+   nothing is link-bound for ``recover_s``. ``link_gbps`` configured is the provisioned rate
+   (the estimate starts there and returns there); unconfigured, the estimate is all there is:
+   it starts at ``default_link_gbps`` and its prior becomes the highest rate it measured or
+   saw carried (configure ``link_gbps`` where the provisioned rate is known).
+2. **Signals** over the last period (:class:`~trtllm_prfaas.policy.controller.LinkSignals`):
    PrfaaS egress = relay bytes acknowledged by PrfaaS workers (``LoadReport.relay_bytes_sent``
-   deltas) over the period, as a share of the link estimate (``link_gbps`` if configured, else an
-   EWMA of the PrfaaS workers' ``relay_goodput_gbps``); PrfaaS queue depth from their reports;
-   relay queue delay = EWMA of (decode node's first token - prefill leg's first token) of
-   offloaded requests, decayed towards 0 in a period without any (an idle link has no queue);
-   backlogs = queued requests per node x the cluster's mean prefill leg (EWMA).
-2. **t_opt**: ``solve_fixed_split`` on the measured profiles (per-cluster prefill latency lines
-   fitted online, ``S_kv`` from the workers' ``WorkerInfo``, decode step EWMA) and a histogram of
-   the last ``window`` prompt lengths; bounds from ``min_remote_threshold`` /
-   ``max_local_threshold`` at the arrival-rate EWMA and ``local_max_utilisation``.
-3. **Controller** ``step`` moves ``t`` with its hysteresis and rate limits; the orchestrator
+   deltas) over the period, as a share of the live link estimate; PrfaaS queue depth from their
+   reports; TCP retransmit ratio of the relay's connections (0 without ``TCP_INFO``); relay
+   queue delay = EWMA of (decode node's first token - prefill leg's first token) of offloaded
+   requests, decayed towards 0 in a period without any (an idle link has no queue); backlogs =
+   queued requests per node x the cluster's mean prefill leg (EWMA).
+3. **Targets** (:func:`~trtllm_prfaas.policy.threshold.targets`, the function the simulator's
+   ``DYNAMIC`` calls): on the measured profiles (per-cluster prefill latency lines fitted online,
+   ``S_kv`` from the workers' ``WorkerInfo``, decode step EWMA) and a histogram of the last
+   ``window`` prompt lengths, ``t_opt`` = ``solve_fixed_split`` at the *provisioned* link (never
+   re-solved for a degraded one: the simulator showed that re-anchoring loses, 0.84 vs 1.10
+   req/s in ``prfaas simulate beyond``); ``t_min`` = ``min_remote_threshold`` at the *live*
+   estimate and ``t_max`` = ``max_local_threshold``, both at the arrival-rate EWMA and
+   ``local_max_utilisation``. A link drop thus raises ``t_min`` (the controller snaps up to it)
+   and shows as relay delay against the PD-P backlog.
+4. **Controller** ``step`` moves ``t`` with its hysteresis and rate limits; the orchestrator
    routes every request with :attr:`ControlLoop.policy` (the live ``t``, the configured
    ``threshold_tokens`` being only the initial value).
-4. Every ``rebalancer.period_s``: ``step_rebalancer`` on PD-P busy time (observed prefill legs)
+5. Every ``rebalancer.period_s``: ``step_rebalancer`` on PD-P busy time (observed prefill legs)
    and PD-D slot occupancy (reports); DRAIN marks the node draining (no new work), CONVERT calls
    the orchestrator's converter (``SetRole`` to the worker) and ``t`` is re-solved at once.
 
-Replicas (``router/replicas.py``): only the leader among router replicas runs steps 3 and 4 and
+Replicas (``router/replicas.py``): only the leader among router replicas runs steps 4 and 5 and
 publishes the result (``PublishedPolicy``: ``t``, the cache policy, the nodes it drains) through
 its :class:`~trtllm_prfaas.router.replicas.Replica` after every tick that changed it (and on its
-first tick as leader). A follower runs steps 1 and 2 (its estimators stay warm for the day it
+first tick as leader). A follower runs steps 1 to 3 (its estimators stay warm for the day it
 leads) and applies the last published policy instead: it routes with the leader's ``t`` and
 sends no new work to the nodes the leader drains; it converts nothing. The replica is asked
 before each tick and before each conversion starts, so a leader that lost its lease stops at
@@ -55,18 +69,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from trtllm_prfaas.policy import controller as ctl
+from trtllm_prfaas.policy import link_estimate as le
 from trtllm_prfaas.policy import rebalancer as rb
+from trtllm_prfaas.policy import threshold
 from trtllm_prfaas.policy.model import Deployment
 from trtllm_prfaas.policy.profile import KvSize
 from trtllm_prfaas.policy.route import ClusterView, PolicyState, RequestView, RouteDecision
-from trtllm_prfaas.policy.solver import (
-    SolverOptions,
-    max_local_threshold,
-    min_remote_threshold,
-    solve_fixed_split,
-)
+from trtllm_prfaas.policy.solver import SolverOptions
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
-from trtllm_prfaas.router.online import Ewma, OnlineProfiles
+from trtllm_prfaas.router.online import Ewma, OnlineProfiles, ProfileSnapshot
 from trtllm_prfaas.router.replicas import (
     PublishedPolicy,
     Replica,
@@ -77,10 +88,21 @@ from trtllm_prfaas.router.replicas import (
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.vocabulary import Role
+from trtllm_prfaas.worker import protocol as p
 
-__all__ = ["ControlConfig", "ControlLoop", "Converter", "RouteRecord", "TickRecord"]
+__all__ = [
+    "ControlConfig",
+    "ControlLoop",
+    "Converter",
+    "RouteRecord",
+    "TickRecord",
+    "relay_counters",
+]
 
 log = get_logger(__name__)
+
+_Inputs = threshold.ThresholdInputs | None
+_Snap = ProfileSnapshot | None
 
 Converter = Callable[[str, str], Awaitable[object]]  # (worker name, new role) -> done
 
@@ -92,8 +114,9 @@ class ControlConfig:
     period_s: float = 1.0
     controller: ctl.ControllerConfig = field(default_factory=ctl.ControllerConfig)
     rebalancer: rb.RebalancerConfig | None = field(default_factory=rb.RebalancerConfig)
-    link_gbps: float | None = None  # known PrfaaS egress capacity; None: measured goodput
-    default_link_gbps: float = 10.0  # before the first goodput sample
+    link_gbps: float | None = None  # provisioned PrfaaS egress (the anchor); None: estimated
+    default_link_gbps: float = 10.0  # unconfigured: the estimate before its first sample
+    link_estimate: le.LinkEstimateConfig = field(default_factory=le.LinkEstimateConfig)
     ewma_alpha: float = 0.2
     window: int = 512
     num_bins: int = 32
@@ -116,7 +139,9 @@ class RouteRecord:
 
 @dataclass(frozen=True)
 class TickRecord:
-    """One control tick: its inputs to ``controller.step`` and what came out."""
+    """One control tick: its inputs to ``controller.step`` and what came out. ``link_gbps`` is
+    the live link estimate; ``inputs`` and ``snapshot`` are what the targets were solved on
+    (``None`` while warming up: the targets are then the initial ``t``)."""
 
     now_s: float
     signals: ctl.LinkSignals
@@ -128,6 +153,8 @@ class TickRecord:
     egress_gbps: float
     link_gbps: float
     offload_share: float
+    inputs: threshold.ThresholdInputs | None = None
+    snapshot: ProfileSnapshot | None = None
 
 
 class ControlLoop:
@@ -151,7 +178,9 @@ class ControlLoop:
         self.policy = PolicyState.from_controller(self.state)
         alpha = config.ewma_alpha
         self.profiles = OnlineProfiles(alpha, config.window, config.num_bins)
-        self.rate_per_s, self.offload_share, self.link = Ewma(alpha), Ewma(alpha), Ewma(alpha)
+        self.rate_per_s, self.offload_share = Ewma(alpha), Ewma(alpha)
+        self.link = le.initial_estimate(config.link_gbps, config.default_link_gbps)
+        self._relay: dict[str, le.RelayCounters] = {}  # each PrfaaS worker's last counters
         self.rebalancer = rb.initial_rebalancer_state()
         self.ticks: deque[TickRecord] = deque(maxlen=3600)
         self.num_conversions = 0
@@ -165,7 +194,7 @@ class ControlLoop:
         self._published: PublishedPolicy | None = None  # this replica's last publication
         self._followed: PublishedPolicy | None = None  # the leader's policy last applied
         self._was_leader = True  # as the embedded default: a follower says so on its 1st tick
-        self._export(initial_threshold, 0.0, 0.0)
+        self._export(initial_threshold, initial_threshold, 0.0, self.link.gbps)
 
     # ------------------------------------------------------------------ observations
     def on_routed(self, decision: RouteDecision, prompt_tokens: int, max_tokens: int) -> None:
@@ -268,9 +297,10 @@ class ControlLoop:
         """One control period ending at ``now`` (monotonic seconds); see the module doc."""
         elapsed = max(now - self._last_tick_s, 1e-6)
         self._last_tick_s = now
-        signals, egress_gbps, link_gbps = self._signals(elapsed)
+        signals, egress_gbps, link_gbps = self._signals(elapsed, now)
         self._period_rates(elapsed)
-        t_opt, t_min, t_max = self._targets(link_gbps)
+        goal, inputs, snap = self._targets(link_gbps)
+        t_opt, t_min, t_max = goal.t_opt, goal.t_min, goal.t_max
         is_leader = self.replica.is_leader()
         if is_leader != self._was_leader:
             self._on_leadership(is_leader, now)
@@ -278,15 +308,14 @@ class ControlLoop:
         if not is_leader:  # the leader's t and drains; this replica only routes
             reason = self._follow(now)
         elif self.profiles.is_warm(self.config.min_requests, self.config.min_legs):
-            step = ctl.step(self.config.controller, self.state, signals, t_opt, t_max, now, t_min)
+            step = threshold.control_step(self.config.controller, self.state, signals, goal, now)
             reason = step.reason
             self._apply(step.state, reason, t_opt, signals)
         share = self.offload_share.get(0.0)
-        record = TickRecord(
-            now, signals, t_opt, t_min, t_max, self.state, reason, egress_gbps, link_gbps, share
-        )
+        record = TickRecord(now, signals, t_opt, t_min, t_max, self.state, reason, egress_gbps,
+                            link_gbps, share, inputs, snap)  # fmt: skip
         self.ticks.append(record)
-        self._export(t_opt, egress_gbps, link_gbps)
+        self._export(t_opt, t_min, egress_gbps, link_gbps)
         if self.metrics is not None:
             self.metrics.record_control_decision(reason)
         if is_leader:
@@ -315,18 +344,15 @@ class ControlLoop:
                 relay_delay_s=round(s.relay_queue_delay_s, 3),
             )
 
-    def _signals(self, elapsed: float) -> tuple[ctl.LinkSignals, float, float]:
+    def _signals(self, elapsed: float, now: float) -> tuple[ctl.LinkSignals, float, float]:
         remote = self._pool(prfaas=True, role=Role.PREFILL)
         local = self._pool(prfaas=False, role=Role.PREFILL)
-        sent, goodput = 0, 0.0
+        sent = 0
         for w in remote:
             total = w.report.relay_bytes_sent if w.report else 0
             sent += max(total - self._relay_bytes.get(w.name, total), 0)
             self._relay_bytes[w.name] = total
-            goodput = max(goodput, w.report.relay_goodput_gbps if w.report else 0.0)
-        if sent > 0 and goodput > 0:
-            self.link.update(goodput)
-        link = self.config.link_gbps or self.link.get(self.config.default_link_gbps)
+        link, retransmits = self._estimate_link(remote, now)
         egress = sent * 8 / 1e9 / elapsed
         if self._relay_samples == 0:
             self.profiles.relay_wait_s.update(0.0)  # nothing offloaded: no relay queue
@@ -336,12 +362,31 @@ class ControlLoop:
             egress_utilisation=egress / link,
             prfaas_queue_depth=queue,
             prfaas_instances=len(remote),
-            retransmit_ratio=0.0,  # the relay does not report TCP retransmits yet
+            retransmit_ratio=retransmits,
             relay_queue_delay_s=self.profiles.relay_wait_s.get(0.0),
             prfaas_backlog_s=self._backlog_s(remote, "prfaas"),
             pd_backlog_s=self._backlog_s(local, "pd"),
         )
         return signals, egress, link
+
+    def _estimate_link(self, remote: list[WorkerState], now: float) -> tuple[float, float]:
+        """Fold the PrfaaS workers' relay counters since the last tick into the link estimate;
+        returns ``(live estimate Gbps, TCP retransmit ratio)``."""
+        periods: list[le.RelayPeriod] = []
+        for w in remote:
+            if w.report is None:
+                continue
+            counters = relay_counters(w.report, w.reported_at)
+            before, self._relay[w.name] = self._relay.get(w.name), counters
+            if before is not None and (period := le.period(before, counters)) is not None:
+                periods.append(period)
+        before_gbps = self.link.gbps
+        self.link = le.update(self.config.link_estimate, self.link, periods, now)
+        if abs(self.link.gbps - before_gbps) > 0.1 * before_gbps:
+            log.info("link_estimate_changed", link_gbps=round(self.link.gbps, 3),
+                     previous_gbps=round(before_gbps, 3), is_link_bound=self.link.is_link_bound,
+                     sample_gbps=self.link.last_sample_gbps)  # fmt: skip
+        return self.link.gbps, le.retransmit_ratio(periods)
 
     def _period_rates(self, elapsed: float) -> None:
         self.rate_per_s.update(self._routed / elapsed)
@@ -374,21 +419,33 @@ class ControlLoop:
             len(self._pool(prfaas=False, role=Role.DECODE)),
         )
 
-    def _targets(self, link_gbps: float) -> tuple[float, float, float]:
-        """``(t_opt, t_min, t_max)``: solved when warm, else the initial ``t`` and no ceiling."""
+    def _targets(
+        self, live_gbps: float
+    ) -> tuple[
+        threshold.ThresholdTargets, threshold.ThresholdInputs | None, ProfileSnapshot | None
+    ]:
+        """The tick's targets (:func:`~trtllm_prfaas.policy.threshold.targets` on the measured
+        profiles, anchored on the provisioned link) and what they were solved on; while not warm,
+        the initial ``t`` and no ceiling."""
         max_len = min((w.info.max_seq_len for w in self.cluster.workers.values()), default=2)
-        fallback = (self.base_threshold, self.base_threshold, float(max_len))
+        fallback = threshold.ThresholdTargets(
+            self.base_threshold, self.base_threshold, float(max_len)
+        )
         dep = self._deployment()
         warm = self.profiles.is_warm(self.config.min_requests, self.config.min_legs)
-        snap = self.profiles.snapshot(self._kv(), self._slots(), link_gbps, max_len)
+        provisioned = self.link.prior_gbps
+        snap = self.profiles.snapshot(self._kv(), self._slots(), provisioned, max_len)
         if not warm or snap is None or min(dep.num_prfaas, dep.num_p, dep.num_d) == 0:
-            return fallback
-        c, rate = self.config, self.rate_per_s.get(0.0)
-        t_opt = solve_fixed_split(snap.system, snap.workload, dep, c.solver).threshold_tokens
-        util = c.local_max_utilisation
-        lo = min_remote_threshold(snap.system, snap.workload, dep, rate, util, c.solver)
-        hi = max_local_threshold(snap.system, snap.workload, dep, rate, util, c.solver)
-        return t_opt, lo, hi
+            return fallback, None, None
+        inputs = threshold.ThresholdInputs(
+            provisioned_gbps=provisioned,
+            live_gbps=live_gbps,
+            arrival_rate_per_s=self.rate_per_s.get(0.0),
+            deployment=dep,
+            local_max_utilisation=self.config.local_max_utilisation,
+        )
+        goal = threshold.targets(snap.system, snap.workload, inputs, self.config.solver)
+        return goal, inputs, snap
 
     def _kv(self) -> KvSize:
         info = next(iter(self.cluster.workers.values())).info
@@ -398,11 +455,11 @@ class ControlLoop:
         decode = self._pool(prfaas=False, role=Role.DECODE)
         return max((w.info.max_num_seqs for w in decode), default=0)
 
-    def _export(self, t_opt: float, egress_gbps: float, link_gbps: float) -> None:
+    def _export(self, t_opt: float, t_min: float, egress_gbps: float, link_gbps: float) -> None:
         if self.metrics is not None:
             share = self.offload_share.get(0.0)
             t = self.state.threshold_tokens
-            self.metrics.set_control(t, t_opt, share, egress_gbps, link_gbps)
+            self.metrics.set_control(t, t_opt, share, egress_gbps, link_gbps, t_min)
 
     # ------------------------------------------------------------------ rebalancing
     def _rebalance(self, now: float) -> None:
@@ -466,8 +523,7 @@ class ControlLoop:
 
     def on_converted(self) -> None:
         """A node changed role: re-solve ``t`` now (the old one was solved for the old split)."""
-        link = self.config.link_gbps or self.link.get(self.config.default_link_gbps)
-        t_opt, _, _ = self._targets(link)
+        t_opt = self._targets(self.link.gbps)[0].t_opt
         self.state = ctl.ControllerState(
             t_opt, self.state.cache_policy, self.clock(), None, self.state.low_egress_since_s
         )
@@ -483,3 +539,17 @@ def _set_draining(cluster: ClusterState, names: set[str], is_draining: bool) -> 
 
 def _queued(pool: list[WorkerState]) -> int:
     return sum(w.report.queue_depth for w in pool if w.report)
+
+
+def relay_counters(report: p.LoadReport, now_s: float) -> le.RelayCounters:
+    """The link estimate's view of one worker's report (received at ``now_s``)."""
+    return le.RelayCounters(
+        now_s=now_s,
+        bytes_sent=report.relay_bytes_out,
+        link_wait_s=report.relay_link_wait_s,
+        link_wait_bytes=report.relay_link_wait_bytes,
+        credit_wait_s=report.relay_credit_wait_s,
+        tcp_delivery_gbps=report.relay_tcp_delivery_gbps,
+        tcp_retrans=report.relay_tcp_retrans,
+        tcp_segs_out=report.relay_tcp_segs_out,
+    )

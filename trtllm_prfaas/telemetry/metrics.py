@@ -11,7 +11,8 @@ Who records what:
 - its control loop (``router/control.py``, once per period): ``prfaas_threshold_tokens`` (the
   live ``t``), ``prfaas_threshold_opt_tokens`` (the solver's ``t_opt``), ``prfaas_offload_share``
   (share of recent requests routed remote), ``prfaas_egress_estimate_gbps`` (PrfaaS relay egress
-  over the last period), ``prfaas_link_estimate_gbps`` (the link rate it assumes),
+  over the last period), ``prfaas_link_estimate_gbps`` (the live link capacity estimate),
+  ``prfaas_threshold_min_tokens`` (the floor ``t_min`` the live link sets),
   ``prfaas_controller_decisions_total{reason}``, ``prfaas_rebalance_actions_total{action}`` and
   ``prfaas_role_conversions_total{role}`` (role is the new role);
 - membership (``router/discovered.py``, with ``--discovery``): ``prfaas_discovery_connected``
@@ -230,7 +231,12 @@ class RouterMetrics:
             "prfaas_egress_estimate_gbps", "PrfaaS relay egress over the last control period"
         )
         self.link_estimate_gbps = gauge(
-            "prfaas_link_estimate_gbps", "PrfaaS link rate the control loop assumes"
+            "prfaas_link_estimate_gbps",
+            "Live PrfaaS link capacity estimate (relay link-bound rate; provisioned when idle)",
+        )
+        self.threshold_min_tokens = gauge(
+            "prfaas_threshold_min_tokens",
+            "Floor t_min of the threshold: least t the live link estimate can carry",
         )
         self.controller_decisions = Counter(
             "prfaas_controller_decisions",
@@ -285,9 +291,17 @@ class RouterMetrics:
         self.leader_step_downs.labels(reason=reason).inc()
 
     def set_control(
-        self, threshold: float, t_opt: float, share: float, egress_gbps: float, link_gbps: float
+        self,
+        threshold: float,
+        t_opt: float,
+        share: float,
+        egress_gbps: float,
+        link_gbps: float,
+        t_min: float | None = None,
     ) -> None:
         """The control loop's state after one tick."""
+        if t_min is not None:
+            self.threshold_min_tokens.set(t_min)
         self.threshold_tokens.set(threshold)
         self.threshold_opt_tokens.set(t_opt)
         self.offload_share.set(share)
