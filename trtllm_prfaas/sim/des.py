@@ -87,6 +87,9 @@ class DesConfig:
     # cache policy routing starts with (the dynamic modes' controller switches it).
     caches: CacheModel | None = None
     cache_policy: ctl.CachePolicy = ctl.CachePolicy.SCARCE
+    # With ``caches``: route as a cache-blind router (every node's prefix counts as 0), while
+    # the node that prefills still reuses what it holds (the live ``prefix_routing: false``).
+    cache_blind: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,8 +198,19 @@ class _Sim:
             for k, nid in enumerate(pool.node_ids)
             if pool.is_member[k]
         ]
+        if self.c.cache_blind:
+            return tuple(NodeView(nid, 0, 0, back, prefill_s_per_token=rate) for nid, back in nodes)
         assert self.tr.prompt_hashes is not None  # checked by _make_caches
         return caches.views(nodes, self.tr.prompt_hashes[i], now, rate)
+
+    def _reused(self, i: int, node_id: str, routed_prefix: int, now: float) -> int:
+        """The prefix the prefill node reuses: what routing counted, or for a cache-blind
+        router what the node holds anyway."""
+        if self.caches is None or not self.c.cache_blind:
+            return routed_prefix
+        assert self.tr.prompt_hashes is not None
+        held = self.caches.prefix_tokens(node_id, self.tr.prompt_hashes[i], now)
+        return min(held, self.prompts[i] - 1)
 
     def _service_s(self, i: int, remote: bool, computed: int) -> float:
         """Prefill seconds of request ``i`` computing ``computed`` tokens."""
@@ -242,9 +256,10 @@ class _Sim:
         k = self.index[d.cluster][d.prefill_node_id]
         ready = self._move_cache(d.cache_move, now) if d.cache_move else now
         self.num_moves += d.cache_move is not None
-        service = self._service_s(i, remote, d.incremental_tokens)
+        reused = self._reused(i, d.prefill_node_id, d.prefix_tokens, now)
+        service = self._service_s(i, remote, prompt - reused)
         end = pool.dispatch(k, now, ready, service) + service
-        self.computed[i], self.reused[i] = d.incremental_tokens, d.prefix_tokens
+        self.computed[i], self.reused[i] = prompt - reused, reused
         self.node_of[i] = d.prefill_node_id
         self.remote[i] = remote
         self.num_arrived += 1
