@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool compose-test aiperf-test
+.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool compose-test aiperf-test live-drop-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ aiperf-test: $(STAMP) $(AIPERF_VENV)/bin/aiperf
 # runs and stops it after. CI runs it after `make test` (.ci/run).
 compose-test: $(STAMP) compose-tool
 	PRFAAS_COMPOSE_TEST=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/deploy/test_compose_run.py
+
+# The live link drop's quick mode on the namespace testbed (tests/bench/test_live_drop.py,
+# ~4 min; `make test` skips it). Needs root. The full experiment: `python bench/live_drop.py --json`.
+live-drop-test: $(STAMP)
+	PRFAAS_LIVE_DROP_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/bench/test_live_drop.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
