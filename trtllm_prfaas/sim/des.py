@@ -346,8 +346,9 @@ class _Sim:
         free = np.asarray(pool.free_at)[np.asarray(pool.is_member, dtype=np.bool_)]
         return float(np.maximum(free - now, 0.0).mean()) if len(free) else 0.0
 
-    def _control(self, now: float, egress: float, waiting: int, rate: float) -> None:
-        signals = ctl.LinkSignals(
+    def _signals(self, now: float, egress: float, waiting: int) -> ctl.LinkSignals:
+        """What the live router measures, read off the simulated queues."""
+        return ctl.LinkSignals(
             egress_utilisation=egress,
             prfaas_queue_depth=waiting,
             prfaas_instances=self.prfaas.num_active,
@@ -356,12 +357,20 @@ class _Sim:
             prfaas_backlog_s=self._backlog_s(self.prfaas, now),
             pd_backlog_s=self._backlog_s(self.pd, now),
         )
-        if math.isinf(rate):  # an unconstrained link: nothing to solve against
+
+    def _control(
+        self, now: float, signals: ctl.LinkSignals, live_gbps: float
+    ) -> threshold.ThresholdTargets:
+        """One controller step on a tick's signals and live link rate, with the policy calls
+        the live router makes (``tests/router/test_parity_link.py`` replays the router's
+        recorded ticks through here); returns the targets it stepped on."""
+        if math.isinf(live_gbps):  # an unconstrained link: nothing to solve against
             goal = threshold.ThresholdTargets(self.base_t, self.base_t, self.base_t)
         else:
-            goal = self._targets(rate)
+            goal = self._targets(live_gbps)
         self.ctrl = threshold.control_step(self.c.controller, self.ctrl, signals, goal, now).state
         self.policy = PolicyState.from_controller(self.ctrl)
+        return goal
 
     def _tick(self, now: float) -> None:
         c, link = self.c, self.c.link
@@ -374,7 +383,7 @@ class _Sim:
         self.rate_ewma += alpha * (self.num_arrived / c.period_s - self.rate_ewma)
         self.num_arrived = 0
         if c.mode is not ThresholdMode.STATIC:
-            self._control(now, egress, waiting, rate)
+            self._control(now, self._signals(now, egress, waiting), rate)
         if self.rebal is not None and self.rebal.step(self.pd, self.decode, now):
             self.index[Cluster.PD] = {nid: k for k, nid in enumerate(self.pd.node_ids)}
             self.base_t = self._anchor(rate)
