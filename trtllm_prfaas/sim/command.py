@@ -4,6 +4,7 @@
   ``{"prfaas_pd": {...}, "homogeneous": {...}, "naive": {...}}``).
 - ``des [options] [--plots DIR]``: one discrete-event scenario; prints TTFT statistics.
 - ``beyond [--json] [--plots DIR]``: ``dynamic_over_static_goodput`` and ``scale_1m_requests_s``.
+- ``prefix [--json]``: cache-aware against cache-blind routing with modelled prefix caches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trtllm_prfaas.sim.fluid import (
     case_study,
     headlines,
 )
+from trtllm_prfaas.sim.prefix_figures import add_prefix_arguments, run_prefix
 
 __all__ = ["add_arguments", "run"]
 
@@ -44,6 +46,7 @@ def add_arguments(command_name: str, parser: argparse.ArgumentParser) -> None:
 
     add_des_arguments(sub.add_parser("des", help="one discrete-event simulation"))
     add_beyond_arguments(sub.add_parser("beyond", help="dynamic vs static t; 1M-request scale"))
+    add_prefix_arguments(sub.add_parser("prefix", help="cache-aware vs cache-blind routing"))
 
 
 def run(command_name: str, args: argparse.Namespace) -> int:
@@ -52,6 +55,8 @@ def run(command_name: str, args: argparse.Namespace) -> int:
         return run_des(args)
     if args.scenario == "beyond":
         return run_beyond(args)
+    if args.scenario == "prefix":
+        return run_prefix(args)
     columns = case_study(Interpolation(args.interpolation))
     if args.json:
         print(json.dumps({k: columns[k].as_dict() for k in COLUMNS}, sort_keys=False))

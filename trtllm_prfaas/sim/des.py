@@ -210,7 +210,7 @@ class _Sim:
             return routed_prefix
         assert self.tr.prompt_hashes is not None
         held = self.caches.prefix_tokens(node_id, self.tr.prompt_hashes[i], now)
-        return min(held, self.prompts[i] - 1)
+        return min(held, int(self.prompts[i]) - 1)
 
     def _service_s(self, i: int, remote: bool, computed: int) -> float:
         """Prefill seconds of request ``i`` computing ``computed`` tokens."""
