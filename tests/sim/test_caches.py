@@ -8,6 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from tests.builders import tiny_model
+from tests.conftest import EngineFactory
+from trtllm_prfaas.engines.prefix_cache import cache_key_for
+from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy.controller import CachePolicy
 from trtllm_prfaas.policy.model import Deployment, Workload
@@ -156,3 +160,38 @@ def test_a_shared_document_overflows_its_hot_node() -> None:
     assert len(counts) >= 2 and max(counts.values()) < 0.9 * len(nodes), counts
     cold = int((result.computed_tokens > 16_000).sum())  # computed the document itself
     assert len(counts) <= cold <= 2 * len(counts), (cold, counts)
+
+
+@pytest.mark.parametrize("max_blocks", [1000, 12], ids=["roomy", "evicting"])
+def test_the_model_matches_the_reference_engines_cache(
+    make_engine: EngineFactory, max_blocks: int
+) -> None:
+    """The same conversation through the reference engine (block reuse on, hybrid tiny model)
+    and through ``NodePrefixCache``: before every request the index fed by the engine's own KV
+    events and the model agree on the prefix, and the engine reuses exactly that much."""
+    model = tiny_model()
+    tpb = model.tokens_per_block
+    engine = make_engine(model=model, enable_block_reuse=True, chunk_size=64, max_num_tokens=128,
+                         max_cached_blocks=max_blocks, num_state_snapshots=64)  # fmt: skip
+    index = PrefixIndex(cache_key_for(model), tpb, requires_states=True)
+    index.add_node("engine", "pd")
+    node = NodePrefixCache(CacheModel(max_blocks, tpb, is_hybrid=True, max_snapshots=64,
+                                      chunk_tokens=64))  # fmt: skip
+    conv = make_conversations(
+        ConversationModel(3, 1.0, num_turns=3, num_system_prompts=1, system_prompt_tokens=80,
+                          user_tokens=24, output_tokens=8, think_s=1.0), seed=6,
+    )  # fmt: skip
+    trace = conv.trace(tpb, cache_key_for(model))
+    assert trace.prompt_hashes is not None
+    reused = []
+    for prompt, chain in zip(conv.prompts, trace.prompt_hashes, strict=True):
+        index.apply("engine", engine.drain_kv_events())
+        expected = index.match("engine", chain, 0.0).num_tokens
+        assert node.match_blocks(chain) * tpb == expected
+        before = engine.stats.num_reused_tokens
+        engine.generate([prompt.tolist()], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert engine.stats.num_reused_tokens - before == expected
+        reused.append(expected)
+        node.store(chain)
+    assert sum(r > 0 for r in reused) >= 3, reused
+    assert (node.num_evicted_blocks > 0) == (max_blocks < 100)
