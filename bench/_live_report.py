@@ -38,6 +38,11 @@ __all__ = [
 SLO_FACTOR = 3.0
 WINDOW_STEP_S = 10.0
 SHARE_WINDOW_S = 10.0
+_GAUGES = {  # series name -> the router's gauge (telemetry/metrics.py)
+    "threshold_tokens": "prfaas_threshold_tokens",  # the live t
+    "threshold_opt_tokens": "prfaas_threshold_opt_tokens",  # the anchor t_opt
+    "threshold_min_tokens": "prfaas_threshold_min_tokens",  # the floor t_min (live link)
+}
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,18 @@ def outcome(
 
 
 def series(samples: Sequence[Any]) -> dict[str, list[float]]:
-    """Per-second series from the scrapes: time, threshold, offload share (over the last
-    ``SHARE_WINDOW_S``, from the routed counters), the link estimate the router uses, the tc
-    rate in force and the WAN egress measured from tc's byte counter (Mbit/s)."""
-    out: dict[str, list[float]] = {k: [] for k in ("time_s", "threshold_tokens",
-                                                   "offload_share", "link_estimate_mbps",
-                                                   "wan_rate_mbps", "wan_egress_mbps")}  # fmt: skip
+    """Per-second series from the scrapes: time, the thresholds (t, t_opt, t_min; NaN where the
+    router has no such gauge), offload share (over the last ``SHARE_WINDOW_S``, from the routed
+    counters), the link estimate the router uses, the tc rate in force and the WAN egress
+    measured from tc's byte counter (Mbit/s)."""
+    names = ("time_s", *_GAUGES, "offload_share", "link_estimate_mbps", "wan_rate_mbps",
+             "wan_egress_mbps")  # fmt: skip
+    out: dict[str, list[float]] = {k: [] for k in names}
     lag = max(int(SHARE_WINDOW_S), 1)
     for i, s in enumerate(samples):
         out["time_s"].append(round(s.time_s, 2))
-        out["threshold_tokens"].append(round(s.gauges.get("prfaas_threshold_tokens", math.nan), 1))
+        for key, gauge in _GAUGES.items():
+            out[key].append(round(s.gauges.get(gauge, math.nan), 1))
         old = samples[max(i - lag, 0)]
         routed = s.num_routed - old.num_routed
         share = (s.num_remote - old.num_remote) / routed if routed > 0 else math.nan
@@ -146,7 +153,12 @@ def plot_timeline(
                      label=f"{mode}: WAN egress (tc bytes)")  # fmt: skip
         axes[0].step(s["time_s"], s["wan_rate_mbps"], color=c, linestyle=":", where="post",
                      label=f"{mode}: tc rate")  # fmt: skip
-        axes[1].step(s["time_s"], s["threshold_tokens"], color=c, where="post", label=mode)
+        axes[1].step(s["time_s"], s["threshold_tokens"], color=c, where="post", label=f"{mode}: t")
+        if mode == "dynamic":
+            axes[1].step(s["time_s"], s["threshold_min_tokens"], color=c, where="post",
+                         linestyle=":", label="dynamic: t_min (live link)")  # fmt: skip
+            axes[0].plot(s["time_s"], s["link_estimate_mbps"], color=c, linestyle="--",
+                         label="dynamic: router's link estimate")  # fmt: skip
         axes[2].plot(s["time_s"], s["offload_share"], color=c, label=mode)
         ok = [(a, t) for a, t in zip(run["arrival_s"], run["ttft_s"], strict=True) if t is not None]
         bad = [a for a, t in zip(run["arrival_s"], run["ttft_s"], strict=True) if t is None]

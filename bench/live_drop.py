@@ -51,7 +51,13 @@ from trtllm_prfaas.loadgen.runner import poisson_gaps
 from trtllm_prfaas.policy.model import Deployment, Workload
 from trtllm_prfaas.policy.solver import solve_fixed_split
 from trtllm_prfaas.sim.des import DesResult, ThresholdMode
-from trtllm_prfaas.sim.live_profile import LiveProfile, des_config, scaled_lengths, simulate_trace
+from trtllm_prfaas.sim.live_profile import (
+    LiveProfile,
+    des_config,
+    fluid_figures,
+    scaled_lengths,
+    simulate_trace,
+)
 from trtllm_prfaas.testbed.netns import WanShape, missing_requirements, parse_rate_bits
 from trtllm_prfaas.testbed.spec import TestbedConfig
 
@@ -67,10 +73,10 @@ class Settings:
     model_preset: str = "default"
     max_prompt_tokens: int = 0  # 0: the model's max_seq_len - max_tokens
     max_tokens: int = 8
-    rate_rps: float = 0.45
-    wan_rate: str = "40mbit"
+    rate_rps: float = 0.35
+    wan_rate: str = "20mbit"
     drop_fraction: float = 0.1
-    before_s: float = 90.0
+    before_s: float = 150.0  # the control loop warms up on 32 requests and 4 legs per cluster
     drop_s: float = 60.0
     after_s: float = 60.0
     seed: int = 0
@@ -263,6 +269,8 @@ def run_experiment(s: Settings, out_dir: Path, log: Any) -> dict[str, Any]:
                          f"live link drop: WAN {s.wan_rate} -> {s.drop_rate} for {s.drop_s:g} s, "
                          f"Poisson {s.rate_rps:g} req/s, static t = {t}")  # fmt: skip
     errors = {m: _relative_error(sim[m].goodput_rps, live[m].goodput_rps) for m in live}
+    fluid = fluid_figures(profile, max_prompt_tokens=s.prompt_max(), output_tokens=s.max_tokens,
+                          threshold_tokens=t)  # fmt: skip
     return {
         "live_dynamic_over_static_goodput": _ratio(live["dynamic"], live["static"]),
         "sim_live_goodput_error": round(max(errors.values()), 4),
@@ -273,6 +281,7 @@ def run_experiment(s: Settings, out_dir: Path, log: Any) -> dict[str, Any]:
         "slo": f"TTFT <= {SLO_FACTOR:g} x max(unloaded TTFT(L), unloaded TTFT(mean L = "
         f"{mean_len:.0f}) = {floor:.3f} s); goodput = SLO-met requests / {s.span_s:g} s",
         "static_t_tokens": t,
+        "fluid": {k: round(v, 4) for k, v in fluid.items()},
         "settings": dataclasses.asdict(s),
         "drop_rate": s.drop_rate,
         "profile": profile_detail,

@@ -31,8 +31,8 @@ MODES = ("static", "dynamic")
 OUTCOME_KEYS = {"num_requests", "num_ok", "num_slo_met", "goodput_rps",
                 "worst_window_p90_ttft_s", "worst_window_start_s", "p90_ttft_s",
                 "offload_share"}  # fmt: skip
-SERIES_KEYS = {"time_s", "threshold_tokens", "offload_share", "link_estimate_mbps",
-               "wan_rate_mbps", "wan_egress_mbps"}  # fmt: skip
+SERIES_KEYS = {"time_s", "threshold_tokens", "threshold_opt_tokens", "threshold_min_tokens",
+               "offload_share", "link_estimate_mbps", "wan_rate_mbps", "wan_egress_mbps"}  # fmt: skip
 
 pytestmark = [
     pytest.mark.skipif(

@@ -37,8 +37,9 @@ import numpy as np
 
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.loadgen.lengths import PAPER_LENGTHS
-from trtllm_prfaas.policy.model import Deployment, Workload
+from trtllm_prfaas.policy.model import Deployment, Workload, evaluate
 from trtllm_prfaas.policy.profile import ClusterProfile, KvSize, PiecewiseLatency, SystemProfile
+from trtllm_prfaas.policy.solver import solve_fixed_split
 from trtllm_prfaas.policy.workload import TruncatedLogNormal
 from trtllm_prfaas.sim.des import DesConfig, DesResult, ThresholdMode, simulate
 from trtllm_prfaas.sim.link import LinkSchedule
@@ -49,6 +50,7 @@ __all__ = [
     "Probe",
     "des_config",
     "fit_kv",
+    "fluid_figures",
     "prefill_points",
     "scaled_lengths",
     "simulate_trace",
@@ -142,6 +144,32 @@ def scaled_lengths(max_prompt_tokens: int) -> TruncatedLogNormal:
     lo = max(PAPER_LENGTHS.lo * scale, 1.0)
     return TruncatedLogNormal(PAPER_LENGTHS.mu + math.log(scale), PAPER_LENGTHS.sigma, lo,
                               float(max_prompt_tokens))  # fmt: skip
+
+
+def fluid_figures(
+    profile: LiveProfile, *, max_prompt_tokens: int, output_tokens: int, threshold_tokens: float
+) -> dict[str, float]:
+    """The fluid model on the profile (no queueing): capacity at ``threshold_tokens`` and the
+    provisioned link, with local prefill only, and during the drop with that ``t`` kept and
+    with ``t`` re-solved for the dropped link; ``drop_bound`` is the last over the one before,
+    the most any threshold policy can gain while the link is down (``sim/beyond.py``)."""
+    workload = Workload(scaled_lengths(max_prompt_tokens), output_tokens)
+    dep = Deployment(profile.num_prfaas, profile.num_p, profile.num_d)
+    system = profile.system()
+    down = SystemProfile(system.prfaas, system.pd, profile.drop_link_gbps)
+    static = evaluate(system, workload, dep, threshold_tokens)
+    kept = evaluate(down, workload, dep, threshold_tokens).lambda_max
+    best = solve_fixed_split(down, workload, dep)
+    local = evaluate(system, workload, dep, float(max_prompt_tokens)).lambda_max
+    return {
+        "capacity_rps": static.lambda_max,
+        "offload_share": static.offload_share,
+        "local_only_capacity_rps": local,
+        "drop_capacity_static_t_rps": kept,
+        "drop_capacity_best_t_rps": best.lambda_max,
+        "drop_best_t_tokens": best.threshold_tokens,
+        "drop_bound": best.lambda_max / kept if kept > 0 else math.inf,
+    }
 
 
 def des_config(
