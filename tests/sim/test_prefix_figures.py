@@ -26,6 +26,8 @@ def test_prefix_figures_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert chat["aware"]["prefill_tokens"] <= 0.5 * chat["no_cache"]["prefill_tokens"]
     assert chat["aware"]["p90_ttft_s"] < chat["blind"]["p90_ttft_s"]
     assert chat["aware"]["threshold_tokens"] < chat["blind"]["threshold_tokens"]
+    longest = chat["aware_longest_prefix"]  # the node choice before the hotspot rule
+    assert longest["busiest_node_share"] >= chat["aware"]["busiest_node_share"]
 
 
 def test_prefix_figures_table(capsys: pytest.CaptureFixture[str]) -> None:

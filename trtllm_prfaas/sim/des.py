@@ -15,9 +15,12 @@ layer, so this is conservative by at most ``S_kv / B``: 77 ms for a 44K prompt a
 Every ``period_s`` a control tick measures what the live router measures (egress utilisation,
 PrfaaS queue depth, relay backlog, per-side prefill backlog) and, in the dynamic modes, steps
 the short-timescale controller; with a rebalancer configured it also steps the long-timescale
-rebalancer every ``rebalancer.period_s``. The controller's bounds ``[t_min, t_max]`` are solved
-at the live link rate and the measured arrival rate. Its anchor ``t_opt`` is the optimum for the
-provisioned link in ``DYNAMIC`` and the optimum re-solved for the live link in ``DYNAMIC_LIVE``.
+rebalancer every ``rebalancer.period_s``. The targets come from
+:func:`~trtllm_prfaas.policy.threshold.targets`, the function the live router's control loop
+calls: bounds ``[t_min, t_max]`` solved at the live link rate and the measured arrival rate,
+anchor ``t_opt`` the optimum for the provisioned link in ``DYNAMIC`` (what the router runs) and
+re-solved for the live link in ``DYNAMIC_LIVE``. The live rate here is the schedule's own (an
+oracle); the router uses its estimate from the relay's counters (``policy/link_estimate.py``).
 Why ``DYNAMIC`` does not re-anchor (docs/simulation.md has the figures): the fluid optimum for
 a degraded link is the best split if the degradation lasted forever; a link drop is transient,
 and a backlog queued on the link drains ~10x faster once the link recovers than work moved to
@@ -90,6 +93,10 @@ class DesConfig:
     # With ``caches``: route as a cache-blind router (every node's prefix counts as 0), while
     # the node that prefills still reuses what it holds (the live ``prefix_routing: false``).
     cache_blind: bool = False
+    # Scales the per-token prefill cost routing weighs a prefix with (NodeView.prefill_s_per_token):
+    # 1 weighs it against load in seconds; a huge value is longest-prefix-first however loaded
+    # (the rule before 2026-12-06, for comparison); 0 is least loaded, the prefix a tie-break.
+    prefix_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,8 @@ class _Sim:
     def _arrive(self, i: int, now: float) -> None:
         pfx, holder, in_pd = self.pfx[i], self.pfx_node[i], self.pfx_pd[i]
         prompt = self.prompts[i]
-        rates = (self.t_full[0][i] / prompt, self.t_full[1][i] / prompt)
+        weight = self.c.prefix_weight / prompt
+        rates = (self.t_full[0][i] * weight, self.t_full[1][i] * weight)
         if self.caches is not None:
             view = ClusterView(
                 self._cache_views(self.caches, self.prfaas, i, now, rates[0]),

@@ -12,7 +12,9 @@ questions over a few long documents). Routers on the same trace (same seed):
   events, with ``t`` solved for the prompt lengths (as the blind router's);
 - ``aware``: the same with ``t`` solved for the incremental lengths it routes (those of the
   ``aware_prompt_t`` run): routing compares the incremental length with ``t``, so ``t`` must be
-  solved on that distribution (the live control loop's profiles take the incremental length).
+  solved on that distribution (the live control loop's profiles take the incremental length);
+- ``aware_longest_prefix``: ``aware`` with the node choice of before 2026-12-06, the longest
+  prefix however loaded (``DesConfig.prefix_weight`` huge): the hotspot a shared prefix makes.
 
 Each ``t`` is the fixed-split optimum (``solve_fixed_split``) for a histogram of the lengths.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -44,7 +47,7 @@ from trtllm_prfaas.sim.traffic import Trace
 
 __all__ = ["add_prefix_arguments", "prefix_figures", "run_prefix"]
 
-ROUTERS = ("no_cache", "blind", "aware_prompt_t", "aware")
+ROUTERS = ("no_cache", "blind", "aware_prompt_t", "aware", "aware_longest_prefix")
 
 
 def add_prefix_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +69,7 @@ def add_prefix_arguments(p: argparse.ArgumentParser) -> None:
 
 def _row(result: DesResult, trace: Trace, blind_tokens: float | None, t: float) -> dict[str, float]:
     computed = float(result.computed_tokens.sum())
+    ids = result.prefill_node_ids
     return {
         "threshold_tokens": round(t, 1),
         "prefill_tokens": computed,
@@ -74,6 +78,7 @@ def _row(result: DesResult, trace: Trace, blind_tokens: float | None, t: float) 
         "mean_ttft_s": round(float(np.mean(result.ttft_s)), 4),
         "p90_ttft_s": round(float(np.percentile(result.ttft_s, 90)), 4),
         "offload_share": round(float(np.mean(result.is_remote)), 4),
+        "busiest_node_share": round(max(Counter(ids).values()) / len(ids), 4) if ids else 0.0,
         "num_cache_moves": float(result.num_cache_moves),
     }
 
@@ -96,7 +101,9 @@ def _runs(base: DesConfig, caches: CacheModel, trace: Trace) -> dict[str, dict[s
     results = {name: simulate(config, trace) for name, config in configs.items()}
     computed = results["aware_prompt_t"].computed_tokens
     configs["aware"] = replace(_solved(base.system, base, computed), caches=caches)
-    results["aware"] = simulate(configs["aware"], trace)
+    configs["aware_longest_prefix"] = replace(configs["aware"], prefix_weight=1e9)
+    for name in ("aware", "aware_longest_prefix"):
+        results[name] = simulate(configs[name], trace)
     blind = float(results["blind"].computed_tokens.sum())
     return {
         name: _row(results[name], trace, blind, configs[name].threshold_tokens) for name in ROUTERS
@@ -157,9 +164,9 @@ def run_prefix(args: argparse.Namespace) -> int:
         print(f"\n{key}: {value['num_requests']} requests, {value['prompt_tokens']} prompt tokens")
         cols = list(value["aware"])
         widths = [max(len(c), 10) + 2 for c in cols]
-        print(f"{'router':<16}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
+        print(f"{'router':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
         for router in ROUTERS:
             row = value[router]
             cells = "".join(f"{_fmt(row[c]):>{w}}" for c, w in zip(cols, widths, strict=True))
-            print(f"{router:<16}{cells}")
+            print(f"{router:<22}{cells}")
     return 0
