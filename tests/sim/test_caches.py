@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,3 +196,25 @@ def test_the_model_matches_the_reference_engines_cache(
         node.store(chain)
     assert sum(r > 0 for r in reused) >= 3, reused
     assert (node.num_evicted_blocks > 0) == (max_blocks < 100)
+
+
+def test_caches_with_the_controller_and_the_rebalancer() -> None:
+    """Dynamic t (and cache policy) and role conversions on a cache-aware run: a node the
+    rebalancer adds to the PD prefill pool joins the index and serves cache hits; every request
+    is served."""
+    from trtllm_prfaas.policy.rebalancer import RebalancerConfig
+    from trtllm_prfaas.sim.des import ThresholdMode
+
+    model = ConversationModel(200, 1.0, num_turns=3, system_prompt_tokens=4096)
+    trace = make_conversations(model, seed=9).trace(32)
+    rebalancer = RebalancerConfig(period_s=5.0, persist_s=10.0, cooldown_s=20.0)
+    config = replace(
+        _config(CacheModel(max_blocks=50_000)), mode=ThresholdMode.DYNAMIC,
+        rebalancer=rebalancer, deployment=Deployment(1, 1, 6),
+    )  # fmt: skip
+    result = simulate(config, trace)
+    assert result.num_conversions >= 1
+    assert not np.isnan(result.ttft_s).any()
+    assert (result.prefix_tokens + result.computed_tokens == trace.prompt_tokens).all()
+    on_new = [k for k, n in enumerate(result.prefill_node_ids) if n == "pd-p-1"]
+    assert on_new and result.prefix_tokens[on_new].sum() > 0
