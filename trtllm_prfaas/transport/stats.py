@@ -7,6 +7,18 @@ keeps the live fds; ``read_tcp_info`` then calls ``getsockopt(IPPROTO_TCP, TCP_I
 (through ``socket.socket(fileno=fd)`` + ``detach()``, so the fd stays libzmq's) and decodes
 ``struct tcp_info`` (Linux only; other OSes give ``None``). ``tcpi_total_retrans`` is the
 connection's retransmitted-segment count; on loopback it reads 0.
+
+Link-bound time (``SendCounters.on_pump``): after each pump the sender's I/O thread says why it
+stopped: ``LINK`` (credited data ready, held back by the pacer or by stream queues at their
+high-water mark), ``CREDIT`` (data ready, no credit from the receiver) or ``IDLE`` (nothing ready:
+the producer is the bottleneck, or there is no work). The time until the next pump, and the
+bytes that pump hands over, are charged to that state; bytes over link-bound time is the rate
+the link drains at (``policy/link_estimate.py`` turns it into a capacity estimate). With
+``TCP_INFO``, ``LinkStats.tcp_delivery_gbps`` adds the kernel's view: the delivery-rate samples
+of the connections with bytes in flight, read when at least one of them has bytes queued in the
+kernel (``tcpi_notsent_bytes > 0``) and a rate sample not application-limited: what a link
+shaped below the sender's own queues (``tc tbf``) shows, where the receiver's credit (whose round
+trip crosses the same link), not the sender's queues, holds the sender back.
 """
 
 from __future__ import annotations
@@ -37,8 +49,9 @@ __all__ = [
 
 _TCP_INFO_LEN = 232
 # struct tcp_info offsets (linux/tcp.h): u8 state @0, delivery_rate_app_limited bit 0 of @7;
-# u32 retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100; u64 bytes_acked @120,
-# bytes_received @128; u32 segs_out @136, notsent_bytes @144; u64 delivery_rate @160 (B/s).
+# u32 unacked @24, retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100;
+# u64 bytes_acked @120, bytes_received @128; u32 segs_out @136, notsent_bytes @144;
+# u64 delivery_rate @160 (bytes/s).
 _TCP_INFO_RATE_LEN = 168  # kernels older than 4.9 stop before delivery_rate: rate reads 0
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -69,6 +82,12 @@ class TcpInfo:
     notsent_bytes: int = 0  # queued in the kernel, not yet sent (the link or cwnd holds them)
     delivery_rate_bps: int = 0  # bytes/s of the latest delivery-rate sample
     is_app_limited: bool = True  # that sample was limited by the application, not the path
+    unacked_segs: int = 0  # segments in flight
+
+    @property
+    def is_active(self) -> bool:
+        """Bytes in flight or queued in the kernel: its delivery rate is current."""
+        return self.notsent_bytes > 0 or self.unacked_segs > 0
 
     @property
     def is_link_limited(self) -> bool:
@@ -96,13 +115,14 @@ def read_tcp_info(fd: int) -> TcpInfo | None:
     retrans, rtt, cwnd, total = (struct.unpack_from("=I", raw, off)[0] for off in (36, 68, 80, 100))
     acked, received = struct.unpack_from("=QQ", raw, 120)
     segs_out = notsent = rate = 0
+    unacked = struct.unpack_from("=I", raw, 24)[0]
     limited = True
     if len(raw) >= _TCP_INFO_RATE_LEN:
         segs_out, notsent = (struct.unpack_from("=I", raw, off)[0] for off in (136, 144))
         rate, limited = struct.unpack_from("=Q", raw, 160)[0], bool(raw[7] & 1)
     return TcpInfo(
         local[1], peer[1], raw[0], rtt, cwnd, retrans, total, acked, received,
-        segs_out, notsent, rate, limited,
+        segs_out, notsent, rate, limited, unacked,
     )  # fmt: skip
 
 
@@ -350,10 +370,18 @@ class SendCounters:
                 send_queue_delay_sum_s=self.delay_sum_s,
                 chunks_sent=self.chunks,
                 tcp_segs_out=sum(i.segs_out for i in infos) if infos else None,
-                tcp_delivery_gbps=sum(i.delivery_rate_bps for i in infos if i.is_link_limited)
-                * 8
-                / 1e9,
+                tcp_delivery_gbps=_delivery_gbps(infos),
             )
+
+
+def _delivery_gbps(infos: Sequence[TcpInfo]) -> float:
+    """The link's rate as the kernel sees it, when some connection is link-limited (bytes
+    queued in the kernel, its latest rate sample not app-limited): the delivery rates of every
+    connection with bytes in flight, summed (the streams share the link, each at its share of
+    it). 0 when none is link-limited: then the path is not the bottleneck."""
+    if not any(i.is_link_limited for i in infos):
+        return 0.0
+    return sum(i.delivery_rate_bps for i in infos if i.is_active) * 8 / 1e9
 
 
 def relay_report_fields(links: Sequence[LinkStats]) -> dict[str, Any]:
