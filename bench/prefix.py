@@ -75,19 +75,21 @@ class Settings:
     seed: int = 0
     timeout_s: float = 300.0
     # multi-turn
-    num_conversations: int = 6
-    num_turns: int = 3
+    num_conversations: int = 8
+    num_turns: int = 5
     num_system_prompts: int = 2
+    # Not a multiple of chunk_size: a hybrid engine snapshots its state at chunk ends and at a
+    # prompt's last full block only, so conversations cannot share it (only their own history)
     system_tokens: int = 1536
-    user_tokens: int = 192
+    user_tokens: int = 256
     stagger_s: float = 0.25
     think_s: float = 0.5  # a user reads the answer (longer than the 0.1 s report interval)
     # shared-document
     num_documents: int = 2
     document_tokens: int = 3072
-    num_questions: int = 10
+    num_questions: int = 12
     question_tokens: int = 64
-    question_rate_rps: float = 1.0
+    question_rate_rps: float = 3.0
     # the prefix index
     index_tokens: int = 131072
     index_nodes: int = 8
@@ -376,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold-tokens", type=int, default=None)
     parser.add_argument("--prefill-max-num-seqs", type=int, default=None)
     parser.add_argument("--model-preset", default=None)
+    parser.add_argument("--system-tokens", type=int, default=None, help="multi-turn system prompt")
+    parser.add_argument("--num-turns", type=int, default=None)
+    parser.add_argument("--num-conversations", type=int, default=None)
     args = parser.parse_args(argv)
     configure_logging("WARNING")  # the router runs in this process: no per-request lines
     s = QUICK if args.quick else Settings()
@@ -384,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         "threshold_tokens": args.threshold_tokens,
         "prefill_max_num_seqs": args.prefill_max_num_seqs,
         "model_preset": args.model_preset,
+        "system_tokens": args.system_tokens,
+        "num_turns": args.num_turns,
+        "num_conversations": args.num_conversations,
     }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     result = run(s)
