@@ -27,6 +27,14 @@ and a backlog queued on the link drains ~10x faster once the link recovers than 
 the H20 prefill nodes, so re-anchoring over-shifts. The live rate still acts through ``t_min``
 (the least ``t`` the degraded link can carry) and through the measured relay delay.
 
+Prefix caches: by default a request's cached prefix and its holder come from the trace
+(``PrefixModel``: stationary hits). With ``DesConfig.caches`` every prefill node keeps a
+modelled prefix cache (``sim/caches.py``) whose KV events feed the router's ``PrefixIndex``, the
+trace carries token identity (``sim/conversations.py``), and each arrival's ``ClusterView``
+holds every member node with the prefix the index gives it, as the live router's view does
+(O(nodes) per request: meant for deployments of tens of nodes). The prefill node stores the
+prompt's blocks when its prefill ends.
+
 Events live in one heap (O(log n)); arrivals, lengths and per-request service times are numpy
 arrays made up front.
 """
