@@ -38,8 +38,10 @@ from trtllm_prfaas.kv.events import KvEventBatch, KvEventLog
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.policy.placement import NodeView
 from trtllm_prfaas.router.prefix_index import PrefixIndex
+from trtllm_prfaas.sim.pools import PrefillPool
+from trtllm_prfaas.sim.traffic import Trace
 
-__all__ = ["SIM_CACHE_KEY", "CacheModel", "NodePrefixCache", "SimPrefixCaches"]
+__all__ = ["SIM_CACHE_KEY", "CacheModel", "NodePrefixCache", "SimPrefixCaches", "caches_for"]
 
 # The key the simulator's traces hash prompts under (``sim/conversations.py``).
 SIM_CACHE_KEY = CacheKey("prfaas-sim", "HND", "bfloat16", 0)
@@ -178,7 +180,39 @@ class SimPrefixCaches:
             for nid, back in nodes
         )
 
+    def pool_views(
+        self, pool: PrefillPool, chain: Sequence[int], now: float, rate: float, blind: bool
+    ) -> tuple[NodeView, ...]:
+        """Every member node of a simulated pool with its backlog and indexed prefix (``blind``:
+        every prefix 0, a cache-blind router). A node the rebalancer added since the last call
+        joins with an empty cache."""
+        for node_id in pool.node_ids:
+            if node_id not in self.nodes:
+                self.add_node(node_id, pool.prefix)
+        nodes = [
+            (nid, max(pool.free_at[k] - now, 0.0))
+            for k, nid in enumerate(pool.node_ids)
+            if pool.is_member[k]
+        ]
+        if blind:
+            return tuple(NodeView(nid, 0, 0, back, prefill_s_per_token=rate) for nid, back in nodes)
+        return self.views(nodes, chain, now, rate)
+
     @property
     def num_evicted_blocks(self) -> int:
         """Blocks evicted on all nodes."""
         return sum(n.num_evicted_blocks for n in self.nodes.values())
+
+
+def caches_for(model: CacheModel | None, trace: Trace) -> SimPrefixCaches | None:
+    """The simulator's caches for ``trace`` (``None`` without a model); the trace must carry
+    token identity in the model's block size."""
+    if model is None:
+        return None
+    if trace.prompt_hashes is None or trace.tokens_per_block != model.tokens_per_block:
+        has = "none" if trace.prompt_hashes is None else trace.tokens_per_block
+        raise ConfigError(
+            f"DesConfig.caches needs a trace with prompt_hashes in blocks of "
+            f"{model.tokens_per_block} tokens (sim/conversations.py); this trace has {has}"
+        )
+    return SimPrefixCaches(model)

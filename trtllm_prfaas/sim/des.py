@@ -50,7 +50,6 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.policy import controller as ctl
 from trtllm_prfaas.policy import threshold
 from trtllm_prfaas.policy.model import Deployment, Workload
@@ -58,7 +57,7 @@ from trtllm_prfaas.policy.placement import CacheMove, Cluster, NodeView
 from trtllm_prfaas.policy.profile import FloatArray, SystemProfile
 from trtllm_prfaas.policy.rebalancer import RebalancerConfig
 from trtllm_prfaas.policy.route import ClusterView, PolicyState, RequestView, route
-from trtllm_prfaas.sim.caches import CacheModel, SimPrefixCaches
+from trtllm_prfaas.sim.caches import CacheModel, caches_for
 from trtllm_prfaas.sim.link import LinkSchedule
 from trtllm_prfaas.sim.pools import DecodeSlots, PrefillPool
 from trtllm_prfaas.sim.rebalance import Rebalancing
@@ -162,7 +161,7 @@ class _Sim:
         self.reused = np.zeros(trace.num_requests, dtype=np.int64)
         self.node_of: list[str] = [""] * trace.num_requests
         self.num_moves = 0
-        self.caches = self._make_caches()
+        self.caches = caches_for(config.caches, trace)
         self._precompute()
         self.base_t = config.threshold_tokens
         self.t_cache: dict[tuple[float, int, int], float] = {}
@@ -187,36 +186,6 @@ class _Sim:
         self.pfx_node = tr.prefix_node.tolist()
 
     # ---- per-request path ---------------------------------------------------------------
-
-    def _make_caches(self) -> SimPrefixCaches | None:
-        model, tr = self.c.caches, self.tr
-        if model is None:
-            return None
-        if tr.prompt_hashes is None or tr.tokens_per_block != model.tokens_per_block:
-            raise ConfigError(
-                "DesConfig.caches needs a trace with prompt_hashes in blocks of "
-                f"{model.tokens_per_block} tokens (sim/conversations.py); this trace has "
-                f"{'none' if tr.prompt_hashes is None else tr.tokens_per_block}"
-            )
-        return SimPrefixCaches(model)
-
-    def _cache_views(
-        self, caches: SimPrefixCaches, pool: PrefillPool, i: int, now: float, rate: float
-    ) -> tuple[NodeView, ...]:
-        """Every member node with the prefix the index says it holds (the live router's view).
-        A node the rebalancer added since starts with an empty cache."""
-        for nid in pool.node_ids:
-            if nid not in caches.nodes:
-                caches.add_node(nid, pool.prefix)
-        nodes = [
-            (nid, max(pool.free_at[k] - now, 0.0))
-            for k, nid in enumerate(pool.node_ids)
-            if pool.is_member[k]
-        ]
-        if self.c.cache_blind:
-            return tuple(NodeView(nid, 0, 0, back, prefill_s_per_token=rate) for nid, back in nodes)
-        assert self.tr.prompt_hashes is not None  # checked by _make_caches
-        return caches.views(nodes, self.tr.prompt_hashes[i], now, rate)
 
     def _reused(self, i: int, node_id: str, routed_prefix: int, now: float) -> int:
         """The prefix the prefill node reuses: what routing counted, or for a cache-blind
@@ -256,10 +225,11 @@ class _Sim:
         prompt = self.prompts[i]
         weight = self.c.prefix_weight / prompt
         rates = (self.t_full[0][i] * weight, self.t_full[1][i] * weight)
-        if self.caches is not None:
+        if self.caches is not None and self.tr.prompt_hashes is not None:
+            chain, blind = self.tr.prompt_hashes[i], self.c.cache_blind
             view = ClusterView(
-                self._cache_views(self.caches, self.prfaas, i, now, rates[0]),
-                self._cache_views(self.caches, self.pd, i, now, rates[1]),
+                self.caches.pool_views(self.prfaas, chain, now, rates[0], blind),
+                self.caches.pool_views(self.pd, chain, now, rates[1], blind),
             )
         else:
             view = ClusterView(
