@@ -116,12 +116,17 @@ class RecurrentStates:
     ``tensor``: (num_slots, num_linear_layers, heads, d_k, d_v); ``slot_of(request_id)`` gives a
     live request's slot; ``state_layer_of[layer_idx]`` / ``pool_layer_of[layer_idx]`` map a decoder
     layer to its index in the state tensor / the KV pool (absent when the layer is the other kind).
+    ``store_snapshot(request_id, num_tokens, state)`` (optional: an engine with a prefix cache)
+    keeps ``state`` (num_linear_layers, heads, d_k, d_v), the states after exactly ``num_tokens``
+    prompt tokens (a block boundary) relayed by the prefill node, as a snapshot a later request
+    can resume from; called from ``start_load_kv``/``get_finished`` while the request is live.
     """
 
     tensor: torch.Tensor
     slot_of: Callable[[int], int]
     state_layer_of: dict[int, int]
     pool_layer_of: dict[int, int]
+    store_snapshot: Callable[[int, int, torch.Tensor], None] | None = None
 
     @property
     def state_bytes(self) -> int:

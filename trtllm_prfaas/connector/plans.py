@@ -68,12 +68,16 @@ class Plan(msgspec.Struct, frozen=True):
     ``num_tokens`` is L, the tokens the transfer covers; ``tokens_digest`` is
     :func:`tokens_digest` of exactly those L token ids. ``relay_endpoints`` (prefill plans only)
     are the decode node's relay receivers in tensor-parallel rank order: prefill rank r sends its
-    shard to ``relay_endpoints[r]``."""
+    shard to ``relay_endpoints[r]``. ``relay_from_tokens`` (D, a block multiple below L) is where
+    the relayed blocks begin: the decode node holds ``[0, D)`` itself (pinned with its slot), so
+    a prefill sends blocks ``D / tokens_per_block`` onward (and the states), and a decode claims
+    only when its own cached prefix reaches D."""
 
     transfer_uuid: str
     num_tokens: int
     tokens_digest: str
     relay_endpoints: list[str] = []
+    relay_from_tokens: int = 0
 
 
 def tokens_digest(tokens: Sequence[int]) -> str:

@@ -44,6 +44,9 @@ class SendPlan:
     device_blocks: list[int]  # blocks [block_start, block_start + n) of the request, in order
     block_start: int
     is_last: bool  # this chunk ends at L: send the tail, close every layer, finish
+    # Hybrid models: this chunk ends at S = floor((L-1)/B)*B beyond what the decode holds:
+    # send every linear layer's state after S too (the decode keeps it as a snapshot)
+    snapshot_tokens: int = 0
 
 
 @dataclass

@@ -1,4 +1,11 @@
-"""The PrfaaS connector's scheduler half (rank 0; see ``connector/prfaas.py``)."""
+"""The PrfaaS connector's scheduler half (rank 0; see ``connector/prfaas.py``).
+
+Only what the decode lacks (issue 15 item 4): a plan's ``relay_from_tokens`` (D) is the prefix
+the decode node holds itself, pinned with its slot. The prefill's export starts at block D/B,
+and for a hybrid model the chunk that ends at ``S = floor((L-1)/B)*B`` (the prefix cache ends
+a chunk there) also sends the states after S when S > D, so the decode can resume a follow-up
+turn there. The decode claims only when its engine's cached prefix reaches D; otherwise it
+claims nothing and computes the prompt itself (counted: ``relay_prefix_missing``)."""
 
 from __future__ import annotations
 
@@ -68,9 +75,22 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         if reason is not None:
             self.runtime.count("plans_refused")
             log.error("prfaas_plan_refused", request_id=request_id, reason=reason)
-        else:
-            self._exports[request_id] = _Export(plan, tokens)
+            return 0, False
+        export = _Export(plan, tokens)
+        export.num_sent_blocks = self._first_block(request_id, plan)
+        self._exports[request_id] = export
         return 0, False
+
+    def _first_block(self, request_id: int, plan: Plan) -> int:
+        """D / B; a D that is not a block multiple below L is a router bug: send everything
+        (the decode then loads what it lacks, never less), loudly."""
+        tpb, start = self.tokens_per_block, plan.relay_from_tokens
+        if start % tpb == 0 and 0 <= start < plan.num_tokens:
+            return start // tpb
+        self.runtime.count("relay_from_refused")
+        log.error("prfaas_relay_from_refused", request_id=request_id, relay_from_tokens=start,
+                  num_tokens=plan.num_tokens, tokens_per_block=tpb)  # fmt: skip
+        return 0
 
     def _claim(
         self, request_id: int, plan: Plan, tokens: list[int], num_computed_tokens: int
@@ -80,6 +100,15 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         assert receiver is not None
         status = receiver.status(transfer_id_for(plan.transfer_uuid, tokens, self.runtime.key))
         num_claimed = len(tokens) - num_computed_tokens
+        if status is InboundStatus.COMPLETE and num_computed_tokens < plan.relay_from_tokens:
+            # The transfer starts at D but the engine holds less (the pin was lost): claiming
+            # would leave [num_computed_tokens, D) unwritten. Compute the prompt here instead.
+            self.runtime.count("relay_prefix_missing")
+            log.warning("prfaas_relay_prefix_missing", request_id=request_id,
+                        relay_from_tokens=plan.relay_from_tokens,
+                        num_computed_tokens=num_computed_tokens)  # fmt: skip
+            self._drops.append(Drop(plan.transfer_uuid, tokens))
+            return 0, False
         if status is not InboundStatus.COMPLETE or num_claimed <= 0:
             self.runtime.count("transfers_unclaimed")
             log.warning(
@@ -130,9 +159,12 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         export.num_sent_blocks, export.is_done, export.is_announced = stop, is_last, True
         blocks = export.blocks[start:stop]
         plan = export.plan
+        boundary = (num_tokens - 1) // tpb * tpb  # S: where the decode's next turn resumes
+        snapshot = boundary if end == boundary > plan.relay_from_tokens else 0
         return SendPlan(
-            request_id, plan.transfer_uuid, plan.relay_endpoints, tokens, blocks, start, is_last
-        )
+            request_id, plan.transfer_uuid, plan.relay_endpoints, tokens, blocks, start, is_last,
+            snapshot,
+        )  # fmt: skip
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         """True (blocks stay pinned) while a started export may still be reading them."""

@@ -70,6 +70,7 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         self._load_uuid: dict[int, str] = {}  # enqueued, not failed: request id -> transfer
         self._failed: list[tuple[int, str]] = []
         self.transfer_errors: dict[int, str | None] = {}  # request id -> outcome, for the host
+        self.tokens_per_block = int(llm_args.kv_cache_config.tokens_per_block)
 
     # ---- registration ---------------------------------------------------------------------
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
@@ -123,20 +124,37 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
                     f"transfer {tid} is {status.value if status else 'unknown'} on rank "
                     f"{self.runtime.rank}: only whole transfers are loaded"
                 )
+            snapshot: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (S / B, its state)
             self._landing[load.request_id] = [
                 landing
                 for layer in sorted(receiver.completed_layers(tid))
                 for item in receiver.layer_items(tid, layer)
-                for landing in self._place(load, layer, item, stream)
+                for landing in self._place(load, layer, item, stream, snapshot)
             ]
             self._load_uuid[load.request_id] = load.transfer_uuid
+            self._store_snapshot(load, snapshot)
         except Exception as exc:  # never park the request: report it (see module docstring)
             self._fail_load(load, exc)
         if receiver is not None:
             receiver.release(tid)
         return True
 
-    def _place(self, load: LoadPlan, layer: int, item: ReceivedItem, stream: Any) -> list[Landing]:
+    def _place(
+        self,
+        load: LoadPlan,
+        layer: int,
+        item: ReceivedItem,
+        stream: Any,
+        snapshot: dict[int, tuple[int, torch.Tensor]] | None = None,
+    ) -> list[Landing]:
+        """Copy one received item where it goes: blocks into the pool (async, skipping reused
+        ones), the state after L into the request's slot, the states after S into
+        ``snapshot`` (kept by ``_store_snapshot`` once every layer is placed)."""
+        if item.key.kind is Kind.STATE and item.key.block_start:  # the states after S
+            if snapshot is not None:
+                data = torch.frombuffer(item.buffer, dtype=torch.uint8).clone()  # outlives it
+                snapshot[layer] = (item.key.block_start, data)
+            return []
         if item.key.kind is Kind.STATE:
             self._place_state(load.request_id, layer, item)
             return []
@@ -180,6 +198,27 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         target = states.tensor[states.slot_of(request_id), states.state_layer_of[layer]]
         data = torch.frombuffer(item.buffer, dtype=torch.uint8)
         target.copy_(data.view(target.dtype).view(target.shape))
+
+    def _store_snapshot(
+        self, load: LoadPlan, snapshot: dict[int, tuple[int, torch.Tensor]]
+    ) -> None:
+        """Relayed states after S (every linear layer: one snapshot item each, all with the
+        same block) to the engine's prefix cache, when it keeps snapshots. A partial set
+        (cannot happen over a whole transfer) is logged and dropped: the next turn resumes
+        earlier, never wrongly."""
+        states = self.states
+        if not snapshot or states is None or states.store_snapshot is None:
+            return
+        blocks = {block for block, _ in snapshot.values()}
+        if set(snapshot) != set(states.state_layer_of) or len(blocks) != 1:
+            log.warning("prfaas_snapshot_incomplete", request_id=load.request_id,
+                        layers=sorted(snapshot), blocks=sorted(blocks))  # fmt: skip
+            return
+        full = torch.empty_like(states.tensor[0])  # (num_linear_layers, heads, d_k, d_v)
+        for layer, (_, data) in snapshot.items():
+            target = full[states.state_layer_of[layer]]
+            target.copy_(data.view(target.dtype).view(target.shape))
+        states.store_snapshot(load.request_id, blocks.pop() * self.tokens_per_block, full)
 
     def _fail_load(self, load: LoadPlan, exc: BaseException) -> None:
         """Count, log, and report: to the reference engine as a failed load; inside TensorRT-LLM
@@ -227,6 +266,8 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
             try:
                 if pool_layer is not None:
                     self._send_blocks(plan, out, layer_idx, pool_layer, stream)
+                elif plan.snapshot_tokens:  # a linear layer: its state after S (chunk end)
+                    self._send_state(plan, out, layer_idx, plan.snapshot_tokens)
                 elif plan.is_last:  # a linear layer: its state after L tokens, once
                     self._send_state(plan, out, layer_idx)
             except Exception as exc:  # a hook exception would end every active request
@@ -252,13 +293,22 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         )  # fmt: skip
         self.runtime.pump.submit(staged.event, send)
 
-    def _send_state(self, plan: SendPlan, out: _Outbound, layer_idx: int) -> None:
+    def _send_state(
+        self, plan: SendPlan, out: _Outbound, layer_idx: int, snapshot_tokens: int = 0
+    ) -> None:
+        """The layer's state now: after L (the closing item, block range (0, 0)), or after the
+        snapshot boundary S (block range (S/B, S/B), not closing the layer: the state after L
+        follows in a later chunk)."""
         states = self.states
         assert states is not None and out.handle is not None
         slot = states.slot_of(plan.request_id)
         state = states.tensor[slot, states.state_layer_of[layer_idx]].clone()  # host memory
         out.keep.append(state)
-        send = functools.partial(out.handle.send, Kind.STATE, layer_idx, (0, 0), state)
+        block = snapshot_tokens // self.tokens_per_block
+        send = functools.partial(
+            out.handle.send, Kind.STATE, layer_idx, (block, block), state,
+            last_in_layer=not snapshot_tokens,
+        )  # fmt: skip
         self.runtime.pump.submit(DONE, send)
 
     def _outbound_for(self, plan: SendPlan) -> _Outbound:

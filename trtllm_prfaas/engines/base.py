@@ -24,6 +24,9 @@
 the connector lives elsewhere, e.g. inside TensorRT-LLM's workers), ``config``.
 Optional capability ``SupportsKvEvents`` (``drain_kv_events() -> KvEventBatch``): the engine's
 prefix cache reports stored and removed blocks for the router's prefix index.
+Optional capability ``SupportsPrefixPins`` (``pin_prefix(block_hashes) -> (pin_id, num_tokens)``,
+``unpin_prefix(pin_id)``): a decode worker holds a reserved slot's cached prefix until its leg
+is admitted, so the prefill relays only what lies beyond it (issue 15 item 4).
 
 ``describe(engine) -> EngineDescriptor`` is what a worker advertises about its engine (model id,
 lengths, pool and batch sizes, KV bytes): an engine's own ``descriptor`` when it has one (remote
@@ -61,6 +64,7 @@ __all__ = [
     "RemoteFlights",
     "SlotsView",
     "SupportsKvEvents",
+    "SupportsPrefixPins",
     "describe",
     "remaining_s",
 ]
@@ -124,6 +128,19 @@ class SupportsKvEvents(Protocol):
     approximately."""
 
     def drain_kv_events(self) -> KvEventBatch: ...
+
+
+@runtime_checkable
+class SupportsPrefixPins(Protocol):
+    """An engine that can hold a cached prefix for a request not admitted yet
+    (``ReferenceEngine``; a no-op answering 0 tokens unless ``enable_block_reuse``). Called on
+    the thread that steps the engine; never blocks. ``pin_prefix`` matches ``block_hashes``
+    (chained, the router's) exactly as admission will and references what matched; the
+    tokens it returns are block aligned. ``unpin_prefix`` is idempotent."""
+
+    def pin_prefix(self, block_hashes: list[int]) -> tuple[int, int]: ...
+
+    def unpin_prefix(self, pin_id: int) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from trtllm_prfaas.engines.config import (
     KvCacheConfigArgs,
     ReferenceLlmArgs,
 )
-from trtllm_prfaas.engines.prefix_cache import PrefixCache
+from trtllm_prfaas.engines.prefix_cache import PrefixCache, PrefixPin
 from trtllm_prfaas.engines.reference import HybridModel, LayerKind, ModelConfig
 from trtllm_prfaas.engines.request import (
     LlmRequest,
@@ -109,6 +109,8 @@ class ReferenceEngine(ConnectorHost):
                 cfg, self.blocks, self.states, config.num_state_snapshots, self.kv_events
             )
             self.kv_events.record_created(config.num_blocks)
+        self._pins: dict[int, PrefixPin] = {}  # pin id -> a reserved decode slot's prefix
+        self._pin_ids = itertools.count(1)
         self.slots = SlotAllocator(config.max_num_seqs)
         self.waiting: deque[LlmRequest] = deque()
         self.running: dict[int, LlmRequest] = {}  # admitted: loading, context, generation, saving
@@ -139,6 +141,7 @@ class ReferenceEngine(ConnectorHost):
                     slot_of=lambda rid: self.running[rid].state_slot,
                     state_layer_of={layer: j for j, layer in enumerate(linear)},
                     pool_layer_of={layer: j for j, layer in enumerate(full)},
+                    store_snapshot=self._store_relayed_snapshot,
                 )
             )
 
@@ -222,6 +225,38 @@ class ReferenceEngine(ConnectorHost):
         TensorRT-LLM's shape; see ``kv/events.py``), and how many overflowed the buffer. Empty
         with block reuse off. Call from the thread that steps the engine; never blocks."""
         return self.kv_events.drain()
+
+    # ------------------------------------------------------------- pinned prefixes (issue 15)
+    def pin_prefix(self, block_hashes: list[int]) -> tuple[int, int]:
+        """Hold the cached prefix of a prompt whose chained block hashes are ``block_hashes``
+        (the router's, under the same ``CacheKey``) until :meth:`unpin_prefix`, matched exactly
+        as admission will match it (snapshot rule included). Returns (pin id, tokens held):
+        the tokens are block aligned, 0 with block reuse off or nothing cached (pin id 0)."""
+        if self.prefix_cache is None or not block_hashes:
+            return 0, 0
+        pin = self.prefix_cache.pin(block_hashes)
+        if not pin.num_tokens:
+            self.prefix_cache.unpin(pin)
+            return 0, 0
+        pin_id = next(self._pin_ids)
+        self._pins[pin_id] = pin
+        return pin_id, pin.num_tokens
+
+    def unpin_prefix(self, pin_id: int) -> None:
+        """Give back what :meth:`pin_prefix` held. Idempotent; 0 and unknown ids are no-ops."""
+        pin = self._pins.pop(pin_id, None)
+        if pin is not None and self.prefix_cache is not None:
+            self.prefix_cache.unpin(pin)
+
+    def _store_relayed_snapshot(
+        self, request_id: int, num_tokens: int, state: torch.Tensor
+    ) -> None:
+        """The connector's hook (``RecurrentStates.store_snapshot``): a relayed snapshot."""
+        req = self.running.get(request_id)
+        if self.prefix_cache is None or req is None:
+            return
+        if not self.prefix_cache.store_relayed_snapshot(req, num_tokens, state):
+            log.warning("relayed_snapshot_refused", request_id=request_id, num_tokens=num_tokens)
 
     def _expire_waiting(self) -> list[RequestOutput]:
         now, outputs = time.monotonic(), []
@@ -507,6 +542,8 @@ class ReferenceEngine(ConnectorHost):
             problems.append(blocks)
         if self.slots.num_free != self.slots.num_slots:
             problems.append(f"{self.slots.num_slots - self.slots.num_free} state slots in use")
+        if self._pins:
+            problems.append(f"prefix pins {sorted(self._pins)} still held")
         if self.prefix_cache is not None:
             problems += self.prefix_cache.leak_report()
         return problems

@@ -44,7 +44,7 @@ from trtllm_prfaas.kv.events import KvEventLog
 from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
 from trtllm_prfaas.kv.slots import SlotTable
 
-__all__ = ["PrefixCache", "PrefixCacheStats", "cache_key_for"]
+__all__ = ["PrefixCache", "PrefixCacheStats", "PrefixPin", "cache_key_for"]
 
 _LAYOUT = "HND"
 
@@ -67,6 +67,17 @@ class PrefixCacheStats:
     @property
     def hit_rate(self) -> float:
         return self.num_reused_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class PrefixPin:
+    """A cached prefix held for a request that is not admitted yet (a decode slot's
+    reservation: ``PrefixCache.pin``): one reference on each block and on the snapshot where the
+    prefix ends, so nothing of it is evicted before the request's admission matches it."""
+
+    block_ids: tuple[int, ...]
+    snapshot_slot: int | None
+    num_tokens: int
 
 
 class PrefixCache:
@@ -101,15 +112,33 @@ class PrefixCache:
         if not req.block_hashes:
             req.block_hashes = block_hashes(req.prompt_token_ids, tpb, self.key)
         usable = req.block_hashes[: (req.prompt_len - 1) // tpb]
-        num_blocks = self.blocks.num_cached_prefix(usable)
+        block_ids, req.snapshot_slot = self._reference(usable)
+        req.block_ids = block_ids
+        req.num_cached_tokens = len(block_ids) * tpb
+
+    def _reference(self, hashes: list[int]) -> tuple[list[int], int | None]:
+        """Reference the longest cached run at the head of ``hashes`` that (hybrid model) ends
+        at a snapshot: its blocks, and the snapshot's slot."""
+        num_blocks = self.blocks.num_cached_prefix(hashes)
         slot = None
         if self.has_states:
             while num_blocks and slot is None:
-                slot = self._snapshots.acquire(usable[num_blocks - 1])
+                slot = self._snapshots.acquire(hashes[num_blocks - 1])
                 num_blocks -= slot is None
-        req.block_ids = self.blocks.acquire(usable[:num_blocks])
-        req.snapshot_slot = slot
-        req.num_cached_tokens = num_blocks * tpb
+        return self.blocks.acquire(hashes[:num_blocks]), slot
+
+    def pin(self, hashes: list[int]) -> PrefixPin:
+        """Hold the cached prefix of ``hashes`` (a prompt's chained block hashes, as a router
+        computes them) exactly as admission would match it, snapshot rule included; the pin's
+        ``num_tokens`` is how much of it that is (block aligned, 0 when nothing matched). Give
+        it back with :meth:`unpin`, whatever happened to the request."""
+        block_ids, slot = self._reference(list(hashes))
+        return PrefixPin(tuple(block_ids), slot, len(block_ids) * self.tokens_per_block)
+
+    def unpin(self, pin: PrefixPin) -> None:
+        self.blocks.release(list(pin.block_ids), 0)
+        if pin.snapshot_slot is not None:
+            self._snapshots.release(pin.snapshot_slot)
 
     def release_match(self, req: LlmRequest) -> None:
         """Give back what :meth:`acquire` referenced (admission deferred)."""
@@ -173,14 +202,33 @@ class PrefixCache:
         if end >= req.prompt_len:
             self.release_snapshot(req)
 
+    def store_relayed_snapshot(self, req: LlmRequest, num_tokens: int, state: torch.Tensor) -> bool:
+        """Keep ``state`` (the recurrent states of every linear layer after exactly
+        ``num_tokens`` prompt tokens, computed by the prefill node that relayed this request's
+        KV) as a snapshot where the block ending at ``num_tokens`` is, so that a follow-up turn
+        can resume there once the relayed blocks below it are named. False (nothing kept) when
+        ``num_tokens`` is not a block boundary inside the prompt or the shape is wrong."""
+        tpb = self.tokens_per_block
+        if not self.has_states or num_tokens <= 0 or num_tokens % tpb:
+            return False
+        if num_tokens > req.prompt_len or tuple(state.shape) != tuple(self.snapshots.shape[1:]):
+            return False
+        if not req.block_hashes:
+            req.block_hashes = block_hashes(req.prompt_token_ids, tpb, self.key)
+        self._keep(req.block_hashes[num_tokens // tpb - 1], num_tokens, state)
+        return True
+
     def _snapshot(self, req: LlmRequest, block_hash: int, num_tokens: int) -> None:
+        self._keep(block_hash, num_tokens, self.states[req.state_slot])
+
+    def _keep(self, block_hash: int, num_tokens: int, state: torch.Tensor) -> None:
         table = self._snapshots
         if table.contains(block_hash) or table.num_available == 0:
             return  # already there, or every snapshot is in use: skip (reuse is best effort)
         evicted = table.num_evictions
         slot = table.take_keyed([block_hash])[0]
         self.stats.num_snapshot_evictions += table.num_evictions - evicted
-        self.snapshots[slot].copy_(self.states[req.state_slot])
+        self.snapshots[slot].copy_(state)
         table.commit(slot)
         table.release(slot)
         self.events.record_state_stored(block_hash, num_tokens)

@@ -16,6 +16,12 @@ Decode slots: the decode worker is their authority (``worker/slots.py``), as sev
 replicas may share it. Before any leg starts, ``Handoff.reserve`` asks the decode node for a
 slot under the flight's reservation id (``Reserve``) and waits at most ``reserve_timeout_s`` for
 the grant or the refusal; both decode legs name the reservation (``Submit.reservation_id``).
+The ``Reserve`` names the prompt's block hashes up to the prefix the router's index says the
+decode node holds; the worker pins what it still holds of it with the slot and the grant says
+how much (D). Both relayed legs then carry ``relay_from_tokens = D``: the prefill relays only
+``[D, L)`` (and the states), so a follow-up turn moves its new tokens' KV, not its history. A
+decode that computed the prompt itself after all (its pinned prefix unusable) is counted
+(``relay_pin_fallback``); the bytes not relayed are counted in ``prfaas_relay_bytes_saved``.
 
 Lost workers (``router/links.py`` puts a ``WorkerLost`` error ``Tokens`` from the dead worker
 into every flight it had a leg in): the prefill lost before t1 is a failed prefill (the decode
@@ -72,7 +78,9 @@ class Flight:
         "messages",
         "num_decoded",
         "prefill_first_at",
+        "prefix_hashes",
         "prompt_tokens",
+        "relay_from_tokens",
         "reservation_id",
         "submitted_at",
         "waiter",
@@ -89,6 +97,8 @@ class Flight:
         self.waiter: asyncio.Future[None] | None = None  # set while ``get`` waits
         self.leg_ids: list[str] = []  # extra ids its legs run under on workers (``~local``)
         self.reservation_id: str | None = None  # its decode slot's id (``Reserve``)
+        self.prefix_hashes: list[int] = []  # the prompt's block hashes (the router's index)
+        self.relay_from_tokens = 0  # D: the prefix its decode slot came with
 
     def involves(self, worker: str) -> bool:
         """``worker`` is this request's prefill or decode node."""
@@ -136,12 +146,17 @@ class Handoff:
     _transfer_prefix: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:20])
     _transfer_ids: Iterator[int] = field(init=False, default_factory=itertools.count)
 
-    async def reserve(self, flight: Flight, decode: WorkerState, ttl_s: float) -> str | None:
+    async def reserve(
+        self, flight: Flight, decode: WorkerState, ttl_s: float, num_prefix_blocks: int = 0
+    ) -> str | None:
         """Ask ``decode`` for a slot under ``flight.reservation_id`` (held ``ttl_s`` at most
-        unused); None when granted, else why not (refused, lost, or no answer in time)."""
+        unused) with the first ``num_prefix_blocks`` of the prompt's blocks pinned; None when
+        granted (``flight.relay_from_tokens`` is then what it pinned), else why not (refused,
+        lost, or no answer in time)."""
         rid = flight.reservation_id
         assert rid is not None
-        await self.links.send(decode.name, p.Reserve(rid, ttl_s))
+        hashes = flight.prefix_hashes[:num_prefix_blocks]
+        await self.links.send(decode.name, p.Reserve(rid, ttl_s, prefix_hashes=hashes))
         deadline = time.monotonic() + self.reserve_timeout_s
         while (left_s := deadline - time.monotonic()) > 0:
             try:
@@ -156,6 +171,9 @@ class Handoff:
                 continue
             if message.error_kind:
                 return message.error_message or message.error_kind
+            flight.relay_from_tokens = _granted_prefix(message, flight.prompt_tokens, decode)
+            if flight.relay_from_tokens:
+                self.counters["relay_pinned"] += 1
             return None
         return f"worker {decode.name} did not answer a Reserve within {self.reserve_timeout_s}s"
 
@@ -168,7 +186,9 @@ class Handoff:
         if request.max_tokens > 1:  # a one-token answer is t1 alone: nothing to relay
             transfer = f"{self._transfer_prefix}{next(self._transfer_ids):012x}"
         relay = decode.info.relay_endpoint if transfer else None
-        leg = _submit_to(request, flight, prompt, 1, transfer_uuid=transfer, relay_endpoint=relay)
+        relay_from = flight.relay_from_tokens if transfer else 0
+        leg = _submit_to(request, flight, prompt, 1, transfer_uuid=transfer, relay_endpoint=relay,
+                         relay_from_tokens=relay_from)  # fmt: skip
         await self.links.send(prefill.name, leg)
         first = await self._first_token(request, flight, prefill)
         if first is None:  # no t1: the decode node runs the whole request, no relay
@@ -194,6 +214,7 @@ class Handoff:
             announce_timeout_s=self.announce_timeout_s,
             num_skipped_draws=1,
             reservation_id=flight.reservation_id,
+            relay_from_tokens=relay_from,
         )
         async for chunk in self._decode_leg(request, flight, decode, leg, decoder, prefill.name):
             yield chunk
@@ -264,6 +285,7 @@ class Handoff:
             self._observe(flight, True, len(tokens), bool(message.finished))
             if message.finished:
                 self._check_relayed(request, flight, message)
+                self._check_pinned(request, flight, decode, message, leg)
                 text = decoder.push(tokens) + decoder.flush()
                 yield TokenChunk(tokens, text, True, message.finish_reason)
                 return
@@ -286,6 +308,7 @@ class Handoff:
             leg,
             request_id=leg_id,
             transfer_uuid=None,
+            relay_from_tokens=0,
             deadline_s=max(request.deadline_s - elapsed, 0.001),
         )
         await self.links.send(decode_name, local)
@@ -311,6 +334,29 @@ class Handoff:
             relayed_tokens=message.num_connector_tokens,
             note="the decode worker computed the prompt itself: the KV relay failed or was late",
         )
+
+    def _check_pinned(
+        self,
+        request: GenerateRequest,
+        flight: Flight,
+        decode: WorkerState,
+        message: p.Tokens,
+        leg: p.Submit,
+    ) -> None:
+        """A relay from D: the decode used its pinned prefix (it claimed the relayed tokens:
+        D x kv_bytes_per_token were not sent), or computed the prompt itself (fallback)."""
+        start = leg.relay_from_tokens
+        if not start:
+            return
+        is_used = message.num_connector_tokens > 0 and message.num_cached_tokens >= start
+        if not is_used:
+            self.counters["relay_pin_fallback"] += 1
+            log.warning("relay_pin_fallback", request_id=request.request_id,
+                        relay_from_tokens=start, cached_tokens=message.num_cached_tokens,
+                        relayed_tokens=message.num_connector_tokens)  # fmt: skip
+        if self.metrics:
+            saved = start * decode.info.kv_bytes_per_token if is_used else 0
+            self.metrics.record_relay_prefix("pinned" if is_used else "fallback", saved)
 
     def _observe(self, flight: Flight, is_decode: bool, num_tokens: int, finished: bool) -> None:
         """Leg timings for the control loop's online profiles."""
@@ -345,6 +391,13 @@ def _submit_to(
         deadline_s=max(request.deadline_s - elapsed, 0.001),
         **extra,
     )
+
+
+def _granted_prefix(message: p.Tokens, prompt_tokens: int, decode: WorkerState) -> int:
+    """D from a grant: what the decode worker pinned, if it can be a relay's start (a block
+    multiple below L; anything else, from a confused worker, is ignored: relay everything)."""
+    start, tpb = message.num_cached_tokens, decode.info.tokens_per_block
+    return start if 0 < start < prompt_tokens and tpb and start % tpb == 0 else 0
 
 
 def _is_lost(message: p.Tokens) -> bool:

@@ -141,6 +141,8 @@ class DisaggregatedOrchestrator(Orchestrator):
             "rerouted": 0,
             "slot_refused": 0,  # decode slots a worker refused (another node was asked)
             "cache_move_skipped": 0,  # abundant-bandwidth moves decided but not done (item 5)
+            "relay_pinned": 0,  # decode slots granted with a pinned prefix (relay [D, L))
+            "relay_pin_fallback": 0,  # ... whose decode computed the prompt itself after all
         }
         self._links = WorkerLinks(
             self.cluster,
@@ -320,10 +322,12 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     async def _generate_once(self, request: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
         """One routing of ``request``: reserve, hand off, release (see the module doc)."""
-        decision = self._route(request)
+        hashes = self.cluster.prefix.hashes_for(request.prompt_token_ids)  # once per request
+        decision = self._route(request, hashes)
         prefill = self.cluster.workers[decision.prefill_node_id]
         rid = request.request_id
         flight = self._links.flights[rid] = Flight(decision, len(request.prompt_token_ids))
+        flight.prefix_hashes = hashes
         flight.reservation_id = reservation = f"{rid}~slot"
         self._links.flights[reservation] = flight
         decode: WorkerState | None = None
@@ -372,7 +376,8 @@ class DisaggregatedOrchestrator(Orchestrator):
             name = flight.decision.decode_node_id or ""
             decode = self.cluster.workers.get(name)
             if decode is not None and not decode.is_lost:
-                refusal = await self._handoff.reserve(flight, decode, ttl_s)
+                num_blocks = self._held_prefix_blocks(flight, decode)
+                refusal = await self._handoff.reserve(flight, decode, ttl_s, num_blocks)
                 if refusal is None:
                     return decode
                 why = refusal
@@ -394,6 +399,17 @@ class DisaggregatedOrchestrator(Orchestrator):
                 )
             flight.decision = replace(flight.decision, decode_node_id=node.node_id)
 
+    def _held_prefix_blocks(self, flight: Flight, decode: WorkerState) -> int:
+        """How many of the prompt's blocks the index says ``decode`` holds: its slot is asked
+        to pin them, and the prefill then relays only what lies beyond (issue 15 item 4)."""
+        tpb = decode.info.tokens_per_block
+        if not flight.prefix_hashes or not tpb:
+            return 0
+        held = self.cluster.prefix.prefix_tokens(
+            decode.name, flight.prefix_hashes, time.monotonic()
+        )
+        return held // tpb
+
     def _validate(self, request: GenerateRequest) -> None:
         if not self.is_ready():
             why = "no worker has joined yet" if self._ready else "router is not ready"
@@ -405,10 +421,9 @@ class DisaggregatedOrchestrator(Orchestrator):
                 f"{request.max_tokens} exceeds the max sequence length {self._max_seq_len}"
             )
 
-    def _route(self, request: GenerateRequest) -> RouteDecision:
+    def _route(self, request: GenerateRequest, hashes: list[int]) -> RouteDecision:
         now = time.monotonic()
         view = RequestView(request.request_id, len(request.prompt_token_ids))
-        hashes = self.cluster.prefix.hashes_for(request.prompt_token_ids)  # once per request
         state, snapshot = self.control.policy, self.cluster.view(now, hashes)
         decision = route(view, snapshot, state, now)
         if decision.decode_node_id is None:

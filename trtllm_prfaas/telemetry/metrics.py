@@ -192,6 +192,19 @@ class RouterMetrics:
         self.relay_bytes = Counter(
             "prfaas_relay_bytes", "KV bytes relayed, per link", ["link"], registry=registry
         )
+        self.relay_bytes_saved = Counter(
+            "prfaas_relay_bytes_saved",
+            "KV bytes not relayed because the decode node held the prefix itself (pinned with "
+            "its slot): D x kv_bytes_per_token per request whose decode used it",
+            registry=registry,
+        )
+        self.relay_prefix = Counter(
+            "prfaas_relay_prefix",
+            "Requests whose decode slot came with a pinned prefix (relay only [D, L)): pinned, "
+            "or fallback when the decode worker computed the prompt itself after all",
+            ["outcome"],
+            registry=registry,
+        )
         self.relay_outcomes = Counter(
             "prfaas_relay_outcomes",
             "Offloaded requests by how their decode got the prompt's KV: relayed, or recomputed "
@@ -332,6 +345,12 @@ class RouterMetrics:
 
     def record_relay_outcome(self, outcome: str) -> None:
         self.relay_outcomes.labels(outcome=outcome).inc()
+
+    def record_relay_prefix(self, outcome: str, bytes_saved: int = 0) -> None:
+        """A pinned-prefix relay ended: ``pinned`` (its decode used the prefix, ``bytes_saved``
+        not sent) or ``fallback``."""
+        self.relay_prefix.labels(outcome=outcome).inc()
+        self.relay_bytes_saved.inc(bytes_saved)
 
     def add_relay_bytes(self, link: str, num_bytes: int, goodput_gbps: float | None = None) -> None:
         self.relay_bytes.labels(link=link).inc(num_bytes)

@@ -8,7 +8,8 @@ decided (``Release``): a COMPLETE transfer joins the engine with its plan; one t
 not announced within ``announce_timeout_s``, is computed here without a plan (or, when
 ``fallback`` is ``"fail"``, answered with a ``TransferTimeout`` error); one still arriving at the
 request's deadline is answered with ``DeadlineExceeded``. The rest stay held. A relayed prefill's
-plan (``prefill_plan``) covers its whole prompt and names the decode's relay endpoints.
+plan (``prefill_plan``) covers its whole prompt and names the decode's relay endpoints; both
+plans carry ``relay_from_tokens`` (D: the prefix the decode node holds itself).
 
 Where a transfer's status comes from (``transfer_status``, which the server passes to ``release``
 through its own ``_transfer_status``): the in-process receiver of the connector runtime (a
@@ -187,11 +188,13 @@ def prefill_plan(submit: p.Submit) -> Plan:
     assert submit.transfer_uuid is not None
     tokens = submit.prompt_token_ids
     endpoints = [e.strip() for e in (submit.relay_endpoint or "").split(",") if e.strip()]
-    return Plan(submit.transfer_uuid, len(tokens), tokens_digest(tokens), endpoints)
+    digest, start = tokens_digest(tokens), submit.relay_from_tokens
+    return Plan(submit.transfer_uuid, len(tokens), digest, endpoints, relay_from_tokens=start)
 
 
 def decode_plan(submit: p.Submit) -> Plan:
     """The plan of a decode request (the prompt followed by t1): the L tokens before t1."""
     assert submit.transfer_uuid is not None
     claimed = submit.prompt_token_ids[:-1]
-    return Plan(submit.transfer_uuid, len(claimed), tokens_digest(claimed))
+    start = submit.relay_from_tokens  # the transfer holds blocks from D on
+    return Plan(submit.transfer_uuid, len(claimed), tokens_digest(claimed), relay_from_tokens=start)

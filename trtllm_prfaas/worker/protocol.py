@@ -11,7 +11,10 @@ Router -> worker
                  prompt followed by t1 (``num_skipped_draws=1``): it waits until that transfer
                  has fully arrived (announced within ``announce_timeout_s``), then decodes from
                  t1, claiming the L relayed tokens. Without ``transfer_uuid`` a worker simply
-                 runs the request end to end.
+                 runs the request end to end. ``relay_from_tokens`` (D, from the decode's
+                 grant) on both legs: the prefill relays only blocks ``[D, L)`` and the states;
+                 the decode holds ``[0, D)`` itself (pinned with its slot) and, should its
+                 engine not hold them at admission after all, computes the prompt itself.
     ``Reserve``  hold one decode slot for ``request_id`` (a reservation id) for up to ``ttl_s``
                  until the decode leg that names it (``Submit.reservation_id``) arrives; the
                  worker is the authority on its slots (``worker/slots.py``). Answered with a
@@ -19,7 +22,13 @@ Router -> worker
                  ``finished=True`` with ``error_kind="AdmissionRejected"`` refuses it (no free
                  slot, not a decode worker, draining) and ``error_message`` says why. The slot
                  is freed when the decode leg finishes, on ``Cancel`` of the reservation id, or
-                 after ``ttl_s`` unused. Idempotent.
+                 after ``ttl_s`` unused. Idempotent. ``prefix_hashes`` (the prompt's chained
+                 block hashes up to the prefix the router's index says this node holds) asks
+                 the worker to hold that cached prefix with the slot: it matches them as its
+                 engine's admission will, references what matched (blocks and, for a hybrid
+                 model, the state snapshot) until the slot is freed, and the grant's
+                 ``num_cached_tokens`` says how many tokens that is (D, block aligned, maybe
+                 less than the router thought; 0 without block reuse).
     ``Cancel``   abort a request; its blocks are freed. ``Cancel`` of a reservation id frees
                  the slot (and aborts a leg still running on it); ``Cancel`` of a leg keeps its
                  reservation (the router may submit the leg again).
@@ -53,7 +62,7 @@ other role fails to decode (``msgspec.ValidationError`` naming the role), and a 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
 ``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``, ``KvEvents.batch``,
 ``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``, ``LoadReport``'s prefix-cache
-counters), so version-1 peers
+counters, ``Reserve.prefix_hashes``, ``Submit.relay_from_tokens``), so version-1 peers
 interoperate; a decode ``Submit`` without a reservation is admitted as before (queued), and
 counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts reservations.
 """
@@ -102,11 +111,13 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     announce_timeout_s: float = 10.0  # decode workers: wait this long for the transfer
     num_skipped_draws: int = 0  # sampling draws already spent on tokens sampled elsewhere (t1)
     reservation_id: str | None = None  # decode legs: the slot granted to a ``Reserve``
+    relay_from_tokens: int = 0  # D: the decode node holds [0, D); relay [D, L) only
 
 
 class Reserve(msgspec.Struct, tag=True, frozen=True):
     request_id: str  # the reservation id (unique per routing of a request)
     ttl_s: float = 300.0  # freed if no decode leg names it by then (the router died)
+    prefix_hashes: list[int] = []  # hold this cached prefix with the slot (see above)
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -169,8 +180,8 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     # stream queues with credited data ready) and the payload handed over meanwhile, time
     # waiting for credit, summed send-queue delay over chunks sent, and the kernel's TCP view
     # (0 without ``TCP_INFO``): retransmitted and sent segments, and the delivery rate of the
-    # connections the link holds back. The router's link estimate (``policy/link_estimate.py``)
-    # reads them to tell a slow link from a slow producer.
+    # connections while the link holds them back. The router's link estimate
+    # (``policy/link_estimate.py``) reads them to tell a slow link from a slow producer.
     relay_bytes_out: int = 0
     relay_link_wait_s: float = 0.0
     relay_link_wait_bytes: int = 0
@@ -179,7 +190,9 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     relay_chunks_sent: int = 0
     relay_tcp_retrans: int = 0
     relay_tcp_segs_out: int = 0
-    relay_tcp_delivery_gbps: float = 0.0
+    relay_tcp_delivery_gbps: float = 0.0  # at the report: the kernel's link rate (0: not limiting)
+    relay_tcp_bound_s: float = 0.0  # time the kernel showed the link limiting, and its rate
+    relay_tcp_bound_gbit: float = 0.0  # integrated over that time (gigabits)
 
 
 class KvEvents(msgspec.Struct, tag=True, frozen=True):

@@ -26,6 +26,12 @@ on across messages, so a router that misses one sees the gap and resyncs that no
 report carries the cache's counters (queries, reused tokens, cached blocks, evictions). A Triton
 worker says ``"approximate"``: TensorRT-LLM reuses blocks inside Triton, but no events reach
 this process, so routers guess from their own routing history.
+
+Pinned prefixes (issue 15 item 4). A ``Reserve`` with ``prefix_hashes`` on a decode worker whose
+engine ``SupportsPrefixPins`` holds that cached prefix with the slot (as admission will match
+it); the grant says how many tokens (``Tokens.num_cached_tokens``, D) and the router has the
+prefill relay only ``[D, L)``. The pin is given back with the slot: the decode leg's end,
+``Cancel`` of the reservation, its ``ttl_s``, a role change.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
-from trtllm_prfaas.engines.base import SupportsKvEvents, describe
+from trtllm_prfaas.engines.base import SupportsKvEvents, SupportsPrefixPins, describe
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
@@ -116,6 +122,7 @@ class WorkerServer:
         self._by_engine_id: dict[int, str] = {}
         self._held = HeldDecodes(config.fallback)  # relayed decodes waiting for their KV
         self._slots = DecodeSlots(describe(self.engine).max_num_seqs)  # routers reserve these
+        self._pins: dict[str, tuple[int, int]] = {}  # reservation id -> (pin id, tokens held)
         self._routers: set[bytes] = set()
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
@@ -194,6 +201,7 @@ class WorkerServer:
         self._stop.set()
         for request_id in list(self._requests):
             self._abort(request_id, "aborted")
+        self._unpin_all()
         self._built.close()
         with contextlib.suppress(zmq.ZMQError):
             self.socket.disable_monitor()
@@ -300,6 +308,10 @@ class WorkerServer:
             message = "request id already in use"
             self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", message))
             return
+        why = self._bad_relay_from(submit)
+        if why:
+            self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", why))
+            return
         if self.role is WorkerRole.DECODE and not self._take_slot(submit):
             message = (
                 f"worker {self.config.worker_id}: reservation {submit.reservation_id} is gone "
@@ -315,9 +327,25 @@ class WorkerServer:
             plan = prefill_plan(submit)
         self._add(identity, submit, plan)
 
+    def _bad_relay_from(self, submit: p.Submit) -> str:
+        """Why ``Submit.relay_from_tokens`` cannot be right here ("" when it can): D must be a
+        block multiple below the prompt's L (a decode leg's prompt is L plus t1)."""
+        start = submit.relay_from_tokens
+        if not start:
+            return ""
+        tpb = describe(self.engine).tokens_per_block
+        num_relayed = len(submit.prompt_token_ids) - (self.role is WorkerRole.DECODE)
+        if start < 0 or start % tpb or start >= num_relayed or not submit.transfer_uuid:
+            return (
+                f"relay_from_tokens {start} must be a multiple of {tpb} below the relayed "
+                f"prompt's {num_relayed} tokens, on a request with a transfer_uuid"
+            )
+        return ""
+
     # -------------------------------------------------------------------- decode slots
     def _reserve(self, identity: bytes, message: p.Reserve) -> None:
-        """Grant a decode slot (an empty, unfinished ``Tokens``) or refuse it, saying why."""
+        """Grant a decode slot (an empty, unfinished ``Tokens`` whose ``num_cached_tokens`` is
+        the prefix pinned with it) or refuse it, saying why."""
         rid, why = message.request_id, ""
         if self._role_change is not None:
             why = "it is draining for a role change"
@@ -326,11 +354,40 @@ class WorkerServer:
         elif not self._slots.reserve(rid, message.ttl_s, time.monotonic(), self._num_unreserved()):
             why = f"all {self._slots.capacity} decode slots are taken"
         if not why:
-            self._send(identity, p.Tokens(rid, []))
+            num_pinned = self._pin(rid, message.prefix_hashes)
+            self._send(identity, p.Tokens(rid, [], num_cached_tokens=num_pinned))
             return
         log.info("reservation_refused", worker_id=self.config.worker_id, request_id=rid, why=why)
         message_text = f"worker {self.config.worker_id} refused a decode slot: {why}"
         self._send(identity, _error_tokens(rid, "AdmissionRejected", message_text))
+
+    def _pin(self, reservation_id: str, block_hashes: list[int]) -> int:
+        """Hold the slot's cached prefix (once: a retried ``Reserve`` gets the same answer);
+        the tokens held, 0 when the engine cannot pin or holds none of it."""
+        if reservation_id in self._pins:
+            return self._pins[reservation_id][1]
+        engine = self.engine
+        if not block_hashes or not isinstance(engine, SupportsPrefixPins):
+            return 0
+        pin_id, num_tokens = engine.pin_prefix(list(block_hashes))
+        if pin_id:
+            self._pins[reservation_id] = (pin_id, num_tokens)
+        log.info("prefix_pinned", worker_id=self.config.worker_id, request_id=reservation_id,
+                 num_tokens=num_tokens, num_asked=len(block_hashes))  # fmt: skip
+        return num_tokens
+
+    def _unpin(self, reservation_id: str | None) -> None:
+        pin = self._pins.pop(reservation_id, None) if reservation_id else None
+        if pin is not None and isinstance(self.engine, SupportsPrefixPins):
+            self.engine.unpin_prefix(pin[0])
+
+    def _unpin_all(self) -> None:
+        for reservation_id in list(self._pins):
+            self._unpin(reservation_id)
+
+    def _end_leg(self, leg_id: str) -> None:
+        """Leg ``leg_id`` is over here: its slot (and the prefix pinned with it) is free."""
+        self._unpin(self._slots.leg_ended(leg_id))
 
     def _take_slot(self, submit: p.Submit) -> bool:
         """A decode leg's slot: its reservation, or (gone: expired) a free one taken now; a leg
@@ -349,6 +406,7 @@ class WorkerServer:
         leg but keep its reservation (the router may submit it again)."""
         for leg_id in self._slots.release(request_id):
             self._abort(leg_id, "aborted")
+        self._unpin(request_id)
         self._slots.detach(request_id)
         self._abort(request_id, "aborted")
 
@@ -376,7 +434,7 @@ class WorkerServer:
             engine_id = next(self._ids)
             self.engine.add_request(submit.prompt_token_ids, sampling, engine_id, plan)
         except PrfaasError as exc:
-            self._slots.leg_ended(submit.request_id)
+            self._end_leg(submit.request_id)
             self._send(identity, _error_tokens(submit.request_id, type(exc).__name__, str(exc)))
             return
         deadline = time.monotonic() + submit.deadline_s
@@ -393,7 +451,7 @@ class WorkerServer:
         now, is_remote = time.monotonic(), self.runtime is None
         for done in self._held.release(now, self._transfer_status, is_remote):
             if done.error_kind:
-                self._slots.leg_ended(done.submit.request_id)
+                self._end_leg(done.submit.request_id)
                 error = _error_tokens(done.submit.request_id, done.error_kind, done.error_message)
                 self._send(done.identity, error)
             else:
@@ -437,7 +495,7 @@ class WorkerServer:
         )
         if out.finished:
             self._forget(request_id)
-            self._slots.leg_ended(request_id)
+            self._end_leg(request_id)
         self._send(tracked.identity, message)
 
     def _verified_load(self, request_id: str, tracked: _Tracked) -> bool:
@@ -475,7 +533,7 @@ class WorkerServer:
 
     def _abort(self, request_id: str, reason: str, error: BaseException | None = None) -> None:
         self._held.drop(request_id)
-        self._slots.leg_ended(request_id)
+        self._end_leg(request_id)
         tracked = self._requests.get(request_id)
         if tracked is None:
             return
@@ -490,6 +548,7 @@ class WorkerServer:
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
         for reservation_id in self._slots.expire(now):
+            self._unpin(reservation_id)
             log.warning("reservation_expired", worker_id=self.config.worker_id,
                         request_id=reservation_id, note="no decode leg came for it")  # fmt: skip
         for request_id, tracked in list(self._requests.items()):
@@ -533,6 +592,7 @@ class WorkerServer:
                 return
             for request_id in list(self._requests):
                 self._abort(request_id, "error", DeadlineExceeded("role change drain timed out"))
+        self._unpin_all()
         self._built.close()
         self._transfer_owner.clear()
         self._slots.clear()

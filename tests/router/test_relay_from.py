@@ -1,0 +1,169 @@
+"""Send only what the decode lacks (issue 15 item 4), through the real orchestrator and two
+in-process reference workers with block reuse on (a PrfaaS prefill node and a PD decode node):
+a 3-turn conversation whose turns 2-3 relay only the new tokens' KV (plus the states), because
+the decode pins the prefix it holds with its slot; single-engine tokens every turn; no pinned
+block, snapshot or request left behind on either worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from trtllm_prfaas.config import model_preset
+from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
+from trtllm_prfaas.engines.reference import ModelConfig
+from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.router.api import GenerateRequest
+from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
+from trtllm_prfaas.transport import RelayConfig, RelaySecurity
+from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
+
+TINY = model_preset("tiny")
+MODELS = {"hybrid": TINY, "full-attn": model_preset("tiny", layer_pattern="F")}
+TPB = TINY.tokens_per_block  # 16
+MAX_TOKENS = 6
+
+
+@contextlib.contextmanager
+def _workers(model: ModelConfig) -> Iterator[dict[str, WorkerServer]]:
+    """``pf`` (PrfaaS prefill) and ``dec`` (PD decode) serving on threads; on the way out each
+    is stopped and, before it closes, checked for leaks (pins, blocks, snapshots, requests)."""
+    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
+    engine = EngineConfig(model=model, num_blocks=512, chunk_size=64, enable_block_reuse=True)
+    roles = {"pf": (WorkerRole.PREFILL, "dc-remote"), "dec": (WorkerRole.DECODE, "dc-local")}
+    servers: dict[str, WorkerServer] = {}
+    threads: list[threading.Thread] = []
+    leaks: dict[str, list[str]] = {}
+    try:
+        for name, (role, cluster) in roles.items():
+            servers[name] = WorkerServer(WorkerConfig(name, role, cluster, relay, engine))
+            threads.append(threading.Thread(target=servers[name].serve, daemon=True))
+            threads[-1].start()
+        yield servers
+        deadline = time.monotonic() + 10.0  # pinned saves and acks settle
+        while any(s.engine.has_unfinished() for s in servers.values()):
+            assert time.monotonic() < deadline, "workers did not go idle"
+            time.sleep(0.02)
+    finally:
+        for server in servers.values():
+            server.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+        for name, server in servers.items():
+            assert isinstance(server.engine, ReferenceEngine)
+            leaks[name] = server.engine.leak_report() + [f"pins {p}" for p in server._pins]
+            server.close()
+        assert not any(t.is_alive() for t in threads)
+    assert leaks == {"pf": [], "dec": []}
+
+
+@contextlib.asynccontextmanager
+async def _orchestrator(servers: dict[str, WorkerServer]) -> AsyncIterator[Any]:
+    specs = tuple(WorkerSpec(name, s.endpoint, name == "pf") for name, s in servers.items())
+    orch = DisaggregatedOrchestrator(RouterConfig(specs, threshold_tokens=16, control=None))
+    await orch.start()
+    try:
+        yield orch
+    finally:
+        await orch.close()
+
+
+def _prompt(n: int, salt: int) -> list[int]:
+    return [(i * 131 + salt) % 255 + 1 for i in range(n)]
+
+
+def _reference(model: ModelConfig, prompt: list[int]) -> list[int]:
+    """One cold engine, block reuse off: what every route must give bit for bit."""
+    engine = ReferenceEngine(EngineConfig(model=model, num_blocks=512))
+    return engine.generate([prompt], SamplingParams(MAX_TOKENS, 0.7, 9))[0]
+
+
+def _expected_bytes(model: ModelConfig, num_tokens: int, relay_from: int) -> int:
+    """Blocks [D/B, ceil(L/B)) of every full layer, the state after L of every linear layer
+    and, when S = floor((L-1)/B)*B lies beyond D (hybrid), the states after S."""
+    spec = model.kv_spec
+    num_blocks = -(-num_tokens // TPB) - relay_from // TPB
+    boundary = (num_tokens - 1) // TPB * TPB
+    num_states = 1 + (spec.state_bytes > 0 and boundary > relay_from)
+    return num_blocks * TPB * spec.bytes_per_token + num_states * spec.state_bytes
+
+
+def _decode_holds(model: ModelConfig, previous: int) -> int:
+    """What the decode keeps of a relayed prompt of ``previous`` tokens that a next turn can
+    resume: the relayed whole blocks (t1's own block is not cached), and for a hybrid model
+    only up to the prefill's snapshot, relayed at floor((L-1)/B)*B."""
+    if model.num_linear_layers:
+        return (previous - 1) // TPB * TPB
+    return previous // TPB * TPB
+
+
+async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def _relayed(worker: Any) -> int:
+    """Relay bytes the prefill worker has had acknowledged (its latest load report)."""
+    return worker.report.relay_bytes_sent if worker.report is not None else 0
+
+
+async def _turn(orch: Any, rid: str, prompt: list[int]) -> list[int]:
+    request = GenerateRequest(
+        rid, prompt, MAX_TOKENS, temperature=0.7, seed=9, streaming=True, deadline_s=60.0
+    )
+    tokens: list[int] = []
+    async for chunk in orch.generate(request):
+        tokens += chunk.token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
+def test_follow_up_turns_relay_only_the_new_tokens(model: ModelConfig) -> None:
+    with _workers(model) as servers:
+        asyncio.run(_conversation(model, servers))
+
+
+async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) -> None:
+    history = _prompt(300, salt=3)
+    figures: list[tuple[int, int, int, int]] = []  # (L, D, bytes relayed, bytes with D = 0)
+    async with _orchestrator(servers) as orch:
+        pf, prefix = orch.cluster.workers["pf"], orch.cluster.prefix
+        sent = 0
+        for turn in range(3):
+            relay_from = _decode_holds(model, figures[-1][0]) if figures else 0
+            # the router learns what the decode holds from its KV events (load reports)
+            held = functools.partial(prefix.prefix_tokens, "dec", prefix.hashes_for(history))
+            await _until(lambda held=held, d=relay_from: held(time.monotonic()) >= d)
+            tokens = await _turn(orch, f"turn{turn}", history)
+            decision = orch.decisions[-1]
+            assert decision.is_remote and decision.prefill_node_id == "pf"
+            assert tokens == _reference(model, history), f"turn {turn}"
+            expected = _expected_bytes(model, len(history), relay_from)
+            await _until(lambda n=sent + expected: _relayed(pf) >= n)
+            await asyncio.sleep(0.3)  # nothing more comes
+            assert pf.report is not None
+            num_bytes, sent = pf.report.relay_bytes_sent - sent, pf.report.relay_bytes_sent
+            assert num_bytes == expected, f"turn {turn}: L={len(history)} D={relay_from}"
+            figures.append(
+                (len(history), relay_from, num_bytes, _expected_bytes(model, len(history), 0))
+            )
+            history = [*history, *tokens, *_prompt(60, salt=10 + turn)]
+        assert orch.counters["relay_pinned"] == 2  # turns 2 and 3
+        assert orch.counters["relay_pin_fallback"] == 0
+        assert orch.counters["relay_recomputed"] == 0
+        assert orch.counters["prefill_fallback"] == 0
+    assert [d for _, d, _, _ in figures[1:]] == [
+        _decode_holds(model, figures[0][0]),
+        _decode_holds(model, figures[1][0]),
+    ]
+    print("relay per turn (L, D, bytes, bytes with D=0):", figures)
