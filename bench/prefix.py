@@ -267,8 +267,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "prefill_nodes": result["prefill_nodes"],
         "decode_nodes": result["decode_nodes"],
         "fallbacks": {k: result["counters"][k] for k in ("prefill_fallback", "relay_recomputed")},
+        "per_worker": {name: _per_worker(w) for name, w in result["workers"].items()},
         "wall_s": round(result["wall_s"], 1),
     }
+
+
+def _per_worker(w: dict[str, Any]) -> dict[str, int]:
+    reused = w["reused_tokens"]
+    return {"computed": w["query_tokens"] - reused, "reused": reused,
+            "relay_bytes": w["relay_bytes_sent"]}  # fmt: skip
 
 
 def _ratio(aware: float | None, blind: float | None) -> float | None:
