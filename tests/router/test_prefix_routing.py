@@ -118,12 +118,13 @@ def test_shared_prefix_goes_to_the_node_holding_it(testbed: dict[str, WorkerProc
             p1 = orch.cluster.workers["p1"]
             await _until(lambda: p1.report is not None and p1.report.num_prefix_reused_tokens > 0)
             assert p1.report is not None and p1.report.num_prefix_reused_tokens == held
-            # the decode node keeps turn 1's relayed blocks and the prefill's snapshot at
-            # floor((L-1)/B)*B (hybrid model), relayed with them (issue 15 item 4): turn 2's
-            # slot pinned that prefix and the prefill relayed only what lies beyond it; the
-            # index (state events) now says it holds turn 2 up to its own snapshot
+            # the decode node keeps turn 1's relayed blocks and the states relayed with them
+            # (issue 15 item 4; hybrid model): the prefill's snapshot at floor((L-1)/B)*B, and
+            # the state after L, L being block aligned here. Turn 2's slot pinned that prefix
+            # and the prefill relayed only what lies beyond it; the index (state events) now
+            # says it holds turn 2 up to its own snapshot
             dec = orch.cluster.workers["dec"]
-            pinned = (len(first) - 1) // TPB * TPB
+            pinned = len(first)
             assert orch.counters["relay_pinned"] == 1
             await _until(lambda: dec.report is not None and dec.report.num_prefix_reused_tokens)
             assert dec.report is not None and dec.report.num_prefix_reused_tokens == pinned

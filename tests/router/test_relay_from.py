@@ -98,8 +98,9 @@ def _expected_bytes(model: ModelConfig, num_tokens: int, relay_from: int) -> int
 def _decode_holds(model: ModelConfig, previous: int) -> int:
     """What the decode keeps of a relayed prompt of ``previous`` tokens that a next turn can
     resume: the relayed whole blocks (t1's own block is not cached), and for a hybrid model
-    only up to the prefill's snapshot, relayed at floor((L-1)/B)*B."""
-    if model.num_linear_layers:
+    only up to a relayed state: the prefill's snapshot at floor((L-1)/B)*B, or the state after
+    L when L is block aligned."""
+    if model.num_linear_layers and previous % TPB:
         return (previous - 1) // TPB * TPB
     return previous // TPB * TPB
 

@@ -31,6 +31,8 @@ from trtllm_prfaas.transport import InboundStatus, Kind, ReceivedItem, TransferH
 
 __all__ = ["PrfaasConnectorWorker"]
 
+_Snapshots = dict[int, dict[int, torch.Tensor]]  # block -> decoder layer -> state bytes
+
 log = get_logger(__name__)
 
 
@@ -124,15 +126,16 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
                     f"transfer {tid} is {status.value if status else 'unknown'} on rank "
                     f"{self.runtime.rank}: only whole transfers are loaded"
                 )
-            snapshot: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (S / B, its state)
+            snapshots: _Snapshots = {}  # block -> decoder layer -> its state after the block
             self._landing[load.request_id] = [
                 landing
                 for layer in sorted(receiver.completed_layers(tid))
                 for item in receiver.layer_items(tid, layer)
-                for landing in self._place(load, layer, item, stream, snapshot)
+                for landing in self._place(load, layer, item, stream, snapshots)
             ]
             self._load_uuid[load.request_id] = load.transfer_uuid
-            self._store_snapshot(load, snapshot)
+            for block, layers in snapshots.items():
+                self._store_snapshot(load, block, layers)
         except Exception as exc:  # never park the request: report it (see module docstring)
             self._fail_load(load, exc)
         if receiver is not None:
@@ -145,18 +148,17 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         layer: int,
         item: ReceivedItem,
         stream: Any,
-        snapshot: dict[int, tuple[int, torch.Tensor]] | None = None,
+        snapshots: _Snapshots | None = None,
     ) -> list[Landing]:
         """Copy one received item where it goes: blocks into the pool (async, skipping reused
-        ones), the state after L into the request's slot, the states after S into
-        ``snapshot`` (kept by ``_store_snapshot`` once every layer is placed)."""
-        if item.key.kind is Kind.STATE and item.key.block_start:  # the states after S
-            if snapshot is not None:
-                data = torch.frombuffer(item.buffer, dtype=torch.uint8).clone()  # outlives it
-                snapshot[layer] = (item.key.block_start, data)
-            return []
+        ones), the state after L into the request's slot. States at a block boundary go into
+        ``snapshots`` too (kept by ``_store_snapshot`` once every layer is placed): the states
+        after S (block range (S/B, S/B)), and the state after L when L is block aligned."""
         if item.key.kind is Kind.STATE:
-            self._place_state(load.request_id, layer, item)
+            if snapshots is not None:
+                self._keep_snapshot(len(load.tokens), layer, item, snapshots)
+            if not item.key.block_start:  # the state after L (the others are snapshots only)
+                self._place_state(load.request_id, layer, item)
             return []
         pool_layer = self._pool_layer(layer)
         if pool_layer is None:
@@ -199,26 +201,33 @@ class PrfaasConnectorWorker(  # type: ignore[misc]
         data = torch.frombuffer(item.buffer, dtype=torch.uint8)
         target.copy_(data.view(target.dtype).view(target.shape))
 
-    def _store_snapshot(
-        self, load: LoadPlan, snapshot: dict[int, tuple[int, torch.Tensor]]
+    def _keep_snapshot(
+        self, num_tokens: int, layer: int, item: ReceivedItem, snapshots: _Snapshots
     ) -> None:
-        """Relayed states after S (every linear layer: one snapshot item each, all with the
-        same block) to the engine's prefix cache, when it keeps snapshots. A partial set
-        (cannot happen over a whole transfer) is logged and dropped: the next turn resumes
-        earlier, never wrongly."""
+        """A state item that ends at a block boundary: the states after S, or the state after
+        L when L (``num_tokens``) is block aligned."""
+        tpb = self.tokens_per_block
+        block = item.key.block_start or (0 if num_tokens % tpb else num_tokens // tpb)
+        if block:
+            data = torch.frombuffer(item.buffer, dtype=torch.uint8).clone()  # outlives release
+            snapshots.setdefault(block, {})[layer] = data
+
+    def _store_snapshot(self, load: LoadPlan, block: int, layers: dict[int, torch.Tensor]) -> None:
+        """Relayed states after ``block`` blocks (every linear layer) to the engine's prefix
+        cache, when it keeps snapshots. A partial set (cannot happen over a whole transfer) is
+        logged and dropped: the next turn resumes earlier, never wrongly."""
         states = self.states
-        if not snapshot or states is None or states.store_snapshot is None:
+        if states is None or states.store_snapshot is None:
             return
-        blocks = {block for block, _ in snapshot.values()}
-        if set(snapshot) != set(states.state_layer_of) or len(blocks) != 1:
-            log.warning("prfaas_snapshot_incomplete", request_id=load.request_id,
-                        layers=sorted(snapshot), blocks=sorted(blocks))  # fmt: skip
+        if set(layers) != set(states.state_layer_of):
+            log.warning("prfaas_snapshot_incomplete", request_id=load.request_id, block=block,
+                        layers=sorted(layers))  # fmt: skip
             return
         full = torch.empty_like(states.tensor[0])  # (num_linear_layers, heads, d_k, d_v)
-        for layer, (_, data) in snapshot.items():
+        for layer, data in layers.items():
             target = full[states.state_layer_of[layer]]
             target.copy_(data.view(target.dtype).view(target.shape))
-        states.store_snapshot(load.request_id, blocks.pop() * self.tokens_per_block, full)
+        states.store_snapshot(load.request_id, block * self.tokens_per_block, full)
 
     def _fail_load(self, load: LoadPlan, exc: BaseException) -> None:
         """Count, log, and report: to the reference engine as a failed load; inside TensorRT-LLM
