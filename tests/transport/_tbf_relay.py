@@ -34,7 +34,7 @@ def _counters(tx: RelaySender) -> le.RelayCounters:
     s = tx.stats()
     return le.RelayCounters(
         time.monotonic(), s.bytes_sent, s.link_wait_s, s.link_wait_bytes, s.credit_wait_s,
-        s.tcp_delivery_gbps, s.tcp_total_retrans or 0, s.tcp_segs_out or 0,
+        s.tcp_bound_s, s.tcp_bound_gbit, s.tcp_total_retrans or 0, s.tcp_segs_out or 0,
     )  # fmt: skip
 
 
@@ -48,7 +48,7 @@ def _sample(tx: RelaySender, stop: threading.Event) -> None:
             row = {"t_s": round(after.now_s - start, 2), "estimate_gbps": est.gbps,
                    "sent_gbps": p.sent_gbps, "link_bound_share": p.link_bound_share,
                    "bound_gbps": p.bound_gbps, "credit_share": p.credit_wait_share,
-                   "tcp_delivery_gbps": p.tcp_delivery_gbps}  # fmt: skip
+                   "tcp_share": p.tcp_bound_share, "tcp_gbps": p.tcp_gbps}  # fmt: skip
             print(json.dumps(row), flush=True)
         before = after
 

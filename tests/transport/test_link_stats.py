@@ -30,7 +30,8 @@ def _counters(tx: RelaySender) -> le.RelayCounters:
         link_wait_s=s.link_wait_s,
         link_wait_bytes=s.link_wait_bytes,
         credit_wait_s=s.credit_wait_s,
-        tcp_delivery_gbps=s.tcp_delivery_gbps,
+        tcp_bound_s=s.tcp_bound_s,
+        tcp_bound_gbit=s.tcp_bound_gbit,
         tcp_retrans=s.tcp_total_retrans or 0,
         tcp_segs_out=s.tcp_segs_out or 0,
     )

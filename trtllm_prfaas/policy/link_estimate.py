@@ -10,19 +10,20 @@ relay *sender* sees while it sends (``transport/stats.py``, reported in ``LoadRe
   by it, is the rate the link drains at: a capacity sample. A slow producer leaves the sender
   with nothing to send, a slow consumer (decode not releasing buffers) leaves it waiting for
   **credit**; neither is link-bound, so neither produces a sample.
-- **TCP delivery rate** (Linux ``TCP_INFO``, read with ``getsockopt`` on the sender's own
-  connections): the kernel's delivery-rate sample of each connection that has unsent bytes
-  queued in the kernel (``tcpi_notsent_bytes > 0``) and whose sample is not marked
-  application-limited. That is what a link shaped below the sender's buffers (``tc`` ``tbf``)
-  shows before zmq's queues fill. Where ``TCP_INFO`` is unavailable (not Linux) this signal is
-  0 and the estimate rests on link-bound time alone.
+- **the kernel's link-bound time** (Linux ``TCP_INFO``, read with ``getsockopt`` on the
+  sender's own connections at every load report): time during which some connection had unsent
+  bytes queued in the kernel (``tcpi_notsent_bytes > 0``) and a delivery-rate sample not marked
+  application-limited, and the connections' summed delivery rate over that time. That is what a
+  link shaped below the sender's buffers (``tc`` ``tbf``) shows, where the receiver's credit,
+  not the sender's queues, holds the sender back. Where ``TCP_INFO`` is unavailable (not Linux)
+  this signal is 0 and the estimate rests on the sender's own link-bound time.
 
 One update per control period (:func:`update`), from every PrfaaS worker's period:
 
-- some worker link-bound (or with a TCP delivery sample): capacity sample = the link-bound
-  rate of the bound workers (their TCP delivery rate if larger) plus what the others sent in
-  the period (they share the egress); the estimate moves to it at once when lower, half-way
-  when higher;
+- some worker link-bound (either view, for at least ``bound_fraction`` of the period): capacity
+  sample = the link-bound rate of the bound workers (the larger of the two views) plus what the
+  others sent in the period (they share the egress); the estimate moves to it at once when
+  lower, half-way when higher;
 - none bound: the link carried what was sent, so the estimate is at least that; and after
   ``recover_s`` without any bound period it relaxes towards the prior by ``recover_factor``
   per period. A link that came back shows nothing while producers are slower than it, so the
@@ -86,7 +87,8 @@ class RelayCounters:
     link_wait_s: float = 0.0  # held back by the pacer or full stream queues with data ready
     link_wait_bytes: int = 0  # payload handed over during that time
     credit_wait_s: float = 0.0  # data ready, no credit from the receiver
-    tcp_delivery_gbps: float = 0.0  # now: sum over backlogged, not app-limited connections
+    tcp_bound_s: float = 0.0  # the kernel showed the link limiting (TCP_INFO; 0 without)
+    tcp_bound_gbit: float = 0.0  # its delivery rate integrated over that time
     tcp_retrans: int = 0
     tcp_segs_out: int = 0
 
@@ -100,7 +102,8 @@ class RelayPeriod:
     link_bound_share: float
     bound_gbps: float  # handed-over rate while link-bound (0 if never bound)
     credit_wait_share: float
-    tcp_delivery_gbps: float
+    tcp_bound_share: float
+    tcp_gbps: float  # the kernel's link rate while it showed the link limiting (0 if never)
     retransmits: int
     segments: int
 
@@ -112,6 +115,8 @@ def period(before: RelayCounters, after: RelayCounters) -> RelayPeriod | None:
     sent = after.bytes_sent - before.bytes_sent
     wait_s = after.link_wait_s - before.link_wait_s
     wait_bytes = after.link_wait_bytes - before.link_wait_bytes
+    tcp_s = after.tcp_bound_s - before.tcp_bound_s
+    tcp_gbit = after.tcp_bound_gbit - before.tcp_bound_gbit
     if dt <= 0 or min(sent, wait_s, wait_bytes) < 0:
         return None
     return RelayPeriod(
@@ -120,7 +125,8 @@ def period(before: RelayCounters, after: RelayCounters) -> RelayPeriod | None:
         link_bound_share=min(wait_s / dt, 1.0),
         bound_gbps=wait_bytes * 8 / 1e9 / wait_s if wait_s > 0 else 0.0,
         credit_wait_share=min(max(after.credit_wait_s - before.credit_wait_s, 0.0) / dt, 1.0),
-        tcp_delivery_gbps=after.tcp_delivery_gbps,
+        tcp_bound_share=min(max(tcp_s, 0.0) / dt, 1.0),
+        tcp_gbps=tcp_gbit / tcp_s if tcp_s > 0 and tcp_gbit > 0 else 0.0,
         retransmits=max(after.tcp_retrans - before.tcp_retrans, 0),
         segments=max(after.tcp_segs_out - before.tcp_segs_out, 0),
     )
@@ -152,7 +158,7 @@ def initial_estimate(provisioned_gbps: float | None, default_gbps: float) -> Lin
 
 
 def _is_bound(c: LinkEstimateConfig, p: RelayPeriod) -> bool:
-    return (p.link_bound_share >= c.bound_fraction and p.bound_gbps > 0) or p.tcp_delivery_gbps > 0
+    return _app_rate(c, p) > 0 or _tcp_rate(c, p) > 0
 
 
 def _capacity_sample(c: LinkEstimateConfig, periods: list[RelayPeriod]) -> float | None:
@@ -161,8 +167,15 @@ def _capacity_sample(c: LinkEstimateConfig, periods: list[RelayPeriod]) -> float
     if not bound:
         return None
     free = sum(p.sent_gbps for p in periods if not _is_bound(c, p))
-    return free + sum(max(p.bound_gbps if p.link_bound_share >= c.bound_fraction else 0.0,
-                          p.tcp_delivery_gbps) for p in bound)  # fmt: skip
+    return free + sum(max(_app_rate(c, p), _tcp_rate(c, p)) for p in bound)
+
+
+def _app_rate(c: LinkEstimateConfig, p: RelayPeriod) -> float:
+    return p.bound_gbps if p.link_bound_share >= c.bound_fraction else 0.0
+
+
+def _tcp_rate(c: LinkEstimateConfig, p: RelayPeriod) -> float:
+    return p.tcp_gbps if p.tcp_bound_share >= c.bound_fraction else 0.0
 
 
 def update(

@@ -549,7 +549,8 @@ def relay_counters(report: p.LoadReport, now_s: float) -> le.RelayCounters:
         link_wait_s=report.relay_link_wait_s,
         link_wait_bytes=report.relay_link_wait_bytes,
         credit_wait_s=report.relay_credit_wait_s,
-        tcp_delivery_gbps=report.relay_tcp_delivery_gbps,
+        tcp_bound_s=report.relay_tcp_bound_s,
+        tcp_bound_gbit=report.relay_tcp_bound_gbit,
         tcp_retrans=report.relay_tcp_retrans,
         tcp_segs_out=report.relay_tcp_segs_out,
     )

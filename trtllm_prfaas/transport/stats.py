@@ -52,6 +52,8 @@ _TCP_INFO_LEN = 232
 # u32 unacked @24, retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100;
 # u64 bytes_acked @120, bytes_received @128; u32 segs_out @136, notsent_bytes @144;
 # u64 delivery_rate @160 (bytes/s).
+# A snapshot's kernel rate stands for at most this long before it (the worker reads every 0.1 s).
+TCP_READ_GAP_S = 0.5
 _TCP_INFO_RATE_LEN = 168  # kernels older than 4.9 stop before delivery_rate: rate reads 0
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -235,7 +237,9 @@ class LinkStats:
     send_queue_delay_sum_s: float = 0.0
     chunks_sent: int = 0
     tcp_segs_out: int | None = None
-    tcp_delivery_gbps: float = 0.0  # link-limited connections' delivery rates, summed
+    tcp_delivery_gbps: float = 0.0  # now: the kernel's link rate (0: not link-limited)
+    tcp_bound_s: float = 0.0  # time the kernel showed the link as the bottleneck
+    tcp_bound_gbit: float = 0.0  # its rate integrated over that time
 
 
 class PumpState(Enum):
@@ -286,6 +290,9 @@ class SendCounters:
     link_wait_s: float = 0.0
     link_wait_bytes: int = 0
     credit_wait_s: float = 0.0
+    tcp_seen_s: float | None = None  # the previous snapshot's TCP_INFO read
+    tcp_bound_s: float = 0.0
+    tcp_bound_gbit: float = 0.0
 
     def __post_init__(self) -> None:
         self.stream_bytes = [0] * self.num_streams
@@ -339,6 +346,16 @@ class SendCounters:
             ongoing = max(self.last_ack_s - self.busy_since_s, 0.0)
         return self.busy_s + ongoing
 
+    def _on_tcp_read(self, delivery_gbps: float, now_s: float) -> float:
+        """Charge the time since the previous read (at most ``TCP_READ_GAP_S``) to the
+        kernel's link-bound time when this read shows the link limiting (call with ``lock``)."""
+        if self.tcp_seen_s is not None and delivery_gbps > 0:
+            dt = min(max(now_s - self.tcp_seen_s, 0.0), TCP_READ_GAP_S)
+            self.tcp_bound_s += dt
+            self.tcp_bound_gbit += delivery_gbps * dt
+        self.tcp_seen_s = now_s
+        return delivery_gbps
+
     def snapshot(
         self, endpoint: str, tcp: dict[int, tuple[TcpInfo, ...]], auth_failures: int, now_s: float
     ) -> LinkStats:
@@ -352,6 +369,7 @@ class SendCounters:
                 for i, (b, c) in enumerate(zip(self.stream_bytes, self.stream_chunks, strict=True))
             )
             infos = [info for infos in tcp.values() for info in infos]
+            delivery_gbps = self._on_tcp_read(_delivery_gbps(infos), now_s)
             return LinkStats(
                 endpoint=endpoint,
                 bytes_sent=self.bytes_sent,
@@ -370,7 +388,9 @@ class SendCounters:
                 send_queue_delay_sum_s=self.delay_sum_s,
                 chunks_sent=self.chunks,
                 tcp_segs_out=sum(i.segs_out for i in infos) if infos else None,
-                tcp_delivery_gbps=_delivery_gbps(infos),
+                tcp_delivery_gbps=delivery_gbps,
+                tcp_bound_s=self.tcp_bound_s,
+                tcp_bound_gbit=self.tcp_bound_gbit,
             )
 
 
@@ -396,4 +416,6 @@ def relay_report_fields(links: Sequence[LinkStats]) -> dict[str, Any]:
         "relay_tcp_retrans": sum(link.tcp_total_retrans or 0 for link in links),
         "relay_tcp_segs_out": sum(link.tcp_segs_out or 0 for link in links),
         "relay_tcp_delivery_gbps": sum(link.tcp_delivery_gbps for link in links),
+        "relay_tcp_bound_s": max((link.tcp_bound_s for link in links), default=0.0),
+        "relay_tcp_bound_gbit": sum(link.tcp_bound_gbit for link in links),
     }
