@@ -41,6 +41,9 @@ __all__ = ["ClusterState", "WorkerState"]
 # take seconds: only a silence this long means the worker is gone. A dead process or host is
 # found in seconds from its connection instead (``is_lost``).
 STALE_AFTER_S = 30.0
+# EWMA weight of one idle-node prefill leg in a node's seconds-per-token estimate (a ~5-leg
+# memory, as the control loop's estimators).
+_SPT_ALPHA = 0.2
 
 
 @dataclass
@@ -54,6 +57,12 @@ class WorkerState:
     reserved_slots: int = 0
     is_draining: bool = False
     is_lost: bool = False  # its connection died; set and cleared by ClusterState
+    # Live prefill load, kept by the router itself (load reports lag by up to 0.1 s and count
+    # only requests the engine has not admitted): prompt tokens of the prefill legs it sent
+    # here that have not produced their first token yet, and the seconds per computed token
+    # measured on legs that found the node idle (an EWMA; 0 until the first such leg).
+    prefill_tokens_in_flight: int = 0
+    prefill_s_per_token: float = 0.0
 
     @property
     def role(self) -> str:
@@ -74,7 +83,28 @@ class WorkerState:
         report = self.report
         queue = report.queue_depth if report else 0
         free = (report.num_free_slots if report else self.info.max_num_seqs) - self.reserved_slots
-        return NodeView(self.name, prefix_tokens, queue, 0.0, max(0, free), self.draining)
+        spt = self.prefill_s_per_token
+        backlog_s = self.prefill_tokens_in_flight * spt
+        return NodeView(
+            self.name, prefix_tokens, queue, backlog_s, max(0, free), self.draining, spt
+        )
+
+    def on_prefill_sent(self, tokens: int) -> bool:
+        """A prefill leg computing ``tokens`` was sent here; True if the node had none open
+        (so its leg time measures the node's speed, not a queue)."""
+        was_idle = self.prefill_tokens_in_flight == 0
+        self.prefill_tokens_in_flight += tokens
+        return was_idle
+
+    def on_prefill_done(self, tokens: int, seconds: float | None) -> None:
+        """That leg produced its first token (or ended without): ``seconds`` from sending it,
+        given only for a leg that found the node idle, updates the per-token estimate."""
+        self.prefill_tokens_in_flight = max(self.prefill_tokens_in_flight - tokens, 0)
+        if seconds is None or tokens <= 0:
+            return
+        sample = seconds / tokens
+        old = self.prefill_s_per_token
+        self.prefill_s_per_token = sample if old == 0 else old + _SPT_ALPHA * (sample - old)
 
     def is_live(self, now: float) -> bool:
         """Routable: connected, and reported within ``STALE_AFTER_S``."""
