@@ -13,10 +13,11 @@ relay *sender* sees while it sends (``transport/stats.py``, reported in ``LoadRe
 - **the kernel's link-bound time** (Linux ``TCP_INFO``, read with ``getsockopt`` on the
   sender's own connections at every load report): time during which some connection had unsent
   bytes queued in the kernel (``tcpi_notsent_bytes > 0``) and a delivery-rate sample not marked
-  application-limited, and the connections' summed delivery rate over that time. That is what a
-  link shaped below the sender's buffers (``tc`` ``tbf``) shows, where the receiver's credit,
-  not the sender's queues, holds the sender back. Where ``TCP_INFO`` is unavailable (not Linux)
-  this signal is 0 and the estimate rests on the sender's own link-bound time.
+  application-limited (at two load reports in a row), and the bytes TCP saw acknowledged over
+  that time (``tcpi_bytes_acked``), the rate the link delivered while it was the bottleneck.
+  That is what a link shaped below the sender's buffers (``tc`` ``tbf``) shows, where the
+  receiver's credit, not the sender's queues, holds the sender back. Where ``TCP_INFO`` is
+  unavailable (not Linux) this signal is 0 and the estimate rests on the sender's own view.
 
 One update per control period (:func:`update`), from every PrfaaS worker's period:
 

@@ -14,11 +14,12 @@ high-water mark), ``CREDIT`` (data ready, no credit from the receiver) or ``IDLE
 the producer is the bottleneck, or there is no work). The time until the next pump, and the
 bytes that pump hands over, are charged to that state; bytes over link-bound time is the rate
 the link drains at (``policy/link_estimate.py`` turns it into a capacity estimate). With
-``TCP_INFO``, ``LinkStats.tcp_delivery_gbps`` adds the kernel's view: the delivery-rate samples
-of the connections with bytes in flight, read when at least one of them has bytes queued in the
-kernel (``tcpi_notsent_bytes > 0``) and a rate sample not application-limited: what a link
-shaped below the sender's own queues (``tc tbf``) shows, where the receiver's credit (whose round
-trip crosses the same link), not the sender's queues, holds the sender back.
+``TCP_INFO``, ``LinkStats.tcp_bound_s`` / ``tcp_bound_gbit`` add the kernel's view: time
+between two reads that both found a connection with bytes queued in the kernel
+(``tcpi_notsent_bytes > 0``) and a rate sample not application-limited, and the bytes TCP
+acknowledged meanwhile: what a link shaped below the sender's own queues (``tc tbf``) shows,
+where the receiver's credit (whose round trip crosses the same link), not the sender's queues,
+holds the sender back.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ _TCP_INFO_LEN = 232
 # u32 unacked @24, retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100;
 # u64 bytes_acked @120, bytes_received @128; u32 segs_out @136, notsent_bytes @144;
 # u64 delivery_rate @160 (bytes/s).
-# A snapshot's kernel rate stands for at most this long before it (the worker reads every 0.1 s).
+# Two TCP_INFO reads further apart than this say nothing about the time between them (the
+# worker reads at every 0.1 s load report).
 TCP_READ_GAP_S = 0.5
 _TCP_INFO_RATE_LEN = 168  # kernels older than 4.9 stop before delivery_rate: rate reads 0
 _MONITOR_EVENTS = (
@@ -239,7 +241,7 @@ class LinkStats:
     tcp_segs_out: int | None = None
     tcp_delivery_gbps: float = 0.0  # now: the kernel's link rate (0: not link-limited)
     tcp_bound_s: float = 0.0  # time the kernel showed the link as the bottleneck
-    tcp_bound_gbit: float = 0.0  # its rate integrated over that time
+    tcp_bound_gbit: float = 0.0  # gigabits TCP saw acknowledged meanwhile
 
 
 class PumpState(Enum):
@@ -290,7 +292,8 @@ class SendCounters:
     link_wait_s: float = 0.0
     link_wait_bytes: int = 0
     credit_wait_s: float = 0.0
-    tcp_seen_s: float | None = None  # the previous snapshot's TCP_INFO read
+    tcp_seen_s: float | None = None  # the previous snapshot's TCP_INFO read: when, and
+    tcp_seen: tuple[int, float] | None = None  # (bytes acked, link rate) it saw
     tcp_bound_s: float = 0.0
     tcp_bound_gbit: float = 0.0
 
@@ -346,14 +349,20 @@ class SendCounters:
             ongoing = max(self.last_ack_s - self.busy_since_s, 0.0)
         return self.busy_s + ongoing
 
-    def _on_tcp_read(self, delivery_gbps: float, now_s: float) -> float:
-        """Charge the time since the previous read (at most ``TCP_READ_GAP_S``) to the
-        kernel's link-bound time when this read shows the link limiting (call with ``lock``)."""
-        if self.tcp_seen_s is not None and delivery_gbps > 0:
-            dt = min(max(now_s - self.tcp_seen_s, 0.0), TCP_READ_GAP_S)
-            self.tcp_bound_s += dt
-            self.tcp_bound_gbit += delivery_gbps * dt
-        self.tcp_seen_s = now_s
+    def _on_tcp_read(self, infos: Sequence[TcpInfo], now_s: float) -> float:
+        """One ``TCP_INFO`` read (call with ``lock``): when it and the previous read both show
+        the link limiting, and at most ``TCP_READ_GAP_S`` apart, the interval counts as
+        kernel-link-bound and the bytes the kernel saw acknowledged in it (all connections) as
+        what the link delivered meanwhile. Returns this read's instantaneous link rate."""
+        delivery_gbps = _delivery_gbps(infos)
+        acked = sum(i.bytes_acked for i in infos)
+        previous, dt = self.tcp_seen, now_s - (self.tcp_seen_s or now_s)
+        if previous is not None and delivery_gbps > 0 and previous[1] > 0:
+            delta = acked - previous[0]  # < 0: a connection closed, its count went with it
+            if delta >= 0 and 0 < dt <= TCP_READ_GAP_S:
+                self.tcp_bound_s += dt
+                self.tcp_bound_gbit += delta * 8 / 1e9
+        self.tcp_seen, self.tcp_seen_s = (acked, delivery_gbps), now_s
         return delivery_gbps
 
     def snapshot(
@@ -369,7 +378,7 @@ class SendCounters:
                 for i, (b, c) in enumerate(zip(self.stream_bytes, self.stream_chunks, strict=True))
             )
             infos = [info for infos in tcp.values() for info in infos]
-            delivery_gbps = self._on_tcp_read(_delivery_gbps(infos), now_s)
+            delivery_gbps = self._on_tcp_read(infos, now_s)
             return LinkStats(
                 endpoint=endpoint,
                 bytes_sent=self.bytes_sent,
