@@ -126,8 +126,9 @@ class PlanBook:
             self._plans.setdefault(plan.tokens_digest, deque()).append(entry)
             self._counts["posted"] += 1
 
-    def take(self, tokens: Sequence[int]) -> Plan | None:
-        """The oldest live plan for exactly ``tokens`` (removed), or None (counted as missed)."""
+    def take(self, tokens: Sequence[int], count_miss: bool = True) -> Plan | None:
+        """The oldest live plan for exactly ``tokens`` (removed), or None (counted as missed
+        unless ``count_miss`` is False: a first of two look-ups)."""
         digest = tokens_digest(tokens)
         with self._lock:
             self._expire()
@@ -140,7 +141,7 @@ class PlanBook:
                         del self._plans[digest]
                     return plan
             self._plans.pop(digest, None)
-            self._counts["missed"] += 1
+            self._counts["missed"] += count_miss
             return None
 
     def counts(self) -> PlanBookCounts:

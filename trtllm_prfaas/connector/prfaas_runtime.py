@@ -66,6 +66,9 @@ class PrfaasConnectorConfig:
     plan_security: RelaySecurity | None = None  # the plan server's Curve keys (or plaintext)
     relay_advertise: str | None = None  # decode: rank 0's receiver as prefill ranks reach it
     plan_ttl_s: float = 600.0  # a posted plan not taken by then expires (counted)
+    # prefill: also bind a receiver, to take a cached prefix moved here from another node
+    # (issue 15 item 5: a cache move's target claims it like a decode leg, then reuses it)
+    accept_moves: bool = False
 
     def __post_init__(self) -> None:
         for name in ("transfer_timeout_s", "load_timeout_s", "plan_ttl_s"):
@@ -184,7 +187,7 @@ class PrfaasRuntime:
             raise ConfigError(f"tensor-parallel rank {key.tp_rank} outside size {tp_size}")
         runtime = cls(config, key, tp_size, PlanBook(config.plan_ttl_s))
         try:
-            if config.role is Role.DECODE:
+            if config.role is Role.DECODE or config.accept_moves:
                 endpoint = rank_endpoint(config.receiver_endpoint, key.tp_rank)
                 runtime.receiver = RelayReceiver(config.relay, endpoint)
             if config.plan_endpoint is not None:

@@ -5,7 +5,11 @@ the decode node holds itself, pinned with its slot. The prefill's export starts 
 and for a hybrid model the chunk that ends at ``S = floor((L-1)/B)*B`` (the prefix cache ends
 a chunk there) also sends the states after S when S > D, so the decode can resume a follow-up
 turn there. The decode claims only when its engine's cached prefix reaches D; otherwise it
-claims nothing and computes the prompt itself (counted: ``relay_prefix_missing``)."""
+claims nothing and computes the prompt itself (counted: ``relay_prefix_missing``).
+
+Cache moves (issue 15 item 5): a prefill runtime with a receiver (``accept_moves``) also claims,
+as a decode does, a request whose tokens but the last match a posted plan (a move's receiving
+leg: the prefix relayed from the node that held it); its engine then keeps those blocks."""
 
 from __future__ import annotations
 
@@ -61,7 +65,12 @@ class PrfaasConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[misc]
         tokens = list(request.get_tokens(0))
         is_prefill = self.runtime.config.role is Role.PREFILL
         claimed = tokens if is_prefill else tokens[:-1]
-        plan = self.runtime.plans.take(claimed) if claimed else None
+        can_claim = is_prefill and self.runtime.receiver is not None  # a cache move's target
+        plan = self.runtime.plans.take(claimed, count_miss=not can_claim) if claimed else None
+        if plan is None and can_claim and len(tokens) > 1:
+            plan = self.runtime.plans.take(tokens[:-1])
+            if plan is not None:
+                return self._claim(request.request_id, plan, tokens[:-1], num_computed_tokens)
         if plan is None:
             self.runtime.count("plans_missed")
             log.info("prfaas_plan_missing", request_id=request.request_id, num_tokens=len(claimed))

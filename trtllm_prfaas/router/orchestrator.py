@@ -12,6 +12,12 @@ skipped, so seeded sampling continues exactly as one engine would), claims the L
 computes from t1. The output is t1 spliced before the decode's tokens; t1 = EOS or
 ``max_tokens == 1`` ends the request at t1 (``max_tokens == 1`` relays nothing).
 
+Prefix caches (issue 15): the prompt is hashed once; the decode slot's ``Reserve`` names the
+prefix the index says that node holds, the worker pins it and the prefill relays only what lies
+beyond (``router/flight.py``); a ``cache_move`` decided under abundant bandwidth is carried out
+before the prefill (``router/cache_move.py``: the source node relays the prefix into the chosen
+prefill node's cache).
+
 The threshold is live state: a :class:`~trtllm_prfaas.router.control.ControlLoop` on the same
 event loop (started with the orchestrator when ``RouterConfig.control`` is set, the default)
 moves it every second from what the router observes; ``threshold_tokens`` is its initial value.
@@ -31,7 +37,8 @@ both workers get ``Cancel`` either way. A lost worker that answers ``Ping`` agai
 
 Module map: this module routes, reserves and composes; ``router/links.py`` owns the sockets (one
 plain ZeroMQ DEALER per worker, ``NOBLOCK`` sends, a drain-all reader callback per socket) and
-delivers worker messages; ``router/flight.py`` runs one request's handoff over them. Workers
+delivers worker messages; ``router/flight.py`` runs one request's handoff over them,
+``router/cache_move.py`` a cache move. Workers
 are the static list (``RouterConfig.workers``, connected in ``start``) and, with
 ``--discovery``, those ``add_worker``/``remove_worker`` bring and take at run time
 (``router/discovered.py`` follows the membership store).
@@ -54,9 +61,10 @@ from trtllm_prfaas.errors import (
     TransportError,
     WorkerLost,
 )
-from trtllm_prfaas.policy.placement import choose_decode_node
+from trtllm_prfaas.policy.placement import Cluster, choose_decode_node, choose_prefill_node
 from trtllm_prfaas.policy.route import RequestView, RouteDecision, route
 from trtllm_prfaas.router.api import GenerateRequest, Orchestrator, TokenChunk
+from trtllm_prfaas.router.cache_move import PrefixMover
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.router.control import ControlConfig, ControlLoop, RouteRecord
 from trtllm_prfaas.router.flight import Flight, Handoff
@@ -140,7 +148,9 @@ class DisaggregatedOrchestrator(Orchestrator):
             "relay_recomputed": 0,
             "rerouted": 0,
             "slot_refused": 0,  # decode slots a worker refused (another node was asked)
-            "cache_move_skipped": 0,  # abundant-bandwidth moves decided but not done (item 5)
+            "cache_move_skipped": 0,  # abundant-bandwidth moves decided but not tried (item 5)
+            "cache_move_done": 0,  # ... moved (the target prefill reuses the moved prefix)
+            "cache_move_failed": 0,  # ... tried and failed (the target computed what it lacks)
             "relay_pinned": 0,  # decode slots granted with a pinned prefix (relay [D, L))
             "relay_pin_fallback": 0,  # ... whose decode computed the prompt itself after all
         }
@@ -160,6 +170,13 @@ class DisaggregatedOrchestrator(Orchestrator):
             announce_timeout_s=config.announce_timeout_s,
             prefill_timeout_s=config.prefill_timeout_s,
             worker_silence_s=config.worker_silence_s,
+        )
+        self._mover = PrefixMover(
+            links=self._links,
+            counters=self.counters,
+            metrics=metrics,
+            announce_timeout_s=config.announce_timeout_s,
+            timeout_s=config.prefill_timeout_s,
         )
         self._max_seq_len = 0
         self._ready = False
@@ -335,6 +352,8 @@ class DisaggregatedOrchestrator(Orchestrator):
         try:
             async with asyncio.timeout(request.deadline_s):
                 flight.submitted_at = time.monotonic()
+                if decision.cache_move is not None:
+                    await self._move_prefix(request, flight)
                 decode = await self._reserve_decode(request, flight)
                 decode.reserved_slots += 1  # a routing hint until its next load report
                 async for chunk in self._handoff.run(request, flight, decode, prefill):
@@ -399,6 +418,35 @@ class DisaggregatedOrchestrator(Orchestrator):
                 )
             flight.decision = replace(flight.decision, decode_node_id=node.node_id)
 
+    async def _move_prefix(self, request: GenerateRequest, flight: Flight) -> None:
+        """The routed ``cache_move``: the source cluster's node holding the prefix (the one
+        ``route`` weighed) moves it into the chosen prefill node (``router/cache_move.py``).
+        Skipped (counted, logged) when no source node holds a prefix or the target takes no
+        moves (no relay receiver in its ``WorkerInfo``)."""
+        move, prompt = flight.decision.cache_move, request.prompt_token_ids
+        assert move is not None
+        target = self.cluster.workers[flight.decision.prefill_node_id]
+        view = self.cluster.view(time.monotonic(), flight.prefix_hashes)
+        nodes = view.prfaas if move.source is Cluster.PRFAAS else view.pd_prefill
+        node = choose_prefill_node(nodes, len(prompt))
+        source = self.cluster.workers.get(node.node_id) if node is not None else None
+        num_tokens = node.prefix_tokens if node is not None else 0
+        why = ""
+        if source is None or num_tokens <= 0 or source is target:
+            why = "no other node holds the prefix now"
+        elif not target.info.relay_endpoint:
+            why = f"{target.name} accepts no cache moves (no relay receiver)"
+        if why:
+            self.counters["cache_move_skipped"] += 1
+            log.info("cache_move_skipped", request_id=request.request_id, why=why,
+                     tokens=move.tokens, source=move.source.value)  # fmt: skip
+            return
+        assert source is not None
+        left_s = request.deadline_s - (time.monotonic() - flight.submitted_at)
+        await self._mover.move(
+            request.request_id, prompt, flight, source, target, num_tokens, max(left_s, 0.001)
+        )
+
     def _held_prefix_blocks(self, flight: Flight, decode: WorkerState) -> int:
         """How many of the prompt's blocks the index says ``decode`` holds: its slot is asked
         to pin them, and the prefill then relays only what lies beyond (issue 15 item 4)."""
@@ -450,17 +498,10 @@ class DisaggregatedOrchestrator(Orchestrator):
 
     def _note_prefix(self, decision: RouteDecision, hashes: list[int], now: float) -> None:
         """After a decision: approximate nodes remember the prompt (both legs cache it), and
-        the metrics count the prefix reused. A ``cache_move`` (abundant bandwidth, the longer
-        prefix in the other cluster) is not carried out yet (issue 15 item 5): the prefill
-        node recomputes what it lacks, so it is counted and logged."""
+        the metrics count the prefix reused (a ``cache_move``'s is counted by the move)."""
         prefix = self.cluster.prefix
         names = (decision.prefill_node_id, decision.decode_node_id or "")
         prefix.record_routed(names, hashes, now)
-        if decision.cache_move is not None:
-            self.counters["cache_move_skipped"] += 1
-            log.info("cache_move_skipped", request_id=decision.request_id,
-                     tokens=decision.cache_move.tokens,
-                     source=decision.cache_move.source.value)  # fmt: skip
         if self.metrics is None:
             return
         route_name = "remote" if decision.is_remote else "local"

@@ -205,6 +205,16 @@ class RouterMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.cache_moves = Counter(
+            "prfaas_cache_moves",
+            "Cached prefixes moved to the chosen prefill node before its prefill (abundant "
+            "bandwidth): done, or failed (the prefill computed what it lacked)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.cache_moved_tokens = Counter(
+            "prfaas_cache_moved_tokens", "Prompt tokens of the prefixes moved", registry=registry
+        )
         self.relay_outcomes = Counter(
             "prfaas_relay_outcomes",
             "Offloaded requests by how their decode got the prompt's KV: relayed, or recomputed "
@@ -345,6 +355,10 @@ class RouterMetrics:
 
     def record_relay_outcome(self, outcome: str) -> None:
         self.relay_outcomes.labels(outcome=outcome).inc()
+
+    def record_cache_move(self, outcome: str, num_tokens: int = 0) -> None:
+        self.cache_moves.labels(outcome=outcome).inc()
+        self.cache_moved_tokens.inc(num_tokens)
 
     def record_relay_prefix(self, outcome: str, bytes_saved: int = 0) -> None:
         """A pinned-prefix relay ended: ``pinned`` (its decode used the prefix, ``bytes_saved``

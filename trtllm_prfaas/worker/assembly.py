@@ -57,6 +57,9 @@ class WorkerConfig:
     # The control socket: Curve server keys and the routers allowed (worker/server.py). None:
     # plaintext, logged as a warning when the socket binds (prfaas worker needs --plaintext).
     control_security: RelaySecurity | None = None
+    # prefill role: bind a relay receiver too and take cached prefixes moved here from other
+    # nodes (``Submit.fills_cache``; issue 15 item 5); its endpoint is in ``WorkerInfo``
+    accept_cache_moves: bool = False
 
     def __post_init__(self) -> None:
         if self.fallback not in ("recompute", "fail"):
@@ -106,7 +109,7 @@ def assemble(
     except BaseException:
         runtime.close()
         raise
-    relay = runtime.receiver_endpoint if connector_config.role is Role.DECODE else ""
+    relay = runtime.receiver_endpoint if runtime.receiver is not None else ""
     return Assembly(runtime, engine, relay)
 
 

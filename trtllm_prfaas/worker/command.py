@@ -119,6 +119,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --enable-block-reuse: unreferenced cached blocks kept (LRU; default the pool)",
     )
+    parser.add_argument(
+        "--accept-cache-moves",
+        action="store_true",
+        help="prefill role: also bind a relay receiver (at --relay, with receiver keys as a "
+        "decode worker's) and take cached prefixes the router moves here under abundant "
+        "bandwidth (issue 15 item 5)",
+    )
     parser.add_argument("--num-threads", type=int, default=2, help="torch threads of the engine")
     parser.add_argument("--fallback", choices=["recompute", "fail"], default="recompute")
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
@@ -306,6 +313,7 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
         triton=triton,
         advertise_relay=args.advertise_relay,
         control_security=control,
+        accept_cache_moves=args.accept_cache_moves,
     )
 
 

@@ -62,7 +62,8 @@ other role fails to decode (``msgspec.ValidationError`` naming the role), and a 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
 ``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``, ``KvEvents.batch``,
 ``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``, ``LoadReport``'s prefix-cache
-counters, ``Reserve.prefix_hashes``, ``Submit.relay_from_tokens``), so version-1 peers
+counters, ``Reserve.prefix_hashes``, ``Submit.relay_from_tokens``/``fills_cache``,
+``LoadReport.relay_*`` sender counters), so version-1 peers
 interoperate; a decode ``Submit`` without a reservation is admitted as before (queued), and
 counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts reservations.
 """
@@ -112,6 +113,10 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     num_skipped_draws: int = 0  # sampling draws already spent on tokens sampled elsewhere (t1)
     reservation_id: str | None = None  # decode legs: the slot granted to a ``Reserve``
     relay_from_tokens: int = 0  # D: the decode node holds [0, D); relay [D, L) only
+    # A cache move's receiving leg on a prefill worker that accepts moves: like a decode leg,
+    # the prompt is the moved prefix plus one token, held until the transfer is whole, claimed,
+    # and its blocks stay in the worker's prefix cache for the real prefill leg that follows
+    fills_cache: bool = False
 
 
 class Reserve(msgspec.Struct, tag=True, frozen=True):

@@ -159,6 +159,7 @@ class WorkerServer:
             connector = PrfaasConnectorConfig(
                 runtime_role, c.relay, c.relay_endpoint, c.transfer_timeout_s, c.load_timeout_s,
                 relay_advertise=c.advertise_relay or None,
+                accept_moves=c.accept_cache_moves and role is WorkerRole.PREFILL,
             )  # fmt: skip
             built = assemble(c.engine, connector, c.fallback)
         self._built: Assembly = built
@@ -308,7 +309,7 @@ class WorkerServer:
             message = "request id already in use"
             self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", message))
             return
-        why = self._bad_relay_from(submit)
+        why = self._bad_relay_from(submit) or self._bad_fill(submit)
         if why:
             self._send(identity, _error_tokens(submit.request_id, "InvalidRequestError", why))
             return
@@ -319,7 +320,7 @@ class WorkerServer:
             )
             self._send(identity, _error_tokens(submit.request_id, "AdmissionRejected", message))
             return
-        if self.role is WorkerRole.DECODE and submit.transfer_uuid:
+        if submit.transfer_uuid and (self.role is WorkerRole.DECODE or submit.fills_cache):
             self._held.hold(identity, submit, time.monotonic())
             return
         plan = None
@@ -339,6 +340,19 @@ class WorkerServer:
             return (
                 f"relay_from_tokens {start} must be a multiple of {tpb} below the relayed "
                 f"prompt's {num_relayed} tokens, on a request with a transfer_uuid"
+            )
+        return ""
+
+    def _bad_fill(self, submit: p.Submit) -> str:
+        """Why a cache move's receiving leg cannot run here ("" when it can)."""
+        if not submit.fills_cache:
+            return ""
+        if self.role is not WorkerRole.PREFILL or self.runtime is None:
+            return f"fills_cache: worker {self.config.worker_id} is no reference prefill worker"
+        if self.runtime.receiver is None or not submit.transfer_uuid:
+            return (
+                f"fills_cache: worker {self.config.worker_id} accepts no cache moves "
+                "(accept_cache_moves) or the leg names no transfer_uuid"
             )
         return ""
 
@@ -424,7 +438,7 @@ class WorkerServer:
         return free
 
     def _add(self, identity: bytes, submit: p.Submit, plan: Plan | None) -> None:
-        exporting = plan is not None and self.role is WorkerRole.PREFILL
+        exporting = plan is not None and self.role is WorkerRole.PREFILL and not submit.fills_cache
         max_tokens = 1 if exporting else submit.max_tokens  # a relayed prefill ends at t1
         ignore_eos = submit.ignore_eos or exporting
         try:
