@@ -3,12 +3,13 @@
 The orchestrator feeds observations as requests flow (``on_routed``, ``on_prefill``,
 ``on_relay_wait``, ``on_decode``); a task on the router's event loop calls :meth:`ControlLoop.tick`
 every ``period_s``. All clocks and I/O stay here; the decisions are the pure ``policy/`` functions
-the simulator calls too (``controller.step``, ``solver.solve_fixed_split`` and its bounds,
+the simulator calls too (``threshold.targets`` and ``controller.step``, as its ``DYNAMIC`` mode;
 ``rebalancer.step_rebalancer``). One tick:
 
 1. **Link estimate** (:mod:`~trtllm_prfaas.policy.link_estimate`): each PrfaaS worker's relay
    sender counters (``LoadReport.relay_*``: time link-bound and the bytes handed over meanwhile,
-   the kernel's delivery rate of backlogged connections, TCP retransmits) since the last tick
+   the kernel's link-bound time from ``TCP_INFO`` and the bytes TCP acknowledged meanwhile, TCP
+   retransmits) since the last tick
    update the live estimate of the link's capacity. A slow producer or an idle relay never
    lowers it; it follows a slower link at once and relaxes back to the provisioned rate once
    nothing is link-bound for ``recover_s``. ``link_gbps`` configured is the provisioned rate
@@ -29,8 +30,9 @@ the simulator calls too (``controller.step``, ``solver.solve_fixed_split`` and i
    re-solved for a degraded one: the simulator showed that re-anchoring loses, 0.84 vs 1.10
    req/s in ``prfaas simulate beyond``); ``t_min`` = ``min_remote_threshold`` at the *live*
    estimate and ``t_max`` = ``max_local_threshold``, both at the arrival-rate EWMA and
-   ``local_max_utilisation``. A link drop thus raises ``t_min`` (the controller snaps up to it)
-   and shows as relay delay against the PD-P backlog.
+   ``local_max_utilisation``. A link drop raises ``t_min`` (the controller takes it up to
+   ``t_opt``: it offloads below the optimum only what the live link carries), and the egress
+   share of the live estimate and the relay delay raise ``t`` above ``t_opt``.
 4. **Controller** ``step`` moves ``t`` with its hysteresis and rate limits; the orchestrator
    routes every request with :attr:`ControlLoop.policy` (the live ``t``, the configured
    ``threshold_tokens`` being only the initial value).
@@ -50,8 +52,8 @@ leader, publishing nowhere): the embedded router of ``prfaas up`` is its own lea
 never imports etcd: ``discovery/leader.py`` provides the etcd replica.
 
 Values: ``period_s = 1`` s (the controller's own period: fast enough to follow a link that
-shrinks within seconds, slow enough that a period holds a few requests and one relay goodput
-sample from every worker's 0.1 s load reports); EWMA ``alpha = 0.2`` (a ~5-sample memory: a
+shrinks within seconds, slow enough that a period holds a few requests and ten of every
+worker's 0.1 s load reports); EWMA ``alpha = 0.2`` (a ~5-sample memory: a
 change shows within a few seconds, one outlier moves an estimate by a fifth); a window of 512
 recent prompt lengths in 32 log-spaced bins; nothing moves before ``min_requests = 32`` requests
 and ``min_legs = 4`` prefill legs on each cluster (a handful of requests says nothing about a
