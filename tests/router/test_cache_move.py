@@ -114,7 +114,7 @@ async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
 
 
 async def _two_turns(
-    model: ModelConfig, servers: dict[str, WorkerServer]
+    model: ModelConfig, servers: dict[str, WorkerServer], move_timeout_s: float = 30.0
 ) -> tuple[Any, int, int, int]:
     """Turn 1 on the PD prefill node, turn 2 to PrfaaS under the abundant policy; returns the
     orchestrator's counters, turn 2's length, the prefix the PD node held, and the prompt
@@ -123,6 +123,7 @@ async def _two_turns(
     pf = servers["pf"].engine
     assert isinstance(pf, ReferenceEngine)
     async with _orchestrator(servers) as orch:
+        orch._mover.timeout_s = move_timeout_s
         orch.control.policy = PolicyState(10_000.0, CachePolicy.SCARCE)  # turn 1: local
         tokens = await _turn(orch, "turn1", first)
         assert orch.decisions[-1].prefill_node_id == "pdp"
@@ -153,6 +154,15 @@ def test_a_prefix_moves_to_the_chosen_prefill_node(model: ModelConfig) -> None:
     assert computed == 1 + num_tokens - held
     assert counters["prefill_fallback"] == 0 and counters["relay_recomputed"] == 0
     print(f"turn 2: {num_tokens} tokens, {held} moved, {computed} computed on the target")
+
+
+def test_a_move_past_its_deadline_is_abandoned_and_the_prefix_computed() -> None:
+    """The move may take no time at all: it fails at once, both legs are cancelled (nothing
+    left on the workers: the fixture's leak check), and the target computes everything."""
+    with _workers(TINY, accept_moves=True) as servers:
+        counters, num_tokens, _, computed = asyncio.run(_two_turns(TINY, servers, 1e-4))
+    assert counters["cache_move_failed"] == 1 and counters["cache_move_done"] == 0
+    assert computed == num_tokens
 
 
 def test_a_target_that_takes_no_moves_computes_the_prefix() -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
@@ -22,6 +23,7 @@ from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
+from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
@@ -65,9 +67,12 @@ def _workers(model: ModelConfig) -> Iterator[dict[str, WorkerServer]]:
 
 
 @contextlib.asynccontextmanager
-async def _orchestrator(servers: dict[str, WorkerServer]) -> AsyncIterator[Any]:
+async def _orchestrator(
+    servers: dict[str, WorkerServer], registry: CollectorRegistry
+) -> AsyncIterator[Any]:
     specs = tuple(WorkerSpec(name, s.endpoint, name == "pf") for name, s in servers.items())
-    orch = DisaggregatedOrchestrator(RouterConfig(specs, threshold_tokens=16, control=None))
+    config = RouterConfig(specs, threshold_tokens=16, control=None)
+    orch = DisaggregatedOrchestrator(config, RouterMetrics(registry))
     await orch.start()
     try:
         yield orch
@@ -137,7 +142,8 @@ def test_follow_up_turns_relay_only_the_new_tokens(model: ModelConfig) -> None:
 async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) -> None:
     history = _prompt(300, salt=3)
     figures: list[tuple[int, int, int, int]] = []  # (L, D, bytes relayed, bytes with D = 0)
-    async with _orchestrator(servers) as orch:
+    registry = CollectorRegistry()
+    async with _orchestrator(servers, registry) as orch:
         pf, prefix = orch.cluster.workers["pf"], orch.cluster.prefix
         sent = 0
         for turn in range(3):
@@ -163,6 +169,10 @@ async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) ->
         assert orch.counters["relay_pin_fallback"] == 0
         assert orch.counters["relay_recomputed"] == 0
         assert orch.counters["prefill_fallback"] == 0
+        pinned = registry.get_sample_value("prfaas_relay_prefix_total", {"outcome": "pinned"})
+        saved = registry.get_sample_value("prfaas_relay_bytes_saved_total")
+        assert pinned == 2
+        assert saved == sum(d for _, d, _, _ in figures) * model.kv_spec.bytes_per_token
     assert [d for _, d, _, _ in figures[1:]] == [
         _decode_holds(model, figures[0][0]),
         _decode_holds(model, figures[1][0]),
