@@ -28,8 +28,11 @@ from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
 TINY = model_preset("tiny")
-MODELS = {"hybrid": TINY, "full-attn": model_preset("tiny", layer_pattern="F")}
-TPB = TINY.tokens_per_block  # 16
+MODELS = {
+    "default": model_preset("default"),  # hybrid (LLLF), 32-token blocks
+    "hybrid": TINY,  # 16-token blocks
+    "full-attn": model_preset("tiny", layer_pattern="F"),  # no preset is full-attention only
+}
 MAX_TOKENS = 6
 
 
@@ -93,11 +96,11 @@ def _reference(model: ModelConfig, prompt: list[int]) -> list[int]:
 def _expected_bytes(model: ModelConfig, num_tokens: int, relay_from: int) -> int:
     """Blocks [D/B, ceil(L/B)) of every full layer, the state after L of every linear layer
     and, when S = floor((L-1)/B)*B lies beyond D (hybrid), the states after S."""
-    spec = model.kv_spec
-    num_blocks = -(-num_tokens // TPB) - relay_from // TPB
-    boundary = (num_tokens - 1) // TPB * TPB
+    spec, tpb = model.kv_spec, model.tokens_per_block
+    num_blocks = -(-num_tokens // tpb) - relay_from // tpb
+    boundary = (num_tokens - 1) // tpb * tpb
     num_states = 1 + (spec.state_bytes > 0 and boundary > relay_from)
-    return num_blocks * TPB * spec.bytes_per_token + num_states * spec.state_bytes
+    return num_blocks * tpb * spec.bytes_per_token + num_states * spec.state_bytes
 
 
 def _decode_holds(model: ModelConfig, previous: int) -> int:
@@ -105,9 +108,10 @@ def _decode_holds(model: ModelConfig, previous: int) -> int:
     resume: the relayed whole blocks (t1's own block is not cached), and for a hybrid model
     only up to a relayed state: the prefill's snapshot at floor((L-1)/B)*B, or the state after
     L when L is block aligned."""
-    if model.num_linear_layers and previous % TPB:
-        return (previous - 1) // TPB * TPB
-    return previous // TPB * TPB
+    tpb = model.tokens_per_block
+    if model.num_linear_layers and previous % tpb:
+        return (previous - 1) // tpb * tpb
+    return previous // tpb * tpb
 
 
 async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
