@@ -16,7 +16,8 @@ GB = 125_000_000  # bytes in one gigabit
 
 
 def _period(sent_gbps: float, bound_share: float = 0.0, bound_gbps: float = 0.0) -> le.RelayPeriod:
-    return le.RelayPeriod(1.0, sent_gbps, bound_share, bound_gbps, 0.0, 0.0, 0.0, 0, 0)
+    # delivered as fast as sent: a healthy period
+    return le.RelayPeriod(1.0, sent_gbps, bound_share, bound_gbps, 0.0, 0.0, 0.0, 0, 0, sent_gbps)
 
 
 def test_a_link_bound_period_sets_the_estimate_and_idle_ones_keep_it() -> None:
@@ -82,3 +83,14 @@ def test_periods_from_counters() -> None:
         le.LinkEstimateConfig(alpha_up=0.0)
     with pytest.raises(ConfigError, match="> 0 Gbps"):
         le.initial_estimate(0.0, 10.0)
+
+
+def test_recovery_jumps_to_what_was_delivered_but_never_past_the_provisioned_rate() -> None:
+    est = le.update(C, le.initial_estimate(10.0, 99.0), [_period(1.0, 1.0, 1.0)], now_s=0.0)
+    buffered = replace(_period(0.0), sent_gbps=8.0)  # handed to buffers, nothing delivered yet
+    est = le.update(C, est, [buffered], now_s=1.0)
+    assert est.gbps == pytest.approx(1.0)  # bytes in buffers are no evidence of a faster link
+    est = le.update(C, est, [_period(6.0)], now_s=1.0 + C.recover_s)  # quiet, 6 delivered
+    assert est.gbps == pytest.approx(6.0)
+    est = le.update(C, est, [_period(30.0)], now_s=2.0 + C.recover_s)  # one lumpy period
+    assert est.gbps == pytest.approx(10.0)

@@ -35,6 +35,7 @@ def _counters(tx: RelaySender) -> le.RelayCounters:
     return le.RelayCounters(
         time.monotonic(), s.bytes_sent, s.link_wait_s, s.link_wait_bytes, s.credit_wait_s,
         s.tcp_bound_s, s.tcp_bound_gbit, s.tcp_total_retrans or 0, s.tcp_segs_out or 0,
+        s.bytes_acked,
     )  # fmt: skip
 
 

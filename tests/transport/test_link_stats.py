@@ -27,6 +27,7 @@ def _counters(tx: RelaySender) -> le.RelayCounters:
     return le.RelayCounters(
         now_s=time.monotonic(),
         bytes_sent=s.bytes_sent,
+        bytes_acked=s.bytes_acked,
         link_wait_s=s.link_wait_s,
         link_wait_bytes=s.link_wait_bytes,
         credit_wait_s=s.credit_wait_s,

@@ -23,13 +23,15 @@ One update per control period (:func:`update`), from every PrfaaS worker's perio
 
 - some worker link-bound (either view, for at least ``bound_fraction`` of the period): capacity
   sample = the link-bound rate of the bound workers (the larger of the two views) plus what the
-  others sent in the period (they share the egress); the estimate moves to it at once when
-  lower, half-way when higher;
-- none bound: the link carried what was sent, so the estimate is at least that; and after
-  ``recover_s`` without any bound period it relaxes towards the prior by ``recover_factor``
-  per period. A link that came back shows nothing while producers are slower than it, so the
-  estimate must return by itself; if the link is still slow, the next busy period is link-bound
-  again and pulls it down (a probe, like TCP's own).
+  others delivered in the period (they share the egress); the estimate moves to it at once
+  when lower, half-way when higher;
+- none bound: the estimate holds; after ``recover_s`` without any bound period it relaxes
+  towards the prior by ``recover_factor`` per period, or at once to what the link is known to
+  have delivered (bytes the receivers acknowledged) if that is more, never past a provisioned
+  rate (acknowledgements come per transfer: one period can count more than the link moved).
+  A link that came back shows nothing while producers are slower than it, so the estimate
+  must return by itself; if the link is still slow, the next busy period is link-bound again
+  and pulls it down (a probe, like TCP's own).
 
 The prior is the provisioned rate when configured; otherwise the highest rate ever estimated or
 carried (before any sample, a default). An idle or producer-bound relay never lowers the
@@ -49,6 +51,7 @@ __all__ = [
     "RelayPeriod",
     "initial_estimate",
     "period",
+    "retransmit_ratio",
     "update",
 ]
 
@@ -92,6 +95,7 @@ class RelayCounters:
     tcp_bound_gbit: float = 0.0  # its delivery rate integrated over that time
     tcp_retrans: int = 0
     tcp_segs_out: int = 0
+    bytes_acked: int = 0  # payload of transfers the receiver acknowledged (delivered)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class RelayPeriod:
     tcp_gbps: float  # the kernel's link rate while it showed the link limiting (0 if never)
     retransmits: int
     segments: int
+    acked_gbps: float = 0.0  # delivered: what the link is known to have carried
 
 
 def period(before: RelayCounters, after: RelayCounters) -> RelayPeriod | None:
@@ -130,6 +135,7 @@ def period(before: RelayCounters, after: RelayCounters) -> RelayPeriod | None:
         tcp_gbps=tcp_gbit / tcp_s if tcp_s > 0 and tcp_gbit > 0 else 0.0,
         retransmits=max(after.tcp_retrans - before.tcp_retrans, 0),
         segments=max(after.tcp_segs_out - before.tcp_segs_out, 0),
+        acked_gbps=max(after.bytes_acked - before.bytes_acked, 0) * 8 / 1e9 / dt,
     )
 
 
@@ -167,7 +173,7 @@ def _capacity_sample(c: LinkEstimateConfig, periods: list[RelayPeriod]) -> float
     bound = [p for p in periods if _is_bound(c, p)]
     if not bound:
         return None
-    free = sum(p.sent_gbps for p in periods if not _is_bound(c, p))
+    free = sum(p.acked_gbps for p in periods if not _is_bound(c, p))
     return free + sum(max(_app_rate(c, p), _tcp_rate(c, p)) for p in bound)
 
 
@@ -184,17 +190,17 @@ def update(
 ) -> LinkEstimate:
     """Fold one control period's worker periods into the estimate (see the module doc)."""
     sample = _capacity_sample(c, periods)
-    carried = sum(p.sent_gbps for p in periods)
+    carried = sum(p.acked_gbps for p in periods)
     if sample is not None:
         first = not est.is_prior_fixed and est.last_bound_s is None  # the default was a guess
         alpha = 1.0 if first else c.alpha_up if sample > est.gbps else c.alpha_down
         gbps = est.gbps + alpha * (sample - est.gbps)
         new = replace(est, gbps=gbps, last_bound_s=now_s, last_sample_gbps=sample)
         return _learn(new, max(est.peak_gbps, gbps, carried))
-    gbps = max(est.gbps, carried)
-    quiet_since = est.last_bound_s
+    gbps, quiet_since = est.gbps, est.last_bound_s
     if quiet_since is None or now_s - quiet_since >= c.recover_s:
-        gbps = max(gbps, min(gbps * c.recover_factor, est.prior_gbps))
+        lifted = max(carried, min(gbps * c.recover_factor, est.prior_gbps))
+        gbps = max(gbps, min(lifted, est.prior_gbps) if est.is_prior_fixed else lifted)
     new = replace(est, gbps=gbps, last_sample_gbps=None)
     return _learn(new, max(est.peak_gbps, carried))
 

@@ -548,6 +548,7 @@ def relay_counters(report: p.LoadReport, now_s: float) -> le.RelayCounters:
     return le.RelayCounters(
         now_s=now_s,
         bytes_sent=report.relay_bytes_out,
+        bytes_acked=report.relay_bytes_sent,
         link_wait_s=report.relay_link_wait_s,
         link_wait_bytes=report.relay_link_wait_bytes,
         credit_wait_s=report.relay_credit_wait_s,
