@@ -37,7 +37,7 @@ __all__ = [
 
 SLO_FACTOR = 3.0
 WINDOW_STEP_S = 10.0
-SHARE_WINDOW_S = 10.0
+SHARE_WINDOW_S = 30.0  # at 0.35 req/s, ~10 requests a window
 _GAUGES = {  # series name -> the router's gauge (telemetry/metrics.py)
     "threshold_tokens": "prfaas_threshold_tokens",  # the live t
     "threshold_opt_tokens": "prfaas_threshold_opt_tokens",  # the anchor t_opt
@@ -172,6 +172,7 @@ def plot_timeline(
         ax.axvspan(*drop, color="0.85", zorder=0)
         ax.set_ylabel(label)
         ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_yscale("log")  # the 10x drop, and a link estimate far off the tc rate
     axes[3].set_yscale("log")
     axes[-1].set_xlabel("seconds since the run started (grey: the WAN at 10%)")
     fig.suptitle(title, fontsize=9)

@@ -32,6 +32,7 @@ from tritonclient.grpc import InferRequestedOutput
 from trtllm_prfaas.errors import PrfaasError
 from trtllm_prfaas.loadgen.client import RequestSpec, build_inputs
 from trtllm_prfaas.loadgen.scrape import MetricsUnavailable, scrape
+from trtllm_prfaas.sim.live_profile import Probe
 from trtllm_prfaas.testbed.hosts import HostsConfig, NetnsTestbed
 from trtllm_prfaas.testbed.netns import WanShape
 from trtllm_prfaas.testbed.spec import TestbedConfig
@@ -102,6 +103,9 @@ class LiveRun:
     drop_started_s: float
     drop_ended_s: float
     wan_rate_during_drop_bps: float  # what tc reported right after the change
+    load_average: tuple[float, float] = (0.0, 0.0)  # 1-min load average at the start, the end
+    run_id: str = ""  # the namespace testbed's
+    calibration: Probe | None = None  # an unloaded probe just before the run
     pinned: dict[str, int] = field(default_factory=dict)
 
 
@@ -284,6 +288,7 @@ def run_live(
 ) -> LiveRun:
     """Send the trace with the drop and the scraper on; returns when every request ended."""
     started_at = time.monotonic() + 0.5
+    load_before = os.getloadavg()[0]
 
     async def both() -> tuple[list[LiveRecord], tuple[float, float, float]]:
         drop = asyncio.create_task(_drop(hosts, started_at, drop_at_s, drop_s, drop_rate))
@@ -294,4 +299,5 @@ def run_live(
     with Scraper(hosts, started_at) as scraper:
         records, (began, ended, during) = asyncio.run(both())
         time.sleep(1.5)  # one more sample after the last request
-    return LiveRun(mode, records, scraper.samples, began, ended, during)
+    load = (load_before, os.getloadavg()[0])
+    return LiveRun(mode, records, scraper.samples, began, ended, during, load, hosts.run_id)

@@ -84,7 +84,10 @@ class Settings:
     probe_fractions: tuple[float, ...] = (0.01, 0.03, 0.08, 0.15, 0.3, 0.6, 0.97)
     link_probe_s: float = 4.0
     request_timeout_s: float = 300.0
-    check_tokens: int = 8  # requests checked against a single engine (-1: all)
+    # Requests checked against a single engine (-1: all): the shortest ones on each side of the
+    # static t, half each (those above it crossed the WAN in the static run). Each is a whole
+    # prefill on this machine's shared cores, so the full run checks a few.
+    check_tokens: int = 6
     num_blocks: int = 8192
 
     @classmethod
@@ -137,6 +140,7 @@ def profile_testbed(s: Settings, log: Any) -> tuple[LiveProfile, dict[str, Any]]
     ``S_kv``; the simulator adds the WAN itself, from the measured goodput)."""
     max_len = s.prompt_max()
     hosts = start_testbed(s.testbed(max_len), WanShape(rate=s.wan_rate), True)
+    run_id = hosts.run_id
     try:
         link = measure_link_gbps(hosts, s.link_probe_s)
         hosts.set_wan_rate(s.drop_rate)
@@ -155,7 +159,7 @@ def profile_testbed(s: Settings, log: Any) -> tuple[LiveProfile, dict[str, Any]]
     profile = LiveProfile(probes=tuple(probes), link_gbps=link, drop_link_gbps=dropped,
                           decode_step_s=float(np.median(tpots)) if tpots else 0.05)  # fmt: skip
     kv, curve = profile.kv, profile.curve
-    detail = {"link_gbps": round(link, 5), "drop_link_gbps": round(dropped, 6),
+    detail = {"run_id": run_id, "link_gbps": round(link, 5), "drop_link_gbps": round(dropped, 6),
               "decode_step_s": round(profile.decode_step_s, 4),
               "kv_fixed_bytes": round(kv.fixed_bytes),
               "kv_per_token_bytes": round(kv.per_token_bytes, 1),
@@ -175,16 +179,28 @@ def solver_threshold(profile: LiveProfile, s: Settings) -> int:
 def live_mode(
     s: Settings, mode: str, t: int, specs: list[RequestSpec], arrivals: list[float]
 ) -> tuple[LiveRun, dict[str, int]]:
-    """Phases 2/3: one testbed, the trace with the drop; returns the run and exit codes."""
+    """Phases 2/3: one testbed, a calibration probe, the trace with the drop; returns the run
+    (``calibration``: the probe's TTFT, for ``LiveProfile.scaled``) and exit codes."""
     hosts = start_testbed(s.testbed(t), WanShape(rate=s.wan_rate), mode == "static")
     pinned = {name: cpu for name, cpu in _pins(hosts).items()}
     try:
+        probes, failures = probe(hosts, calibration_specs(s, t), s.request_timeout_s)
+        if failures or len(probes) != 2:
+            raise SystemExit(f"{mode}: the calibration probe failed: {failures}")
         run = run_live(hosts, mode, specs, arrivals, drop_at_s=s.before_s, drop_s=s.drop_s,
                        drop_rate=s.drop_rate, timeout_s=s.request_timeout_s)  # fmt: skip
     finally:
         codes = hosts.close()
-    run.pinned = pinned
+    run.pinned, run.calibration = pinned, probes[1]
     return run, codes
+
+
+def calibration_specs(s: Settings, t: int) -> list[RequestSpec]:
+    """A warm-up and one probe at the profile's length nearest ``t / 3`` (local in both modes):
+    the machine's speed now against the profile's (other work shares these cores)."""
+    lengths = [max(int(f * s.prompt_max()), 16) for f in s.probe_fractions]
+    length = min(lengths, key=lambda n: abs(n - t / 3))
+    return [_spec(PROBE_INDEX + 100 + i, n, s) for i, n in enumerate((lengths[0], length))]
 
 
 def _pins(hosts: Any) -> dict[str, int]:
@@ -206,15 +222,19 @@ def reference_tokens(s: Settings, spec: RequestSpec) -> list[int]:
     return engine.generate([spec.prompt], sampling)[0]
 
 
-def invariants(s: Settings, runs: dict[str, LiveRun], specs: list[RequestSpec]) -> dict[str, Any]:
+def invariants(
+    s: Settings, runs: dict[str, LiveRun], specs: list[RequestSpec], t: int
+) -> dict[str, Any]:
     """Tokens against a single engine (a sample, or all), between modes, and the drop in tc."""
     ok_both = [i for i in range(len(specs)) if all(r.records[i].is_ok for r in runs.values())]
     same = sum(runs["static"].records[i].token_ids == runs["dynamic"].records[i].token_ids
                for i in ok_both)  # fmt: skip
     every = [i for i in range(len(specs))
              if any(r.records[i].is_ok for r in runs.values())]  # fmt: skip
-    step = max(len(every) // max(s.check_tokens, 1), 1)
-    checked = every if s.check_tokens < 0 else every[::step][: s.check_tokens]
+    by_length = sorted(every, key=lambda i: specs[i].num_prompt_tokens)
+    half = max(s.check_tokens // 2, 1)
+    above = [i for i in by_length if specs[i].num_prompt_tokens > t][:half]
+    checked = every if s.check_tokens < 0 else [*by_length[:half], *above]
     mismatched = []
     for i in checked:
         want = tuple(reference_tokens(s, specs[i]))
@@ -256,13 +276,17 @@ def run_experiment(s: Settings, out_dir: Path, log: Any) -> dict[str, Any]:
     lengths = [spec.num_prompt_tokens for spec in specs]
     slo = SLO_FACTOR * np.maximum(profile.unloaded_ttft_s(lengths), floor)
     live = {m: live_outcome(s, run, arrivals, slo) for m, run in runs.items()}
-    sims = {m: simulated(s, profile, run, t, arrivals, lengths) for m, run in runs.items()}
+    factors = {m: contention(profile, run) for m, run in runs.items()}
+    sims = {m: simulated(s, profile.scaled(factors[m]), run, t, arrivals, lengths)
+            for m, run in runs.items()}  # fmt: skip
     sim = {m: outcome(arrivals, list(r.ttft_s), slo, window_s=s.drop_s, span_s=s.span_s,
                       is_remote=list(r.is_remote)) for m, r in sims.items()}  # fmt: skip
     per_mode = {m: {"series": series(run.samples), "arrival_s": arrivals,
                     "ttft_s": [r.ttft_s if r.is_ok else None for r in run.records],
                     "sim_threshold": sims[m].timeline.threshold_tokens.tolist(),
                     "drop": [run.drop_started_s, run.drop_ended_s], "pinned": run.pinned,
+                    "load_average_1min": run.load_average, "run_id": run.run_id,
+                    "contention_factor": round(factors[m], 3),
                     "exit_codes": codes[m]} for m, run in runs.items()}  # fmt: skip
     drop = (runs["static"].drop_started_s, runs["static"].drop_ended_s)
     plot = plot_timeline(out_dir / "live_drop_timeline.png", per_mode, drop,
@@ -285,7 +309,7 @@ def run_experiment(s: Settings, out_dir: Path, log: Any) -> dict[str, Any]:
         "settings": dataclasses.asdict(s),
         "drop_rate": s.drop_rate,
         "profile": profile_detail,
-        "invariants": invariants(s, runs, specs),
+        "invariants": invariants(s, runs, specs, t),
         "plots": [str(plot)],
         "load_average": list(os.getloadavg()),
         "wall_s": round(time.monotonic() - started, 1),
@@ -318,6 +342,15 @@ def simulated(
                      threshold_tokens=t, mode=mode, drop_at_s=run.drop_started_s,
                      drop_s=run.drop_ended_s - run.drop_started_s)  # fmt: skip
     return simulate_trace(cfg, arrivals, lengths)
+
+
+def contention(profile: LiveProfile, run: LiveRun) -> float:
+    """The run's calibration TTFT over the profile's at that length (1.0 without one)."""
+    probe = run.calibration
+    if probe is None:
+        return 1.0
+    same = [p.ttft_s for p in profile.probes if p.num_tokens == probe.num_tokens]
+    return probe.ttft_s / same[0] if same else 1.0
 
 
 def _ratio(a: Outcome, b: Outcome) -> float | None:

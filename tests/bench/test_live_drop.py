@@ -32,7 +32,8 @@ OUTCOME_KEYS = {"num_requests", "num_ok", "num_slo_met", "goodput_rps",
                 "worst_window_p90_ttft_s", "worst_window_start_s", "p90_ttft_s",
                 "offload_share"}  # fmt: skip
 SERIES_KEYS = {"time_s", "threshold_tokens", "threshold_opt_tokens", "threshold_min_tokens",
-               "offload_share", "link_estimate_mbps", "wan_rate_mbps", "wan_egress_mbps"}  # fmt: skip
+               "offload_share", "link_estimate_mbps", "wan_rate_mbps",
+               "wan_egress_mbps"}  # fmt: skip
 
 pytestmark = [
     pytest.mark.skipif(
@@ -48,15 +49,16 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("live_drop")
-    runs_before = set(list_runs())
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "live_drop.py"), "--quick", "--json",
          "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    assert set(list_runs()) == runs_before, "a namespace testbed run outlived the bench"
     data: dict = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = {data["profile"]["run_id"], *(data["runs"][mode]["run_id"] for mode in MODES)}
+    assert len(ours) == 3 and all(ours), ours
+    assert not ours & set(list_runs()), "a namespace testbed run of the bench outlived it"
     data["_out"] = str(out)
     return data
 
@@ -111,12 +113,15 @@ def test_the_drop_showed_in_tc_and_the_series_cover_the_run(result: dict) -> Non
         run = result["runs"][mode]
         assert set(run["series"]) == SERIES_KEYS
         times, rates = run["series"]["time_s"], run["series"]["wan_rate_mbps"]
-        assert times[-1] >= span - 1 and len(times) >= span * 0.8
         began, ended = run["drop"]
+        assert times[-1] >= max(run["arrival_s"][-1], ended + 1) and len(times) >= span * 0.8
         assert ended - began == pytest.approx(result["settings"]["drop_s"], abs=1.0)
         during = [r for t, r in zip(times, rates, strict=True) if began + 1 < t < ended - 1]
         after = [r for t, r in zip(times, rates, strict=True) if t > ended + 1]
         assert during and max(during) == pytest.approx(2.0, rel=0.05), during
         assert after and min(after) == pytest.approx(20.0, rel=0.05), after
+        before = [r for t, r in zip(times, rates, strict=True) if t < began - 1]
+        assert before and min(before) == pytest.approx(20.0, rel=0.05), before
         assert sum(run["series"]["wan_egress_mbps"]) > 0
         assert run["pinned"] in ({}, {"dc-local-prefill-0": 0, "dc-remote-prefill-0": 1})
+        assert run["contention_factor"] > 0  # a calibration probe ran before the trace

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,6 +99,19 @@ class LiveProfile:
     def unloaded_ttft_s(self, num_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """The local (no WAN) unloaded TTFT the curve gives for each length."""
         return self.curve.seconds(np.asarray(num_tokens, dtype=np.float64))
+
+    def scaled(self, factor: float) -> LiveProfile:
+        """The same profile with every probe's times x ``factor``: the machine ran ``factor``
+        times slower (or faster) when a run was measured than when the profile was (shared
+        cores), as a calibration probe just before the run says."""
+        if factor <= 0:
+            raise ConfigError(f"LiveProfile.scaled: factor must be > 0, got {factor}")
+        probes = tuple(
+            replace(p, ttft_s=p.ttft_s * factor,
+                    tpot_s=None if p.tpot_s is None else p.tpot_s * factor)
+            for p in self.probes
+        )  # fmt: skip
+        return replace(self, probes=probes, decode_step_s=self.decode_step_s * factor)
 
     def system(self) -> SystemProfile:
         kv, curve = self.kv, self.curve
