@@ -41,7 +41,7 @@ __all__ = ["ClusterState", "WorkerState"]
 # take seconds: only a silence this long means the worker is gone. A dead process or host is
 # found in seconds from its connection instead (``is_lost``).
 STALE_AFTER_S = 30.0
-# EWMA weight of one idle-node prefill leg in a node's seconds-per-token estimate (a ~5-leg
+# EWMA weight of one idle-node prefill leg in a cluster's seconds-per-token estimate (a ~5-leg
 # memory, as the control loop's estimators).
 _SPT_ALPHA = 0.2
 
@@ -59,10 +59,8 @@ class WorkerState:
     is_lost: bool = False  # its connection died; set and cleared by ClusterState
     # Live prefill load, kept by the router itself (load reports lag by up to 0.1 s and count
     # only requests the engine has not admitted): prompt tokens of the prefill legs it sent
-    # here that have not produced their first token yet, and the seconds per computed token
-    # measured on legs that found the node idle (an EWMA; 0 until the first such leg).
+    # here that have not produced their first token yet (``ClusterState.on_prefill_*``).
     prefill_tokens_in_flight: int = 0
-    prefill_s_per_token: float = 0.0
 
     @property
     def role(self) -> str:
@@ -79,32 +77,17 @@ class WorkerState:
         busy = r is not None and (r.queue_depth or r.num_running or r.num_pending_decodes)
         return not busy and self.reserved_slots == 0
 
-    def view(self, prefix_tokens: int = 0) -> NodeView:
+    def view(self, prefix_tokens: int = 0, prefill_s_per_token: float = 0.0) -> NodeView:
+        """This node for one request; ``prefill_s_per_token`` is its cluster's estimate (its
+        backlog in seconds is the prompt tokens in flight here at that speed)."""
         report = self.report
         queue = report.queue_depth if report else 0
         free = (report.num_free_slots if report else self.info.max_num_seqs) - self.reserved_slots
-        spt = self.prefill_s_per_token
+        spt = prefill_s_per_token
         backlog_s = self.prefill_tokens_in_flight * spt
         return NodeView(
             self.name, prefix_tokens, queue, backlog_s, max(0, free), self.draining, spt
         )
-
-    def on_prefill_sent(self, tokens: int) -> bool:
-        """A prefill leg computing ``tokens`` was sent here; True if the node had none open
-        (so its leg time measures the node's speed, not a queue)."""
-        was_idle = self.prefill_tokens_in_flight == 0
-        self.prefill_tokens_in_flight += tokens
-        return was_idle
-
-    def on_prefill_done(self, tokens: int, seconds: float | None) -> None:
-        """That leg produced its first token (or ended without): ``seconds`` from sending it,
-        given only for a leg that found the node idle, updates the per-token estimate."""
-        self.prefill_tokens_in_flight = max(self.prefill_tokens_in_flight - tokens, 0)
-        if seconds is None or tokens <= 0:
-            return
-        sample = seconds / tokens
-        old = self.prefill_s_per_token
-        self.prefill_s_per_token = sample if old == 0 else old + _SPT_ALPHA * (sample - old)
 
     def is_live(self, now: float) -> bool:
         """Routable: connected, and reported within ``STALE_AFTER_S``."""
@@ -115,6 +98,28 @@ class WorkerState:
 class ClusterState:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     prefix: PrefixTracker = field(default_factory=PrefixTracker)
+    # Seconds per computed prompt token of a prefill node, per cluster (True: PrfaaS), an EWMA
+    # over legs that found their node idle; 0 until the first. One figure per cluster: its
+    # instances are alike (the paper's homogeneous clusters), and per-node estimates would
+    # let noise, not load or prefix, pick between two idle nodes.
+    prefill_s_per_token: dict[bool, float] = field(default_factory=dict)
+
+    def on_prefill_sent(self, worker: WorkerState, tokens: int) -> bool:
+        """A prefill leg computing ``tokens`` was sent to ``worker``; True if it had none open
+        (so the leg's time measures the cluster's speed, not a queue)."""
+        was_idle = worker.prefill_tokens_in_flight == 0
+        worker.prefill_tokens_in_flight += tokens
+        return was_idle
+
+    def on_prefill_done(self, worker: WorkerState, tokens: int, seconds: float | None) -> None:
+        """That leg produced its first token (or ended without one): ``seconds`` from sending
+        it, given only for a leg that found the node idle, updates its cluster's estimate."""
+        worker.prefill_tokens_in_flight = max(worker.prefill_tokens_in_flight - tokens, 0)
+        if seconds is None or tokens <= 0:
+            return
+        sample, old = seconds / tokens, self.prefill_s_per_token.get(worker.is_prfaas, 0.0)
+        new = sample if old == 0 else old + _SPT_ALPHA * (sample - old)
+        self.prefill_s_per_token[worker.is_prfaas] = new
 
     def add(self, worker: WorkerState) -> None:
         self.workers[worker.name] = worker
@@ -176,7 +181,8 @@ class ClusterState:
             role = w.info.role
             if role not in ROLE_NAMES or (role == Role.DECODE and w.is_prfaas):
                 continue
-            node = w.view(self.prefix.prefix_tokens(w.name, hashes, now))
+            spt = self.prefill_s_per_token.get(w.is_prfaas, 0.0) if role == Role.PREFILL else 0.0
+            node = w.view(self.prefix.prefix_tokens(w.name, hashes, now), spt)
             if role == Role.PREFILL:
                 (prfaas if w.is_prfaas else pd_prefill).append(node)
             else:

@@ -349,6 +349,12 @@ class DisaggregatedOrchestrator(Orchestrator):
         self._links.flights[reservation] = flight
         decode: WorkerState | None = None
         finished, status = False, "cancelled"
+        # The node's prefill load as the router sees it (``WorkerState.view``): the leg's work
+        # counts from now until its t1; a leg that found the node idle (and moved no prefix
+        # first) measures the node's seconds per token.
+        computed = decision.incremental_tokens
+        is_sample = self.cluster.on_prefill_sent(prefill, computed) and decision.cache_move is None
+        is_prefilling = True
         try:
             async with asyncio.timeout(request.deadline_s):
                 flight.submitted_at = time.monotonic()
@@ -357,6 +363,10 @@ class DisaggregatedOrchestrator(Orchestrator):
                 decode = await self._reserve_decode(request, flight)
                 decode.reserved_slots += 1  # a routing hint until its next load report
                 async for chunk in self._handoff.run(request, flight, decode, prefill):
+                    if is_prefilling:  # t1 came: the prefill leg's work is done
+                        is_prefilling = False
+                        leg_s = _leg_s(flight) if is_sample else None
+                        self.cluster.on_prefill_done(prefill, computed, leg_s)
                     finished = chunk.is_final
                     status = "ok" if finished else status
                     yield chunk
@@ -368,6 +378,8 @@ class DisaggregatedOrchestrator(Orchestrator):
             status = type(exc).__name__
             raise
         finally:
+            if is_prefilling:
+                self.cluster.on_prefill_done(prefill, computed, None)
             if decode is not None:
                 decode.reserved_slots -= 1
             for leg_id in (rid, reservation, *flight.leg_ids):
@@ -524,3 +536,11 @@ class DisaggregatedOrchestrator(Orchestrator):
                 "expired_blocks": stats.num_expired_blocks,
             }
             self.metrics.set_prefix_index(stats.blocks_per_node, approximate, counts)
+
+
+def _leg_s(flight: Flight) -> float | None:
+    """Seconds from sending the prefill leg to its t1; None if t1 did not come from it (the
+    decode node computed the prompt after the prefill leg failed)."""
+    if flight.prefill_first_at is None:
+        return None
+    return flight.prefill_first_at - flight.submitted_at
