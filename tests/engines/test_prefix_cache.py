@@ -322,3 +322,43 @@ def test_a_chunk_off_the_block_grid_is_not_cached(make_engine: EngineFactory) ->
     assert engine.blocks.num_cached == 2
     events = [e.data for e in engine.drain_kv_events().events]
     assert not [d for d in events if isinstance(d, KvStateStored)]
+
+
+@pytest.mark.parametrize("pattern", ["LLLF", "F"], ids=["hybrid", "full-attention"])
+def test_a_pinned_prefix_survives_eviction_until_unpinned(
+    make_engine: EngineFactory, pattern: str
+) -> None:
+    """``pin_prefix`` (a decode slot's reservation) holds a cached prefix, matched as admission
+    matches it, so other prompts cannot evict it before its request comes; ``unpin_prefix``
+    gives it back (idempotent). The fixture checks that nothing is left referenced."""
+    model = tiny_model(layer_pattern=pattern)
+    engine = make_engine(model=model, enable_block_reuse=True, max_cached_blocks=6)
+    mine, other = _tokens(6 * TPB + 5, seed=21), _tokens(6 * TPB + 5, seed=22)
+    (cold,) = _cold(make_engine, [mine], GREEDY, model=model)
+    engine.generate([mine], GREEDY)
+    hashes = block_hashes(mine[:-1], TPB, cache_key_for(model))
+    pin_id, num_tokens = engine.pin_prefix(hashes)
+    assert pin_id and num_tokens == 6 * TPB
+    assert engine.pin_prefix([1, 2, 3]) == (0, 0)  # nothing held: no pin
+    engine.generate([other], GREEDY)  # its 6 blocks take the cache's room
+    reused = engine.stats.num_reused_tokens
+    assert engine.generate([mine], GREEDY)[0] == cold
+    assert engine.stats.num_reused_tokens - reused == 6 * TPB  # the pinned prefix, all of it
+    assert any("prefix pins" in problem for problem in engine.leak_report())
+    engine.unpin_prefix(pin_id)
+    engine.unpin_prefix(pin_id)
+    engine.generate([other], GREEDY)
+    assert engine.pin_prefix(hashes) == (0, 0)  # evicted once unpinned
+
+
+def test_a_relayed_snapshot_off_the_block_grid_is_refused(make_engine: EngineFactory) -> None:
+    engine = make_engine(enable_block_reuse=True)
+    assert engine.prefix_cache is not None
+    engine.add_request(_tokens(3 * TPB, seed=5), GREEDY, request_id=7)
+    req = engine.waiting[0]
+    state = torch.zeros(engine.states.shape[1:])
+    assert not engine.prefix_cache.store_relayed_snapshot(req, TPB + 1, state)  # off the grid
+    assert not engine.prefix_cache.store_relayed_snapshot(req, 4 * TPB, state)  # past the prompt
+    assert not engine.prefix_cache.store_relayed_snapshot(req, TPB, state[:1])  # wrong shape
+    assert engine.prefix_cache.store_relayed_snapshot(req, 2 * TPB, state)
+    engine.abort(7)
