@@ -11,6 +11,7 @@ import pytest
 from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.testbed.spec import load_testbed_config
 from trtllm_prfaas.worker import command
+from trtllm_prfaas.worker.server import WorkerServer
 
 
 def _worker_args(*extra: str) -> argparse.Namespace:
@@ -41,3 +42,15 @@ def test_testbed_key_passes_the_flag_to_every_worker(tmp_path: Path) -> None:
     path.write_text("enable_block_reuse: true\n")
     workers = load_testbed_config(path).worker_args()
     assert workers and all("--enable-block-reuse" in args for args in workers.values())
+
+
+def test_worker_flag_accepts_cache_moves() -> None:
+    """``--accept-cache-moves`` (issue 15 item 5): a prefill worker binds a relay receiver and
+    says where in its ``WorkerInfo``; off by default (a prefill worker has none)."""
+    plain = command.build_config(_worker_args("--model-preset", "tiny"))
+    assert not plain.accept_cache_moves
+    config = command.build_config(_worker_args("--model-preset", "tiny", "--accept-cache-moves"))
+    assert config.accept_cache_moves
+    for built, has_receiver in ((plain, False), (config, True)):
+        with WorkerServer(built) as server:
+            assert bool(server.info().relay_endpoint) is has_receiver
