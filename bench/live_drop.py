@@ -314,6 +314,8 @@ def run_experiment(s: Settings, out_dir: Path, log: Any) -> dict[str, Any]:
         "load_average": list(os.getloadavg()),
         "wall_s": round(time.monotonic() - started, 1),
         "runs": per_mode,
+        "trace": {"num_prompt_tokens": lengths, "slo_s": [round(x, 3) for x in slo]},
+        "by_phase": by_phase(s, runs, arrivals, slo),
     }
 
 
@@ -342,6 +344,27 @@ def simulated(
                      threshold_tokens=t, mode=mode, drop_at_s=run.drop_started_s,
                      drop_s=run.drop_ended_s - run.drop_started_s)  # fmt: skip
     return simulate_trace(cfg, arrivals, lengths)
+
+
+def by_phase(
+    s: Settings,
+    runs: dict[str, LiveRun],
+    arrivals: list[float],
+    slo: np.ndarray,
+) -> dict[str, dict[str, int]]:
+    """SLO-met requests per mode by when they arrived: before, during and after the drop."""
+    edges = {"before": (0.0, s.before_s), "drop": (s.before_s, s.before_s + s.drop_s),
+             "after": (s.before_s + s.drop_s, math.inf)}  # fmt: skip
+    out = {}
+    for mode, run in runs.items():
+        met = [r.is_ok and (r.ttft_s or math.inf) <= float(bound)
+               for r, bound in zip(run.records, slo, strict=True)]  # fmt: skip
+        pairs = list(zip(met, arrivals, strict=True))
+        out[mode] = {phase: sum(m for m, a in pairs if lo <= a < hi)
+                     for phase, (lo, hi) in edges.items()}  # fmt: skip
+    out["num_requests"] = {phase: sum(lo <= a < hi for a in arrivals)
+                           for phase, (lo, hi) in edges.items()}  # fmt: skip
+    return out
 
 
 def contention(profile: LiveProfile, run: LiveRun) -> float:
