@@ -1,6 +1,6 @@
 """Cache-aware against cache-blind routing on the embedded testbed (issue 15's benchmark).
 
-    python bench/prefix.py --json        # ~6 minutes on a 2-core host
+    python bench/prefix.py --json        # ~2 minutes on a 2-core host
     python bench/prefix.py --quick       # the tiny model and small traces (the test)
 
 Each trace (``bench/_prefix_traces.py``: multi-turn conversations with shared system prompts
@@ -10,7 +10,7 @@ router in this process): once with the router cache-aware (``prefix_routing: tru
 default) and once cache-blind (``prefix_routing: false``: the router routes as if no node held
 any prefix). Every worker keeps its prefix cache in both runs (block reuse on), as workers do
 behind a cache-blind router, and each run gets fresh workers, so caches start cold. Topology:
-``--prfaas-prefill`` (2) PrfaaS prefill nodes, 1 PD-P, 2 PD-D, so placement has choices.
+``--prfaas-prefill`` (3) PrfaaS prefill nodes, 1 PD-P, 2 PD-D, so placement has choices.
 
 Two settings differ from ``prfaas up``'s defaults, both so that routing matters and the runs
 compare: the threshold is fixed (``--threshold-tokens``, no control loop: the loop's choices
@@ -67,7 +67,7 @@ TARGET_WAN_RATIO = 0.5
 @dataclass(frozen=True)
 class Settings:
     model_preset: str = "default"
-    num_prfaas_prefill: int = 2
+    num_prfaas_prefill: int = 3
     threshold_tokens: int = 1024
     prefill_max_num_seqs: int = 2
     chunk_size: int = 2048  # prefill chunk: a hybrid model snapshots its state at chunk ends
@@ -75,15 +75,15 @@ class Settings:
     seed: int = 0
     timeout_s: float = 300.0
     # multi-turn
-    num_conversations: int = 8
-    num_turns: int = 5
+    num_conversations: int = 16
+    num_turns: int = 8
     num_system_prompts: int = 2
     # Not a multiple of chunk_size: a hybrid engine snapshots its state at chunk ends and at a
     # prompt's last full block only, so conversations cannot share it (only their own history)
     system_tokens: int = 1536
     user_tokens: int = 256
     stagger_s: float = 0.25
-    think_s: float = 0.5  # a user reads the answer (longer than the 0.1 s report interval)
+    think_s: float = 0.2  # a user reads the answer (longer than the 0.1 s report interval)
     # shared-document
     num_documents: int = 2
     document_tokens: int = 3072
@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-tokens", type=int, default=None, help="multi-turn system prompt")
     parser.add_argument("--num-turns", type=int, default=None)
     parser.add_argument("--num-conversations", type=int, default=None)
+    parser.add_argument("--prfaas-prefill", type=int, default=None, help="PrfaaS prefill nodes")
+    parser.add_argument("--think-s", type=float, default=None, help="pause between turns")
     args = parser.parse_args(argv)
     configure_logging("WARNING")  # the router runs in this process: no per-request lines
     s = QUICK if args.quick else Settings()
@@ -399,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "system_tokens": args.system_tokens,
         "num_turns": args.num_turns,
         "num_conversations": args.num_conversations,
+        "num_prfaas_prefill": args.prfaas_prefill,
+        "think_s": args.think_s,
     }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     result = run(s)
