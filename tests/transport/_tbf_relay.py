@@ -2,7 +2,7 @@
 process inside its namespace: ``ip netns exec NS python -m tests.transport._tbf_relay ...``).
 
 ``receiver ENDPOINT NUM``: bind, print ``ready``, receive and release transfers ``t-0 ..
-t-(NUM-1)`` (each within 60 s), exit.
+t-(NUM-1)`` (each within 60 s), then wait to be stopped (at most 30 s).
 ``sender ENDPOINT NUM BYTES``: send NUM transfers of BYTES, four in flight, as fast as the link
 takes them; sample the sender's counters every 0.25 s into a link estimate (provisioned 10 Gbps)
 and print one JSON line per sample (``t_s``, ``estimate_gbps``, ``sent_gbps``, link-bound share,
@@ -28,6 +28,7 @@ def receiver(endpoint: str, num: int) -> None:
         for k in range(num):
             rx.wait_transfer(f"t-{k}", timeout_s=60.0)
             rx.release(f"t-{k}")
+        time.sleep(30.0)  # until stopped: closing now could cut the last ACKs off the slow link
 
 
 def _counters(tx: RelaySender) -> le.RelayCounters:

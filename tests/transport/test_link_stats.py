@@ -17,7 +17,7 @@ import pytest
 from tests.transport.conftest import Relay, make_config
 from trtllm_prfaas.policy import link_estimate as le
 from trtllm_prfaas.transport import Kind, RelaySender
-from trtllm_prfaas.transport.stats import PumpState, SendCounters
+from trtllm_prfaas.transport.stats import PumpState, SendCounters, TcpInfo
 
 PROVISIONED_GBPS = 10.0
 
@@ -119,3 +119,20 @@ def test_pump_states_charge_time_and_bytes_to_the_state_they_ended_in() -> None:
     s = c.snapshot("tcp://x:1", {}, 0, now_s=9.0)
     assert (s.link_wait_s, s.link_wait_bytes, s.credit_wait_s) == (1.0, 1000, 2.0)
     assert s.bytes_sent == 1500 and s.chunks_sent == 2
+
+
+def _info(acked: int, notsent: int, app_limited: bool = False) -> TcpInfo:
+    return TcpInfo(1, 2, 1, 100, 10, 0, 0, acked, 0, 10, notsent, 5_000_000, app_limited, 4)
+
+
+def test_kernel_link_bound_time_counts_acked_bytes_between_limited_reads() -> None:
+    c = SendCounters(num_streams=1)
+    c.on_tcp_read({0: (_info(0, 1000),)}, now_s=0.0)
+    c.on_tcp_read({0: (_info(1_250_000, 1000),)}, now_s=0.1)  # limited at both: 0.1 Gbps
+    c.on_tcp_read({0: (_info(2_500_000, 0),)}, now_s=0.2)  # drained: the link was not limiting
+    c.on_tcp_read({0: (_info(2_600_000, 1000, app_limited=True),)}, now_s=0.3)  # app-limited
+    c.on_tcp_read({0: (_info(2_700_000, 1000),)}, now_s=0.4)
+    c.on_tcp_read({0: (_info(9_000_000, 1000),)}, now_s=1.4)  # a gap: says nothing
+    s = c.snapshot("tcp://x:1", {}, 0, now_s=1.5)
+    assert s.tcp_bound_s == pytest.approx(0.1)
+    assert s.tcp_bound_gbit == pytest.approx(0.01)

@@ -32,10 +32,12 @@ NUM, NBYTES = 40, 2 << 20  # 80 MiB: ~2.5 s at 200 Mbit/s before the change, the
 needs_root = pytest.mark.skipif(bool(missing_requirements()), reason=missing_requirements())
 
 
-def _spawn(net: Network, datacenter: str, *args: str) -> subprocess.Popen[str]:
+def _spawn(net: Network, datacenter: str, log: Path, *args: str) -> subprocess.Popen[str]:
+    """A ``_tbf_relay`` process in ``datacenter``, its stderr to ``log``; stopped by PID."""
     argv = [*net.exec_prefix(datacenter), sys.executable, "-m", "tests.transport._tbf_relay"]
-    return subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=ROOT)  # fmt: skip
+    with log.open("w") as err:  # the child keeps its own copy of the fd
+        return subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=err,
+                                text=True, cwd=ROOT)  # fmt: skip
 
 
 def _rows(sender: subprocess.Popen[str], net: Network, change_at_s: float) -> list[dict[str, Any]]:
@@ -84,16 +86,19 @@ def _ready(receiver: subprocess.Popen[str]) -> bool:
 
 
 @needs_root
-def test_estimate_reads_a_tbf_link_and_follows_a_live_rate_change() -> None:
+def test_estimate_reads_a_tbf_link_and_follows_a_live_rate_change(tmp_path: Path) -> None:
     with Network(WanShape(rate="200mbit")) as net:
         endpoint = f"tcp://{net.wan_address('dc-local')}:5555"
-        receiver = _spawn(net, "dc-local", "receiver", endpoint, str(NUM))
+        receiver = _spawn(
+            net, "dc-local", tmp_path / "receiver.log", "receiver", endpoint, str(NUM)
+        )
         sender: subprocess.Popen[str] | None = None
         try:
             assert _ready(receiver)
-            sender = _spawn(net, "dc-remote", "sender", endpoint, str(NUM), str(NBYTES))
+            sender_log = tmp_path / "sender.log"
+            sender = _spawn(net, "dc-remote", sender_log, "sender", endpoint, str(NUM), str(NBYTES))
             rows = _rows(sender, net, change_at_s=1.5)
-            assert sender.wait(30.0) == 0
+            assert sender.wait(30.0) == 0, sender_log.read_text()[-3000:]
         finally:
             if sender is not None:
                 stop_process(sender, 5.0)

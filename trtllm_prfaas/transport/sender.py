@@ -42,7 +42,12 @@ from trtllm_prfaas.transport.outbound import Outbound, StreamSet
 from trtllm_prfaas.transport.pacing import TokenBucket
 from trtllm_prfaas.transport.pinning import pin_current_thread, relay_context
 from trtllm_prfaas.transport.security import warn_if_plaintext
-from trtllm_prfaas.transport.stats import ConnectionTracker, LinkStats, SendCounters
+from trtllm_prfaas.transport.stats import (
+    TCP_READ_INTERVAL_S,
+    ConnectionTracker,
+    LinkStats,
+    SendCounters,
+)
 from trtllm_prfaas.transport.wire import Control, Header, control_header
 
 __all__ = ["ChunkHook", "RelaySender"]
@@ -238,6 +243,7 @@ class RelaySender:
             burst = max(self.config.pacing_burst_bytes, self.config.chunk_bytes)
             bucket = TokenBucket(self.config.link_gbps, burst, time.monotonic())
         poll_s = self.config.poll_interval_s
+        next_tcp_read = time.monotonic()
         while not self._stop.is_set():
             timeout_s = min(poll_s, self._streams.pacing_wait_s)
             for sock in self._streams.poll(wake, timeout_s):
@@ -251,6 +257,9 @@ class RelaySender:
             now = time.monotonic()
             self._streams.pump(self._transfers.values(), bucket, now)
             self._expire(now)
+            if now >= next_tcp_read:  # the kernel's view of the link, at its own pace
+                self._counters.on_tcp_read(self._tracker.tcp_infos(), now)
+                next_tcp_read = now + TCP_READ_INTERVAL_S
 
     def _run_commands(self) -> None:
         while self._commands:

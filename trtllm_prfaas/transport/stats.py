@@ -37,6 +37,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 __all__ = [
+    "TCP_READ_INTERVAL_S",
     "ConnectionTracker",
     "LinkStats",
     "PumpState",
@@ -53,9 +54,13 @@ _TCP_INFO_LEN = 232
 # u32 unacked @24, retrans @36, rtt @68 (us), snd_cwnd @80, total_retrans @100;
 # u64 bytes_acked @120, bytes_received @128; u32 segs_out @136, notsent_bytes @144;
 # u64 delivery_rate @160 (bytes/s).
-# Two TCP_INFO reads further apart than this say nothing about the time between them (the
-# worker reads at every 0.1 s load report).
-TCP_READ_GAP_S = 0.5
+# The sender's I/O thread reads TCP_INFO about this often (its loop wakes at least every
+# poll_interval_s). Often, because an interval counts as link-bound when the reads at both its
+# ends find the kernel backlogged: a slow producer's burst on a fast link drains within
+# milliseconds, so two reads 20 ms apart rarely both catch one, while a slow link stays
+# backlogged. Two reads further apart than TCP_READ_GAP_S say nothing about the time between.
+TCP_READ_INTERVAL_S = 0.02
+TCP_READ_GAP_S = 0.2
 _TCP_INFO_RATE_LEN = 168  # kernels older than 4.9 stop before delivery_rate: rate reads 0
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -349,6 +354,14 @@ class SendCounters:
             ongoing = max(self.last_ack_s - self.busy_since_s, 0.0)
         return self.busy_s + ongoing
 
+    def on_tcp_read(self, tcp: dict[int, tuple[TcpInfo, ...]], now_s: float) -> None:
+        """A ``TCP_INFO`` read of every connection, by the sender's I/O thread every
+        ``TCP_READ_INTERVAL_S`` (so the kernel's view does not depend on how often, or whether,
+        anyone calls ``stats()``: a worker reports between engine steps, seconds apart during a
+        long prefill)."""
+        with self.lock:
+            self._on_tcp_read([info for infos in tcp.values() for info in infos], now_s)
+
     def _on_tcp_read(self, infos: Sequence[TcpInfo], now_s: float) -> float:
         """One ``TCP_INFO`` read (call with ``lock``): when it and the previous read both show
         the link limiting, and at most ``TCP_READ_GAP_S`` apart, the interval counts as
@@ -356,7 +369,8 @@ class SendCounters:
         what the link delivered meanwhile. Returns this read's instantaneous link rate."""
         delivery_gbps = _delivery_gbps(infos)
         acked = sum(i.bytes_acked for i in infos)
-        previous, dt = self.tcp_seen, now_s - (self.tcp_seen_s or now_s)
+        previous = self.tcp_seen
+        dt = now_s - self.tcp_seen_s if self.tcp_seen_s is not None else 0.0
         if previous is not None and delivery_gbps > 0 and previous[1] > 0:
             delta = acked - previous[0]  # < 0: a connection closed, its count went with it
             if delta >= 0 and 0 < dt <= TCP_READ_GAP_S:
