@@ -11,9 +11,10 @@ relay *sender* sees while it sends (``transport/stats.py``, reported in ``LoadRe
   with nothing to send, a slow consumer (decode not releasing buffers) leaves it waiting for
   **credit**; neither is link-bound, so neither produces a sample.
 - **the kernel's link-bound time** (Linux ``TCP_INFO``, read with ``getsockopt`` on the
-  sender's own connections at every load report): time during which some connection had unsent
-  bytes queued in the kernel (``tcpi_notsent_bytes > 0``) and a delivery-rate sample not marked
-  application-limited (at two load reports in a row), and the bytes TCP saw acknowledged over
+  sender's own connections by its I/O thread about every 20 ms): time during which some
+  connection had unsent bytes queued in the kernel (``tcpi_notsent_bytes > 0``) and a
+  delivery-rate sample not marked application-limited (at two reads in a row), and the bytes
+  TCP saw acknowledged over
   that time (``tcpi_bytes_acked``), the rate the link delivered while it was the bottleneck.
   That is what a link shaped below the sender's buffers (``tc`` ``tbf``) shows, where the
   receiver's credit, not the sender's queues, holds the sender back. Where ``TCP_INFO`` is
