@@ -14,8 +14,8 @@ relay *sender* sees while it sends (``transport/stats.py``, reported in ``LoadRe
   sender's own connections by its I/O thread about every 20 ms): time during which some
   connection had unsent bytes queued in the kernel (``tcpi_notsent_bytes > 0``) and a
   delivery-rate sample not marked application-limited (at two reads in a row), and the bytes
-  TCP saw acknowledged over
-  that time (``tcpi_bytes_acked``), the rate the link delivered while it was the bottleneck.
+  TCP saw acknowledged over that time (``tcpi_bytes_acked``), the rate the link delivered while
+  it was the bottleneck.
   That is what a link shaped below the sender's buffers (``tc`` ``tbf``) shows, where the
   receiver's credit, not the sender's queues, holds the sender back. Where ``TCP_INFO`` is
   unavailable (not Linux) this signal is 0 and the estimate rests on the sender's own view.
