@@ -107,6 +107,9 @@ def test_shared_prefix_goes_to_the_node_holding_it(testbed: dict[str, WorkerProc
             hashes = prefix.hashes_for(second)
             await _until(lambda: prefix.prefix_tokens("p1", hashes, time.monotonic()) >= held)
             assert prefix.prefix_tokens("p0", hashes, time.monotonic()) == 0
+            # the decode node's events come with its load reports too (every 0.1 s): turn 2's
+            # slot pins only what the index already says it holds (a loaded host was slower)
+            await _until(lambda: prefix.prefix_tokens("dec", hashes, time.monotonic()) >= held)
             got_second = await _tokens(orch, _request("turn2", second))
             decision = orch.decisions[-1]
             assert decision.prefill_node_id == "p1"  # cache-affine (p0 wins every tie)
