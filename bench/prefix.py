@@ -99,6 +99,7 @@ class Settings:
 
 QUICK = Settings(
     model_preset="tiny",
+    num_prfaas_prefill=2,
     threshold_tokens=128,
     max_tokens=4,
     chunk_size=128,
