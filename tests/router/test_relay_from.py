@@ -9,23 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.router.reuse_workers import prompt, reference, reuse_workers, until
 from trtllm_prfaas.config import model_preset
-from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
-from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
-from trtllm_prfaas.transport import RelayConfig, RelaySecurity
-from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
+from trtllm_prfaas.worker.server import WorkerRole, WorkerServer
 
 TINY = model_preset("tiny")
 MODELS = {
@@ -34,39 +31,7 @@ MODELS = {
     "full-attn": model_preset("tiny", layer_pattern="F"),  # no preset is full-attention only
 }
 MAX_TOKENS = 6
-
-
-@contextlib.contextmanager
-def _workers(model: ModelConfig) -> Iterator[dict[str, WorkerServer]]:
-    """``pf`` (PrfaaS prefill) and ``dec`` (PD decode) serving on threads; on the way out each
-    is stopped and, before it closes, checked for leaks (pins, blocks, snapshots, requests)."""
-    relay = RelayConfig(security=RelaySecurity.insecure_plaintext())
-    engine = EngineConfig(model=model, num_blocks=512, chunk_size=64, enable_block_reuse=True)
-    roles = {"pf": (WorkerRole.PREFILL, "dc-remote"), "dec": (WorkerRole.DECODE, "dc-local")}
-    servers: dict[str, WorkerServer] = {}
-    threads: list[threading.Thread] = []
-    leaks: dict[str, list[str]] = {}
-    try:
-        for name, (role, cluster) in roles.items():
-            servers[name] = WorkerServer(WorkerConfig(name, role, cluster, relay, engine))
-            threads.append(threading.Thread(target=servers[name].serve, daemon=True))
-            threads[-1].start()
-        yield servers
-        deadline = time.monotonic() + 10.0  # pinned saves and acks settle
-        while any(s.engine.has_unfinished() for s in servers.values()):
-            assert time.monotonic() < deadline, "workers did not go idle"
-            time.sleep(0.02)
-    finally:
-        for server in servers.values():
-            server.stop()
-        for thread in threads:
-            thread.join(timeout=10)
-        for name, server in servers.items():
-            assert isinstance(server.engine, ReferenceEngine)
-            leaks[name] = server.engine.leak_report() + [f"pins {p}" for p in server._pins]
-            server.close()
-        assert not any(t.is_alive() for t in threads)
-    assert leaks == {"pf": [], "dec": []}
+ROLES = {"pf": (WorkerRole.PREFILL, "dc-remote"), "dec": (WorkerRole.DECODE, "dc-local")}
 
 
 @contextlib.asynccontextmanager
@@ -81,16 +46,6 @@ async def _orchestrator(
         yield orch
     finally:
         await orch.close()
-
-
-def _prompt(n: int, salt: int) -> list[int]:
-    return [(i * 131 + salt) % 255 + 1 for i in range(n)]
-
-
-def _reference(model: ModelConfig, prompt: list[int]) -> list[int]:
-    """One cold engine, block reuse off: what every route must give bit for bit."""
-    engine = ReferenceEngine(EngineConfig(model=model, num_blocks=512))
-    return engine.generate([prompt], SamplingParams(MAX_TOKENS, 0.7, 9))[0]
 
 
 def _expected_bytes(model: ModelConfig, num_tokens: int, relay_from: int) -> int:
@@ -114,14 +69,6 @@ def _decode_holds(model: ModelConfig, previous: int) -> int:
     return previous // tpb * tpb
 
 
-async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 def _relayed(worker: Any) -> int:
     """Relay bytes the prefill worker has had acknowledged (its latest load report)."""
     return worker.report.relay_bytes_sent if worker.report is not None else 0
@@ -139,12 +86,12 @@ async def _turn(orch: Any, rid: str, prompt: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
 def test_follow_up_turns_relay_only_the_new_tokens(model: ModelConfig) -> None:
-    with _workers(model) as servers:
+    with reuse_workers(model, ROLES) as servers:
         asyncio.run(_conversation(model, servers))
 
 
 async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) -> None:
-    history = _prompt(300, salt=3)
+    history = prompt(300, salt=3)
     figures: list[tuple[int, int, int, int]] = []  # (L, D, bytes relayed, bytes with D = 0)
     registry = CollectorRegistry()
     async with _orchestrator(servers, registry) as orch:
@@ -154,13 +101,13 @@ async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) ->
             relay_from = _decode_holds(model, figures[-1][0]) if figures else 0
             # the router learns what the decode holds from its KV events (load reports)
             held = functools.partial(prefix.prefix_tokens, "dec", prefix.hashes_for(history))
-            await _until(lambda held=held, d=relay_from: held(time.monotonic()) >= d)
+            await until(lambda held=held, d=relay_from: held(time.monotonic()) >= d)
             tokens = await _turn(orch, f"turn{turn}", history)
             decision = orch.decisions[-1]
             assert decision.is_remote and decision.prefill_node_id == "pf"
-            assert tokens == _reference(model, history), f"turn {turn}"
+            assert tokens == reference(model, history, MAX_TOKENS), f"turn {turn}"
             expected = _expected_bytes(model, len(history), relay_from)
-            await _until(lambda n=sent + expected: _relayed(pf) >= n)
+            await until(lambda n=sent + expected: _relayed(pf) >= n)
             await asyncio.sleep(0.3)  # nothing more comes
             assert pf.report is not None
             num_bytes, sent = pf.report.relay_bytes_sent - sent, pf.report.relay_bytes_sent
@@ -168,7 +115,7 @@ async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) ->
             figures.append(
                 (len(history), relay_from, num_bytes, _expected_bytes(model, len(history), 0))
             )
-            history = [*history, *tokens, *_prompt(60, salt=10 + turn)]
+            history = [*history, *tokens, *prompt(60, salt=10 + turn)]
         assert orch.counters["relay_pinned"] == 2  # turns 2 and 3
         assert orch.counters["relay_pin_fallback"] == 0
         assert orch.counters["relay_recomputed"] == 0
