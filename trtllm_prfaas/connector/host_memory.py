@@ -8,14 +8,22 @@ Like TensorRT-LLM's persistent example connector, but over the project's hybrid 
 - the recurrent state is saved where the engine has it exactly: at every chunk end that is block
   aligned, and at the prompt's end L (with the partial tail block); each entry is reusable only
   on an exact-length match (chunks run as TensorRT-LLM runs them, so no state exists at L-1);
-- ``get_num_new_matched_tokens`` (no I/O: a dictionary look-up in this process) claims the
-  longest prefix, at most L-1 tokens, that has both its full blocks and a state snapshot of
-  exactly that length, pins them, and returns ``(n, False)``: ``start_load_kv`` copies them in
-  synchronously.
+- ``get_num_new_matched_tokens(request, num_computed_tokens=N)`` (no I/O: a dictionary look-up
+  in this process) continues from N, the prefix the engine already holds on the device (its own
+  block reuse, block aligned; 0 without it): it claims up to the longest M (at most L-1 tokens)
+  such that the host holds the full blocks [N/B, M/B) of this prompt's chain and a state
+  snapshot of exactly M tokens, pins them, and returns ``(M - N, False)``: ``start_load_kv``
+  copies those blocks (and the state) in synchronously, below the device-held ones untouched.
+  This is the second tier, as TensorRT-LLM's KVBM offload stacks on its device block reuse:
+  what the device evicted (LRU) but the host kept comes back from host memory, not recomputed.
+- a save sends each completed block the host does not already hold (device-reused and loaded
+  blocks are usually there: they are only touched, refreshing their LRU position, so the host
+  keeps the whole chain); a block the host lost meanwhile is saved again from the device.
 
 So a repeat of a prompt computes only what follows its last block-aligned chunk end, and a
 follow-up turn that extends an earlier prompt (multi-turn chat) claims that whole earlier prompt;
-tokens stay identical to a run without the connector.
+tokens stay identical to a run without the connector. :class:`HostTierStats` counts queries,
+hits and the tokens claimed beyond the device tier.
 Both halves share one :class:`HostKVStore` passed in ``llm_args.connector_options["store"]``
 (one process, tensor parallelism 1).
 """
@@ -48,6 +56,7 @@ __all__ = [
     "HostMemoryConnectorScheduler",
     "HostMemoryConnectorWorker",
     "HostMemoryMeta",
+    "HostTierStats",
     "host_memory_connector",
 ]
 
@@ -74,18 +83,33 @@ class HostKVStore:
 
 
 @dataclass
+class HostTierStats:
+    """What the host tier supplied. ``num_hit_tokens_beyond_device`` is the part of the claims
+    made on top of a device-tier match (``num_computed_tokens > 0``): the second tier's value."""
+
+    num_queries: int = 0
+    num_hits: int = 0
+    num_hit_tokens: int = 0
+    num_hits_beyond_device: int = 0
+    num_hit_tokens_beyond_device: int = 0
+    num_saved_blocks: int = 0
+    num_skipped_blocks: int = 0  # already held by the host when a save reached them
+
+
+@dataclass
 class _Load:
     request_id: int
-    host_blocks: list[int]
+    host_blocks: list[int]  # blocks [first_block, first_block + len) of the prompt's chain
     state_slot: int
-    num_tokens: int
+    num_tokens: int  # M: the state entry's length, where the request resumes
+    first_block: int = 0  # N / B: blocks below are the engine's own (device reuse), untouched
     device_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
 class _Save:
     request_id: int
-    device_blocks: list[int]  # full blocks completed by this chunk
+    device_blocks: list[int]  # full blocks completed by this chunk that the host lacks
     host_blocks: list[int]
     state_slot: int | None  # host state entry to fill, when the chunk ends at a snapshot point
     tail_device_block: int | None  # partial last block saved with the state at L-1 tokens
@@ -100,7 +124,8 @@ class HostMemoryMeta:
 @dataclass
 class _Tracked:
     prompt_len: int
-    matched: int
+    matched: int  # tokens claimed from the host
+    resume: int = 0  # N + matched: where the request's own computation starts
     tokens: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     num_saved_blocks: int = 0
@@ -121,33 +146,53 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
         self.store = _store_of(llm_args)
         self._tracked: dict[int, _Tracked] = {}
         self._pending_loads: dict[int, _Load] = {}
+        self.stats = HostTierStats()
 
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int, bool]:
         tokens = list(request.get_tokens(0))
-        load = self._match(request.request_id, tokens) if num_computed_tokens == 0 else None
-        matched = load.num_tokens if load else 0
-        self._tracked[request.request_id] = _Tracked(len(tokens), matched)
+        load = self._match(request.request_id, tokens, num_computed_tokens)
+        matched = load.num_tokens - num_computed_tokens if load else 0
+        self._tracked[request.request_id] = _Tracked(
+            len(tokens), matched, num_computed_tokens + matched
+        )
+        self.stats.num_queries += 1
         if load is not None:
             self._pending_loads[request.request_id] = load
+            self.stats.num_hits += 1
+            self.stats.num_hit_tokens += matched
+            if num_computed_tokens:
+                self.stats.num_hits_beyond_device += 1
+                self.stats.num_hit_tokens_beyond_device += matched
+            log.debug(
+                "host_tier_hit",
+                request_id=request.request_id,
+                device_tokens=num_computed_tokens,
+                host_tokens=matched,
+            )
         return matched, self.load_async and matched > 0
 
-    def _match(self, request_id: int, tokens: list[int]) -> _Load | None:
-        """Longest prefix (at most L-1 tokens) with all its full blocks and an exact-length state
-        entry; pinned. Candidates: exactly L-1 (a snapshot at an earlier prompt's end, e.g. the
-        prompt before its first token), then block boundaries (what the engine allows)."""
+    def _match(self, request_id: int, tokens: list[int], computed: int) -> _Load | None:
+        """Longest M (``computed`` < M <= L-1) with the full blocks [computed/B, M/B) held here
+        and an exact-length state entry at M; pinned. Candidates: exactly L-1 (a snapshot at an
+        earlier prompt's end, e.g. the prompt before its first token), then block boundaries
+        (what the engine allows). ``computed`` (the device tier's match) is block aligned; a
+        count that is not cannot be continued (cached + claimed must be aligned), so no claim."""
         pool, key, tpb = self.store.pool, self.store.key, self.store.spec.tokens_per_block
         last = len(tokens) - 1
+        if computed % tpb or computed >= last:
+            return None
+        first = computed // tpb
         hashes = block_hashes(tokens[:last], tpb, key)
-        num_cached = pool.num_cached_prefix_blocks(hashes)
-        candidates = [last] if num_cached == len(hashes) and last > 0 else []
-        candidates += [j * tpb for j in range(num_cached, 0, -1) if j * tpb < last]
+        num_cached = first + pool.num_cached_prefix_blocks(hashes[first:])
+        candidates = [last] if num_cached == len(hashes) else []
+        candidates += [j * tpb for j in range(num_cached, first, -1) if j * tpb < last]
         for num_tokens in candidates:
             slot = pool.match_state(prefix_hash(tokens[:num_tokens], key), num_tokens)
             if slot is not None:
-                host_blocks = pool.match_prefix(hashes[: num_tokens // tpb])
-                return _Load(request_id, host_blocks, slot, num_tokens)
+                host_blocks = pool.match_prefix(hashes[first : num_tokens // tpb])
+                return _Load(request_id, host_blocks, slot, num_tokens, first)
         return None
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
@@ -175,27 +220,47 @@ class HostMemoryConnectorScheduler(KvCacheConnectorScheduler):  # type: ignore[m
         return HostMemoryMeta(loads, saves)
 
     def _plan_save(self, request_id: int, tracked: _Tracked, end: int) -> _Save | None:
-        """What a chunk ending at ``end`` adds to the store: its new full blocks, and the state
-        if ``end`` is a snapshot point (block aligned, or the prompt's end). Host-pool
-        exhaustion skips the save (logged)."""
+        """What a chunk ending at ``end`` adds to the store: its full blocks the store lacks, and
+        the state if ``end`` is a snapshot point (block aligned, or the prompt's end).
+
+        The first chunk after a device-tier match also reaches the blocks below it, which the
+        device reused: those the host still holds (and those just loaded from it) are touched,
+        not copied (a reference taken across the allocation so it cannot evict them, then
+        dropped: they become recently used), and any the host lost are saved again from the
+        device blocks, so the host ends up holding the whole chain. Host-pool exhaustion skips
+        the save (logged)."""
         spec, pool, key = self.store.spec, self.store.pool, self.store.key
         prompt_len, tpb = tracked.prompt_len, spec.tokens_per_block
-        if end > prompt_len or end <= tracked.matched:
+        if end > prompt_len or end <= tracked.resume:
             return None  # decode steps add nothing to the store
         hashes = block_hashes(tracked.tokens[:end], tpb, key)
-        first = max(tracked.num_saved_blocks, tracked.matched // tpb)
+        indices = range(tracked.num_saved_blocks, len(hashes))
+        touched = [b for i in indices for b in pool.match_prefix([hashes[i]])]
+        held = {i for i in indices if pool.num_cached_prefix_blocks([hashes[i]])}
+        missing = [i for i in indices if i not in held]
         state_point = end % tpb == 0 or end == prompt_len
         try:
-            host_blocks = pool.allocate_prefix_blocks(hashes[first:])
-            slot = (
-                pool.put_state(prefix_hash(tracked.tokens[:end], key), end) if state_point else None
-            )
+            host_blocks = pool.allocate_prefix_blocks([hashes[i] for i in missing])
+            try:
+                slot = (
+                    pool.put_state(prefix_hash(tracked.tokens[:end], key), end)
+                    if state_point
+                    else None
+                )
+            except AdmissionRejected:
+                pool.release(host_blocks)  # pending: freed, nothing half-saved stays
+                raise
         except AdmissionRejected as exc:
             log.warning("host_store_full", request_id=request_id, error=str(exc))
             return None
+        finally:
+            pool.release(touched)
         tracked.num_saved_blocks = len(hashes)
+        self.stats.num_saved_blocks += len(missing)
+        self.stats.num_skipped_blocks += len(held)
         tail = tracked.blocks[end // tpb] if end % tpb and slot is not None else None
-        return _Save(request_id, tracked.blocks[first : len(hashes)], host_blocks, slot, tail)
+        device_blocks = [tracked.blocks[i] for i in missing]
+        return _Save(request_id, device_blocks, host_blocks, slot, tail)
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         self._tracked.pop(request.request_id, None)
@@ -234,7 +299,8 @@ class HostMemoryConnectorWorker(KvCacheConnectorWorker, SupportsRecurrentStates)
         pool, state_bytes = self.store.pool, self.store.spec.state_bytes
         tpb = self.store.spec.tokens_per_block
         for load in meta.loads:
-            for device, host in zip(load.device_blocks, load.host_blocks, strict=False):
+            targets = load.device_blocks[load.first_block :]
+            for device, host in zip(targets, load.host_blocks, strict=False):
                 self._device_block(device).copy_(pool.block_view(host))
             entry = pool.state_view(load.state_slot)
             self._device_state(load.request_id).copy_(entry[:state_bytes])
