@@ -219,7 +219,8 @@ def test_pinned_prefix_lost_falls_back_to_local_compute() -> None:
 
 def test_host_memory_connector_beside_block_reuse() -> None:
     """The engine's own match comes first; the host connector claims nothing on top of it
-    (it only matches from zero) and the tokens stay exact."""
+    here (the device holds 192 tokens, the host has no state at 199) and the tokens stay exact.
+    The host tier supplying what the device evicted: tests/connector/test_host_memory_tier.py."""
     model = TINY
     pair_, _store = host_memory_connector(model, num_blocks=64, num_states=8)
     engine = ReferenceEngine(
