@@ -10,6 +10,7 @@ import pytest
 
 from tests.builders import tiny_model
 from tests.conftest import EngineFactory
+from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.connector.host_memory import HostKVStore, host_memory_connector
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
@@ -118,3 +119,42 @@ def test_a_device_match_that_covers_the_host_claim_adds_nothing(
     assert engine.stats.num_reused_tokens == 144 and engine.stats.num_connector_tokens == 0
     assert pair.scheduler.stats.num_queries == 2 and pair.scheduler.stats.num_hits == 0
     store.pool.assert_no_leaks()
+
+
+def _conversations(engine: ReferenceEngine) -> list[list[int]]:
+    """Four conversations interleaved turn by turn, five turns each: a 300-token opening, then
+    each turn appends the 16-token reply and a 40-token message (prompts of 300 to 524 tokens;
+    8240 prompt tokens in all). Returns every reply in order."""
+    sampling = SamplingParams(max_tokens=16, temperature=0.7, seed=3, ignore_eos=True)
+    history = {c: _prompt(300, seed=c) for c in range(4)}
+    replies = []
+    for turn in range(5):
+        for c in range(4):
+            replies.append(engine.generate([history[c]], sampling)[0])
+            history[c] += replies[-1] + _prompt(40, seed=100 + 10 * turn + c)
+    return replies
+
+
+def test_interleaved_conversations_compute_about_half_with_the_host_tier(
+    make_engine: EngineFactory,
+) -> None:
+    """The figure in docs/design/prefix_cache.md §5: a device cache of 96 unreferenced blocks
+    cannot keep four growing conversations; the host tier (2048 blocks) keeps them all."""
+    model = model_preset("tiny")
+    config = dict(num_blocks=256, chunk_size=64, max_num_tokens=128)
+    device = dict(config, enable_block_reuse=True, max_cached_blocks=96)
+    cold = make_engine(model, **config)
+    want = _conversations(cold)
+    assert cold.stats.num_prompt_tokens_computed == 8240
+    alone = make_engine(model, **device)
+    assert _conversations(alone) == want
+    pair, store = host_memory_connector(model, num_blocks=2048, num_states=256)
+    tiered = make_engine(model, connector=pair, **device)
+    assert _conversations(tiered) == want
+    assert alone.stats.num_prompt_tokens_computed == 4176
+    assert tiered.stats.num_prompt_tokens_computed == 2224
+    assert tiered.stats.num_reused_tokens == alone.stats.num_reused_tokens == 4064
+    assert tiered.stats.num_connector_tokens == 1952
+    assert pair.scheduler.stats.num_hit_tokens_beyond_device > 0
+    store.pool.assert_no_leaks()
+    store.pool.check_invariants()
