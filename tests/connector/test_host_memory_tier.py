@@ -10,6 +10,7 @@ import pytest
 
 from tests.builders import tiny_model
 from tests.conftest import EngineFactory
+from tests.connector.fakes import AsyncHostMemoryScheduler, AsyncHostMemoryWorker
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.connector.host_memory import HostKVStore, host_memory_connector
 from trtllm_prfaas.engines.engine import ReferenceEngine
@@ -156,5 +157,36 @@ def test_interleaved_conversations_compute_about_half_with_the_host_tier(
     assert tiered.stats.num_reused_tokens == alone.stats.num_reused_tokens == 4064
     assert tiered.stats.num_connector_tokens == 1952
     assert pair.scheduler.stats.num_hit_tokens_beyond_device > 0
+    store.pool.assert_no_leaks()
+    store.pool.check_invariants()
+
+
+def test_an_async_load_above_the_device_match_is_exact(make_engine: EngineFactory) -> None:
+    """The same two turns with the load reported done only after a few polls: the request is
+    parked with the device's 64 tokens referenced, then resumes at 160."""
+    model = tiny_model()
+    pair, store = host_memory_connector(
+        model, scheduler_cls=AsyncHostMemoryScheduler, worker_cls=AsyncHostMemoryWorker
+    )
+    engine = make_engine(model, connector=pair, **DEVICE)
+    second, got, computed = _two_turns(engine)
+    assert got == make_engine(model, chunk_size=32).generate([second], SAMPLING)[0]
+    assert engine.stats.num_reused_tokens == 64 and engine.stats.num_connector_tokens == 96
+    assert computed == 188 - 160
+    store.pool.assert_no_leaks()
+
+
+def test_a_host_pool_without_state_room_saves_nothing_and_leaks_nothing(
+    make_engine: EngineFactory,
+) -> None:
+    """Every snapshot point fails to get a state slot: the blocks allocated beside it are given
+    back (not left pending), the save is skipped (logged) and the tokens stay exact."""
+    model = tiny_model()
+    pair, store = host_memory_connector(model, num_blocks=64, num_states=0)
+    engine = make_engine(model, connector=pair, **DEVICE)
+    second, got, computed = _two_turns(engine)
+    assert got == make_engine(model, chunk_size=32).generate([second], SAMPLING)[0]
+    assert engine.stats.num_connector_tokens == 0 and computed == 188 - 64
+    assert store.pool.stats().num_cached_unreferenced == 0
     store.pool.assert_no_leaks()
     store.pool.check_invariants()
