@@ -54,3 +54,11 @@ def test_worker_flag_accepts_cache_moves() -> None:
     for built, has_receiver in ((plain, False), (config, True)):
         with WorkerServer(built) as server:
             assert bool(server.info().relay_endpoint) is has_receiver
+
+
+def test_triton_worker_refuses_cache_moves() -> None:
+    """Accepted silently, the flag would do nothing there (no receiver in Triton's connector)."""
+    with pytest.raises(ConfigError, match="--accept-cache-moves needs --engine reference"):
+        command.build_config(
+            _worker_args("--engine", "triton", "--triton-url", "h:1", "--accept-cache-moves")
+        )

@@ -276,6 +276,14 @@ def build_config(args: argparse.Namespace) -> WorkerConfig:
                 "Triton worker's block reuse is TensorRT-LLM's (model.yaml kv_cache_config), "
                 "and routers follow it approximately"
             )
+        if args.accept_cache_moves:
+            # The move's receiving leg needs the reference engine's prefix cache to keep what
+            # it claims; inside Triton the connector is configured by model.yaml, which does
+            # not ask for a receiver on a prefill model.
+            raise ConfigError(
+                "--accept-cache-moves needs --engine reference: a Triton prefill worker's "
+                "connector binds no relay receiver, so no prefix could be moved to it"
+            )
         if args.tokenizer is None:
             raise ConfigError(
                 "--engine triton needs --tokenizer DIR: the served model's Hugging Face "
