@@ -15,10 +15,11 @@ from typing import Any
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.engines.request import SamplingParams
+from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker.server import WorkerConfig, WorkerRole, WorkerServer
 
-__all__ = ["prompt", "reference", "reuse_workers", "until"]
+__all__ = ["prompt", "reference", "reuse_workers", "turn", "until"]
 
 TEMPERATURE, SEED = 0.7, 9
 
@@ -74,3 +75,13 @@ async def until(predicate: Callable[[], Any], timeout_s: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def turn(orch: Any, request_id: str, tokens: list[int], max_tokens: int) -> list[int]:
+    """One request through ``orch`` (sampled as ``reference``); its generated tokens."""
+    request = GenerateRequest(request_id, tokens, max_tokens, temperature=TEMPERATURE,
+                              seed=SEED, streaming=True, deadline_s=60.0)  # fmt: skip
+    out: list[int] = []
+    async for chunk in orch.generate(request):
+        out += chunk.token_ids
+    return out

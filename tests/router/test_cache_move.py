@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.router.reuse_workers import prompt, reference, reuse_workers, until
+from tests.router.reuse_workers import prompt, reference, reuse_workers, turn, until
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
 from trtllm_prfaas.policy.controller import CachePolicy
 from trtllm_prfaas.policy.route import PolicyState
-from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
 from trtllm_prfaas.worker.server import WorkerRole, WorkerServer
 
@@ -50,16 +49,6 @@ async def _orchestrator(servers: dict[str, WorkerServer]) -> AsyncIterator[Any]:
         await orch.close()
 
 
-async def _turn(orch: Any, rid: str, prompt: list[int]) -> list[int]:
-    request = GenerateRequest(
-        rid, prompt, MAX_TOKENS, temperature=0.7, seed=9, streaming=True, deadline_s=60.0
-    )
-    tokens: list[int] = []
-    async for chunk in orch.generate(request):
-        tokens += chunk.token_ids
-    return tokens
-
-
 async def _two_turns(
     model: ModelConfig, servers: dict[str, WorkerServer], move_timeout_s: float = 30.0
 ) -> tuple[Any, int, int, int]:
@@ -72,7 +61,7 @@ async def _two_turns(
     async with _orchestrator(servers) as orch:
         orch._mover.timeout_s = move_timeout_s
         orch.control.policy = PolicyState(10_000.0, CachePolicy.SCARCE)  # turn 1: local
-        tokens = await _turn(orch, "turn1", first)
+        tokens = await turn(orch, "turn1", first, MAX_TOKENS)
         assert orch.decisions[-1].prefill_node_id == "pdp"
         assert tokens == reference(model, first, MAX_TOKENS)
         second = [*first, *tokens, *prompt(100, salt=11)]
@@ -83,7 +72,7 @@ async def _two_turns(
         await until(lambda: pdp_holds(time.monotonic()) >= held)
         orch.control.policy = PolicyState(16.0, CachePolicy.ABUNDANT)  # turn 2: PrfaaS
         computed_before = pf.stats.num_prompt_tokens_computed
-        tokens = await _turn(orch, "turn2", second)
+        tokens = await turn(orch, "turn2", second, MAX_TOKENS)
         decision = orch.decisions[-1]
         assert decision.prefill_node_id == "pf" and decision.cache_move is not None
         assert decision.cache_move.tokens == held

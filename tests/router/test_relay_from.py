@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.router.reuse_workers import prompt, reference, reuse_workers, until
+from tests.router.reuse_workers import prompt, reference, reuse_workers, turn, until
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.reference import ModelConfig
-from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.worker.server import WorkerRole, WorkerServer
@@ -74,16 +73,6 @@ def _relayed(worker: Any) -> int:
     return worker.report.relay_bytes_sent if worker.report is not None else 0
 
 
-async def _turn(orch: Any, rid: str, prompt: list[int]) -> list[int]:
-    request = GenerateRequest(
-        rid, prompt, MAX_TOKENS, temperature=0.7, seed=9, streaming=True, deadline_s=60.0
-    )
-    tokens: list[int] = []
-    async for chunk in orch.generate(request):
-        tokens += chunk.token_ids
-    return tokens
-
-
 @pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
 def test_follow_up_turns_relay_only_the_new_tokens(model: ModelConfig) -> None:
     with reuse_workers(model, ROLES) as servers:
@@ -97,25 +86,25 @@ async def _conversation(model: ModelConfig, servers: dict[str, WorkerServer]) ->
     async with _orchestrator(servers, registry) as orch:
         pf, prefix = orch.cluster.workers["pf"], orch.cluster.prefix
         sent = 0
-        for turn in range(3):
+        for num in range(3):
             relay_from = _decode_holds(model, figures[-1][0]) if figures else 0
             # the router learns what the decode holds from its KV events (load reports)
             held = functools.partial(prefix.prefix_tokens, "dec", prefix.hashes_for(history))
             await until(lambda held=held, d=relay_from: held(time.monotonic()) >= d)
-            tokens = await _turn(orch, f"turn{turn}", history)
+            tokens = await turn(orch, f"turn{num}", history, MAX_TOKENS)
             decision = orch.decisions[-1]
             assert decision.is_remote and decision.prefill_node_id == "pf"
-            assert tokens == reference(model, history, MAX_TOKENS), f"turn {turn}"
+            assert tokens == reference(model, history, MAX_TOKENS), f"turn {num}"
             expected = _expected_bytes(model, len(history), relay_from)
             await until(lambda n=sent + expected: _relayed(pf) >= n)
             await asyncio.sleep(0.3)  # nothing more comes
             assert pf.report is not None
             num_bytes, sent = pf.report.relay_bytes_sent - sent, pf.report.relay_bytes_sent
-            assert num_bytes == expected, f"turn {turn}: L={len(history)} D={relay_from}"
+            assert num_bytes == expected, f"turn {num}: L={len(history)} D={relay_from}"
             figures.append(
                 (len(history), relay_from, num_bytes, _expected_bytes(model, len(history), 0))
             )
-            history = [*history, *tokens, *prompt(60, salt=10 + turn)]
+            history = [*history, *tokens, *prompt(60, salt=10 + num)]
         assert orch.counters["relay_pinned"] == 2  # turns 2 and 3
         assert orch.counters["relay_pin_fallback"] == 0
         assert orch.counters["relay_recomputed"] == 0
