@@ -142,6 +142,11 @@ def test_receiver_restart_fails_inflight_then_later_transfer_succeeds(relay: Rel
         rx.close()
         with pytest.raises(TransportError, match="lost its connection"):
             stuck.wait(timeout_s=5.0)
+        # The first lost stream fails the transfer; the others' disconnects may be seen a few ms
+        # later. A transfer started on a stream whose loss is not yet seen fails too, by design
+        # (its bytes may have gone into the dead connection), so wait until the sender has seen
+        # every stream go before starting the next one.
+        assert wait_until(lambda: tx.num_connections() == 0, 5.0)
         with relay.receiver(config, endpoint) as rx2:
             later = tx.open_transfer("t-later", "req-6", deadline_s=10.0)
             for i, layer in enumerate(layers[:1]):
