@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from trtllm_prfaas.policy.placement import Cluster
@@ -68,6 +69,30 @@ def test_warm_up_holds_then_relay_pressure_raises_t() -> None:
     assert loop.policy.threshold_tokens == seen[-1]
     assert registry.get_sample_value("prfaas_threshold_tokens") == seen[-1]
     assert registry.get_sample_value("prfaas_offload_share") is not None
+
+
+def test_relay_backlog_over_the_live_link_is_the_prospective_relay_delay() -> None:
+    """KV queued in the PrfaaS relay now, over the live link estimate, is the relay delay the
+    controller acts on (the simulator's ``link_free_s - now``), before any transfer behind the
+    slow link finishes and is measured; without a backlog ``t`` goes no higher than ``t_opt``."""
+    clock = Clock()
+    config = ControlConfig(rebalancer=None, link_gbps=1.0)
+    loop = ControlLoop(config, _cluster(clock), 1000.0, clock=clock)
+    _feed(loop, 40)
+    records = []
+    for backlog in (0, 0, 250_000_000, 250_000_000, 0):  # 250 MB at 1 Gbps: 2 s of link
+        clock.now += 1
+        report = p.LoadReport("prfaas", 0, 1, 0, 100, 0, relay_bytes_backlog=backlog)
+        loop.cluster.on_report("prfaas", report)
+        for w in loop.cluster.workers.values():
+            w.reported_at = clock.now
+        records.append(loop.tick(clock.now))
+    delays = [r.signals.relay_queue_delay_s for r in records]
+    assert delays == [0.0, 0.0, pytest.approx(2.0), pytest.approx(2.0), 0.0]
+    t = [r.state.threshold_tokens for r in records]
+    why = (t, [r.reason for r in records])
+    assert t[1] == pytest.approx(records[1].t_opt), why  # no backlog: up to the anchor only
+    assert t[3] > t[2] > records[2].t_opt, why  # the backlog raises t past it
 
 
 def test_rebalancer_drains_then_converts_through_the_converter() -> None:

@@ -76,13 +76,27 @@ def test_a_paced_relay_pulls_the_routers_estimate_to_the_paced_rate(
     async def scenario() -> list[float]:
         orch = DisaggregatedOrchestrator(RouterConfig(specs, threshold_tokens=100, control=control))
         await orch.start()  # the control loop ticks every 0.5 s from here
+        backlogs: list[int] = []
+
+        async def watch_backlog() -> None:  # what the PrfaaS worker reports queued on its relay
+            while True:
+                report = orch.cluster.workers["prfaas"].report
+                backlogs.append(report.relay_bytes_backlog if report else 0)
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_backlog())
         try:
             requests = [_request(f"r{k}", _prompt(1500 + k)) for k in range(6)]
             await asyncio.gather(*(_tokens(orch, r) for r in requests))
             assert orch.counters["remote"] == 6 and orch.counters["relay_recomputed"] == 0
             await asyncio.sleep(1.0)  # the ticks that read the last reports
+            # 1,500 tokens x 256 B behind a 500 KB/s pacer: the backlog shows, then drains
+            assert max(backlogs) >= 256 * 1500 and backlogs[-1] == 0, backlogs
+            delays = [tick.signals.relay_queue_delay_s for tick in orch.control.ticks]
+            assert max(delays) > 0.5, delays  # seconds of KV queued on a 0.004 Gbps link
             return [tick.link_gbps for tick in orch.control.ticks]
         finally:
+            watcher.cancel()
             await orch.close()
 
     estimates = asyncio.run(scenario())

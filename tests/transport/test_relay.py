@@ -16,7 +16,14 @@ from tests.transport.conftest import (
     wait_until,
 )
 from trtllm_prfaas.errors import TransferTimeout, TransportError
-from trtllm_prfaas.transport import CorruptChunk, InboundStatus, Kind, RelayReceiver, TransferStatus
+from trtllm_prfaas.transport import (
+    CorruptChunk,
+    InboundStatus,
+    Kind,
+    RelayReceiver,
+    RelaySender,
+    TransferStatus,
+)
 
 # KV-shaped: [num_blocks, kv_factor, num_kv_heads * tokens_per_block * head_dim] per layer
 NUM_LAYERS, NUM_BLOCKS, ROW = 4, 6, 2 * 16 * 64
@@ -142,6 +149,8 @@ def test_receiver_restart_fails_inflight_then_later_transfer_succeeds(relay: Rel
         rx.close()
         with pytest.raises(TransportError, match="lost its connection"):
             stuck.wait(timeout_s=5.0)
+        assert tx.stats().bytes_queued == 0  # its unsent bytes left the backlog with it
+        assert tx.stats().bytes_in_flight == 0
         # The first lost stream fails the transfer; the others' disconnects may be seen a few ms
         # later. A transfer started on a stream whose loss is not yet seen fails too, by design
         # (its bytes may have gone into the dead connection), so wait until the sender has seen
@@ -166,14 +175,24 @@ def test_credit_bounds_receiver_buffer(relay: Relay) -> None:
         for i, layer in enumerate(layers):
             handle.send(Kind.FULL_BLOCK, i, (0, NUM_BLOCKS), layer)
         handle.finish()
+        # The relay's backlog (queued behind credit + sent, not acknowledged) is all of it.
+        total = sum(layer.nbytes for layer in layers)
+        assert wait_until(lambda: _backlog(tx) == total, 5.0), tx.stats()
+        assert tx.stats().bytes_queued >= total - credit
         for i, expected in enumerate(layers):
             (item,) = rx.wait_layer("t-credit", i, timeout_s=10.0)
             assert bytes(item.buffer) == expected.view(torch.uint8).numpy().tobytes()
             time.sleep(0.01)  # a slow consumer
             rx.release_layer("t-credit", i)
         handle.wait(timeout_s=10.0)
+        assert _backlog(tx) == 0
         assert 48 << 10 <= rx.stats().max_buffered_bytes <= credit
         rx.release("t-credit")
+
+
+def _backlog(tx: RelaySender) -> int:
+    stats = tx.stats()
+    return stats.bytes_queued + stats.bytes_in_flight
 
 
 def test_paced_transfer_takes_at_least_bytes_over_rate(relay: Relay) -> None:

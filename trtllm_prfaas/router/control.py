@@ -20,8 +20,11 @@ the simulator calls too (``threshold.targets`` and ``controller.step``, as its `
    PrfaaS egress = relay bytes acknowledged by PrfaaS workers (``LoadReport.relay_bytes_sent``
    deltas) over the period, as a share of the live link estimate; PrfaaS queue depth from their
    reports; TCP retransmit ratio of the relay's connections (0 without ``TCP_INFO``); relay
-   queue delay = EWMA of (decode node's first token - prefill leg's first token) of offloaded
-   requests, decayed towards 0 in a period without any (an idle link has no queue); backlogs =
+   queue delay = the larger of the prospective delay (the PrfaaS relay senders' backlog,
+   ``LoadReport.relay_bytes_backlog``, over the live link estimate: the simulator's
+   ``link_free_s - now``) and the EWMA of (decode node's first token - prefill leg's first
+   token) of offloaded requests, decayed towards 0 in a period without any (an idle link has
+   no queue; the EWMA alone lags a drop: it measures a transfer once it is through); backlogs =
    queued requests per node x the cluster's mean prefill leg (EWMA).
 3. **Targets** (:func:`~trtllm_prfaas.policy.threshold.targets`, the function the simulator's
    ``DYNAMIC`` calls): on the measured profiles (per-cluster prefill latency lines fitted online,
@@ -365,11 +368,22 @@ class ControlLoop:
             prfaas_queue_depth=queue,
             prfaas_instances=len(remote),
             retransmit_ratio=retransmits,
-            relay_queue_delay_s=self.profiles.relay_wait_s.get(0.0),
+            relay_queue_delay_s=self._relay_delay_s(remote, link),
             prfaas_backlog_s=self._backlog_s(remote, "prfaas"),
             pd_backlog_s=self._backlog_s(local, "pd"),
         )
         return signals, egress, link
+
+    def _relay_delay_s(self, remote: list[WorkerState], link_gbps: float) -> float:
+        """The relay delay signal: the larger of the *prospective* delay (the PrfaaS senders'
+        backlog now, payload handed over and not yet acknowledged, over the live link
+        estimate: how long KV handed over now waits for the link, as the simulator's
+        ``link_free_s - now``) and the EWMA of relay waits measured on finished transfers
+        (which covers what the backlog cannot see, such as a worker that does not report it,
+        but lags: a transfer is measured only once it is through the slow link)."""
+        backlog = sum(w.report.relay_bytes_backlog for w in remote if w.report)
+        prospective = backlog * 8 / 1e9 / max(link_gbps, 1e-9)
+        return max(prospective, self.profiles.relay_wait_s.get(0.0))
 
     def _estimate_link(self, remote: list[WorkerState], now: float) -> tuple[float, float]:
         """Fold the PrfaaS workers' relay counters since the last tick into the link estimate;

@@ -197,6 +197,7 @@ class RelaySender:
             return
         outbound.items.append(item)
         outbound.demand += item.view.nbytes
+        self._counters.on_enqueued(item.view.nbytes)
         demand = control_header(Control.CREDIT, transfer_id, value=outbound.demand)
         outbound.queue_control_on(self._streams, demand)
 
@@ -273,8 +274,8 @@ class RelaySender:
             outbound.granted = max(outbound.granted, header.value)
         elif header.control is Control.ACK:
             del self._transfers[header.transfer_id]
-            outbound.handle._settle(TransferStatus.DONE, None)
-            self._release(outbound, notify_peer=False, acked=True)
+            self._release(outbound, notify_peer=False, acked=True)  # counters first: a waiter
+            outbound.handle._settle(TransferStatus.DONE, None)  # woken next reads them settled
         elif header.control in (Control.ERROR, Control.CANCEL):
             why = header.message or header.control.name.lower()
             error = TransportError(f"receiver failed {_name(outbound)}: {why}")
@@ -309,8 +310,8 @@ class RelaySender:
 
     def _fail(self, outbound: Outbound, error: TransportError, *, notify_peer: bool) -> None:
         self._transfers.pop(outbound.handle.transfer_id, None)
-        outbound.handle._settle(TransferStatus.FAILED, error)
         self._release(outbound, notify_peer=notify_peer, acked=False)
+        outbound.handle._settle(TransferStatus.FAILED, error)
         _log.warning(
             "relay_transfer_failed", transfer_id=outbound.handle.transfer_id, error=str(error)
         )
@@ -321,7 +322,8 @@ class RelaySender:
 
     def _release(self, outbound: Outbound, *, notify_peer: bool, acked: bool) -> None:
         outbound.items.clear()  # drop references to the caller's payloads
-        self._counters.on_settled(outbound.sent, acked, time.monotonic())
+        unsent = outbound.demand - outbound.sent
+        self._counters.on_settled(outbound.sent, acked, time.monotonic(), unsent)
         if notify_peer:
             self._streams.queue_control(control_header(Control.CANCEL, outbound.handle.transfer_id))
 

@@ -220,8 +220,12 @@ class LinkStats:
     the rate the link delivered while it had work, not diluted by idle gaps between transfers
     (an estimate of what it can carry; it reads low when the producer, not the link, is slow).
     ``bytes_in_flight`` is payload sent for transfers not yet acknowledged (at most the credit
-    granted). Send-queue delay is the time from ``handle.send`` to the chunk being handed to
-    zmq. ``tcp_total_retrans`` is ``None`` where the OS does not expose ``TCP_INFO``.
+    granted); ``bytes_queued`` is payload the producer handed to ``send`` and the sender has not
+    yet handed to zmq (waiting for credit, the pacer or room in the stream queues): together,
+    the relay's backlog, which the router divides by the live link estimate for the prospective
+    relay delay (how long KV handed over now waits for the link). Send-queue delay is the time
+    from ``handle.send`` to the chunk being handed to zmq. ``tcp_total_retrans`` is ``None``
+    where the OS does not expose ``TCP_INFO``.
     """
 
     endpoint: str
@@ -247,6 +251,7 @@ class LinkStats:
     tcp_delivery_gbps: float = 0.0  # now: the kernel's link rate (0: not link-limited)
     tcp_bound_s: float = 0.0  # time the kernel showed the link as the bottleneck
     tcp_bound_gbit: float = 0.0  # gigabits TCP saw acknowledged meanwhile
+    bytes_queued: int = 0  # now: handed to ``send``, not yet to zmq
 
 
 class PumpState(Enum):
@@ -286,6 +291,7 @@ class SendCounters:
     bytes_sent: int = 0
     bytes_acked: int = 0
     bytes_in_flight: int = 0
+    bytes_queued: int = 0  # enqueued by the producer, not yet handed to zmq
     delay_sum_s: float = 0.0
     delay_max_s: float = 0.0
     chunks: int = 0
@@ -306,9 +312,15 @@ class SendCounters:
         self.stream_bytes = [0] * self.num_streams
         self.stream_chunks = [0] * self.num_streams
 
+    def on_enqueued(self, nbytes: int) -> None:
+        """The producer handed ``nbytes`` of payload to a transfer."""
+        with self.lock:
+            self.bytes_queued += nbytes
+
     def on_chunk(self, stream: int, nbytes: int, queued_s: float, now_s: float) -> None:
         """A chunk was handed to zmq on ``stream`` after waiting ``now_s - queued_s``."""
         with self.lock:
+            self.bytes_queued -= nbytes
             if self.first_send_s is None:
                 self.first_send_s = now_s
             delay = now_s - queued_s
@@ -336,10 +348,12 @@ class SendCounters:
             self.pump_bytes = 0
             self.pump_state, self.pump_state_since_s = state, now_s
 
-    def on_settled(self, sent_bytes: int, acked: bool, now_s: float) -> None:
-        """A transfer that had sent ``sent_bytes`` ended (acknowledged or not)."""
+    def on_settled(self, sent_bytes: int, acked: bool, now_s: float, unsent_bytes: int = 0) -> None:
+        """A transfer that had sent ``sent_bytes`` ended (acknowledged or not), leaving
+        ``unsent_bytes`` of what it was given unsent (dropped with it)."""
         with self.lock:
             self.bytes_in_flight -= sent_bytes
+            self.bytes_queued -= unsent_bytes
             if acked:
                 self.bytes_acked += sent_bytes
                 self.last_ack_s = now_s
@@ -414,6 +428,7 @@ class SendCounters:
                 tcp_delivery_gbps=delivery_gbps,
                 tcp_bound_s=self.tcp_bound_s,
                 tcp_bound_gbit=self.tcp_bound_gbit,
+                bytes_queued=self.bytes_queued,
             )
 
 
@@ -441,4 +456,5 @@ def relay_report_fields(links: Sequence[LinkStats]) -> dict[str, Any]:
         "relay_tcp_delivery_gbps": sum(link.tcp_delivery_gbps for link in links),
         "relay_tcp_bound_s": max((link.tcp_bound_s for link in links), default=0.0),
         "relay_tcp_bound_gbit": sum(link.tcp_bound_gbit for link in links),
+        "relay_bytes_backlog": sum(link.bytes_queued + link.bytes_in_flight for link in links),
     }

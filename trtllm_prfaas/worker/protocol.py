@@ -198,6 +198,10 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     relay_tcp_delivery_gbps: float = 0.0  # at the report: the kernel's link rate (0: not limiting)
     relay_tcp_bound_s: float = 0.0  # time the kernel showed the link limiting, and its rate
     relay_tcp_bound_gbit: float = 0.0  # integrated over that time (gigabits)
+    # At the report, not a total: payload handed to the senders and not yet acknowledged
+    # (queued for credit, the pacer or stream room, or on the wire). The router divides it by
+    # its live link estimate: the prospective relay delay (``router/control.py``).
+    relay_bytes_backlog: int = 0
 
 
 class KvEvents(msgspec.Struct, tag=True, frozen=True):
