@@ -128,7 +128,7 @@ def probe(
         num = len(record.token_ids)
         tpot = (record.finished_s - (record.first_token_s or 0.0)) / (num - 1) if num > 1 else None
         probes.append(Probe(num_tokens=spec.num_prompt_tokens, ttft_s=ttft, is_remote=remote > 0,
-                            relay_bytes=relayed, tpot_s=tpot))  # fmt: skip
+                            relay_bytes=relayed, tpot_s=tpot, tt2t_s=record.tt2t_s))  # fmt: skip
     return probes, failures
 
 

@@ -7,7 +7,11 @@ schedule, the WAN cut to a fraction of its rate mid-run, the router scraped ever
 - :func:`send_trace` sends every request at its arrival time over stock ``tritonclient.grpc.aio``
   (the loadgen's inputs) and keeps each request's output ids, so the bench can check them
   against a single engine; a request ends OK, with the error the server sent, or with its
-  deadline: every request has a :class:`LiveRecord`.
+  deadline: every request has a :class:`LiveRecord`, with the times of its first token (t1,
+  which the router streams from the prefill leg at once, before any KV crosses a link) and of
+  its second (the decode node's first: the KV has arrived). A prompt offloaded into a dropped
+  link shows t1 after its prefill and then stalls until its KV is through: only the second
+  token's time sees the link.
 - :class:`Scraper` (a thread) samples the router's ``prfaas_*`` gauges and counters and the WAN's
   tc counters at dc-remote's end once per second.
 - :func:`run_live` puts them together: scraper on, trace sent, ``tc qdisc change`` to the drop
@@ -64,7 +68,8 @@ class LiveRecord:
     num_prompt_tokens: int
     arrival_s: float  # scheduled (the trace's)
     sent_s: float
-    first_token_s: float | None
+    first_token_s: float | None  # t1, streamed by the prefill leg the moment it has it
+    second_token_s: float | None  # the decode node's first: its KV arrived (module doc)
     finished_s: float
     status: str  # "OK" or the failure (gRPC code name, IN_STREAM_ERROR, DEADLINE_EXCEEDED)
     reason: str = ""
@@ -77,6 +82,15 @@ class LiveRecord:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.sent_s
+
+    @property
+    def tt2t_s(self) -> float | None:
+        """Time to the second token: when a disaggregated request's KV was usable on its
+        decode node (t1 comes from the prefill leg before any KV crossed a link). A request
+        that ended at t1 (EOS, one token) has nothing after it: its TTFT."""
+        if self.second_token_s is None:
+            return self.ttft_s if self.is_ok and len(self.token_ids) == 1 else None
+        return self.second_token_s - self.sent_s
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,7 @@ async def send_traced(
     sent = time.monotonic()
     tokens: list[int] = []
     first: float | None = None
+    second: float | None = None
     status, reason = "INCOMPLETE", "the stream ended without a final response"
     done = asyncio.Event()
     request = {"model_name": MODEL, "inputs": build_inputs(spec), "request_id": str(spec.index),
@@ -218,8 +233,10 @@ async def send_traced(
                     break
                 ids = result.as_numpy("output_ids")
                 if ids is not None and ids.size:
-                    first = time.monotonic() if first is None else first
+                    now = time.monotonic()
+                    first = now if first is None else first
                     tokens += [int(t) for t in ids.reshape(-1)]
+                    second = now if second is None and len(tokens) >= 2 else second
                 params = result.get_response().parameters
                 if FINAL in params and params[FINAL].bool_param:
                     status, reason = "OK", ""
@@ -236,6 +253,7 @@ async def send_traced(
     return LiveRecord(index=spec.index, num_prompt_tokens=spec.num_prompt_tokens,
                       arrival_s=arrival_s, sent_s=sent - started_at,
                       first_token_s=None if first is None else first - started_at,
+                      second_token_s=None if second is None else second - started_at,
                       finished_s=time.monotonic() - started_at, status=status, reason=reason,
                       token_ids=tuple(tokens))  # fmt: skip
 

@@ -29,8 +29,8 @@ from trtllm_prfaas.testbed.netns import list_runs, missing_requirements
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("static", "dynamic")
 OUTCOME_KEYS = {"num_requests", "num_ok", "num_slo_met", "goodput_rps",
-                "worst_window_p90_ttft_s", "worst_window_start_s", "p90_ttft_s",
-                "offload_share"}  # fmt: skip
+                "worst_window_p90_tt2t_s", "worst_window_start_s", "p90_tt2t_s",
+                "worst_window_p90_ttft_s", "p90_ttft_s", "offload_share"}  # fmt: skip
 SERIES_KEYS = {"time_s", "threshold_tokens", "threshold_opt_tokens", "threshold_min_tokens",
                "offload_share", "link_estimate_mbps", "wan_rate_mbps",
                "wan_egress_mbps"}  # fmt: skip
@@ -75,7 +75,12 @@ def test_headline_figures_and_both_modes_live_and_simulated(result: dict) -> Non
             assert figures["num_requests"] == result["invariants"]["num_requests"]
             assert 0 <= figures["num_slo_met"] <= figures["num_ok"] <= figures["num_requests"]
             assert 0 <= figures["offload_share"] <= 1
-    assert "TTFT <=" in result["slo"] and result["static_t_tokens"] > 0
+    assert "TT2T <=" in result["slo"] and result["static_t_tokens"] > 0
+    for mode in MODES:  # the live runs measured t1 too; the simulator has no t1
+        assert result["live"][mode]["p90_ttft_s"] <= result["live"][mode]["p90_tt2t_s"]
+        assert result["sim"][mode]["p90_ttft_s"] is None
+    bound = result["gain_bound"]
+    assert 0 <= bound["static_offloaded_missed"] <= bound["static_offloaded"]
     assert Path(result["plots"][0]).is_file() and Path(result["plots"][0]).stat().st_size > 0
     assert (Path(result["_out"]) / "live_drop.json").is_file()
 
@@ -99,8 +104,9 @@ def test_every_request_got_single_engine_tokens_or_a_named_error(result: dict) -
     assert inv["num_same_tokens_both_modes"] == inv["num_ok_both_modes"]
     assert inv["failures_without_reason"] == 0
     for mode in MODES:
-        ttft = result["runs"][mode]["ttft_s"]
-        assert len(ttft) == inv["num_requests"]
+        ttft, tt2t = result["runs"][mode]["ttft_s"], result["runs"][mode]["tt2t_s"]
+        assert len(ttft) == len(tt2t) == inv["num_requests"]
+        assert all(b >= a for a, b in zip(ttft, tt2t, strict=True) if a is not None)
         assert result["runs"][mode]["exit_codes"] and all(
             code == 0 for code in result["runs"][mode]["exit_codes"].values()
         ), result["runs"][mode]["exit_codes"]

@@ -32,8 +32,18 @@ def test_goodput_counts_slo_met_requests_and_a_failure_misses() -> None:
     assert (figures.num_requests, figures.num_ok, figures.num_slo_met) == (4, 3, 2)
     assert figures.goodput_rps == pytest.approx(0.5)
     assert figures.offload_share == pytest.approx(0.25)
-    assert figures.worst_window_p90_ttft_s == math.inf  # the failure is in the top 10%
-    assert figures.as_json()["worst_window_p90_ttft_s"] is None  # inf -> null in JSON
+    assert figures.worst_window_p90_tt2t_s == math.inf  # the failure is in the top 10%
+    assert figures.as_json()["worst_window_p90_tt2t_s"] is None  # inf -> null in JSON
+    assert figures.p90_ttft_s is None  # no t1 given (the simulator's case)
+
+
+def test_the_slo_is_on_the_second_token_a_stalled_relay_misses_it() -> None:
+    """t1 comes from the prefill leg before the KV crosses the link: a request whose KV stalls
+    has a fast TTFT and a slow second token, and misses the SLO."""
+    ttft, tt2t = [0.5, 0.6], [0.7, 30.0]  # the second one's KV waited ~30 s on the link
+    figures = outcome([0.0, 1.0], tt2t, [2.0, 2.0], window_s=2.0, span_s=2.0, ttft_s=ttft)
+    assert figures.num_slo_met == 1
+    assert figures.p90_ttft_s == 0.6 and figures.p90_tt2t_s == 30.0
 
 
 def sample(time_s: float, routed: float, remote: float, wan_bytes: int, **gauges: float) -> Sample:

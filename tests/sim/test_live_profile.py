@@ -11,6 +11,8 @@ gives a bound of 1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,15 @@ def test_the_curve_keeps_increasing_points_and_nets_out_a_remote_transfer() -> N
     assert with_remote[-1] == pytest.approx(5.0 - kv.gigabits(4000) / 0.02)
     with pytest.raises(ConfigError, match="fewer than 2"):
         prefill_points([probe(300, 0.05)], kv, 0.02)
+
+
+def test_unloaded_tt2t_is_the_curve_through_the_second_token_probes() -> None:
+    base = profile()  # no probe measured a second token: TTFT plus one decode step
+    assert base.unloaded_tt2t_s([5000])[0] == pytest.approx(1.5 + 0.015)
+    probes = tuple(replace(p, tt2t_s=p.ttft_s + 0.1) for p in base.probes)
+    measured = replace(base, probes=probes)
+    assert measured.unloaded_tt2t_s([5000, 20_000]) == pytest.approx([1.6, 11.1])
+    assert measured.scaled(2.0).unloaded_tt2t_s([5000])[0] == pytest.approx(3.2)
 
 
 def test_scaled_multiplies_every_time() -> None:

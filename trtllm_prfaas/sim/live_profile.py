@@ -60,14 +60,16 @@ __all__ = [
 @dataclass(frozen=True, kw_only=True)
 class Probe:
     """One unloaded request: its length, TTFT, whether it was offloaded, the KV bytes relayed
-    for it (to the decode worker, locally or across the WAN) and its time per output token
-    (None: one token)."""
+    for it (to the decode worker, locally or across the WAN), its time per output token
+    (None: one token) and its time to the second token (the decode node's first, once the KV
+    arrived; None: not measured)."""
 
     num_tokens: int
     ttft_s: float
     is_remote: bool
     relay_bytes: float = 0.0
     tpot_s: float | None = None
+    tt2t_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +102,22 @@ class LiveProfile:
         """The local (no WAN) unloaded TTFT the curve gives for each length."""
         return self.curve.seconds(np.asarray(num_tokens, dtype=np.float64))
 
+    def unloaded_tt2t_s(self, num_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The unloaded time to the second token for each length: log-log piecewise through
+        the probes that measured it (increasing points, as the prefill curve); without two
+        such probes, the unloaded TTFT plus one decode step."""
+        points = sorted((p.num_tokens, p.tt2t_s) for p in self.probes if p.tt2t_s is not None)
+        tokens: list[float] = []
+        seconds: list[float] = []
+        for n, s in points:
+            if s > 0 and (not tokens or (n > tokens[-1] and s > seconds[-1])):
+                tokens.append(float(n))
+                seconds.append(float(s))
+        lengths = np.asarray(num_tokens, dtype=np.float64)
+        if len(tokens) < 2:
+            return self.unloaded_ttft_s(lengths) + self.decode_step_s
+        return PiecewiseLatency(tuple(tokens), tuple(seconds)).seconds(lengths)
+
     def scaled(self, factor: float) -> LiveProfile:
         """The same profile with every probe's times x ``factor``: the machine ran ``factor``
         times slower (or faster) when a run was measured than when the profile was (shared
@@ -108,7 +126,8 @@ class LiveProfile:
             raise ConfigError(f"LiveProfile.scaled: factor must be > 0, got {factor}")
         probes = tuple(
             replace(p, ttft_s=p.ttft_s * factor,
-                    tpot_s=None if p.tpot_s is None else p.tpot_s * factor)
+                    tpot_s=None if p.tpot_s is None else p.tpot_s * factor,
+                    tt2t_s=None if p.tt2t_s is None else p.tt2t_s * factor)
             for p in self.probes
         )  # fmt: skip
         return replace(self, probes=probes, decode_step_s=self.decode_step_s * factor)
