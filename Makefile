@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool compose-test aiperf-test live-drop-test
+.PHONY: demo test lint typecheck pytest bench clean compose-tool etcd-tool compose-test aiperf-test live-drop-test bench-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ aiperf-test: $(STAMP) $(AIPERF_VENV)/bin/aiperf
 # runs and stops it after. CI runs it after `make test` (.ci/run).
 compose-test: $(STAMP) compose-tool
 	PRFAAS_COMPOSE_TEST=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/deploy/test_compose_run.py
+
+# The benchmarks' quick modes that take tens of seconds each (bench/prefix.py: four testbeds;
+# bench/discovery.py: etcd and real processes); `make test` skips them, CI runs them (.ci/run).
+bench-test: $(STAMP) etcd-tool
+	PRFAAS_BENCH_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/bench/test_prefix_bench.py tests/bench/test_discovery_bench.py
 
 # The live link drop's quick mode on the namespace testbed (tests/bench/test_live_drop.py,
 # ~4 min; `make test` skips it). Needs root. The full experiment: `python bench/live_drop.py --json`.
