@@ -30,7 +30,7 @@ How the measurements map onto the model (why each choice):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -106,13 +106,9 @@ class LiveProfile:
         """The unloaded time to the second token for each length: log-log piecewise through
         the probes that measured it (increasing points, as the prefill curve); without two
         such probes, the unloaded TTFT plus one decode step."""
-        points = sorted((p.num_tokens, p.tt2t_s) for p in self.probes if p.tt2t_s is not None)
-        tokens: list[float] = []
-        seconds: list[float] = []
-        for n, s in points:
-            if s > 0 and (not tokens or (n > tokens[-1] and s > seconds[-1])):
-                tokens.append(float(n))
-                seconds.append(float(s))
+        tokens, seconds = _increasing(
+            (p.num_tokens, p.tt2t_s) for p in self.probes if p.tt2t_s is not None
+        )
         lengths = np.asarray(num_tokens, dtype=np.float64)
         if len(tokens) < 2:
             return self.unloaded_ttft_s(lengths) + self.decode_step_s
@@ -154,18 +150,27 @@ def prefill_points(
     probes: Sequence[Probe], kv: KvSize, link_gbps: float
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(tokens, seconds)`` of the prefill curve, strictly increasing in both (module doc)."""
-    points = sorted(
+    points = [
         (p.num_tokens, p.ttft_s - (kv.gigabits(p.num_tokens) / link_gbps if p.is_remote else 0))
         for p in probes
-    )
+    ]
+    tokens, seconds = _increasing(points)
+    if len(tokens) < 2:
+        raise ConfigError(f"the probes give fewer than 2 increasing prefill points: {points}")
+    return tokens, seconds
+
+
+def _increasing(
+    points: Iterable[tuple[int, float]],
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The sorted points that keep both coordinates strictly increasing (positive times only):
+    a point that would break monotonicity is noise, dropped."""
     tokens: list[float] = []
     seconds: list[float] = []
-    for n, s in points:
+    for n, s in sorted(points):
         if s > 0 and (not tokens or (n > tokens[-1] and s > seconds[-1])):
             tokens.append(float(n))
             seconds.append(float(s))
-    if len(tokens) < 2:
-        raise ConfigError(f"the probes give fewer than 2 increasing prefill points: {points}")
     return tuple(tokens), tuple(seconds)
 
 
