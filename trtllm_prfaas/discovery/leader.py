@@ -180,8 +180,15 @@ class EtcdLeadership(Replica):
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded, and a cancellation of the caller is not swallowed (as awaiting the task
+            # inside suppress(CancelledError) would: it cannot tell the two apart).
+            bound_s = self.config.call_timeout_s + 2.0
+            done, _ = await asyncio.wait({task}, timeout=bound_s)
+            if not done:
+                log.warning("leader_task_did_not_stop", replica=self.replica_id, after_s=bound_s)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("leader_task_failed", replica=self.replica_id,
+                          error=repr(task.exception()))  # fmt: skip
         await self._cancel_watches()
         if self._leading:
             self._set_leading(False, "resigned" if resign else "stopped")

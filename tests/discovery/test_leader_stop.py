@@ -1,0 +1,74 @@
+"""``EtcdLeadership.stop`` waits for its campaign task a bounded time and never swallows a
+cancellation of its caller (awaiting the task inside ``suppress(CancelledError)`` did both: a
+campaign task that did not end at once held ``stop`` until the caller's own 60 s deadline
+cancelled it, and that cancellation was swallowed). No etcd: the client is a stand-in whose
+only call here is ``close``, and the campaign task is one that ignores its first cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from trtllm_prfaas.discovery.leader import EtcdLeadership, LeaderConfig
+
+CALL_TIMEOUT_S = 0.2
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _elector() -> tuple[EtcdLeadership, _Client]:
+    config = LeaderConfig(endpoints=(("127.0.0.1", 1),), namespace="t", replica_id="r",
+                          call_timeout_s=CALL_TIMEOUT_S)  # fmt: skip
+    client = _Client()
+    return EtcdLeadership(config, client=client), client
+
+
+async def _stubborn(release: asyncio.Event) -> None:
+    """A campaign task that does not end when cancelled, only when released."""
+    while not release.is_set():
+        with contextlib.suppress(asyncio.CancelledError):
+            await release.wait()
+
+
+@pytest.mark.timeout(20)  # the unbounded stop hung here for good
+def test_stop_is_bounded_when_the_campaign_task_does_not_end() -> None:
+    async def scenario() -> float:
+        elector, client = _elector()
+        release = asyncio.Event()
+        elector._task = asyncio.create_task(_stubborn(release))
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        await elector.stop(resign=False)
+        took = time.monotonic() - start
+        assert client.closed
+        release.set()
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < CALL_TIMEOUT_S + 2.0 + 1.0
+
+
+@pytest.mark.timeout(20)
+def test_stop_does_not_swallow_its_callers_cancellation() -> None:
+    async def scenario() -> None:
+        elector, _ = _elector()
+        release = asyncio.Event()
+        elector._task = asyncio.create_task(_stubborn(release))
+        await asyncio.sleep(0)
+        stopping = asyncio.create_task(elector.stop(resign=False))
+        await asyncio.sleep(0.05)  # stop is waiting for the stubborn task
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        release.set()
+
+    asyncio.run(scenario())
