@@ -365,14 +365,18 @@ def by_phase(
              "after": (s.before_s + s.drop_s, math.inf)}  # fmt: skip
     out = {}
     for mode, run in runs.items():
-        met = [r.is_ok and (r.tt2t_s or math.inf) <= float(bound)
-               for r, bound in zip(run.records, slo, strict=True)]  # fmt: skip
-        pairs = list(zip(met, arrivals, strict=True))
+        pairs = list(zip(slo_met(run, slo), arrivals, strict=True))
         out[mode] = {phase: sum(m for m, a in pairs if lo <= a < hi)
                      for phase, (lo, hi) in edges.items()}  # fmt: skip
     out["num_requests"] = {phase: sum(lo <= a < hi for a in arrivals)
                            for phase, (lo, hi) in edges.items()}  # fmt: skip
     return out
+
+
+def slo_met(run: LiveRun, slo: np.ndarray) -> list[bool]:
+    """Per request of ``run``: OK with its time to the second token within its SLO."""
+    return [r.is_ok and (r.tt2t_s or math.inf) <= float(bound)
+            for r, bound in zip(run.records, slo, strict=True)]  # fmt: skip
 
 
 def gain_bound(static: LiveRun, slo: np.ndarray, lengths: list[int], t: int) -> dict[str, Any]:
@@ -381,8 +385,7 @@ def gain_bound(static: LiveRun, slo: np.ndarray, lengths: list[int], t: int) -> 
     them local, at no cost to anyone else, gives at most ``(met + missed offloaded) / met``; a
     request that stayed local and missed was not the link's doing (the dynamic router could only
     add local load). The bound the drop's offload share sets on the headline ratio."""
-    met = [r.is_ok and (r.tt2t_s or math.inf) <= float(bound)
-           for r, bound in zip(static.records, slo, strict=True)]  # fmt: skip
+    met = slo_met(static, slo)
     offloaded = [n > t for n in lengths]
     missed = sum(o and not m for o, m in zip(offloaded, met, strict=True))
     num_met = sum(met)

@@ -40,12 +40,18 @@ async def _stubborn(release: asyncio.Event) -> None:
 
 
 @pytest.mark.timeout(20)  # the unbounded stop hung here for good
+async def _with_stubborn_task() -> tuple[EtcdLeadership, _Client, asyncio.Event]:
+    """An elector whose campaign task is :func:`_stubborn`, running; set the event to end it."""
+    elector, client = _elector()
+    release = asyncio.Event()
+    elector._task = asyncio.create_task(_stubborn(release))
+    await asyncio.sleep(0)
+    return elector, client, release
+
+
 def test_stop_is_bounded_when_the_campaign_task_does_not_end() -> None:
     async def scenario() -> float:
-        elector, client = _elector()
-        release = asyncio.Event()
-        elector._task = asyncio.create_task(_stubborn(release))
-        await asyncio.sleep(0)
+        elector, client, release = await _with_stubborn_task()
         start = time.monotonic()
         await elector.stop(resign=False)
         took = time.monotonic() - start
@@ -60,10 +66,7 @@ def test_stop_is_bounded_when_the_campaign_task_does_not_end() -> None:
 @pytest.mark.timeout(20)
 def test_stop_does_not_swallow_its_callers_cancellation() -> None:
     async def scenario() -> None:
-        elector, _ = _elector()
-        release = asyncio.Event()
-        elector._task = asyncio.create_task(_stubborn(release))
-        await asyncio.sleep(0)
+        elector, _, release = await _with_stubborn_task()
         stopping = asyncio.create_task(elector.stop(resign=False))
         await asyncio.sleep(0.05)  # stop is waiting for the stubborn task
         stopping.cancel()
