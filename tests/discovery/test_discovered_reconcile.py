@@ -131,8 +131,10 @@ def test_a_router_started_before_etcd_catches_up_when_it_comes(etcd: EtcdServer)
             with open_membership(parse_discovery(etcd.url)) as other:
                 key = worker_key(NS, "dc-local", "a")
                 with other.register(key, record("a", 7001), ttl_s=5):
+                    # the listing's PUT can reach the orchestrator before the watch thread
+                    # reports itself connected (it adds its watch in between): wait for both
                     started = asyncio.get_running_loop().time()
-                    while not orch.calls:
+                    while not orch.calls or metrics.connected._value.get() != 1:
                         assert asyncio.get_running_loop().time() - started < 10.0, "never joined"
                         await asyncio.sleep(0.02)
             return orch, logs, metrics.connected._value.get()

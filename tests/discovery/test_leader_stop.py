@@ -39,7 +39,6 @@ async def _stubborn(release: asyncio.Event) -> None:
             await release.wait()
 
 
-@pytest.mark.timeout(20)  # the unbounded stop hung here for good
 async def _with_stubborn_task() -> tuple[EtcdLeadership, _Client, asyncio.Event]:
     """An elector whose campaign task is :func:`_stubborn`, running; set the event to end it."""
     elector, client = _elector()
@@ -49,6 +48,7 @@ async def _with_stubborn_task() -> tuple[EtcdLeadership, _Client, asyncio.Event]
     return elector, client, release
 
 
+@pytest.mark.timeout(20)  # the unbounded stop hung here for good
 def test_stop_is_bounded_when_the_campaign_task_does_not_end() -> None:
     async def scenario() -> float:
         elector, client, release = await _with_stubborn_task()

@@ -57,6 +57,7 @@ from trtllm_prfaas.worker.protocol import LoadReport
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--model-preset", "tiny", "--num-blocks", "512", "--chunk-size", "64"]
 THRESHOLD = 100
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel that shares no connection
 
 
 # ---------------------------------------------------------------------------- processes
@@ -212,7 +213,9 @@ def _new_request_refused(address: str, timeout_s: float = 10.0) -> str:
     be accepted for the few milliseconds before the router handles the signal); '' if none."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        client = grpcclient.InferenceServerClient(address)
+        # its own subchannel pool: a new connection, not the streaming client's (gRPC shares
+        # a connection between channels to the same target by default)
+        client = grpcclient.InferenceServerClient(address, channel_args=NEW_CONNECTION)
         try:
             client.infer(MODEL, llm_inputs(None, 1, None, None, None, prompt(5)), client_timeout=5)
         except InferenceServerException as exc:

@@ -58,6 +58,7 @@ from typing import Any
 from trtllm_prfaas.discovery.etcd import connect_etcd
 from trtllm_prfaas.errors import ConfigError, PrfaasError
 from trtllm_prfaas.router.replicas import PublishedPolicy, Replica
+from trtllm_prfaas.tasks import cancel_and_wait
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 
@@ -178,17 +179,8 @@ class EtcdLeadership(Replica):
             return
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # Bounded, and a cancellation of the caller is not swallowed (as awaiting the task
-            # inside suppress(CancelledError) would: it cannot tell the two apart).
-            bound_s = self.config.call_timeout_s + 2.0
-            done, _ = await asyncio.wait({task}, timeout=bound_s)
-            if not done:
-                log.warning("leader_task_did_not_stop", replica=self.replica_id, after_s=bound_s)
-            elif not task.cancelled() and task.exception() is not None:
-                log.error("leader_task_failed", replica=self.replica_id,
-                          error=repr(task.exception()))  # fmt: skip
+        # bounded, logged if it does not end, and the caller's cancellation is not swallowed
+        await cancel_and_wait([task], self.config.call_timeout_s + 2.0, f"leader {self.replica_id}")
         await self._cancel_watches()
         if self._leading:
             self._set_leading(False, "resigned" if resign else "stopped")

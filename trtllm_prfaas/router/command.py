@@ -125,7 +125,10 @@ def run(command: str, args: argparse.Namespace) -> int:
         ready = _ready_line(settings, service)
         ready["replica"] = leadership.replica_id if leadership is not None else None
         print(json.dumps(ready), flush=True)
-        stop.wait()
+        # Python runs signal handlers on the main thread only; a wait without a timeout is cut
+        # short only by a signal delivered to this thread, so wake up now and then to run them.
+        while not stop.wait(0.5):
+            pass
         log.info("router_stopping", grace_s=settings.frontdoor.shutdown_grace_s)
     finally:
         try:

@@ -67,7 +67,6 @@ logged and skipped; ``t`` keeps its last value and routing goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -90,6 +89,7 @@ from trtllm_prfaas.router.replicas import (
     followed_state,
     next_publication,
 )
+from trtllm_prfaas.tasks import cancel_and_wait
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import RouterMetrics
 from trtllm_prfaas.vocabulary import Role
@@ -105,6 +105,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+STOP_BOUND_S = 10.0  # how long stop() waits for the tick task and conversions once cancelled
 
 _Inputs = threshold.ThresholdInputs | None
 _Snap = ProfileSnapshot | None
@@ -230,14 +232,9 @@ class ControlLoop:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop ticking and wait for conversions in flight to end (they have timeouts)."""
-        tasks = [t for t in (self._task, *self._conversions) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._task = None
+        """Stop ticking and cancel conversions in flight; wait for them at most ``STOP_BOUND_S``."""
+        task, self._task = self._task, None
+        await cancel_and_wait([task, *self._conversions], STOP_BOUND_S, "control loop")
 
     async def _run(self) -> None:
         while True:

@@ -23,13 +23,13 @@ found, and the gauge returns to 1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from trtllm_prfaas.discovery.membership import EventKind, MemberEvent, Membership, Watch
 from trtllm_prfaas.discovery.membership import worker_prefix as prefix_of
 from trtllm_prfaas.discovery.records import BadRecord, WorkerRecord, decode_record
 from trtllm_prfaas.errors import ConfigError, TransportError
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, WorkerSpec
+from trtllm_prfaas.tasks import cancel_and_wait
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.telemetry.metrics import DiscoveryMetrics
 
@@ -85,12 +85,7 @@ class DiscoveredWorkers:
         self._closed = True
         if self._watch is not None:
             await asyncio.to_thread(self._watch.close)
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(list(self._tasks.values()), self.retry_s + 10.0, "discovery")
 
     # ------------------------------------------------------------ from the watch thread
     def _event_soon(self, event: MemberEvent) -> None:

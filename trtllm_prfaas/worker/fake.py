@@ -37,7 +37,6 @@ and tasks on exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
 
@@ -48,6 +47,7 @@ from msgspec.structs import replace
 
 from trtllm_prfaas.kv.hashing import CacheKey, block_hashes
 from trtllm_prfaas.sim.caches import CacheModel, NodePrefixCache
+from trtllm_prfaas.tasks import cancel_and_wait
 from trtllm_prfaas.vocabulary import Role, parse_role
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.slots import DecodeSlots
@@ -121,12 +121,7 @@ class FakeWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(list(self._tasks), 5.0, "fake worker")
         self.socket.close(linger=0)
 
     async def kill(self) -> None:
