@@ -25,16 +25,13 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import tritonclient.grpc.aio as grpcclient_aio
-from tritonclient.grpc import InferRequestedOutput
 
 from trtllm_prfaas.errors import PrfaasError
-from trtllm_prfaas.loadgen.client import RequestSpec, build_inputs
+from trtllm_prfaas.loadgen.client import RequestSpec, StreamedIds, stream_request, stream_request_of
 from trtllm_prfaas.loadgen.scrape import MetricsUnavailable, scrape
 from trtllm_prfaas.sim.live_profile import Probe
 from trtllm_prfaas.testbed.hosts import HostsConfig, NetnsTestbed
@@ -211,51 +208,19 @@ async def send_traced(
     client: Any, spec: RequestSpec, arrival_s: float, started_at: float, timeout_s: float
 ) -> LiveRecord:
     """Stream one request (input ids), keep its output ids; never raises for a failed one."""
-    sent = time.monotonic()
-    tokens: list[int] = []
-    first: float | None = None
-    second: float | None = None
-    status, reason = "INCOMPLETE", "the stream ended without a final response"
-    done = asyncio.Event()
-    request = {"model_name": MODEL, "inputs": build_inputs(spec), "request_id": str(spec.index),
-               "outputs": [InferRequestedOutput("output_ids")]}  # fmt: skip
+    sent, streamed = time.monotonic(), StreamedIds()
+    request = stream_request_of(MODEL, spec, ["output_ids"], str(spec.index))
+    status, reason = await stream_request(client, request, streamed.add, timeout_s)
 
-    async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield request
-        await done.wait()  # half-close only once the answer is complete
+    def since_start(at: float | None) -> float | None:
+        return None if at is None else at - started_at
 
-    responses = client.stream_infer(requests(), stream_timeout=timeout_s)
-    try:
-        async with asyncio.timeout(timeout_s + 1.0):
-            async for result, error in responses:
-                if error is not None:
-                    status, reason = "IN_STREAM_ERROR", str(error.message())
-                    break
-                ids = result.as_numpy("output_ids")
-                if ids is not None and ids.size:
-                    now = time.monotonic()
-                    first = now if first is None else first
-                    tokens += [int(t) for t in ids.reshape(-1)]
-                    second = now if second is None and len(tokens) >= 2 else second
-                params = result.get_response().parameters
-                if FINAL in params and params[FINAL].bool_param:
-                    status, reason = "OK", ""
-                    break
-    except TimeoutError:
-        status, reason = "DEADLINE_EXCEEDED", f"no final response within {timeout_s:g}s"
-    except grpc.aio.AioRpcError as exc:
-        status, reason = exc.code().name, str(exc.details())
-    except Exception as exc:  # counted, never raised: one request must not end the run
-        status, reason = "CLIENT_ERROR", f"{type(exc).__name__}: {exc}"
-    finally:
-        done.set()
-        responses.cancel()
     return LiveRecord(index=spec.index, num_prompt_tokens=spec.num_prompt_tokens,
                       arrival_s=arrival_s, sent_s=sent - started_at,
-                      first_token_s=None if first is None else first - started_at,
-                      second_token_s=None if second is None else second - started_at,
+                      first_token_s=since_start(streamed.first_at),
+                      second_token_s=since_start(streamed.second_at),
                       finished_s=time.monotonic() - started_at, status=status, reason=reason,
-                      token_ids=tuple(tokens))  # fmt: skip
+                      token_ids=tuple(streamed.ids))  # fmt: skip
 
 
 async def send_trace(

@@ -19,18 +19,21 @@ different KV shows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.grpc import InferRequestedOutput
 
-from trtllm_prfaas.loadgen.client import FINAL_RESPONSE_PARAM, RequestSpec, build_inputs
+from trtllm_prfaas.loadgen.client import (
+    RequestSpec,
+    StreamedIds,
+    stream_request,
+    stream_request_of,
+)
 from trtllm_prfaas.loadgen.prompts import prompt_ids
+from trtllm_prfaas.loadgen.stats import OK
 
 __all__ = [
     "Conversation",
@@ -134,38 +137,13 @@ async def ask(
 ) -> Outcome:
     """Stream one request; never raises for a failed request (its ``error`` says why)."""
     spec = RequestSpec(key[0], len(prompt), prompt, max_tokens, TEMPERATURE, seed)
-    request = {"model_name": MODEL, "inputs": build_inputs(spec),
-               "outputs": [InferRequestedOutput("output_ids")]}  # fmt: skip
-    sent_at, first_at, ids = time.monotonic(), None, list[int]()
-    done = asyncio.Event()
-
-    async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield request
-        await done.wait()  # half-close only once the answer is complete
-
-    responses = client.stream_infer(requests(), stream_timeout=timeout_s)
-    try:
-        async with asyncio.timeout(timeout_s + 1.0):
-            async for result, error in responses:
-                if error is not None:
-                    return Outcome(key, len(prompt), None, ids, f"in-stream: {error.message()}")
-                new = result.as_numpy("output_ids")
-                if new is not None and new.size:
-                    first_at = first_at or time.monotonic()
-                    ids.extend(int(t) for t in new.reshape(-1))
-                params = result.get_response().parameters
-                if FINAL_RESPONSE_PARAM in params and params[FINAL_RESPONSE_PARAM].bool_param:
-                    ttft = None if first_at is None else first_at - sent_at
-                    return Outcome(key, len(prompt), ttft, ids)
-        return Outcome(key, len(prompt), None, ids, "the stream ended without a final response")
-    except TimeoutError:
-        return Outcome(key, len(prompt), None, ids, f"no final response within {timeout_s:g} s")
-    except Exception as exc:  # one failed request is a result, not the end of the run
-        return Outcome(key, len(prompt), None, ids, f"{type(exc).__name__}: {exc}")
-    finally:
-        done.set()
-        with contextlib.suppress(Exception):
-            responses.cancel()
+    streamed, sent_at = StreamedIds(), time.monotonic()
+    request = stream_request_of(MODEL, spec, ["output_ids"])
+    status, reason = await stream_request(client, request, streamed.add, timeout_s)
+    if status != OK:
+        return Outcome(key, len(prompt), None, streamed.ids, f"{status}: {reason}")
+    ttft = None if streamed.first_at is None else streamed.first_at - sent_at
+    return Outcome(key, len(prompt), ttft, streamed.ids)
 
 
 async def play_conversations(

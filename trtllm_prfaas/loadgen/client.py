@@ -32,7 +32,16 @@ from tritonclient.utils import InferenceServerException
 
 from trtllm_prfaas.loadgen.stats import OK, RequestRecord
 
-__all__ = ["RequestSpec", "ServerInfo", "probe", "send_one"]
+__all__ = [
+    "RequestSpec",
+    "ServerInfo",
+    "StreamedIds",
+    "is_final",
+    "probe",
+    "send_one",
+    "stream_request",
+    "stream_request_of",
+]
 
 FINAL_RESPONSE_PARAM = "triton_final_response"
 _BACKSTOP_S = 1.0  # the asyncio deadline trails the gRPC one, in case the latter never fires
@@ -104,6 +113,42 @@ def _tensor(name: str, datatype: str, array: Any) -> InferInput:
     return tensor
 
 
+def stream_request_of(
+    model: str, spec: RequestSpec, outputs: list[str], request_id: str | None = None
+) -> dict[str, Any]:
+    """The one request of a ``stream_infer`` stream: ``spec``'s inputs, ``outputs`` asked for."""
+    request = {"model_name": model, "inputs": build_inputs(spec),
+               "outputs": [InferRequestedOutput(name) for name in outputs]}  # fmt: skip
+    if request_id is not None:
+        request["request_id"] = request_id
+    return request
+
+
+def is_final(result: Any) -> bool:
+    """Whether ``result`` is a stream's last response (Triton's ``triton_final_response``)."""
+    params = result.get_response().parameters
+    return FINAL_RESPONSE_PARAM in params and bool(params[FINAL_RESPONSE_PARAM].bool_param)
+
+
+async def stream_request(
+    client: Any, request: dict[str, Any], add: Callable[[Any], bool], timeout_s: float
+) -> tuple[str, str]:
+    """Stream ``request`` (see :func:`stream_request_of`) and hand each response to ``add``,
+    which returns True for the final one. Returns ``(OK, "")`` or the status and reason of the
+    failure (the module docstring's list); never raises but ``CancelledError``."""
+    try:
+        async with asyncio.timeout(timeout_s + _BACKSTOP_S):
+            return await _stream(client, request, add, timeout_s)
+    except TimeoutError:
+        return "DEADLINE_EXCEEDED", f"no final response within {timeout_s:g}s"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, str(exc.details())
+    except InferenceServerException as exc:
+        return str(exc.status() or "CLIENT_ERROR").removeprefix("StatusCode."), str(exc.message())
+    except Exception as exc:  # counted, never raised: one bad request must not end the run
+        return "CLIENT_ERROR", f"{type(exc).__name__}: {exc}"
+
+
 async def send_one(
     client: Any,
     model: str,
@@ -114,29 +159,40 @@ async def send_one(
 ) -> None:
     """Stream ``spec`` and hand its record to ``sink`` (see the module docstring)."""
     outputs = ["text_output", *(["output_ids"] if info.has_output_ids else [])]
-    request = {"model_name": model, "inputs": build_inputs(spec), "request_id": str(spec.index),
-               "outputs": [InferRequestedOutput(name) for name in outputs]}  # fmt: skip
+    request = stream_request_of(model, spec, outputs, str(spec.index))
     tally = _Tally(spec, time.monotonic(), info.has_output_ids)
     try:
-        async with asyncio.timeout(timeout_s + _BACKSTOP_S):
-            status, reason = await _stream(client, request, tally, timeout_s)
+        status, reason = await stream_request(client, request, tally.add, timeout_s)
     except asyncio.CancelledError:
         sink(tally.record("CANCELLED", "the run's deadline passed before the final response"))
         raise
-    except TimeoutError:
-        status, reason = "DEADLINE_EXCEEDED", f"no final response within {timeout_s:g}s"
-    except grpc.aio.AioRpcError as exc:
-        status, reason = exc.code().name, str(exc.details())
-    except InferenceServerException as exc:
-        status = str(exc.status() or "CLIENT_ERROR").removeprefix("StatusCode.")
-        reason = str(exc.message())
-    except Exception as exc:  # counted, never raised: one bad request must not end the run
-        status, reason = "CLIENT_ERROR", f"{type(exc).__name__}: {exc}"
     sink(tally.record(status, reason))
 
 
+class StreamedIds:
+    """The ``add`` of :func:`stream_request` for a caller that keeps the output ids (a
+    benchmark that checks tokens): the ids, and when the first and second arrived (monotonic;
+    the second is when a decode node's first token is out, where the first may come from a
+    prefill leg)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.first_at: float | None = None
+        self.second_at: float | None = None
+
+    def add(self, result: Any) -> bool:
+        new = result.as_numpy("output_ids")
+        if new is not None and new.size:
+            now = time.monotonic()
+            self.first_at = now if self.first_at is None else self.first_at
+            self.ids += [int(t) for t in new.reshape(-1)]
+            if self.second_at is None and len(self.ids) >= 2:
+                self.second_at = now
+        return is_final(result)
+
+
 async def _stream(
-    client: Any, request: dict[str, Any], tally: _Tally, timeout_s: float
+    client: Any, request: dict[str, Any], add: Callable[[Any], bool], timeout_s: float
 ) -> tuple[str, str]:
     done = asyncio.Event()
 
@@ -149,7 +205,7 @@ async def _stream(
         async for result, error in responses:
             if error is not None:
                 return "IN_STREAM_ERROR", str(error.message())
-            if tally.add(result):
+            if add(result):
                 done.set()  # let the stream end cleanly rather than cancel it
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(_drain(responses), _DRAIN_S)
@@ -188,11 +244,10 @@ class _Tally:
             self.first_at = now if self.first_at is None else self.first_at
             self.last_at = now
             self.num_tokens += num
-        params = result.get_response().parameters
-        is_final = FINAL_RESPONSE_PARAM in params and bool(params[FINAL_RESPONSE_PARAM].bool_param)
-        if is_final:
+        final = is_final(result)
+        if final:
             self.finished_at = now
-        return is_final
+        return final
 
     def record(self, status: str, reason: str) -> RequestRecord:
         finished_at = self.finished_at if status == OK and self.finished_at else time.monotonic()
