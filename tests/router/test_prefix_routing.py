@@ -20,6 +20,7 @@ from trtllm_prfaas.engines.request import SamplingParams
 from trtllm_prfaas.router.api import GenerateRequest
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.router.orchestrator import DisaggregatedOrchestrator, RouterConfig, WorkerSpec
+from trtllm_prfaas.router.prefix_index import PrefixIndexStats
 from trtllm_prfaas.testbed.processes import start_workers
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.client import WorkerClient
@@ -27,6 +28,7 @@ from trtllm_prfaas.worker.client import WorkerClient
 COMMON = ["--model-preset", "tiny", "--plaintext", "--num-blocks", "512", "--chunk-size", "64"]
 REUSE = [*COMMON, "--enable-block-reuse"]
 TPB = model_preset("tiny").tokens_per_block  # 16
+_NO_STATS = PrefixIndexStats()
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +159,49 @@ def _follow(client: WorkerClient, cluster: ClusterState, until_rid: str, quiet_s
         message = client.recv(0.1)
         if isinstance(message, p.KvEvents):
             assert cluster.on_kv_events("ev", message)
-            assert message.batch is not None
-            for event in message.batch.events:
+            # the first is the snapshot the ping earned (nothing held yet), then batches
+            assert (message.batch is None) == (message.snapshot is not None)
+            for event in message.batch.events if message.batch is not None else ():
                 num_removed += len(getattr(event.data, "block_hashes", ()))
         elif isinstance(message, p.Tokens) and message.request_id == until_rid:
             assert not message.error_kind, message.error_message
             if message.finished:
                 finished_at = time.monotonic()
     raise TimeoutError(f"{until_rid} did not finish")
+
+
+def test_a_router_started_later_knows_what_the_workers_hold(
+    testbed: dict[str, WorkerProcess],
+) -> None:
+    """Router A serves turn 1 on p1 and stops; router B starts afterwards and has sent nothing
+    yet: each worker's snapshot (its answer to B's ping) tells B what p1 holds, so B routes
+    turn 2 to p1 for its prefix, with single-engine tokens."""
+    first = [*_prompt(600, salt=21), *_prompt(40, salt=23)]
+    second = [*first, *_prompt(90, salt=29)]
+    held = len(first) // TPB * TPB
+
+    async def scenario() -> None:
+        async with orchestrator(testbed) as a:
+            a.cluster.workers["p0"].is_draining = True
+            got_first = await _tokens(a, _request("late-1", first))
+            assert a.decisions[-1].prefill_node_id == "p1"
+            hashes = a.cluster.prefix.hashes_for(second)
+            await _until(lambda: a.cluster.prefix.prefix_tokens("p1", hashes, time.monotonic())
+                         >= held)  # fmt: skip
+        async with orchestrator(testbed) as b:
+            prefix = b.cluster.prefix
+            await _until(lambda: (prefix.stats() or _NO_STATS).num_snapshots >= len(testbed))
+            assert prefix.prefix_tokens("p1", hashes, time.monotonic()) >= held
+            assert prefix.prefix_tokens("p0", hashes, time.monotonic()) == 0
+            await _until(lambda: prefix.prefix_tokens("dec", hashes, time.monotonic()) >= held)
+            got_second = await _tokens(b, _request("late-2", second))
+            decision = b.decisions[-1]
+            assert decision.prefill_node_id == "p1" and decision.prefix_tokens == held
+            assert got_first == _reference(first) and got_second == _reference(second)
+            stats = prefix.stats()
+            assert stats is not None and stats.num_resyncs == 0
+
+    asyncio.run(scenario())
 
 
 def test_index_follows_stored_and_evicted_blocks() -> None:

@@ -11,7 +11,13 @@ from prometheus_client import CollectorRegistry
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.request import SamplingParams
-from trtllm_prfaas.kv.events import KvCacheEvent, KvCacheStored, KvEventBatch, StoredBlock
+from trtllm_prfaas.kv.events import (
+    KvCacheEvent,
+    KvCacheStored,
+    KvEventBatch,
+    KvSnapshot,
+    StoredBlock,
+)
 from trtllm_prfaas.policy.placement import NodeView, choose_decode_node
 from trtllm_prfaas.policy.route import PolicyState, RequestView, route
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
@@ -135,6 +141,25 @@ def test_membership_follows_the_cluster() -> None:
     assert stats is not None and set(stats.blocks_per_node) == {"r0"}
     cluster.on_info("r0", _info("r0", "decode"))  # a role change: a new engine, an empty view
     assert "r0" in cluster.prefix
+
+
+def test_a_snapshot_that_comes_before_the_join_is_kept_for_it() -> None:
+    """The worker's snapshot can be read in the same pass as its WorkerInfo, before the
+    router's add_worker resumes: it and the batches after it are kept and applied at the join;
+    messages from a worker that sent no snapshot first are not kept."""
+    cluster = _cluster(("r1", "prefill", "events", True))
+    hashes = cluster.prefix.hashes_for(_prompt(5 * TPB))
+    assert len(hashes) == 4  # whole blocks of all but the last token
+    snapshot = KvSnapshot([KvCacheStored(None, [StoredBlock(h, TPB) for h in hashes[:3]])], [], 7)
+    after = KvEventBatch([_stored(7, hashes[2], hashes[3:])])
+    assert not cluster.on_kv_events("r0", p.KvEvents("r0", batch=after))  # no snapshot: dropped
+    assert not cluster.on_kv_events("r0", p.KvEvents("r0", snapshot=snapshot))
+    assert not cluster.on_kv_events("r0", p.KvEvents("r0", batch=after))
+    cluster.add(WorkerState("r0", "tcp://x", _info("r0", "prefill"), True))
+    assert cluster.prefix.prefix_tokens("r0", hashes, time.monotonic()) == 4 * TPB  # all of it
+    stats = cluster.prefix.stats()
+    assert stats is not None and stats.num_snapshots == 1 and stats.num_resyncs == 0
+    assert cluster.early_kv_events == {}
 
 
 def test_a_worker_with_another_key_is_not_followed() -> None:

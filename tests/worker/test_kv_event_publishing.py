@@ -13,7 +13,7 @@ import pytest
 from tests.harness import serving_on_thread
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig
-from trtllm_prfaas.kv.events import KvCacheCreated
+from trtllm_prfaas.kv.events import KvCacheStored
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker import protocol as p
@@ -60,22 +60,74 @@ def test_events_are_bounded_consecutive_and_index_the_prompt(
         messages = _events_until_done(client, "r")
     cluster = ClusterState()
     cluster.add(WorkerState("w0", server.endpoint, info, True))
-    batches = [m.batch for m in messages if m.batch is not None]
-    assert len(batches) == len(messages) >= 7 and all(len(b.events) == 1 for b in batches)
-    ids = [e.event_id for b in batches for e in b.events]
-    assert ids == list(range(len(ids)))  # the created event first, none lost
+    # the ping made this client a router new to the worker: its first message is the engine's
+    # snapshot (taken after a drain: at most the first chunk is in it), then the batches, their
+    # ids consecutive from the snapshot's next_event_id
+    snapshot, batches = messages[0].snapshot, [m.batch for m in messages[1:]]
+    assert snapshot is not None and messages[0].batch is None
+    assert all(b is not None and len(b.events) == 1 for b in batches) and len(batches) >= 4
+    ids = [e.event_id for b in batches for e in b.events]  # type: ignore[union-attr]
+    assert ids == list(range(snapshot.next_event_id, snapshot.next_event_id + len(ids)))
     hashes = cluster.prefix.hashes_for(prompt)
     for message in messages:
         assert cluster.on_kv_events("w0", message)
     assert cluster.prefix.prefix_tokens("w0", hashes, time.monotonic()) == 12 * 16
-    # a router that lost one message (the first stored chain) sees the gap in the ids, clears
-    # the node's view, and cannot reach the chains stored below the lost one: it reports
-    # nothing held rather than a prefix with a hole
+    # a router that lost one message (the first stored chain after the snapshot) sees the gap
+    # in the ids, clears the node's view, and cannot reach the chains stored below the lost
+    # one: it reports nothing held rather than a prefix with a hole
     lossy = ClusterState()
     lossy.add(WorkerState("w0", server.endpoint, info, True))
-    assert isinstance(messages[0].batch.events[0].data, KvCacheCreated)  # type: ignore[union-attr]
-    for message in [messages[0], *messages[2:]]:
+    lost = 1 + next(i for i, b in enumerate(batches)
+                    if isinstance(b.events[0].data, KvCacheStored))  # type: ignore[union-attr]  # fmt: skip
+    for message in [*messages[:lost], *messages[lost + 1 :]]:
         lossy.on_kv_events("w0", message)
     stats = lossy.prefix.stats()
     assert stats is not None and stats.num_resyncs == 1 and stats.num_unreachable_blocks > 0
     assert lossy.prefix.prefix_tokens("w0", hashes, time.monotonic()) == 0
+
+
+def _kv_events(client: WorkerClient, wait_s: float) -> list[p.KvEvents]:
+    got, deadline = [], time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        message = client.recv(0.05)
+        if isinstance(message, p.KvEvents):
+            got.append(message)
+    return got
+
+
+def test_a_router_that_joins_late_gets_the_snapshot_then_the_events() -> None:
+    """Router A serves two prompts; router B pings the worker only after the first: B's
+    first KvEvents is the engine's snapshot, and from then on B's index agrees with A's
+    (which followed every event) with no resync; a second ping of A resyncs A the same way."""
+    first = [(i * 5) % 200 + 1 for i in range(200)]
+    second = [*first[:120], *[(i * 7) % 190 + 3 for i in range(100)]]  # shares 7 blocks
+    with serving(ENGINE) as server, WorkerClient(server.endpoint) as a:
+        info = a.ping(10)
+        a.send(p.Submit("r1", first, max_tokens=2))
+        early = _events_until_done(a, "r1")
+        with WorkerClient(server.endpoint) as b:
+            assert b.ping(10) == info
+            late = _kv_events(b, 0.5)
+            a.send(p.Submit("r2", second, max_tokens=2))
+            early += _events_until_done(a, "r2")
+            late += _kv_events(b, 0.5)
+            a.ping(10)  # A asks again (as after a reconnect): a snapshot, not a batch
+            again = _kv_events(a, 0.5)
+    assert early[0].snapshot is not None  # A's first ping
+    assert late[0].snapshot is not None and late[0].snapshot.stored
+    assert all(m.snapshot is None for m in [*early[1:], *late[1:]])
+    assert again and again[0].snapshot is not None
+    views = {}
+    for name, messages in (("a", early), ("b", late), ("again", again)):
+        cluster = ClusterState()
+        cluster.add(WorkerState("w0", server.endpoint, info, True))
+        for message in messages:
+            assert cluster.on_kv_events("w0", message)
+        stats = cluster.prefix.stats()
+        assert stats is not None and stats.num_resyncs == 0, name
+        now = time.monotonic()
+        views[name] = [cluster.prefix.prefix_tokens("w0", cluster.prefix.hashes_for(prompt), now)
+                       for prompt in (first, second)]  # fmt: skip
+        views[name + " blocks"] = stats.blocks_per_node
+    assert views["a"] == views["b"] == views["again"] == [12 * 16, 13 * 16], str(views)
+    assert views["a blocks"] == views["b blocks"] == views["again blocks"]

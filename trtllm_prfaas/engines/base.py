@@ -22,8 +22,9 @@
 ``has_unfinished()``, ``waiting`` / ``running`` (sized), ``slots.num_free``,
 ``blocks.num_available``, ``connector`` (a ``ConnectorPair`` hosted in this process, or None when
 the connector lives elsewhere, e.g. inside TensorRT-LLM's workers), ``config``.
-Optional capability ``SupportsKvEvents`` (``drain_kv_events() -> KvEventBatch``): the engine's
-prefix cache reports stored and removed blocks for the router's prefix index.
+Optional capability ``SupportsKvEvents`` (``drain_kv_events() -> KvEventBatch``,
+``kv_events_snapshot() -> KvSnapshot``): the engine's prefix cache reports stored and removed
+blocks for the router's prefix index, and all it holds for a router that joins late.
 Optional capability ``SupportsPrefixPins`` (``pin_prefix(block_hashes) -> (pin_id, num_tokens)``,
 ``unpin_prefix(pin_id)``): a decode worker holds a reserved slot's cached prefix until its leg
 is admitted, so the prefill relays only what lies beyond it (issue 15 item 4).
@@ -54,7 +55,7 @@ from trtllm_prfaas.errors import AdmissionRejected, InvalidRequestError
 
 if TYPE_CHECKING:
     from trtllm_prfaas.connector.plans import Plan
-    from trtllm_prfaas.kv.events import KvEventBatch
+    from trtllm_prfaas.kv.events import KvEventBatch, KvSnapshot
 
 __all__ = [
     "BlocksView",
@@ -124,10 +125,13 @@ class SupportsKvEvents(Protocol):
     """An engine whose prefix cache reports KV cache events (``ReferenceEngine``: nothing to
     report unless ``enable_block_reuse``; see ``kv/events.py``). The worker drains after each
     ``step()``, on the thread that steps the engine, and publishes the batch; the router feeds
-    it to ``router.prefix_index.PrefixIndex.apply``. Engines without it are indexed
+    it to ``router.prefix_index.PrefixIndex.apply``. A router that joins late (or reconnects)
+    gets ``kv_events_snapshot()``, taken right after a drain. Engines without it are indexed
     approximately."""
 
     def drain_kv_events(self) -> KvEventBatch: ...
+
+    def kv_events_snapshot(self) -> KvSnapshot: ...
 
 
 @runtime_checkable

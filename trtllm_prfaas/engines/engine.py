@@ -70,7 +70,7 @@ from trtllm_prfaas.errors import (
     InvalidRequestError,
     PrfaasError,
 )
-from trtllm_prfaas.kv.events import KvEventBatch, KvEventLog
+from trtllm_prfaas.kv.events import KvEventBatch, KvEventLog, KvSnapshot
 from trtllm_prfaas.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
@@ -225,6 +225,12 @@ class ReferenceEngine(ConnectorHost):
         TensorRT-LLM's shape; see ``kv/events.py``), and how many overflowed the buffer. Empty
         with block reuse off. Call from the thread that steps the engine; never blocks."""
         return self.kv_events.drain()
+
+    def kv_events_snapshot(self) -> KvSnapshot:
+        """What the prefix cache holds, as of the next event (``kv/events.py``): for a router
+        that starts following this engine late. Take it right after a drain, on the same
+        thread; never blocks."""
+        return self.kv_events.snapshot()
 
     # ------------------------------------------------------------- pinned prefixes (issue 15)
     def pin_prefix(self, block_hashes: list[int]) -> tuple[int, int]:

@@ -25,6 +25,13 @@ Consumer contract: events are applied in ``event_id`` order. A gap (``dropped`` 
 or an id that skips) means the consumer's view of that engine is no longer exact: it must drop
 what it knows of that engine and rebuild from later events (the index does).
 
+Late consumers: the log also keeps what its events leave matchable (one dict entry per held
+block and per state snapshot), and :meth:`KvEventLog.snapshot` gives it as a
+:class:`KvSnapshot` (stored chains, parent first; the states; the id of the next event), so a
+router that starts after the engine, or that lost the connection, is exact at once instead of
+rebuilding from later events. TensorRT-LLM has no such call (its consumers see everything from
+``created`` on); this is the project's own, like the state events.
+
 The worker publishes a :class:`KvEventBatch` as it is (msgspec, plain types) over its control
 channel: ``engine.drain_kv_events()`` -> ``msgspec.msgpack.encode(batch)`` -> router ->
 ``PrefixIndex.apply(node_id, batch)``. Not thread-safe: the engine's thread records and drains.
@@ -48,6 +55,7 @@ __all__ = [
     "KvCacheStored",
     "KvEventBatch",
     "KvEventLog",
+    "KvSnapshot",
     "KvStateRemoved",
     "KvStateStored",
     "StoredBlock",
@@ -156,6 +164,16 @@ class KvEventBatch(msgspec.Struct, frozen=True):
     dropped: int = 0
 
 
+class KvSnapshot(msgspec.Struct, frozen=True):
+    """What an engine holds, as of just before event ``next_event_id``: the stored chains (a
+    chain's parent comes earlier in the list or is None) and the state snapshots. A consumer
+    replaces its view of the engine with it and expects ``next_event_id`` next."""
+
+    stored: list[KvCacheStored]
+    states: list[KvStateStored]
+    next_event_id: int
+
+
 class KvEventLog:
     """A bounded buffer of KV cache events (upstream ``KVCacheEventManager``).
 
@@ -173,11 +191,16 @@ class KvEventLog:
         self._dropped_since_drain = 0
         self.num_dropped = 0
         self.num_recorded = 0
+        # what the events leave matchable, for snapshot()
+        self._held: dict[int, tuple[int | None, int]] = {}  # hash -> (parent, num_tokens)
+        self._states: dict[int, int] = {}  # hash of the block a snapshot ends at -> num_tokens
 
     def __len__(self) -> int:
         return len(self._events)
 
     def record_created(self, num_blocks: int) -> None:
+        self._held.clear()
+        self._states.clear()
         self._append(KvCacheCreated([num_blocks]))
 
     def record_stored(
@@ -192,15 +215,19 @@ class KvEventLog:
         if not block_hashes:
             return
         blocks = []
+        parent = parent_hash
         for i, block_hash in enumerate(block_hashes):
             own = list(tokens[i * tokens_per_block : (i + 1) * tokens_per_block])
             blocks.append(
                 StoredBlock(block_hash, tokens_per_block, own if self.keep_tokens else [])
             )
+            self._held[block_hash] = (parent, tokens_per_block)
+            parent = block_hash
         self._append(KvCacheStored(parent_hash, blocks))
 
     def record_removed(self, block_hash: int) -> None:
         """One evicted block; joins the previous event when that one is a removal (upstream)."""
+        self._held.pop(block_hash, None)
         last = self._events[-1] if self._events else None
         if last is not None and isinstance(last.data, KvCacheRemoved):
             last.data.block_hashes.append(block_hash)
@@ -208,9 +235,11 @@ class KvEventLog:
         self._append(KvCacheRemoved([block_hash]))
 
     def record_state_stored(self, block_hash: int, num_tokens: int) -> None:
+        self._states[block_hash] = num_tokens
         self._append(KvStateStored(block_hash, num_tokens))
 
     def record_state_removed(self, block_hash: int) -> None:
+        self._states.pop(block_hash, None)
         last = self._events[-1] if self._events else None
         if last is not None and isinstance(last.data, KvStateRemoved):
             last.data.block_hashes.append(block_hash)
@@ -223,6 +252,31 @@ class KvEventLog:
         self._events.clear()
         self._dropped_since_drain = 0
         return batch
+
+    def snapshot(self) -> KvSnapshot:
+        """What the recorded events leave matchable, as of the next event id: every held block
+        reachable from a prompt's first block through held parents (the others cannot be
+        matched), parent first, one ``stored`` entry per run of a chain. Exact for a consumer
+        that has applied nothing else when taken right after :meth:`drain` (what the worker
+        does). Costs O(held blocks)."""
+        children: dict[int | None, list[int]] = {}
+        for block_hash, (parent, _) in self._held.items():
+            children.setdefault(parent, []).append(block_hash)
+        stored: list[KvCacheStored] = []
+        starts = list(reversed(children.get(None, [])))
+        while starts:
+            block_hash = starts.pop()
+            run = KvCacheStored(self._held[block_hash][0], [])
+            while True:
+                run.blocks.append(StoredBlock(block_hash, self._held[block_hash][1]))
+                below = children.get(block_hash, [])
+                if not below:
+                    break
+                starts.extend(reversed(below[1:]))  # after this run, whose blocks are parents
+                block_hash = below[0]
+            stored.append(run)
+        states = [KvStateStored(h, n) for h, n in self._states.items()]
+        return KvSnapshot(stored, states, self._next_id)
 
     def _append(self, data: EventData) -> None:
         self._events.append(KvCacheEvent(self._next_id, data))

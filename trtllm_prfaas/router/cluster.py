@@ -44,6 +44,7 @@ STALE_AFTER_S = 30.0
 # EWMA weight of one idle-node prefill leg in a cluster's seconds-per-token estimate (a ~5-leg
 # memory, as the control loop's estimators).
 _SPT_ALPHA = 0.2
+_MAX_EARLY_KV_EVENTS = 64  # messages kept from a worker between its WorkerInfo and its join
 
 
 @dataclass
@@ -103,6 +104,9 @@ class ClusterState:
     # instances are alike (the paper's homogeneous clusters), and per-node estimates would
     # let noise, not load or prefix, pick between two idle nodes.
     prefill_s_per_token: dict[bool, float] = field(default_factory=dict)
+    # KvEvents from a worker that answered Ping but has not joined yet (its snapshot can come
+    # in the same read as its WorkerInfo, before add_worker resumes): replayed by add()
+    early_kv_events: dict[str, list[p.KvEvents]] = field(default_factory=dict)
 
     def on_prefill_sent(self, worker: WorkerState, tokens: int) -> bool:
         """A prefill leg computing ``tokens`` was sent to ``worker``; True if it had none open
@@ -124,16 +128,30 @@ class ClusterState:
     def add(self, worker: WorkerState) -> None:
         self.workers[worker.name] = worker
         self.prefix.add(worker.name, worker.info)
+        for message in self.early_kv_events.pop(worker.name, []):
+            self.prefix.apply(worker.name, message)
 
     def remove(self, name: str) -> WorkerState | None:
         """Forget worker ``name`` (it deregistered, or its lease expired); None if unknown.
         Requests already holding its state finish against the detached object."""
         self.prefix.remove(name)
+        self.early_kv_events.pop(name, None)
         return self.workers.pop(name, None)
 
     def on_kv_events(self, name: str, message: p.KvEvents) -> bool:
-        """A worker's KV cache events: applied to its view; False if it is not followed."""
-        return name in self.workers and self.prefix.apply(name, message)
+        """A worker's KV cache events: applied to its view; False if it is not followed. From a
+        worker not joined yet, a snapshot and what follows it are kept for ``add`` (at most
+        ``_MAX_EARLY_KV_EVENTS`` messages; past that all go, and its view starts empty)."""
+        if name not in self.workers:
+            early = self.early_kv_events.get(name)
+            if message.snapshot is not None:
+                self.early_kv_events[name] = [message]
+            elif early is not None and len(early) < _MAX_EARLY_KV_EVENTS:
+                early.append(message)
+            elif early is not None:
+                del self.early_kv_events[name]
+            return False
+        return self.prefix.apply(name, message)
 
     def on_report(self, name: str, report: p.LoadReport) -> None:
         worker = self.workers.get(name)

@@ -530,6 +530,7 @@ class DisaggregatedOrchestrator(Orchestrator):
             counts = {
                 "events": stats.num_events,
                 "resyncs": stats.num_resyncs,
+                "snapshots": stats.num_snapshots,
                 "lookups": stats.num_lookups,
                 "approximate_lookups": stats.num_approximate_lookups,
                 "unreachable_blocks": stats.num_unreachable_blocks,

@@ -13,7 +13,9 @@ implies "node holds blocks 0..k": the longest held prefix is found by binary sea
 prompt's hashes, ``O(log n)`` dictionary probes (12 for a 128K-token prompt in 32-token blocks).
 A gap in a node's event ids, a batch that reports dropped events, or a ``created`` event means
 the view is no longer exact: the node's entries are cleared (``num_resyncs``) and rebuilt from
-later events, so the index under-reports rather than over-reports.
+later events, so the index under-reports rather than over-reports. A router that starts after
+the engine (or reconnects to it) gets the engine's snapshot (``kv/events.py`` ``KvSnapshot``)
+first and loads it (``load_snapshot``, ``num_snapshots``): exact from then on.
 
 Approximate nodes (``approximate=True``; engines that cannot report events, such as a Triton
 ``llmapi`` worker). The router records each prompt it routes there (``record_routed``) and the
@@ -43,6 +45,7 @@ from trtllm_prfaas.kv.events import (
     KvCacheRemoved,
     KvCacheStored,
     KvEventBatch,
+    KvSnapshot,
     KvStateRemoved,
     KvStateStored,
 )
@@ -67,6 +70,7 @@ class PrefixIndexStats:
     num_approximate_lookups: int = 0  # lookups answered from routing history
     num_events: int = 0
     num_resyncs: int = 0  # a node's view cleared after a gap, dropped events or a restart
+    num_snapshots: int = 0  # a node's view replaced by its engine's snapshot (a late router)
     num_unreachable_blocks: int = 0  # stored under a parent the node did not hold
     num_expired_blocks: int = 0  # approximate entries past their ttl
     blocks_per_node: dict[str, int] = field(default_factory=dict)
@@ -228,6 +232,21 @@ class PrefixIndex:
                 node.states.difference_update(data.block_hashes)
             elif isinstance(data, KvCacheCreated):
                 node.clear()
+
+    def load_snapshot(self, node_id: str, snapshot: KvSnapshot) -> None:
+        """Replace what an exact node is known to hold with its engine's snapshot (a router
+        that started after the engine, or reconnected); its events go on from the snapshot's
+        ``next_event_id``."""
+        node = self._node(node_id)
+        if not isinstance(node, _ExactNode):
+            raise ConfigError(f"node {node_id!r} is approximate: it takes no KV cache snapshot")
+        node.clear()
+        for stored in snapshot.stored:
+            hashes = [block.block_hash for block in stored.blocks]
+            self._stats.num_unreachable_blocks += node.store(stored.parent_hash, hashes)
+        node.states.update(state.block_hash for state in snapshot.states)
+        node.next_event_id = snapshot.next_event_id
+        self._stats.num_snapshots += 1
 
     def _resync(self, node: _ExactNode) -> None:
         node.clear()

@@ -114,13 +114,17 @@ class PrefixTracker:
     # ---- feeding -------------------------------------------------------------------------------
 
     def apply(self, name: str, message: p.KvEvents) -> bool:
-        """Apply a worker's events; False (counted) if it is not followed as an exact node."""
+        """Apply a worker's snapshot, then its events; False (counted) if it is not followed as
+        an exact node."""
         mode = self._modes.get(name)
-        if mode is None or mode[0] != EVENTS or message.batch is None:
+        if mode is None or mode[0] != EVENTS or (message.batch is None and not message.snapshot):
             self.num_events_ignored += 1
             return False
         assert self.index is not None
-        self.index.apply(name, message.batch)
+        if message.snapshot is not None:
+            self.index.load_snapshot(name, message.snapshot)
+        if message.batch is not None:
+            self.index.apply(name, message.batch)
         return True
 
     def record_routed(self, names: Sequence[str], hashes: Sequence[int], now: float) -> None:

@@ -143,7 +143,8 @@ class RouterMetrics:
         self.prefix_index_counts = Gauge(
             "prfaas_prefix_index_count",
             "Prefix index totals since the router started: events applied, resyncs (a worker's "
-            "view cleared after lost events), lookups and approximate lookups",
+            "view cleared after lost events), snapshots (a worker's view loaded whole, when the "
+            "router joined it late or reconnected), lookups and approximate lookups",
             ["what"],
             registry=registry,
         )

@@ -51,7 +51,10 @@ Worker -> router
                       (``kv/events.py``: chained block hashes, event ids, the dropped count), at
                       most ``MAX_KV_EVENTS_PER_MESSAGE`` events per message, sent with the load
                       reports to every router the worker knows; only workers whose
-                      ``WorkerInfo.prefix_cache`` is ``"events"`` send it.
+                      ``WorkerInfo.prefix_cache`` is ``"events"`` send it. A router new to the
+                      worker, or one that sent ``Ping`` (it joined or reconnected), gets
+                      ``snapshot`` instead of that report's batch: everything the engine holds
+                      (``KvSnapshot``, taken right after the drain), then the batches after it.
     ``WorkerInfo``    answer to ``Ping``, and after a role change.
 
 Roles are the strings of ``vocabulary.Role`` (``"prefill"``, ``"decode"``); a message naming any
@@ -60,19 +63,20 @@ other role fails to decode (``msgspec.ValidationError`` naming the role), and a 
 (a newer peer's) and the router reads it as a generic internal error.
 
 Fields added since version 1 all have defaults (``SetRole``, ``LoadReport.is_draining``/``role``,
-``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``, ``KvEvents.batch``,
-``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``, ``LoadReport``'s prefix-cache
-counters, ``Reserve.prefix_hashes``, ``Submit.relay_from_tokens``/``fills_cache``,
-``LoadReport.relay_*`` sender counters), so version-1 peers
-interoperate; a decode ``Submit`` without a reservation is admitted as before (queued), and
-counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts reservations.
+``WorkerInfo.kv_*``, ``Submit.num_skipped_draws``, ``Submit.reservation_id``,
+``KvEvents.batch``/``snapshot``, ``WorkerInfo.prefix_cache``/``kv_layout``/``kv_dtype``,
+``LoadReport``'s prefix-cache counters, ``Reserve.prefix_hashes``,
+``Submit.relay_from_tokens``/``fills_cache``, ``LoadReport.relay_*`` sender counters), so
+version-1 peers interoperate; a decode ``Submit`` without a reservation is admitted as before
+(queued), and counts as a taken slot. ``LoadReport.num_free_slots`` of a decode worker counts
+reservations.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from trtllm_prfaas.kv.events import KvEventBatch
+from trtllm_prfaas.kv.events import KvEventBatch, KvSnapshot
 from trtllm_prfaas.vocabulary import role_field
 
 __all__ = [
@@ -209,6 +213,7 @@ class KvEvents(msgspec.Struct, tag=True, frozen=True):
     stored: list[int] = []  # version-1 shape (no chain, no ids): unused, kept for old peers
     removed: list[int] = []
     batch: KvEventBatch | None = None  # the engine's events in order (``kv/events.py``)
+    snapshot: KvSnapshot | None = None  # all it holds, for a router new to it (applied first)
 
 
 class WorkerInfo(msgspec.Struct, tag=True, frozen=True):

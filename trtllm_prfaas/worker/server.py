@@ -22,7 +22,10 @@ Prefix cache. With block reuse on (``EngineConfig.enable_block_reuse``, ``prfaas
 --enable-block-reuse``) the worker says so in ``WorkerInfo.prefix_cache = "events"`` and, with
 every load report, drains the engine's KV cache events and sends them to every router it knows
 (``KvEvents``, split into messages of at most ``MAX_KV_EVENTS_PER_MESSAGE`` events; the ids run
-on across messages, so a router that misses one sees the gap and resyncs that node). The load
+on across messages, so a router that misses one sees the gap and resyncs that node). A router
+new to the worker, or one that pings it (it joined or reconnected), gets the engine's snapshot
+instead of that report's events (``KvEvents.snapshot``, taken right after the drain): a router
+started after the worker knows at once what it holds. The load
 report carries the cache's counters (queries, reused tokens, cached blocks, evictions). A Triton
 worker says ``"approximate"``: TensorRT-LLM reuses blocks inside Triton, but no events reach
 this process, so routers guess from their own routing history.
@@ -124,6 +127,7 @@ class WorkerServer:
         self._slots = DecodeSlots(describe(self.engine).max_num_seqs)  # routers reserve these
         self._pins: dict[str, tuple[int, int]] = {}  # reservation id -> (pin id, tokens held)
         self._routers: set[bytes] = set()
+        self._unsynced: set[bytes] = set()  # routers owed a KvSnapshot before further events
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
         self._stop = threading.Event()
@@ -259,7 +263,9 @@ class WorkerServer:
             except ValueError:  # not exactly [identity, frame]: ignore the malformed message
                 log.warning("control_malformed_envelope")
                 continue
-            self._routers.add(identity)
+            if identity not in self._routers:
+                self._routers.add(identity)
+                self._unsynced.add(identity)
             self._handle(identity, frame)
 
     def _log_refusals(self) -> None:
@@ -289,8 +295,9 @@ class WorkerServer:
             self._cancel(message.request_id)
         elif isinstance(message, p.Reserve):
             self._reserve(identity, message)
-        elif isinstance(message, p.Ping):
+        elif isinstance(message, p.Ping):  # a router that joins or reconnects: resync it too
             self._send(identity, self.info())
+            self._unsynced.add(identity)
         elif isinstance(message, p.SetRole):
             self._set_role(identity, message)
 
@@ -663,19 +670,27 @@ class WorkerServer:
         }
 
     def _publish_kv_events(self) -> None:
-        """The engine's KV cache events since the last report, to every router (bounded
-        messages; the first carries the dropped count)."""
+        """The engine's KV cache events since the last report, to every router in sync with
+        them (bounded messages; the first carries the dropped count); a router owed a resync
+        gets the engine's snapshot instead, taken after the drain, so the next batch it gets
+        starts at the snapshot's ``next_event_id``."""
         engine = self.engine
+        unsynced, self._unsynced = self._unsynced, set()
         if not isinstance(engine, SupportsKvEvents) or not self.config.engine.enable_block_reuse:
             return
         batch = engine.drain_kv_events()
+        synced = self._routers - unsynced
         step = p.MAX_KV_EVENTS_PER_MESSAGE
         for start in range(0, max(len(batch.events), 1 if batch.dropped else 0), step):
             dropped = 0 if start else batch.dropped
             part = KvEventBatch(batch.events[start : start + step], dropped)
             message = p.KvEvents(self.config.worker_id, batch=part)
-            for identity in self._routers:
+            for identity in synced:
                 self._send(identity, message)
+        if unsynced:
+            snapshot = p.KvEvents(self.config.worker_id, snapshot=engine.kv_events_snapshot())
+            for identity in unsynced:
+                self._send(identity, snapshot)
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:
