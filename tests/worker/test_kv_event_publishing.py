@@ -4,17 +4,22 @@ prompt it served; a lost message is a gap the index resyncs on (never an over-re
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
+import structlog
 
 from tests.harness import serving_on_thread
 from trtllm_prfaas.config import model_preset
 from trtllm_prfaas.engines.engine import EngineConfig
 from trtllm_prfaas.kv.events import KvCacheStored
+from trtllm_prfaas.router import links as links_module
 from trtllm_prfaas.router.cluster import ClusterState, WorkerState
+from trtllm_prfaas.router.links import WorkerLinks
 from trtllm_prfaas.transport import RelayConfig, RelaySecurity
 from trtllm_prfaas.worker import protocol as p
 from trtllm_prfaas.worker.client import WorkerClient
@@ -131,3 +136,43 @@ def test_a_router_that_joins_late_gets_the_snapshot_then_the_events() -> None:
         views[name + " blocks"] = stats.blocks_per_node
     assert views["a"] == views["b"] == views["again"] == [12 * 16, 13 * 16], str(views)
     assert views["a blocks"] == views["b blocks"] == views["again blocks"]
+
+
+def test_a_router_that_lost_events_asks_for_the_snapshot_and_is_exact_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine whose event buffer holds 1 event drops some at every report of a prefill (each
+    chunk records a stored chain and a state): the router's view resyncs (cleared), its links
+    ping the worker for a snapshot (at most one ask per limit, logged), and once the request is
+    done the view is exact again: the whole prompt, as a router that lost nothing would say."""
+    monkeypatch.setattr(links_module, "_SNAPSHOT_ASK_S", 0.3)
+    prompt = [(i * 5) % 200 + 1 for i in range(200)]  # 12 reusable blocks, chunks of 64
+
+    async def scenario() -> tuple[ClusterState, list[dict[str, object]]]:
+        cluster = ClusterState()
+        links = WorkerLinks(cluster)
+        with serving(replace(ENGINE, max_kv_events=1)) as server:
+            try:
+                links.connect("w0", server.endpoint)
+                answer = asyncio.get_running_loop().create_future()
+                links.info_waiters["w0"] = answer
+                await links.send("w0", p.Ping())
+                info = await asyncio.wait_for(answer, 10)
+                cluster.add(WorkerState("w0", server.endpoint, info, True))
+                hashes = cluster.prefix.hashes_for(prompt)
+                with structlog.testing.capture_logs() as logs:
+                    await links.send("w0", p.Submit("r", prompt, max_tokens=2))
+                    deadline = time.monotonic() + 30
+                    while cluster.prefix.prefix_tokens("w0", hashes, time.monotonic()) < 12 * 16:
+                        assert time.monotonic() < deadline, cluster.prefix.stats()
+                        await asyncio.sleep(0.05)
+            finally:
+                links.close()
+        return cluster, logs
+
+    cluster, logs = asyncio.run(scenario())
+    stats = cluster.prefix.stats()
+    assert stats is not None and stats.num_resyncs >= 1 and stats.num_snapshots >= 2, stats
+    assert stats.blocks_per_node == {"w0": 12}
+    asked = [e for e in logs if e["event"] == "prefix_snapshot_asked"]
+    assert asked and all(e["worker"] == "w0" for e in asked)

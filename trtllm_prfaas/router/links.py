@@ -13,7 +13,8 @@ drain is scheduled if messages became readable meanwhile.
 Delivery: ``Tokens`` to the request's inbox in ``flights`` (dropped if the request is gone),
 ``WorkerInfo`` to the future in ``info_waiters`` (the answer to ``Ping`` or ``SetRole``),
 ``LoadReport`` to the cluster state and the metrics, ``KvEvents`` to the cluster state's prefix
-index (``ClusterState.on_kv_events``); ``TransferDone`` is dropped. A message that
+index (``ClusterState.on_kv_events``; when they show that events were lost, a ``Ping`` asks the
+worker for its snapshot); ``TransferDone`` is dropped. A message that
 cannot be delivered is logged and ends whoever waits on it (its request gets an error ``Tokens``,
 an info waiter the exception); the drain goes on with the next message.
 
@@ -61,6 +62,7 @@ __all__ = ["Inbox", "WorkerLinks", "heartbeat_options"]
 
 log = get_logger(__name__)
 
+_SNAPSHOT_ASK_S = 5.0  # at most one snapshot ask per worker this often (events lost meanwhile)
 _SEND_RETRY_S = (0.0005, 0.01)  # a full socket: first and longest wait before retrying a send
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -127,6 +129,7 @@ class WorkerLinks:
         self._monitors: dict[str, zmq.Socket[bytes]] = {}  # worker -> its socket's monitor
         self._monitor_fds: dict[str, int] = {}
         self._drains: set[str] = set()  # workers with a drain scheduled (call_soon)
+        self._snapshot_asked: dict[str, float] = {}  # worker -> when its snapshot was last asked
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def connect(self, name: str, endpoint: str) -> None:
@@ -265,8 +268,25 @@ class WorkerLinks:
         if worker is None or not worker.is_lost:
             return
         log.info("worker_reconnected", worker=name)
-        sock = self._sockets[name]
-        with contextlib.suppress(zmq.ZMQError):  # full: the next handshake tries again
+        self._ping(name)  # full: the next handshake tries again
+
+    def _ask_snapshot(self, name: str) -> None:
+        """``name``'s KV events were lost (its view was cleared): a ``Ping`` earns this router
+        the worker's snapshot at its next report, which makes the view exact again. At most
+        one ask per ``_SNAPSHOT_ASK_S`` per worker (a snapshot costs the worker O(its cached
+        blocks)); a want held back is asked with a later report."""
+        now = time.monotonic()
+        if now - self._snapshot_asked.get(name, -_SNAPSHOT_ASK_S) < _SNAPSHOT_ASK_S:
+            return
+        self._snapshot_asked[name] = now
+        log.info("prefix_snapshot_asked", worker=name, why="KV cache events were lost")
+        self._ping(name)
+
+    def _ping(self, name: str) -> None:
+        sock = self._sockets.get(name)
+        if sock is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
             sock.send(p.encode_message(p.Ping()), zmq.NOBLOCK)
             self._after_send(name, sock)
 
@@ -301,8 +321,12 @@ class WorkerLinks:
             if name in self.cluster.workers:
                 self.cluster.on_report(name, message)
                 self._export_load(name, message)
+            if name in self.cluster.prefix.wants_snapshot:  # an ask held back by the limit
+                self._ask_snapshot(name)
         elif isinstance(message, p.KvEvents):
             self.cluster.on_kv_events(name, message)
+            if name in self.cluster.prefix.wants_snapshot:
+                self._ask_snapshot(name)
         elif isinstance(message, p.WorkerInfo):
             self._on_info(name, message)
         # TransferDone: nothing waits on it (a request ends with the decode node's tokens)

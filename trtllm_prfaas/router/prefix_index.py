@@ -206,16 +206,19 @@ class PrefixIndex:
         last token (the last prompt token is always computed). Hash once per request."""
         return block_hashes(prompt_token_ids[:-1], self.tokens_per_block, self.key)
 
-    def apply(self, node_id: str, batch: KvEventBatch) -> None:
-        """Apply one drained batch of an exact node's events, in order."""
+    def apply(self, node_id: str, batch: KvEventBatch) -> bool:
+        """Apply one drained batch of an exact node's events, in order; True if events were
+        lost (the view was cleared: the engine's snapshot would make it exact again)."""
         node = self._node(node_id)
         if not isinstance(node, _ExactNode):
             raise ConfigError(f"node {node_id!r} is approximate: it takes no KV cache events")
+        lost = bool(batch.dropped)
         if batch.dropped:
             self._resync(node)
             node.next_event_id = None  # the batch starts after the loss
         for event in batch.events:
             if node.next_event_id is not None and event.event_id != node.next_event_id:
+                lost = True
                 self._resync(node)
             node.next_event_id = event.event_id + 1
             self._stats.num_events += 1
@@ -232,6 +235,7 @@ class PrefixIndex:
                 node.states.difference_update(data.block_hashes)
             elif isinstance(data, KvCacheCreated):
                 node.clear()
+        return lost
 
     def load_snapshot(self, node_id: str, snapshot: KvSnapshot) -> None:
         """Replace what an exact node is known to hold with its engine's snapshot (a router

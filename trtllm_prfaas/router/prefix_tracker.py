@@ -63,6 +63,7 @@ class PrefixTracker:
         self.index: PrefixIndex | None = None
         self._modes: dict[str, tuple[str, str]] = {}  # followed worker -> (mode, cluster)
         self.num_events_ignored = 0  # KvEvents from workers not followed (a key mismatch)
+        self.wants_snapshot: set[str] = set()  # exact workers whose events were lost since
 
     def __contains__(self, name: str) -> bool:
         return name in self._modes
@@ -81,6 +82,7 @@ class PrefixTracker:
         return True
 
     def remove(self, name: str) -> None:
+        self.wants_snapshot.discard(name)
         if self._modes.pop(name, None) is not None and self.index is not None:
             self.index.remove_node(name)
 
@@ -117,14 +119,19 @@ class PrefixTracker:
         """Apply a worker's snapshot, then its events; False (counted) if it is not followed as
         an exact node."""
         mode = self._modes.get(name)
-        if mode is None or mode[0] != EVENTS or (message.batch is None and not message.snapshot):
+        if (
+            mode is None
+            or mode[0] != EVENTS
+            or (message.batch is None and message.snapshot is None)
+        ):
             self.num_events_ignored += 1
             return False
         assert self.index is not None
         if message.snapshot is not None:
             self.index.load_snapshot(name, message.snapshot)
-        if message.batch is not None:
-            self.index.apply(name, message.batch)
+            self.wants_snapshot.discard(name)
+        if message.batch is not None and self.index.apply(name, message.batch):
+            self.wants_snapshot.add(name)  # events were lost: the router asks for a snapshot
         return True
 
     def record_routed(self, names: Sequence[str], hashes: Sequence[int], now: float) -> None:
