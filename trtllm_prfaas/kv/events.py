@@ -66,7 +66,7 @@ log = get_logger(__name__)
 PRIMARY_LEVEL = 0  # upstream kPrimaryLevel: the device pool
 
 
-class StoredBlock(msgspec.Struct, frozen=True):
+class StoredBlock(msgspec.Struct, frozen=True, gc=False):
     """One block of a stored chain (upstream ``KVCacheStoredBlockData``)."""
 
     block_hash: int
@@ -96,7 +96,7 @@ class KvCacheRemoved(msgspec.Struct, frozen=True, tag="removed"):
     block_hashes: list[int]
 
 
-class KvStateStored(msgspec.Struct, frozen=True, tag="state_stored"):
+class KvStateStored(msgspec.Struct, frozen=True, tag="state_stored", gc=False):
     """A recurrent-state snapshot after exactly the prefix that ends with ``block_hash``."""
 
     block_hash: int
@@ -259,21 +259,35 @@ class KvEventLog:
         matched), parent first, one ``stored`` entry per run of a chain. Exact for a consumer
         that has applied nothing else when taken right after :meth:`drain` (what the worker
         does). Costs O(held blocks)."""
-        children: dict[int | None, list[int]] = {}
+        # parent -> its child, or its children where a chain branches (a list per block would
+        # be 80K lists for 80K blocks, and the collector's passes over them cost more than
+        # the walk)
+        children: dict[int | None, int | list[int]] = {}
         for block_hash, (parent, _) in self._held.items():
-            children.setdefault(parent, []).append(block_hash)
+            have = children.get(parent)
+            if have is None:
+                children[parent] = block_hash
+            elif isinstance(have, list):
+                have.append(block_hash)
+            else:
+                children[parent] = [have, block_hash]
         stored: list[KvCacheStored] = []
-        starts = list(reversed(children.get(None, [])))
+        roots = children.get(None)
+        starts = (
+            list(reversed(roots)) if isinstance(roots, list) else [] if roots is None else [roots]
+        )
         while starts:
             block_hash = starts.pop()
             run = KvCacheStored(self._held[block_hash][0], [])
             while True:
                 run.blocks.append(StoredBlock(block_hash, self._held[block_hash][1]))
-                below = children.get(block_hash, [])
-                if not below:
+                below = children.get(block_hash)
+                if below is None:
                     break
-                starts.extend(reversed(below[1:]))  # after this run, whose blocks are parents
-                block_hash = below[0]
+                if isinstance(below, list):
+                    starts.extend(reversed(below[1:]))  # after this run, whose blocks are parents
+                    below = below[0]
+                block_hash = below
             stored.append(run)
         states = [KvStateStored(h, n) for h, n in self._states.items()]
         return KvSnapshot(stored, states, self._next_id)
