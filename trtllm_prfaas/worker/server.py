@@ -20,15 +20,11 @@ another role is answered with the current ``WorkerInfo``).
 
 Prefix cache. With block reuse on (``EngineConfig.enable_block_reuse``, ``prfaas worker
 --enable-block-reuse``) the worker says so in ``WorkerInfo.prefix_cache = "events"`` and, with
-every load report, drains the engine's KV cache events and sends them to every router it knows
-(``KvEvents``, split into messages of at most ``MAX_KV_EVENTS_PER_MESSAGE`` events; the ids run
-on across messages, so a router that misses one sees the gap and resyncs that node). A router
-new to the worker, or one that pings it (it joined or reconnected), gets the engine's snapshot
-instead of that report's events (``KvEvents.snapshot``, taken right after the drain): a router
-started after the worker knows at once what it holds. The load
-report carries the cache's counters (queries, reused tokens, cached blocks, evictions). A Triton
-worker says ``"approximate"``: TensorRT-LLM reuses blocks inside Triton, but no events reach
-this process, so routers guess from their own routing history.
+every load report, sends the engine's KV cache events to every router it knows, or its snapshot
+to a router new to it or that pinged it; the load report carries the cache's counters. What
+goes to whom is ``worker/prefix_reports.py``'s (``PrefixReporter``). A Triton worker says
+``"approximate"``: TensorRT-LLM reuses blocks inside Triton, but no events reach this process,
+so routers guess from their own routing history.
 
 Pinned prefixes (issue 15 item 4). A ``Reserve`` with ``prefix_hashes`` on a decode worker whose
 engine ``SupportsPrefixPins`` holds that cached prefix with the slot (as admission will match
@@ -51,12 +47,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from trtllm_prfaas.connector.plans import Plan
 from trtllm_prfaas.connector.prfaas_runtime import PrfaasConnectorConfig, Role
-from trtllm_prfaas.engines.base import SupportsKvEvents, SupportsPrefixPins, describe
-from trtllm_prfaas.engines.engine import ReferenceEngine
-from trtllm_prfaas.engines.prefix_cache import cache_key_for
+from trtllm_prfaas.engines.base import SupportsPrefixPins, describe
 from trtllm_prfaas.engines.request import RequestOutput, SamplingParams
 from trtllm_prfaas.errors import DeadlineExceeded, PrfaasError
-from trtllm_prfaas.kv.events import KvEventBatch
 from trtllm_prfaas.telemetry.logging import get_logger
 from trtllm_prfaas.transport import InboundStatus, RelaySecurity
 from trtllm_prfaas.transport.security import ServerAuth, secure_server
@@ -70,6 +63,7 @@ from trtllm_prfaas.worker.assembly import (
     assemble_triton,
 )
 from trtllm_prfaas.worker.held import HeldDecodes, prefill_plan, remote_load, transfer_status
+from trtllm_prfaas.worker.prefix_reports import PrefixReporter
 from trtllm_prfaas.worker.slots import DecodeSlots
 
 __all__ = ["WorkerConfig", "WorkerRole", "WorkerServer"]
@@ -127,7 +121,7 @@ class WorkerServer:
         self._slots = DecodeSlots(describe(self.engine).max_num_seqs)  # routers reserve these
         self._pins: dict[str, tuple[int, int]] = {}  # reservation id -> (pin id, tokens held)
         self._routers: set[bytes] = set()
-        self._unsynced: set[bytes] = set()  # routers owed a KvSnapshot before further events
+        self._prefix = PrefixReporter(config)
         self._transfer_owner: dict[int, tuple[bytes, str]] = {}  # prefill: who hears TransferDone
         self._next_report = 0.0
         self._stop = threading.Event()
@@ -223,7 +217,7 @@ class WorkerServer:
 
     def info(self) -> p.WorkerInfo:
         engine = describe(self.engine)
-        mode, layout, dtype = self._prefix_cache_info()
+        mode, layout, dtype = self._prefix.info_fields()
         return p.WorkerInfo(
             self.config.worker_id,
             self.role.value,
@@ -241,15 +235,6 @@ class WorkerServer:
             kv_dtype=dtype,
         )
 
-    def _prefix_cache_info(self) -> tuple[str, str, str]:
-        """``WorkerInfo``'s prefix cache, kv_layout, kv_dtype (see the module docstring)."""
-        if self.config.triton is not None:
-            return "approximate", "", ""
-        if not self.config.engine.enable_block_reuse:
-            return "", "", ""
-        key = cache_key_for(self.config.engine.model)
-        return "events", key.layout, key.dtype
-
     # ---------------------------------------------------------------------- control plane
     def _poll_control(self, timeout_s: float) -> None:
         if not self._poller.poll(int(timeout_s * 1000)):
@@ -265,7 +250,7 @@ class WorkerServer:
                 continue
             if identity not in self._routers:
                 self._routers.add(identity)
-                self._unsynced.add(identity)
+                self._prefix.owe_snapshot(identity)
             self._handle(identity, frame)
 
     def _log_refusals(self) -> None:
@@ -297,7 +282,7 @@ class WorkerServer:
             self._reserve(identity, message)
         elif isinstance(message, p.Ping):  # a router that joins or reconnects: resync it too
             self._send(identity, self.info())
-            self._unsynced.add(identity)
+            self._prefix.owe_snapshot(identity)
         elif isinstance(message, p.SetRole):
             self._set_role(identity, message)
 
@@ -649,48 +634,14 @@ class WorkerServer:
             relay_goodput_gbps=max((link.goodput_gbps for link in links), default=0.0),
             is_draining=self._role_change is not None,
             role=self.role.value,
-            **self._prefix_cache_counters(),
+            **self._prefix.counters(engine),
             **relay_report_fields(links),
         )
         for identity in self._routers:
             self._send(identity, report)
-        self._publish_kv_events()
-
-    def _prefix_cache_counters(self) -> dict[str, int]:
-        engine = self.engine
-        if not isinstance(engine, ReferenceEngine) or engine.prefix_cache is None:
-            return {}
-        cache = engine.prefix_cache.stats
-        return {
-            "num_prefix_queries": cache.num_queries,
-            "num_prefix_query_tokens": cache.num_query_tokens,
-            "num_prefix_reused_tokens": cache.num_reused_tokens,
-            "num_cached_blocks": engine.blocks.num_cached,
-            "num_block_evictions": engine.blocks.num_evictions,
-        }
-
-    def _publish_kv_events(self) -> None:
-        """The engine's KV cache events since the last report, to every router in sync with
-        them (bounded messages; the first carries the dropped count); a router owed a resync
-        gets the engine's snapshot instead, taken after the drain, so the next batch it gets
-        starts at the snapshot's ``next_event_id``."""
-        engine = self.engine
-        unsynced, self._unsynced = self._unsynced, set()
-        if not isinstance(engine, SupportsKvEvents) or not self.config.engine.enable_block_reuse:
-            return
-        batch = engine.drain_kv_events()
-        synced = self._routers - unsynced
-        step = p.MAX_KV_EVENTS_PER_MESSAGE
-        for start in range(0, max(len(batch.events), 1 if batch.dropped else 0), step):
-            dropped = 0 if start else batch.dropped
-            part = KvEventBatch(batch.events[start : start + step], dropped)
-            message = p.KvEvents(self.config.worker_id, batch=part)
-            for identity in synced:
+        for identities, message in self._prefix.messages(engine, self._routers):
+            for identity in identities:
                 self._send(identity, message)
-        if unsynced:
-            snapshot = p.KvEvents(self.config.worker_id, snapshot=engine.kv_events_snapshot())
-            for identity in unsynced:
-                self._send(identity, snapshot)
 
 
 def _error_tokens(request_id: str, kind: str, message: str) -> p.Tokens:
