@@ -255,6 +255,12 @@ async def _record_cache_aware(conv: Conversations) -> list[RouteRecord]:
                 for i in range(start, min(start + 4, len(conv.prompts))):
                     prompt = conv.prompts[i].tolist()
                     await _send(orch, str(i), len(prompt), prompt)
+            # each "events" worker's snapshot (its answer to the join's ping, read before the
+            # join) was kept for the join, and its events continued it without a gap
+            stats = orch.cluster.prefix.stats()
+            with_cache = [w for w in pool.workers.values() if w.cache is not None]
+            assert stats is not None and stats.num_resyncs == 0
+            assert stats.num_snapshots == len(with_cache) >= 2
             return list(orch.route_log)
         finally:
             await orch.close()

@@ -22,7 +22,9 @@ Prefix caches: ``prefix_cache="approximate"`` only says so in ``WorkerInfo``; wi
 a prefill worker keeps the simulator's cache model (``sim/caches.py``: ``max_cached_blocks``
 blocks of 16 tokens, hybrid snapshots, LRU) under the key its ``WorkerInfo`` names, stores each
 prefilled prompt's blocks in it and sends the KV cache events (``KvEvents``) just before the
-prefill's answer, so the router's index has them when the leg ends (the sim/router parity test).
+prefill's answer, so the router's index has them when the leg ends (the sim/router parity test);
+it answers ``Ping`` with its snapshot after its ``WorkerInfo`` (the real worker sends it with
+its next report: a router keeps one that comes before its join for the join).
 
 Failures: ``silent`` stops every message while the connection stays up (a wedged process:
 its libzmq still answers heartbeats); :meth:`FakeWorker.kill` closes the socket (as SIGKILL
@@ -196,8 +198,8 @@ class FakeWorker:
         return p.Tokens(rid, [], True, "error", "AdmissionRejected", why)
 
     def _answer(self, message: p.Message) -> tuple[float, list[p.Message]]:
-        if isinstance(message, p.Ping):
-            return 0.0, [self.info()]
+        if isinstance(message, p.Ping):  # as a real worker: the snapshot it owes the pinger
+            return 0.0, [self.info(), *self._cache_snapshot()]
         if isinstance(message, p.SetRole):
             self.role = parse_role(message.role, "SetRole")
             self.last_report = replace(self.last_report, role=self.role)
@@ -238,6 +240,14 @@ class FakeWorker:
         relayed = len(prompt) - 1 if message.transfer_uuid else 0  # as if the relay delivered
         delay_s = self.spec.decode_delay_s + (self.spec.relay_wait_s if relayed else 0.0)
         return delay_s, [p.Tokens(rid, tokens, True, "length", "", "", relayed)]
+
+    def _cache_snapshot(self) -> list[p.Message]:
+        """An ``"events"`` worker's snapshot (its events are drained as they are recorded)."""
+        return (
+            []
+            if self.cache is None
+            else [p.KvEvents(self.spec.name, snapshot=self.cache.log.snapshot())]
+        )
 
     def _cache_events(self, prompt: list[int]) -> list[p.Message]:
         """An ``"events"`` prefill worker caches the prompt: the events it reports (or none)."""
