@@ -23,6 +23,25 @@ def tiny_model(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def caching_engine_and_conversation(
+    make_engine: Any, max_cached_blocks: int
+) -> tuple[ModelConfig, Any, Any]:
+    """A reference engine with block reuse (the tiny hybrid model, chunks of 64, state
+    snapshots) and a short multi-turn conversation (3 conversations x 3 turns, one shared
+    system prompt) whose prompts reuse each other's prefixes: ``(model, engine, conversations)``;
+    ``conversations.trace(...).prompt_hashes`` are the prompts' block chains."""
+    from trtllm_prfaas.sim.conversations import ConversationModel, make_conversations
+
+    model = tiny_model()
+    engine = make_engine(model=model, enable_block_reuse=True, chunk_size=64, max_num_tokens=128,
+                         max_cached_blocks=max_cached_blocks, num_state_snapshots=64)  # fmt: skip
+    conv = make_conversations(
+        ConversationModel(3, 1.0, num_turns=3, num_system_prompts=1, system_prompt_tokens=80,
+                          user_tokens=24, output_tokens=8, think_s=1.0), seed=6,
+    )  # fmt: skip
+    return model, engine, conv
+
+
 _ROUTER_THREADS = ("local-engine", "frontdoor", "serve_forever")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.builders import tiny_model
+from tests.builders import caching_engine_and_conversation
 from tests.conftest import EngineFactory
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import SamplingParams
@@ -16,7 +16,6 @@ from trtllm_prfaas.errors import ConfigError
 from trtllm_prfaas.kv.events import KvEventLog, KvSnapshot
 from trtllm_prfaas.kv.hashing import CacheKey
 from trtllm_prfaas.router.prefix_index import PrefixIndex
-from trtllm_prfaas.sim.conversations import ConversationModel, make_conversations
 
 KEY = CacheKey("m", "HND", "float16", 0)
 
@@ -80,14 +79,8 @@ def test_a_late_index_agrees_with_one_that_saw_every_event(
     """After every request, a new index loaded from the engine's snapshot (then fed the
     events after it, as the worker sends them) answers every prompt of the conversation as the
     index fed from the start does, and holds as many blocks."""
-    model = tiny_model()
+    model, engine, conv = caching_engine_and_conversation(make_engine, max_blocks)
     tpb = model.tokens_per_block
-    engine = make_engine(model=model, enable_block_reuse=True, chunk_size=64, max_num_tokens=128,
-                         max_cached_blocks=max_blocks, num_state_snapshots=64)  # fmt: skip
-    conv = make_conversations(
-        ConversationModel(3, 1.0, num_turns=3, num_system_prompts=1, system_prompt_tokens=80,
-                          user_tokens=24, output_tokens=8, think_s=1.0), seed=6,
-    )  # fmt: skip
     trace = conv.trace(tpb, cache_key_for(model))
     assert trace.prompt_hashes is not None
     chains = list(trace.prompt_hashes)

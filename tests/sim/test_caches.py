@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tests.builders import tiny_model
+from tests.builders import caching_engine_and_conversation
 from tests.conftest import EngineFactory
 from trtllm_prfaas.engines.prefix_cache import cache_key_for
 from trtllm_prfaas.engines.request import SamplingParams
@@ -170,18 +170,12 @@ def test_the_model_matches_the_reference_engines_cache(
     """The same conversation through the reference engine (block reuse on, hybrid tiny model)
     and through ``NodePrefixCache``: before every request the index fed by the engine's own KV
     events and the model agree on the prefix, and the engine reuses exactly that much."""
-    model = tiny_model()
+    model, engine, conv = caching_engine_and_conversation(make_engine, max_blocks)
     tpb = model.tokens_per_block
-    engine = make_engine(model=model, enable_block_reuse=True, chunk_size=64, max_num_tokens=128,
-                         max_cached_blocks=max_blocks, num_state_snapshots=64)  # fmt: skip
     index = PrefixIndex(cache_key_for(model), tpb, requires_states=True)
     index.add_node("engine", "pd")
     node = NodePrefixCache(CacheModel(max_blocks, tpb, is_hybrid=True, max_snapshots=64,
                                       chunk_tokens=64))  # fmt: skip
-    conv = make_conversations(
-        ConversationModel(3, 1.0, num_turns=3, num_system_prompts=1, system_prompt_tokens=80,
-                          user_tokens=24, output_tokens=8, think_s=1.0), seed=6,
-    )  # fmt: skip
     trace = conv.trace(tpb, cache_key_for(model))
     assert trace.prompt_hashes is not None
     reused = []
