@@ -8,13 +8,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tests.builders import tiny_model
 from tests.etcd_server import EtcdServer, running_etcd
 from trtllm_prfaas.engines.engine import ConnectorPair, EngineConfig, ReferenceEngine
 from trtllm_prfaas.engines.reference import ModelConfig
+from trtllm_prfaas.telemetry.logging import configure_logging
 
 EngineFactory = Callable[..., ReferenceEngine]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _log_as_the_cli_does() -> None:
+    """Every test logs at ``prfaas``'s default level (WARNING). ``capture_logs`` swaps the
+    processors but not the level filter, so without this a test capturing an info line passed
+    or failed depending on whether an earlier test had run ``cli.main`` in this process."""
+    configure_logging("WARNING")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that reconfigures logging (``cli.main --log-level``) does not leak it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

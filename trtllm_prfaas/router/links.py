@@ -279,7 +279,7 @@ class WorkerLinks:
         if now - self._snapshot_asked.get(name, -_SNAPSHOT_ASK_S) < _SNAPSHOT_ASK_S:
             return
         self._snapshot_asked[name] = now
-        log.info("prefix_snapshot_asked", worker=name, why="KV cache events were lost")
+        log.warning("prefix_snapshot_asked", worker=name, why="KV cache events were lost")
         self._ping(name)
 
     def _ping(self, name: str) -> None:
