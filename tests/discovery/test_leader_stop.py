@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -73,5 +74,33 @@ def test_stop_does_not_swallow_its_callers_cancellation() -> None:
         with pytest.raises(asyncio.CancelledError):
             await stopping
         release.set()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_a_call_that_ends_as_its_task_is_cancelled_ends_the_task() -> None:
+    """The root cause of the stopped leader's task that stayed "cancelling": Python 3.11's
+    ``asyncio.wait_for`` returns the result of a call that finished as the task was cancelled
+    and drops the cancellation (gh-86296), so ``_lead`` slept on. ``_call`` must raise it."""
+
+    async def scenario() -> None:
+        elector, _ = _elector()
+        release, finished = threading.Event(), threading.Event()
+
+        def call() -> str:
+            release.wait(5)
+            finished.set()
+            return "done"
+
+        task = asyncio.create_task(elector._call(call))
+        await asyncio.sleep(0.05)  # the call is in its thread
+        release.set()
+        assert finished.wait(5)
+        time.sleep(0.05)  # blocking the loop: the thread's result waits in the loop's queue
+        await asyncio.sleep(0)  # one pass: the result lands and the call's task ends ...
+        task.cancel()  # ... and the cancel comes before wait_for's waiter hears of it
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(scenario())

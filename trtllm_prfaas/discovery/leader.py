@@ -263,7 +263,8 @@ class EtcdLeadership(Replica):
         self._wake.clear()
         await self._ensure_watches()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+            async with asyncio.timeout(self.config.poll_s):
+                await self._wake.wait()
 
     async def _step_down(self, reason: str) -> None:
         self._set_leading(False, reason)
@@ -289,9 +290,12 @@ class EtcdLeadership(Replica):
 
     # ---------------------------------------------------------------------- etcd calls
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn`` in a worker thread; its own gRPC timeout bounds it, this one too."""
-        timeout_s = self.config.call_timeout_s + 0.5
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout_s)
+        """``fn`` in a worker thread; its own gRPC timeout bounds it, this one too.
+        ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` returns the result of
+        a call that finishes as the task is cancelled and drops the cancellation (gh-86296),
+        which left a stopped leader's task running on, "cancelling", in ``_lead``."""
+        async with asyncio.timeout(self.config.call_timeout_s + 0.5):
+            return await asyncio.to_thread(fn, *args, **kwargs)
 
     def _keep_alive(self, lease_id: int) -> int:
         """One keep-alive round trip; the lease's TTL now (0 or less: it expired)."""

@@ -208,7 +208,8 @@ async def _stream(
             if add(result):
                 done.set()  # let the stream end cleanly rather than cancel it
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(_drain(responses), _DRAIN_S)
+                    async with asyncio.timeout(_DRAIN_S):
+                        await _drain(responses)
                 return OK, ""
         return "INCOMPLETE", "the stream ended without a final response"
     finally:

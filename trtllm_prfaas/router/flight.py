@@ -160,7 +160,8 @@ class Handoff:
         deadline = time.monotonic() + self.reserve_timeout_s
         while (left_s := deadline - time.monotonic()) > 0:
             try:
-                source, message = await asyncio.wait_for(flight.get(), left_s)
+                async with asyncio.timeout(left_s):
+                    source, message = await flight.get()
             except TimeoutError:
                 break
             if source != decode.name:
@@ -239,7 +240,8 @@ class Handoff:
                 await self.links.cancel(request.request_id, prefill.name)
                 return None
             try:
-                source, message = await asyncio.wait_for(flight.get(), _LIVENESS_CHECK_S)
+                async with asyncio.timeout(_LIVENESS_CHECK_S):
+                    source, message = await flight.get()
             except TimeoutError:
                 continue
             if source != prefill.name:

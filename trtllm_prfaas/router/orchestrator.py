@@ -274,7 +274,8 @@ class DisaggregatedOrchestrator(Orchestrator):
         log.info("role_change_started", worker=name, role=role)
         try:
             await self._links.send(name, p.SetRole(role, drain_timeout_s=timeout_s))
-            info = await asyncio.wait_for(future, timeout_s + 10.0)
+            async with asyncio.timeout(timeout_s + 10.0):
+                info = await future
         except TimeoutError as exc:
             raise TransportError(f"worker {name} did not rejoin as {role}") from exc
         finally:
