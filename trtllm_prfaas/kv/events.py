@@ -29,8 +29,11 @@ Late consumers: the log also keeps what its events leave matchable (one dict ent
 block and per state snapshot), and :meth:`KvEventLog.snapshot` gives it as a
 :class:`KvSnapshot` (stored chains, parent first; the states; the id of the next event), so a
 router that starts after the engine, or that lost the connection, is exact at once instead of
-rebuilding from later events. TensorRT-LLM has no such call (its consumers see everything from
-``created`` on); this is the project's own, like the state events.
+rebuilding from later events. TensorRT-LLM has no such call: its ``KVCacheEventManager``
+(``cpp/tensorrt_llm/batch_manager/kvCacheEventManager.cpp``, commit 05843b0, stored copy
+2919521072) only drains (``getEvents``), and its first event is ``enqueueCreatedEvent``'s, so
+its consumers must see everything from ``created`` on. The snapshot is the project's own, like
+the state events.
 
 The worker publishes a :class:`KvEventBatch` as it is (msgspec, plain types) over its control
 channel: ``engine.drain_kv_events()`` -> ``msgspec.msgpack.encode(batch)`` -> router ->
@@ -272,10 +275,7 @@ class KvEventLog:
             else:
                 children[parent] = [have, block_hash]
         stored: list[KvCacheStored] = []
-        roots = children.get(None)
-        starts = (
-            list(reversed(roots)) if isinstance(roots, list) else [] if roots is None else [roots]
-        )
+        starts = _listed(children.get(None))[::-1]
         while starts:
             block_hash = starts.pop()
             run = KvCacheStored(self._held[block_hash][0], [])
@@ -284,7 +284,7 @@ class KvEventLog:
                 below = children.get(block_hash)
                 if below is None:
                     break
-                if isinstance(below, list):
+                if isinstance(below, list):  # no list per block on this path: see above
                     starts.extend(reversed(below[1:]))  # after this run, whose blocks are parents
                     below = below[0]
                 block_hash = below
@@ -302,3 +302,8 @@ class KvEventLog:
             self._dropped_since_drain += 1
             if self._dropped_since_drain == 1:
                 log.warning("kv_events_dropped", max_events=self.max_events)
+
+
+def _listed(children: int | list[int] | None) -> list[int]:
+    """A ``snapshot`` children entry as a list (one child is kept bare, not in a list)."""
+    return [] if children is None else children if isinstance(children, list) else [children]

@@ -321,15 +321,14 @@ class WorkerLinks:
             if name in self.cluster.workers:
                 self.cluster.on_report(name, message)
                 self._export_load(name, message)
-            if name in self.cluster.prefix.wants_snapshot:  # an ask held back by the limit
-                self._ask_snapshot(name)
         elif isinstance(message, p.KvEvents):
             self.cluster.on_kv_events(name, message)
-            if name in self.cluster.prefix.wants_snapshot:
-                self._ask_snapshot(name)
         elif isinstance(message, p.WorkerInfo):
             self._on_info(name, message)
         # TransferDone: nothing waits on it (a request ends with the decode node's tokens)
+        reports = isinstance(message, p.KvEvents | p.LoadReport)  # also: an ask held back
+        if reports and name in self.cluster.prefix.wants_snapshot:
+            self._ask_snapshot(name)
 
     def _undeliverable(self, name: str, message: p.Message | None, exc: Exception) -> None:
         """Not swallowed: logged, and whoever waits on the message ends with an error."""

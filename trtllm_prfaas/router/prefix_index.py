@@ -209,9 +209,7 @@ class PrefixIndex:
     def apply(self, node_id: str, batch: KvEventBatch) -> bool:
         """Apply one drained batch of an exact node's events, in order; True if events were
         lost (the view was cleared: the engine's snapshot would make it exact again)."""
-        node = self._node(node_id)
-        if not isinstance(node, _ExactNode):
-            raise ConfigError(f"node {node_id!r} is approximate: it takes no KV cache events")
+        node = self._exact_node(node_id)
         lost = bool(batch.dropped)
         if batch.dropped:
             self._resync(node)
@@ -241,9 +239,7 @@ class PrefixIndex:
         """Replace what an exact node is known to hold with its engine's snapshot (a router
         that started after the engine, or reconnected); its events go on from the snapshot's
         ``next_event_id``."""
-        node = self._node(node_id)
-        if not isinstance(node, _ExactNode):
-            raise ConfigError(f"node {node_id!r} is approximate: it takes no KV cache snapshot")
+        node = self._exact_node(node_id)
         node.clear()
         for stored in snapshot.stored:
             hashes = [block.block_hash for block in stored.blocks]
@@ -251,6 +247,12 @@ class PrefixIndex:
         node.states.update(state.block_hash for state in snapshot.states)
         node.next_event_id = snapshot.next_event_id
         self._stats.num_snapshots += 1
+
+    def _exact_node(self, node_id: str) -> _ExactNode:
+        node = self._node(node_id)
+        if not isinstance(node, _ExactNode):
+            raise ConfigError(f"node {node_id!r} is approximate: it takes no KV cache events")
+        return node
 
     def _resync(self, node: _ExactNode) -> None:
         node.clear()
